@@ -1,0 +1,333 @@
+"""The prepare stage: source files -> validated, deduplicated, split, tokenised (and packed) Parquet.
+
+    raytune-app prepare --recipe recipes/quickstart.yaml
+
+One streaming Ray Data pipeline, each step a `map_batches` over Arrow batches (consecutive steps
+are fused by Ray Data into one task, so a row is read, checked and tokenised without leaving the
+worker that read it):
+
+    read (SourceFiles: rows keep file + line)
+    -> validate     parse, check the schema, normalise, filter, hash, assign split   (rows.py)
+    -> dedupe       first copy of each content hash wins (a small Ray actor remembers the hashes)
+    -> tokenise     chat template + tokens + assistant-only mask                     (tokenize.py)
+    -> pack         optional, train split of SFT data                                (packing.py)
+    -> write        one pass: <stage>/{train,val,test}/*.parquet, rejected.jsonl     (sink.py)
+
+then `manifest.json` (written last: its presence means the output is complete). The output is built
+in a staging folder and only replaces the previous output once complete, so a failed run loses
+nothing already there. A re-run whose inputs and settings are unchanged reuses the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import uuid
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raytune_app import __version__, storage
+from raytune_app.config import Recipe
+from raytune_app.data import rows as rowlib
+from raytune_app.data.packing import pack
+from raytune_app.data.rows import RowProblem, RowSpec
+
+# Bump when the output layout or the rules change, so old outputs are not reused.
+FORMAT_VERSION = 1
+
+VALIDATED_SCHEMA = pa.schema([
+    ("_source_file", pa.string()), ("_source_row", pa.int64()),
+    ("status", pa.string()), ("field", pa.string()), ("message", pa.string()), ("raw", pa.string()),
+    ("content_hash", pa.string()), ("split", pa.string()), ("example", pa.string()), ("keep", pa.string()),
+])
+
+
+class RowError(ValueError):
+    """A bad row under `data.on_error: fail`: names the file, line and field."""
+
+
+def describe_row(source_file: str, row: int, field: Optional[str], message: str) -> str:
+    where = "row" if source_file.lower().endswith(".parquet") else "line"
+    return f"{source_file}, {where} {row}" + (f", field `{field}`" if field else "") + f": {message}"
+
+
+# ------------------------------------------------------------------------------ pipeline steps
+
+
+def validate_batch(batch: pa.Table, spec: RowSpec, fail_fast: bool) -> pa.Table:
+    out = {name: [] for name in VALIDATED_SCHEMA.names}
+    for source_file, source_row, raw in zip(*(batch[c].to_pylist() for c in ("_source_file", "_source_row", "_raw"))):
+        example = keep = content = split = None
+        status, field, message = "ok", None, None
+        try:
+            record = rowlib.parse_json_line(raw)
+            example = rowlib.to_example(record, spec)
+            keep = json.dumps(rowlib.kept_values(record, spec)) if spec.keep_columns else None
+            content = rowlib.content_hash(example)
+            split = rowlib.assign_split(rowlib.split_key(example), spec.val_fraction, spec.test_fraction, spec.split_salt)
+        except RowProblem as problem:
+            if fail_fast:
+                raise RowError(describe_row(source_file, source_row, problem.field, problem.message)) from None
+            status, field, message, example = problem.reason, problem.field, problem.message, None
+        for name, value in (("_source_file", source_file), ("_source_row", source_row), ("status", status),
+                            ("field", field), ("message", message), ("raw", raw if status != "ok" else None),
+                            ("content_hash", content), ("split", split),
+                            ("example", json.dumps(example, ensure_ascii=False) if example else None), ("keep", keep)):
+            out[name].append(value)
+    return pa.Table.from_pydict(out, schema=VALIDATED_SCHEMA)
+
+
+class SeenHashes:
+    """Remembers which row first claimed each content hash (a Ray actor during prepare).
+
+    Claims are idempotent: a retried task that claims the same rows again is told they are its own,
+    so a retry never turns a row into a duplicate of itself.
+    """
+
+    def __init__(self):
+        self._owner: dict[str, str] = {}
+
+    def claim(self, hashes: list[str], keys: list[str]) -> list[Optional[str]]:
+        """For each hash, None when this key owns it, else the key of the row that does."""
+        owners = [self._owner.setdefault(h, k) for h, k in zip(hashes, keys)]
+        return [None if owner == key else owner for owner, key in zip(owners, keys)]
+
+
+def dedupe_batch(batch: pa.Table, seen) -> pa.Table:
+    import ray
+
+    ok = [i for i, s in enumerate(batch["status"].to_pylist()) if s == "ok"]
+    if not ok:
+        return batch
+    hashes = batch["content_hash"].to_pylist()
+    files, lines = batch["_source_file"].to_pylist(), batch["_source_row"].to_pylist()
+    keys = [f"{files[i]}\x00{lines[i]}" for i in ok]
+    owners = ray.get(seen.claim.remote([hashes[i] for i in ok], keys))
+    columns = {name: batch[name].to_pylist() for name in ("status", "message", "raw", "example")}
+    for i, owner in zip(ok, owners):
+        if owner is not None:
+            owner_file, owner_line = owner.split("\x00")
+            columns["status"][i] = "duplicate"
+            columns["message"][i] = f"same content as {describe_row(owner_file, int(owner_line), None, 'kept')}"
+            columns["raw"][i] = columns["example"][i]
+            columns["example"][i] = None
+    for name, values in columns.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return batch
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_path: str, tokenizer_path: Optional[str], chat_template: Optional[str], trust_remote_code: bool):
+    # Cached per worker process: Ray reuses worker processes across tasks, so each loads it once.
+    from raytune_app.models import load_tokenizer
+
+    return load_tokenizer(model_path, tokenizer_path, chat_template, trust_remote_code)
+
+
+def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, truncation: str) -> pa.Table:
+    from raytune_app.data.tokenize import preference_lengths, tokenize_examples
+
+    tokenizer = _tokenizer(model["path"], model["tokenizer"], model["chat_template"], model["trust_remote_code"])
+    status, field, message = (batch[c].to_pylist() for c in ("status", "field", "message"))
+    examples = batch["example"].to_pylist()
+    ok = [i for i, s in enumerate(status) if s == "ok"]
+    input_ids: list = [None] * len(status)
+    masks: list = [None] * len(status)
+    num_tokens: list = [None] * len(status)
+    if ok:
+        parsed = [json.loads(examples[i]) for i in ok]
+        if kind == "preference":
+            lengths = preference_lengths(tokenizer, [p["prompt"] for p in parsed], [p["chosen"] for p in parsed],
+                                         [p["rejected"] for p in parsed])
+            for i, length in zip(ok, lengths):
+                num_tokens[i] = length
+                if length > max_length:
+                    status[i], message[i] = "too_long", f"{length} tokens, above data.max_seq_length={max_length}"
+        else:
+            for i, (ids, mask, problem) in zip(ok, tokenize_examples(tokenizer, [p["messages"] for p in parsed], max_length, truncation)):
+                if problem is not None:
+                    status[i], field[i], message[i] = problem.reason, problem.field, problem.message
+                else:
+                    input_ids[i], masks[i], num_tokens[i] = ids, mask, len(ids)
+    raw = batch["raw"].to_pylist()
+    for i in ok:
+        if status[i] != "ok":
+            raw[i], examples[i] = examples[i], None
+    updated = {"status": status, "field": field, "message": message, "raw": raw, "example": examples}
+    for name, values in updated.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return (batch.append_column("input_ids", pa.array(input_ids, pa.list_(pa.int32())))
+            .append_column("completion_mask", pa.array(masks, pa.list_(pa.int8())))
+            .append_column("num_tokens", pa.array(num_tokens, pa.int32())))
+
+
+def pack_batch(batch: pa.Table, capacity: int) -> pa.Table:
+    """Pack the train rows of the batch; other rows pass through (val/test stay one example per row)."""
+    rows = batch.to_pylist()
+    train = [r for r in rows if r["status"] == "ok" and r["split"] == "train"]
+    rest = [dict(r, seq_lengths=None, example_hashes=None) for r in rows if not (r["status"] == "ok" and r["split"] == "train")]
+    packed = [
+        {name: None for name in batch.schema.names} | {"status": "ok", "split": "train", "num_tokens": len(p["input_ids"])} | p
+        for p in pack(train, capacity)
+    ]
+    schema = batch.schema.append(pa.field("seq_lengths", pa.list_(pa.int32()))).append(pa.field("example_hashes", pa.list_(pa.string())))
+    return pa.Table.from_pylist(rest + packed, schema=schema)
+
+
+# ---------------------------------------------------------------------------------- the stage
+
+
+def _fingerprint(recipe: Recipe, sources: list[str]) -> str:
+    import hashlib
+
+    files = [entry for source in sources for entry in storage.file_fingerprint(source)] if recipe.data.generator is None else []
+    payload = {
+        "format": FORMAT_VERSION, "version": __version__, "files": files,
+        "data": recipe.data.model_dump(mode="json"),
+        "tokenizer": recipe.model.model_dump(mode="json", include={"path", "tokenizer", "chat_template"}),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_paths(recipe: Recipe) -> list[str]:
+    """The files to read: the recipe's sources, or the generated file (written on first use)."""
+    if recipe.data.generator is None:
+        return [recipe.resolve_source(s) for s in recipe.data.sources]
+    from raytune_app.data import extraction
+
+    gen = recipe.data.generator
+    path = storage.absolute(storage.join(recipe.run_dir, "source", f"{gen.name}-{gen.rows}-seed{gen.seed}.jsonl"))
+    if not storage.exists(path):
+        storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in extraction.generate(gen.rows, gen.seed)))
+    return [path]
+
+
+def _token_stats(lengths: np.ndarray) -> dict:
+    count = int(lengths.sum())
+    if count == 0:
+        return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    cumulative = np.cumsum(lengths)
+    percentile = lambda q: int(np.searchsorted(cumulative, q * count))  # noqa: E731
+    return {"mean": round(float((lengths * np.arange(len(lengths))).sum() / count), 2),
+            "p50": percentile(0.5), "p95": percentile(0.95), "max": int(np.nonzero(lengths)[0].max())}
+
+
+def _merge_rejects(staging: str) -> int:
+    """Concatenate the rejected part files into rejected.jsonl, ordered by file and line."""
+    rows = []
+    for part in storage.list_files(storage.join(staging, "rejected"), ".jsonl"):
+        rows.extend(json.loads(line) for line in storage.read_text(part).splitlines())
+    rows.sort(key=lambda r: (r["source_file"], r["line"]))
+    storage.write_text(storage.join(staging, "rejected.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    storage.remove(storage.join(staging, "rejected"))
+    return len(rows)
+
+
+def prepare(recipe: Recipe, force: bool = False) -> dict:
+    """Run the prepare stage for a validated recipe; returns the manifest (also in <stage>/manifest.json)."""
+    import ray
+
+    from raytune_app.data.sink import SPLITS, PreparedSink
+    from raytune_app.data.sources import SourceFiles
+
+    data = recipe.data
+    out_dir = storage.absolute(recipe.stage_dir("prepare"))
+    sources = source_paths(recipe)
+    fingerprint = _fingerprint(recipe, sources)
+    manifest_path = storage.join(out_dir, "manifest.json")
+    if not force and storage.exists(manifest_path):
+        previous = json.loads(storage.read_text(manifest_path))
+        if previous.get("fingerprint") == fingerprint:
+            print(f"[prepare] inputs and settings unchanged: reusing {out_dir}", flush=True)
+            return previous
+
+    # Fail before any Ray work on things that would fail every row: a missing tokenizer or template.
+    tokenizer = _tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code)
+    staging = f"{out_dir}.incoming-{uuid.uuid4().hex[:8]}"
+    started = time.time()
+    spec = RowSpec.from_recipe(data)
+    model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
+
+    ds = ray.data.read_datasource(SourceFiles(sources, fmt=data.format))
+    ds = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                        fn_kwargs={"spec": spec, "fail_fast": data.on_error == "fail"})
+    seen = None
+    if data.dedupe:
+        seen = ray.remote(num_cpus=0)(SeenHashes).remote()
+        ds = ds.map_batches(dedupe_batch, batch_format="pyarrow", batch_size=data.batch_size, fn_kwargs={"seen": seen})
+    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                        fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length,
+                                   "truncation": data.truncation})
+    if data.packing:
+        ds = ds.map_batches(pack_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                            fn_kwargs={"capacity": data.max_seq_length})
+    sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
+    try:
+        ds.write_datasink(sink)
+    except Exception as exc:
+        storage.remove(staging)
+        row_error = _find_cause(exc, RowError)
+        if row_error is not None:
+            raise RowError(str(row_error)) from None
+        raise
+    finally:
+        if seen is not None:
+            ray.kill(seen)
+
+    stats = sink.stats
+    rejected_rows = _merge_rejects(staging)
+    splits = {}
+    for split in SPLITS:
+        s = stats["splits"][split]
+        splits[split] = {
+            "rows": s["rows"], "examples": s["examples"], "tokens": s["tokens"],
+            "content_hash": f"{s['hash']:032x}", "token_lengths": _token_stats(s["lengths"]),
+            "files": [f.rsplit("/", 1)[-1] for f in storage.list_files(storage.join(staging, split), ".parquet")],
+        }
+    manifest = {
+        "stage": "prepare",
+        "fingerprint": fingerprint,
+        "recipe_hash": recipe.section_hash("data", "model"),
+        "kind": data.kind,
+        "packed": data.packing,
+        "sources": sources,
+        "tokenizer": getattr(tokenizer, "name_or_path", recipe.model.path),
+        "model": recipe.model.path,
+        "max_seq_length": data.max_seq_length,
+        "rows_in": stats["rows_in"],
+        "rows_out": {split: splits[split]["examples"] for split in SPLITS},
+        "rejected": dict(sorted(stats["rejected"].items())),
+        "rejected_rows": rejected_rows,
+        "splits": splits,
+        "seconds": round(time.time() - started, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    storage.replace_dir(staging, out_dir)
+    return manifest
+
+
+def _find_cause(exc: BaseException, kind: type) -> Optional[BaseException]:
+    """The first exception of `kind` in the chain (Ray wraps task errors in its own types)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, kind):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def load_split(stage_dir: str, split: str) -> pa.Table:
+    """A prepared split as one Arrow table (for training and evaluation on a single worker)."""
+    import pyarrow.parquet as pq
+
+    files = storage.list_files(storage.join(stage_dir, split), ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no prepared `{split}` split under {stage_dir}; run `raytune-app prepare` first")
+    fs, _ = storage.filesystem(files[0])
+    return pa.concat_tables([pq.read_table(storage.filesystem(f)[1], filesystem=fs) for f in files])

@@ -1,0 +1,79 @@
+"""Chat-template rendering and tokenisation with an assistant-only loss mask.
+
+Pure functions over a Hugging Face tokenizer (no Ray). For each example the chat is rendered once
+with the tokenizer's template; every assistant turn's character span is found by rendering the
+chat up to that turn (with and without the turn), and tokens whose characters fall in a span get
+`completion_mask` 1. The output columns are the ones TRL's SFTTrainer takes for pre-tokenised data
+(`input_ids`, `completion_mask`), so the trainer does not tokenise again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from raytune_app.data.rows import RowProblem
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the (start, end) character spans of the assistant turns in it."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            # A template that rewrites earlier turns (some strip past reasoning) breaks the span logic.
+            raise ValueError(
+                "the chat template does not render a chat as a prefix of its continuation; set "
+                "model.chat_template to a template that does (e.g. ChatML)"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def tokenize_examples(
+    tokenizer, chats: list[list[dict]], max_length: int, truncation: str
+) -> list[tuple[Optional[list[int]], Optional[list[int]], Optional[RowProblem]]]:
+    """(input_ids, completion_mask, problem) per chat; `problem` set means the example is rejected.
+
+    truncation `drop`: longer than max_length is rejected (too_long). `truncate`: the end is cut,
+    as long as at least one answer token remains after the prompt.
+    """
+    rendered = [assistant_spans(tokenizer, chat) for chat in chats]
+    encoded = tokenizer(
+        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+    )
+    out = []
+    for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        mask = [int(any(s <= start < e for s, e in spans)) for start, _ in offsets]
+        if len(ids) > max_length:
+            if truncation == "drop" or not any(mask[:max_length]):
+                out.append((None, None, RowProblem(
+                    "too_long", None,
+                    f"{len(ids)} tokens, above data.max_seq_length={max_length}"
+                    + ("" if truncation == "drop" else " even before the answer starts")
+                    + "; raise max_seq_length, or set data.truncation: truncate",
+                )))
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            out.append((None, None, RowProblem("no_answer_tokens", None, "the rendered chat has no assistant tokens to learn from")))
+            continue
+        out.append((list(ids), mask, None))
+    return out
+
+
+def preference_lengths(tokenizer, prompts: list[list[dict]], chosen: list[str], rejected: list[str]) -> list[int]:
+    """Tokens in the longer of (prompt + chosen, prompt + rejected), as DPO will see them."""
+    prompt_texts = [render(tokenizer, p, add_generation_prompt=True) for p in prompts]
+    lengths = []
+    for answers in (chosen, rejected):
+        encoded = tokenizer([p + a for p, a in zip(prompt_texts, answers)], add_special_tokens=False)
+        lengths.append([len(ids) for ids in encoded["input_ids"]])
+    return [max(a, b) for a, b in zip(*lengths)]

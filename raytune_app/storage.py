@@ -1,0 +1,86 @@
+"""Run-directory I/O that works the same on a local path and on shared storage (s3://, gs://, ...).
+
+Every stage writes its artefacts through these helpers, which use pyarrow's filesystems (the ones
+Ray Data and Ray Train use), so `run.output_dir: s3://bucket/runs` needs no other change. Local paths
+are made absolute first: Ray workers may run in another working directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+
+def absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(absolute(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly under a directory, sorted, as URIs of the same kind as `uri`."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return [join(uri, name) for name in names]
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def replace_dir(source: str, target: str) -> None:
+    """Put a fully written directory in place of `target` (the old one goes only once the new is complete)."""
+    fs, source_path = filesystem(source)
+    _, target_path = filesystem(target)
+    if fs.get_file_info(target_path).type != pafs.FileType.NotFound:
+        fs.delete_dir(target_path)
+    fs.move(source_path, target_path)
+
+
+def file_fingerprint(uri: str) -> list:
+    """(path, size, mtime) of every file a source path names (a file, a directory or a glob)."""
+    import glob
+
+    if "://" not in uri and any(ch in uri for ch in "*?["):
+        return [entry for match in sorted(glob.glob(uri)) for entry in file_fingerprint(match)]
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return [[i.path, i.size, i.mtime_ns] for i in sorted(infos, key=lambda i: i.path) if i.type == pafs.FileType.File]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data source not found: {uri}")
+    return [[info.path, info.size, info.mtime_ns]]
