@@ -21,7 +21,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    return "/".join([str(base).rstrip("/"), *parts])
 
 
 def exists(uri: str) -> bool:

@@ -226,12 +226,33 @@ def _merge_rejects(staging: str) -> int:
     return len(rows)
 
 
+def _pipeline(recipe: Recipe, sources: list[str], seen) -> "ray.data.Dataset":
+    """The lazy Ray Data pipeline from source files to rows ready for PreparedSink."""
+    import ray
+
+    from raytune_app.data.sources import SourceFiles
+
+    data = recipe.data
+    model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
+    ds = ray.data.read_datasource(SourceFiles(sources, fmt=data.format))
+    ds = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                        fn_kwargs={"spec": RowSpec.from_recipe(data), "fail_fast": data.on_error == "fail"})
+    if seen is not None:
+        ds = ds.map_batches(dedupe_batch, batch_format="pyarrow", batch_size=data.batch_size, fn_kwargs={"seen": seen})
+    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                        fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length,
+                                   "truncation": data.truncation})
+    if data.packing:
+        ds = ds.map_batches(pack_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                            fn_kwargs={"capacity": data.max_seq_length})
+    return ds
+
+
 def prepare(recipe: Recipe, force: bool = False) -> dict:
     """Run the prepare stage for a validated recipe; returns the manifest (also in <stage>/manifest.json)."""
     import ray
 
     from raytune_app.data.sink import SPLITS, PreparedSink
-    from raytune_app.data.sources import SourceFiles
 
     data = recipe.data
     out_dir = storage.absolute(recipe.stage_dir("prepare"))
@@ -248,25 +269,15 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     tokenizer = _tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code)
     staging = f"{out_dir}.incoming-{uuid.uuid4().hex[:8]}"
     started = time.time()
-    spec = RowSpec.from_recipe(data)
-    model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
 
-    ds = ray.data.read_datasource(SourceFiles(sources, fmt=data.format))
-    ds = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                        fn_kwargs={"spec": spec, "fail_fast": data.on_error == "fail"})
-    seen = None
-    if data.dedupe:
-        seen = ray.remote(num_cpus=0)(SeenHashes).remote()
-        ds = ds.map_batches(dedupe_batch, batch_format="pyarrow", batch_size=data.batch_size, fn_kwargs={"seen": seen})
-    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                        fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length,
-                                   "truncation": data.truncation})
-    if data.packing:
-        ds = ds.map_batches(pack_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                            fn_kwargs={"capacity": data.max_seq_length})
+    context = ray.data.DataContext.get_current()
+    # A RowError must reach the user as itself (file, line, field), not as Ray's generic UDF failure.
+    # Datasets copy the context when created, so this is set before the pipeline is built.
+    wrapped, context.raise_original_map_exception = context.raise_original_map_exception, True
+    seen = ray.remote(num_cpus=0)(SeenHashes).remote() if data.dedupe else None
     sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
     try:
-        ds.write_datasink(sink)
+        _pipeline(recipe, sources, seen).write_datasink(sink)
     except Exception as exc:
         storage.remove(staging)
         row_error = _find_cause(exc, RowError)
@@ -274,6 +285,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
             raise RowError(str(row_error)) from None
         raise
     finally:
+        context.raise_original_map_exception = wrapped
         if seen is not None:
             ray.kill(seen)
 
