@@ -119,6 +119,12 @@ _ROLES_BY_KIND = {
 }
 
 
+# Column names the prepare stage writes itself; a kept source column may not take one of them.
+RESERVED_COLUMNS = {"source_file", "source_row", "status", "field", "message", "raw", "content_hash", "split",
+                    "messages", "prompt", "chosen", "rejected", "input_ids", "completion_mask", "num_tokens",
+                    "seq_lengths", "example_hashes"}
+
+
 class FiltersSection(Section):
     min_prompt_chars: int = Field(1, ge=0, description="Drop rows whose prompt is shorter (after normalising).")
     max_prompt_chars: int = Field(20_000, gt=0, description="Drop rows whose prompt is longer.")
@@ -215,6 +221,9 @@ class DataSection(Section):
             raise ValueError(
                 f"columns {foreign} do not belong to kind `{self.kind}`, which uses {list(needed)} (and `system`)"
             )
+        clash = sorted(set(self.keep_columns) & RESERVED_COLUMNS)
+        if clash:
+            raise ValueError(f"keep_columns {clash} clash with columns prepare writes itself; rename them in the source")
         if self.packing and self.kind == "preference":
             raise ValueError("packing applies to SFT data (kinds prompt_response, chat), not to preference pairs")
         return self

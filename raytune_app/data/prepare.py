@@ -38,11 +38,31 @@ from raytune_app.data.rows import RowProblem, RowSpec
 # Bump when the output layout or the rules change, so old outputs are not reused.
 FORMAT_VERSION = 1
 
-VALIDATED_SCHEMA = pa.schema([
-    ("_source_file", pa.string()), ("_source_row", pa.int64()),
-    ("status", pa.string()), ("field", pa.string()), ("message", pa.string()), ("raw", pa.string()),
-    ("content_hash", pa.string()), ("split", pa.string()), ("example", pa.string()), ("keep", pa.string()),
-])
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# The example itself, by data.kind: a chat for SFT, a prompt and two one-message answers for preference
+# (TRL's conversational formats, so the trainers take the columns as they are).
+EXAMPLE_COLUMNS = {
+    "prompt_response": ["messages"],
+    "chat": ["messages"],
+    "preference": ["prompt", "chosen", "rejected"],
+}
+
+
+def pipeline_schema(kind: str, keep_columns: tuple[str, ...]) -> pa.Schema:
+    """Columns of a batch between the validate and tokenise steps (one schema for every batch)."""
+    return pa.schema(
+        [("source_file", pa.string()), ("source_row", pa.int64()), ("status", pa.string()), ("field", pa.string()),
+         ("message", pa.string()), ("raw", pa.string()), ("content_hash", pa.string()), ("split", pa.string())]
+        + [(name, MESSAGES) for name in EXAMPLE_COLUMNS[kind]]
+        + [(name, pa.string()) for name in keep_columns]
+    )
+
+
+def _example_columns(example: dict) -> dict:
+    if "messages" in example:
+        return {"messages": example["messages"]}
+    return {"prompt": example["prompt"], "chosen": [{"role": "assistant", "content": example["chosen"]}],
+            "rejected": [{"role": "assistant", "content": example["rejected"]}]}
 
 
 class RowError(ValueError):
@@ -58,26 +78,47 @@ def describe_row(source_file: str, row: int, field: Optional[str], message: str)
 
 
 def validate_batch(batch: pa.Table, spec: RowSpec, fail_fast: bool) -> pa.Table:
-    out = {name: [] for name in VALIDATED_SCHEMA.names}
+    schema = pipeline_schema(spec.kind, spec.keep_columns)
+    out = {name: [] for name in schema.names}
+    empty = dict.fromkeys(EXAMPLE_COLUMNS[spec.kind] + list(spec.keep_columns))
     for source_file, source_row, raw in zip(*(batch[c].to_pylist() for c in ("_source_file", "_source_row", "_raw"))):
-        example = keep = content = split = None
-        status, field, message = "ok", None, None
+        row = {"source_file": source_file, "source_row": source_row, "status": "ok", "field": None, "message": None,
+               "raw": None, "content_hash": None, "split": None, **empty}
         try:
             record = rowlib.parse_json_line(raw)
             example = rowlib.to_example(record, spec)
-            keep = json.dumps(rowlib.kept_values(record, spec)) if spec.keep_columns else None
-            content = rowlib.content_hash(example)
-            split = rowlib.assign_split(rowlib.split_key(example), spec.val_fraction, spec.test_fraction, spec.split_salt)
+            row.update(rowlib.kept_values(record, spec))
+            row["content_hash"] = rowlib.content_hash(example)
+            row["split"] = rowlib.assign_split(rowlib.split_key(example), spec.val_fraction, spec.test_fraction, spec.split_salt)
+            row.update(_example_columns(example))
         except RowProblem as problem:
             if fail_fast:
                 raise RowError(describe_row(source_file, source_row, problem.field, problem.message)) from None
-            status, field, message, example = problem.reason, problem.field, problem.message, None
-        for name, value in (("_source_file", source_file), ("_source_row", source_row), ("status", status),
-                            ("field", field), ("message", message), ("raw", raw if status != "ok" else None),
-                            ("content_hash", content), ("split", split),
-                            ("example", json.dumps(example, ensure_ascii=False) if example else None), ("keep", keep)):
+            row.update(empty, status=problem.reason, field=problem.field, message=problem.message, raw=raw)
+        for name, value in row.items():
             out[name].append(value)
-    return pa.Table.from_pydict(out, schema=VALIDATED_SCHEMA)
+    return pa.Table.from_pydict(out, schema=schema)
+
+
+def _set_columns(batch: pa.Table, columns: dict) -> pa.Table:
+    for name, values in columns.items():
+        index = batch.schema.get_field_index(name)
+        batch = batch.set_column(index, batch.schema.field(index), pa.array(values, batch.schema.field(index).type))
+    return batch
+
+
+def _reject_examples(batch: pa.Table, rejected: dict[int, tuple], kind: str) -> pa.Table:
+    """Mark rows rejected after validation: {row index: (reason, field, message)}; the example moves to `raw`."""
+    if not rejected:
+        return batch
+    columns = {name: batch[name].to_pylist() for name in ("status", "field", "message", "raw", *EXAMPLE_COLUMNS[kind])}
+    for i, (reason, field, message) in rejected.items():
+        example = {name: columns[name][i] for name in EXAMPLE_COLUMNS[kind]}
+        columns["status"][i], columns["field"][i], columns["message"][i] = reason, field, message
+        columns["raw"][i] = json.dumps(example, ensure_ascii=False)
+        for name in EXAMPLE_COLUMNS[kind]:
+            columns[name][i] = None
+    return _set_columns(batch, columns)
 
 
 class SeenHashes:
@@ -96,27 +137,22 @@ class SeenHashes:
         return [None if owner == key else owner for owner, key in zip(owners, keys)]
 
 
-def dedupe_batch(batch: pa.Table, seen) -> pa.Table:
+def dedupe_batch(batch: pa.Table, seen, kind: str) -> pa.Table:
     import ray
 
     ok = [i for i, s in enumerate(batch["status"].to_pylist()) if s == "ok"]
     if not ok:
         return batch
     hashes = batch["content_hash"].to_pylist()
-    files, lines = batch["_source_file"].to_pylist(), batch["_source_row"].to_pylist()
+    files, lines = batch["source_file"].to_pylist(), batch["source_row"].to_pylist()
     keys = [f"{files[i]}\x00{lines[i]}" for i in ok]
     owners = ray.get(seen.claim.remote([hashes[i] for i in ok], keys))
-    columns = {name: batch[name].to_pylist() for name in ("status", "message", "raw", "example")}
+    duplicates = {}
     for i, owner in zip(ok, owners):
         if owner is not None:
             owner_file, owner_line = owner.split("\x00")
-            columns["status"][i] = "duplicate"
-            columns["message"][i] = f"same content as {describe_row(owner_file, int(owner_line), None, 'kept')}"
-            columns["raw"][i] = columns["example"][i]
-            columns["example"][i] = None
-    for name, values in columns.items():
-        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
-    return batch
+            duplicates[i] = ("duplicate", None, f"same content as {describe_row(owner_file, int(owner_line), None, 'kept')}")
+    return _reject_examples(batch, duplicates, kind)
 
 
 @functools.lru_cache(maxsize=2)
@@ -131,34 +167,27 @@ def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, tru
     from raytune_app.data.tokenize import preference_lengths, tokenize_examples
 
     tokenizer = _tokenizer(model["path"], model["tokenizer"], model["chat_template"], model["trust_remote_code"])
-    status, field, message = (batch[c].to_pylist() for c in ("status", "field", "message"))
-    examples = batch["example"].to_pylist()
-    ok = [i for i, s in enumerate(status) if s == "ok"]
-    input_ids: list = [None] * len(status)
-    masks: list = [None] * len(status)
-    num_tokens: list = [None] * len(status)
+    ok = [i for i, s in enumerate(batch["status"].to_pylist()) if s == "ok"]
+    input_ids: list = [None] * batch.num_rows
+    masks: list = [None] * batch.num_rows
+    num_tokens: list = [None] * batch.num_rows
+    rejected = {}
     if ok:
-        parsed = [json.loads(examples[i]) for i in ok]
+        picked = batch.take(ok)
         if kind == "preference":
-            lengths = preference_lengths(tokenizer, [p["prompt"] for p in parsed], [p["chosen"] for p in parsed],
-                                         [p["rejected"] for p in parsed])
-            for i, length in zip(ok, lengths):
+            answers = [[m[0]["content"] for m in picked[name].to_pylist()] for name in ("chosen", "rejected")]
+            for i, length in zip(ok, preference_lengths(tokenizer, picked["prompt"].to_pylist(), *answers)):
                 num_tokens[i] = length
                 if length > max_length:
-                    status[i], message[i] = "too_long", f"{length} tokens, above data.max_seq_length={max_length}"
+                    rejected[i] = ("too_long", None, f"{length} tokens, above data.max_seq_length={max_length}")
         else:
-            for i, (ids, mask, problem) in zip(ok, tokenize_examples(tokenizer, [p["messages"] for p in parsed], max_length, truncation)):
+            results = tokenize_examples(tokenizer, picked["messages"].to_pylist(), max_length, truncation)
+            for i, (ids, mask, problem) in zip(ok, results):
                 if problem is not None:
-                    status[i], field[i], message[i] = problem.reason, problem.field, problem.message
+                    rejected[i] = (problem.reason, problem.field, problem.message)
                 else:
                     input_ids[i], masks[i], num_tokens[i] = ids, mask, len(ids)
-    raw = batch["raw"].to_pylist()
-    for i in ok:
-        if status[i] != "ok":
-            raw[i], examples[i] = examples[i], None
-    updated = {"status": status, "field": field, "message": message, "raw": raw, "example": examples}
-    for name, values in updated.items():
-        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    batch = _reject_examples(batch, rejected, kind)
     return (batch.append_column("input_ids", pa.array(input_ids, pa.list_(pa.int32())))
             .append_column("completion_mask", pa.array(masks, pa.list_(pa.int8())))
             .append_column("num_tokens", pa.array(num_tokens, pa.int32())))
@@ -166,24 +195,26 @@ def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, tru
 
 def pack_batch(batch: pa.Table, capacity: int) -> pa.Table:
     """Pack the train rows of the batch; other rows pass through (val/test stay one example per row)."""
-    rows = batch.to_pylist()
-    train = [r for r in rows if r["status"] == "ok" and r["split"] == "train"]
-    rest = [dict(r, seq_lengths=None, example_hashes=None) for r in rows if not (r["status"] == "ok" and r["split"] == "train")]
-    packed = [
-        {name: None for name in batch.schema.names} | {"status": "ok", "split": "train", "num_tokens": len(p["input_ids"])} | p
-        for p in pack(train, capacity)
-    ]
-    schema = batch.schema.append(pa.field("seq_lengths", pa.list_(pa.int32()))).append(pa.field("example_hashes", pa.list_(pa.string())))
-    return pa.Table.from_pylist(rest + packed, schema=schema)
+    import pyarrow.compute as pc
+
+    is_train = pc.fill_null(pc.and_(pc.equal(batch["status"], "ok"), pc.equal(batch["split"], "train")), False)
+    rest = batch.filter(pc.invert(is_train))
+    rest = (rest.append_column("seq_lengths", pa.nulls(rest.num_rows, pa.list_(pa.int32())))
+            .append_column("example_hashes", pa.nulls(rest.num_rows, pa.list_(pa.string()))))
+    train = batch.filter(is_train).select(["input_ids", "completion_mask", "content_hash"]).to_pylist()
+    packed = [{"status": "ok", "split": "train", "num_tokens": len(p["input_ids"]), **p} for p in pack(train, capacity)]
+    return pa.concat_tables([rest, pa.Table.from_pylist(packed, schema=rest.schema)])
 
 
 # ---------------------------------------------------------------------------------- the stage
 
 
-def _fingerprint(recipe: Recipe, sources: list[str]) -> str:
+def _fingerprint(recipe: Recipe, files: list) -> str:
+    """Hash of everything the output depends on: input files (path, size, mtime), settings, code version."""
     import hashlib
 
-    files = [entry for source in sources for entry in storage.file_fingerprint(source)] if recipe.data.generator is None else []
+    if recipe.data.generator is not None:
+        files = []  # generated input is fully described by the generator settings
     payload = {
         "format": FORMAT_VERSION, "version": __version__, "files": files,
         "data": recipe.data.model_dump(mode="json"),
@@ -226,7 +257,12 @@ def _merge_rejects(staging: str) -> int:
     return len(rows)
 
 
-def _pipeline(recipe: Recipe, sources: list[str], seen) -> "ray.data.Dataset":
+# Rows per map task: ~4 MiB of source text. Ray's default (blocks of ~1 MiB) makes tasks so short
+# that scheduling each one costs a tenth of its run time; measured in benchmarks/prepare_throughput.py.
+SOURCE_BYTES_PER_BLOCK = 4 << 20
+
+
+def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> "ray.data.Dataset":
     """The lazy Ray Data pipeline from source files to rows ready for PreparedSink."""
     import ray
 
@@ -234,11 +270,19 @@ def _pipeline(recipe: Recipe, sources: list[str], seen) -> "ray.data.Dataset":
 
     data = recipe.data
     model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
-    ds = ray.data.read_datasource(SourceFiles(sources, fmt=data.format))
+    # Reading only splits files into lines; the parsing and tokenising happen in the map steps. A read
+    # task that reserved a whole CPU would hold it while it waits on backpressure, leaving a core idle
+    # (on 2 cores: half the machine) for as long as a big file streams. So reads reserve none, and at
+    # most one runs per CPU of the cluster.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    blocks = max(cpus, -(-sum(size for _, size, _ in files) // SOURCE_BYTES_PER_BLOCK))
+    ds = ray.data.read_datasource(SourceFiles(sources, fmt=data.format), num_cpus=0, concurrency=min(cpus, len(files)),
+                                  override_num_blocks=blocks)
     ds = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=data.batch_size,
                         fn_kwargs={"spec": RowSpec.from_recipe(data), "fail_fast": data.on_error == "fail"})
     if seen is not None:
-        ds = ds.map_batches(dedupe_batch, batch_format="pyarrow", batch_size=data.batch_size, fn_kwargs={"seen": seen})
+        ds = ds.map_batches(dedupe_batch, batch_format="pyarrow", batch_size=data.batch_size,
+                            fn_kwargs={"seen": seen, "kind": data.kind})
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=data.batch_size,
                         fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length,
                                    "truncation": data.truncation})
@@ -257,7 +301,8 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     data = recipe.data
     out_dir = storage.absolute(recipe.stage_dir("prepare"))
     sources = source_paths(recipe)
-    fingerprint = _fingerprint(recipe, sources)
+    files = [entry for source in sources for entry in storage.file_fingerprint(source)]
+    fingerprint = _fingerprint(recipe, files)
     manifest_path = storage.join(out_dir, "manifest.json")
     if not force and storage.exists(manifest_path):
         previous = json.loads(storage.read_text(manifest_path))
@@ -277,7 +322,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     seen = ray.remote(num_cpus=0)(SeenHashes).remote() if data.dedupe else None
     sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
     try:
-        _pipeline(recipe, sources, seen).write_datasink(sink)
+        _pipeline(recipe, sources, files, seen).write_datasink(sink)
     except Exception as exc:
         storage.remove(staging)
         row_error = _find_cause(exc, RowError)

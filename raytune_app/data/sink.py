@@ -5,7 +5,7 @@ given and, per block, appends the rows of each split to that split's Parquet fil
 per write task, one row group per block) and the rejected rows to a JSONL part file. It returns
 counts, a token-length histogram and an order-independent content hash per split; `on_write_complete`
 adds them up on the driver. Writing all outputs in one pass means the pipeline (parse, validate,
-tokenise) runs once, not once per split.
+tokenise) runs once, not once per split. The work stays in Arrow: only rejected rows become Python.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
@@ -23,46 +24,16 @@ from raytune_app import storage
 
 SPLITS = ("train", "val", "test")
 HASH_MODULUS = 2**128
+PACKED_COLUMNS = ["input_ids", "completion_mask", "seq_lengths", "num_tokens", "example_hashes"]
+REJECT_FIELDS = ("source_file", "source_row", "status", "field", "message", "raw")
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-MESSAGES = pa.list_(MESSAGE)
 
-
-def split_schema(kind: str, packed: bool, keep_columns: tuple[str, ...]) -> pa.Schema:
+def split_columns(kind: str, packed: bool, keep_columns: tuple[str, ...]) -> list[str]:
     """Columns of a prepared split file (packed applies to the train split of SFT data only)."""
-    provenance = [("content_hash", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64())]
-    kept = [(name, pa.string()) for name in keep_columns]
     if packed:
-        return pa.schema([("input_ids", pa.list_(pa.int32())), ("completion_mask", pa.list_(pa.int8())),
-                          ("seq_lengths", pa.list_(pa.int32())), ("num_tokens", pa.int32()),
-                          ("example_hashes", pa.list_(pa.string()))])
-    if kind == "preference":
-        return pa.schema([("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES), ("num_tokens", pa.int32()),
-                          *provenance, *kept])
-    return pa.schema([("messages", MESSAGES), ("input_ids", pa.list_(pa.int32())), ("completion_mask", pa.list_(pa.int8())),
-                      ("num_tokens", pa.int32()), *provenance, *kept])
-
-
-def _split_table(rows: list[dict], kind: str, packed: bool, keep_columns: tuple[str, ...]) -> pa.Table:
-    schema = split_schema(kind, packed, keep_columns)
-    if packed:
-        columns = {name: [r[name] for r in rows] for name in schema.names}
-        return pa.Table.from_pydict(columns, schema=schema)
-    examples = [json.loads(r["example"]) for r in rows]
-    kept = [json.loads(r["keep"]) if r["keep"] else {} for r in rows]
-    columns = {"num_tokens": [r["num_tokens"] for r in rows], "content_hash": [r["content_hash"] for r in rows],
-               "source_file": [r["_source_file"] for r in rows], "source_row": [r["_source_row"] for r in rows]}
-    if kind == "preference":
-        columns["prompt"] = [e["prompt"] for e in examples]
-        columns["chosen"] = [[{"role": "assistant", "content": e["chosen"]}] for e in examples]
-        columns["rejected"] = [[{"role": "assistant", "content": e["rejected"]}] for e in examples]
-    else:
-        columns["messages"] = [e["messages"] for e in examples]
-        columns["input_ids"] = [r["input_ids"] for r in rows]
-        columns["completion_mask"] = [r["completion_mask"] for r in rows]
-    for name in keep_columns:
-        columns[name] = [k.get(name) for k in kept]
-    return pa.Table.from_pydict(columns, schema=schema)
+        return PACKED_COLUMNS
+    example = ["prompt", "chosen", "rejected"] if kind == "preference" else ["messages", "input_ids", "completion_mask"]
+    return [*example, "num_tokens", "content_hash", "source_file", "source_row", *keep_columns]
 
 
 def row_hash_value(content_hash: str) -> int:
@@ -88,6 +59,17 @@ class PreparedSink(Datasink):
                            "lengths": np.zeros(self.max_seq_length + 1, dtype=np.int64)} for s in SPLITS},
         }
 
+    def _count(self, stats: dict, split: str, part: pa.Table, packed: bool) -> None:
+        s = stats["splits"][split]
+        lengths = np.minimum(part["num_tokens"].to_numpy(), self.max_seq_length)
+        hashes = pc.list_flatten(part["example_hashes"]) if packed else part["content_hash"]
+        s["rows"] += part.num_rows
+        s["examples"] += len(hashes)
+        s["tokens"] += int(lengths.sum())
+        s["lengths"] += np.bincount(lengths, minlength=self.max_seq_length + 1)
+        s["hash"] = (s["hash"] + sum(row_hash_value(h) for h in hashes.to_pylist())) % HASH_MODULUS
+        stats["rows_in"] += len(hashes)
+
     def write(self, blocks, ctx) -> dict:
         stats = self._empty_stats()
         fs, root = storage.filesystem(self.out_dir)
@@ -95,37 +77,26 @@ class PreparedSink(Datasink):
         rejects = None
         try:
             for block in blocks:
-                table = pa.table(block) if not isinstance(block, pa.Table) else block
-                rows = table.to_pylist()
-                by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
-                for row in rows:
-                    packed_row = row.get("example_hashes") is not None
-                    stats["rows_in"] += len(row["example_hashes"]) if packed_row else 1
-                    if row["status"] != "ok":
-                        stats["rejected"][row["status"]] += 1
-                        if rejects is None:
-                            fs.create_dir(f"{root}/rejected", recursive=True)
-                            rejects = fs.open_output_stream(f"{root}/rejected/part-{ctx.task_idx:05d}.jsonl")
-                        rejects.write((json.dumps({
-                            "source_file": row["_source_file"], "line": row["_source_row"], "reason": row["status"],
-                            "field": row["field"], "message": row["message"], "raw": row["raw"],
-                        }, ensure_ascii=False) + "\n").encode())
-                        continue
-                    split = row["split"]
-                    by_split[split].append(row)
-                    s = stats["splits"][split]
-                    s["rows"] += 1
-                    s["tokens"] += row["num_tokens"]
-                    s["lengths"][min(row["num_tokens"], self.max_seq_length)] += 1
-                    hashes = row["example_hashes"] if packed_row else [row["content_hash"]]
-                    s["examples"] += len(hashes)
-                    for h in hashes:
-                        s["hash"] = (s["hash"] + row_hash_value(h)) % HASH_MODULUS
-                for split, split_rows in by_split.items():
-                    if not split_rows:
+                table = block if isinstance(block, pa.Table) else pa.table(block)
+                ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
+                bad = table.filter(pc.invert(ok)).select(list(REJECT_FIELDS)).to_pylist()
+                if bad:
+                    if rejects is None:
+                        fs.create_dir(f"{root}/rejected", recursive=True)
+                        rejects = fs.open_output_stream(f"{root}/rejected/part-{ctx.task_idx:05d}.jsonl")
+                    stats["rows_in"] += len(bad)
+                    stats["rejected"].update(row["status"] for row in bad)
+                    rejects.write("".join(json.dumps({
+                        "source_file": r["source_file"], "line": r["source_row"], "reason": r["status"],
+                        "field": r["field"], "message": r["message"], "raw": r["raw"],
+                    }, ensure_ascii=False) + "\n" for r in bad).encode())
+                for split in SPLITS:
+                    part = table.filter(pc.and_(ok, pc.fill_null(pc.equal(table["split"], split), False)))
+                    if part.num_rows == 0:
                         continue
                     packed = self.packing and split == "train"
-                    part = _split_table(split_rows, self.kind, packed, self.keep_columns)
+                    part = part.select(split_columns(self.kind, packed, self.keep_columns))
+                    self._count(stats, split, part, packed)
                     if split not in writers:
                         fs.create_dir(f"{root}/{split}", recursive=True)
                         writers[split] = pq.ParquetWriter(f"{root}/{split}/part-{ctx.task_idx:05d}.parquet", part.schema, filesystem=fs)

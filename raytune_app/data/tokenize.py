@@ -9,6 +9,7 @@ chat up to that turn (with and without the turn), and tokens whose characters fa
 
 from __future__ import annotations
 
+import bisect
 from typing import Optional
 
 from raytune_app.data.rows import RowProblem
@@ -26,7 +27,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1])
+        # The last turn's rendering is the whole text: one template call fewer per example.
+        through = text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             # A template that rewrites earlier turns (some strip past reasoning) breaks the span logic.
             raise ValueError(
@@ -35,6 +37,18 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
             )
         spans.append((len(before), len(through)))
     return text, spans
+
+
+def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and the character offset where each token starts, without special tokens added."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The Rust tokenizer directly: transformers' wrapper would convert every encoding into Python
+        # dicts first, which costs as much as the tokenisation itself.
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, [start for start, _ in e.offsets]) for e in encodings]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, [start for start, _ in o]) for ids, o in zip(encoded["input_ids"], encoded["offset_mapping"])]
 
 
 def tokenize_examples(
@@ -46,12 +60,13 @@ def tokenize_examples(
     as long as at least one answer token remains after the prompt.
     """
     rendered = [assistant_spans(tokenizer, chat) for chat in chats]
-    encoded = tokenizer(
-        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
-    )
     out = []
-    for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
-        mask = [int(any(s <= start < e for s, e in spans)) for start, _ in offsets]
+    for (text, spans), (ids, starts) in zip(rendered, _encode(tokenizer, [text for text, _ in rendered])):
+        # Token start offsets only grow, so each span is a contiguous run of tokens found by bisection.
+        mask = [0] * len(ids)
+        for start, end in spans:
+            first, last = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
+            mask[first:last] = [1] * (last - first)
         if len(ids) > max_length:
             if truncation == "drop" or not any(mask[:max_length]):
                 out.append((None, None, RowProblem(
