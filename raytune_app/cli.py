@@ -22,7 +22,7 @@ from raytune_app import config
 
 # Stages with an implementation. The others are named in the recipe schema and the CLI so recipes can
 # be written against them, but they refuse to run rather than pretend.
-BUILT = {"prepare"}
+BUILT = {"prepare", "train"}
 PLANNED_ISSUE = {"distill": 5, "train": 3, "tune": 7, "evaluate": 4, "register": 4, "serve": 8}
 
 EXIT_BAD_RECIPE = 2
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe_args(p)
         if stage == "prepare":
             p.add_argument("--force", action="store_true", help="recompute even when inputs and settings are unchanged")
+        if stage == "train":
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--resume", action="store_true",
+                               help="continue the interrupted run from its latest checkpoint (fails if there is none)")
+            group.add_argument("--restart", action="store_true", help="move any earlier run aside and start from step 0")
 
     run = sub.add_parser("run", help="run the recipe's stages in order (run.stages), skipping unchanged ones",
                          description="Run the recipe's stages in order (run.stages); a stage whose inputs are unchanged is reused.")
@@ -95,13 +100,14 @@ def _prepare(recipe: config.Recipe, force: bool = False) -> dict:
 
 
 def _start(recipe: config.Recipe) -> None:
-    from raytune_app import storage
-
-    saved = storage.join(storage.absolute(recipe.run_dir), "recipe.yaml")
-    import yaml
-
-    storage.write_text(saved, yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    saved = config.save_resolved(recipe, recipe.run_dir)
     print(f"[raytune-app] run `{recipe.run.name}`: model {recipe.model.path}; resolved recipe saved to {saved}", flush=True)
+
+
+def _train(recipe: config.Recipe, resume: bool = False, restart: bool = False) -> dict:
+    from raytune_app.train.run import train
+
+    return train(recipe, resume=resume, restart=restart)
 
 
 def _not_built(stage: str) -> str:
@@ -131,12 +137,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_NOT_BUILT
 
     from raytune_app.data.prepare import RowError
+    from raytune_app.train.run import TrainError
 
     try:
         if args.command == "prepare":
             _start(recipe)
             ensure_ray()
             _prepare(recipe, force=args.force)
+            return 0
+        if args.command == "train":
+            _start(recipe)
+            ensure_ray()
+            _train(recipe, resume=args.resume, restart=args.restart)
             return 0
         # run: every stage of run.stages in order; those not built yet are reported, not faked.
         _start(recipe)
@@ -146,12 +158,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             if stage == "prepare":
                 manifest = _prepare(recipe)
                 summary["prepare"] = manifest["rows_out"]
+            elif stage == "train":
+                manifest = _train(recipe)
+                summary["train"] = {"step": manifest["global_step"], "val_loss": manifest["final_eval_loss"]}
             else:
                 print(f"[run] {stage}: skipped, {_not_built(stage)}", flush=True)
                 summary[stage] = "not built yet"
         print("[run] done: " + json.dumps(summary), flush=True)
         return 0
-    except (RowError, FileNotFoundError, ValueError) as exc:
+    except (RowError, TrainError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
 

@@ -304,6 +304,9 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpointing and evaluation cadence.")
     logging_steps: int = Field(5, gt=0, description="Log train loss, tokens/s and memory every N steps.")
+    max_failures: int = Field(
+        1, ge=0, description="Times Ray Train restarts the workers after a failure, resuming from the latest checkpoint."
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -480,12 +483,12 @@ def load(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recip
     return validate(raw, str(path), overrides)
 
 
-def save_resolved(recipe: Recipe, directory: Union[str, Path]) -> Path:
-    """Write the fully resolved recipe (defaults filled in) as recipe.yaml into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "recipe.yaml"
-    target.write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+def save_resolved(recipe: Recipe, directory: Union[str, Path]) -> str:
+    """Write the fully resolved recipe (defaults filled in) as recipe.yaml into `directory` (path or URI)."""
+    from raytune_app import storage
+
+    target = storage.join(storage.absolute(str(directory)), "recipe.yaml")
+    storage.write_text(target, yaml.safe_dump(recipe.resolved(), sort_keys=False))
     return target
 
 

@@ -84,3 +84,18 @@ def file_fingerprint(uri: str) -> list:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source not found: {uri}")
     return [[info.path, info.size, info.mtime_ns]]
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory to `uri` (replacing what is there)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def move(source: str, target: str) -> None:
+    fs, source_path = filesystem(source)
+    _, target_path = filesystem(target)
+    fs.move(source_path, target_path)

@@ -1,0 +1,77 @@
+"""Loading the model to train: full weights, LoRA adapters, or LoRA over a 4-bit (QLoRA) base.
+
+One explicit branch per `train.finetuning` value. A parent adapter (the previous stage of a chain, or
+an adapter to continue) is loaded trainable on top of the base instead of a fresh one.
+
+No Ray here: runs inside each Ray Train worker, and in tests directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from raytune_app import models
+from raytune_app.config import ModelSection, TrainSection
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lora_config(train: TrainSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=train.lora.rank,
+        lora_alpha=train.lora.effective_alpha,
+        lora_dropout=train.lora.dropout,
+        target_modules=train.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_for_training(model: ModelSection, train: TrainSection, device: torch.device,
+                      parent_adapter: Optional[str] = None):
+    """The model, ready for a trainer: trainable parameters set, cache off."""
+    from transformers import AutoModelForCausalLM
+
+    path = models.resolve(model.path)
+    kwargs = {"dtype": DTYPES[train.precision], "trust_remote_code": model.trust_remote_code}
+
+    if train.finetuning == "full":
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif train.finetuning == "lora":
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif train.finetuning == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = train.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
+        )
+        kwargs["device_map"] = {"": device}
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=train.gradient_checkpointing)
+    else:
+        raise ValueError(f"unknown train.finetuning {train.finetuning!r}")
+
+    if train.finetuning in ("lora", "qlora"):
+        from peft import PeftModel, get_peft_model
+
+        if parent_adapter:
+            loaded = PeftModel.from_pretrained(loaded, parent_adapter, is_trainable=True)
+        else:
+            loaded = get_peft_model(loaded, lora_config(train))
+    # Training never reuses a KV cache, and with one transformers would not detect packed sequences
+    # from their restarting position ids (attention would leak between packed examples).
+    loaded.config.use_cache = False
+    return loaded
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,191 @@
+"""The train stage's driver: checks, a Ray Train TorchTrainer over `worker.train_worker`, outputs.
+
+    raytune-app train --recipe recipes/quickstart.yaml [--resume | --restart]
+
+Layout of `runs/<name>/train/`:
+    run.json              fingerprint of this training run (recipe sections + prepared data), written first
+    checkpoint_*/         Ray Train checkpoints (best K by validation loss, plus the latest)
+    adapter/ or model/    the final weights and tokenizer
+    recipe.yaml           the resolved recipe
+    metrics.jsonl         train/val loss, learning rate, tokens/s, peak memory per logged step
+    loss_curve.png, manifest.json (written last: the run is complete)
+
+A run whose fingerprint matches a finished one is not repeated. An interrupted run with the same
+fingerprint continues from its latest checkpoint; one whose recipe or data changed is moved aside
+(`train.previous-<fingerprint>/`), never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from raytune_app import config as recipe_config
+from raytune_app import storage
+from raytune_app.config import Recipe
+
+
+class TrainError(ValueError):
+    """A training run that cannot start; the message says why and what to do."""
+
+
+def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[str] = None) -> str:
+    payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
+               "seed": recipe.run.seed, "data": prepare_manifest["fingerprint"], "parent": parent}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(uri: str) -> Optional[dict]:
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def check_resources(recipe: Recipe) -> tuple[bool, int]:
+    """(use_gpu, CPUs per worker) for this cluster, or TrainError when the workers can never fit."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
+    train = recipe.train
+    use_gpu = gpus > 0 if train.use_gpu == "auto" else train.use_gpu
+    if use_gpu and gpus < train.workers:
+        raise TrainError(f"train.workers={train.workers} needs {train.workers} GPUs, the cluster has {gpus}; "
+                         "lower train.workers, or start the GPU worker group first")
+    if not use_gpu and train.precision == "fp16":
+        raise TrainError("train.precision fp16 needs a GPU and this cluster has none; use fp32 or bf16")
+    if not use_gpu and cpus < train.workers:
+        raise TrainError(f"train.workers={train.workers} needs {train.workers} CPUs, the cluster has {cpus}; lower train.workers")
+    # On CPU each worker gets an even share of the cores (Ray sets its torch thread count from it).
+    return use_gpu, max(1, cpus // train.workers) if not use_gpu else 1
+
+
+def _loss_curve(history: list[dict], target: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    fs, path = storage.filesystem(target)
+    with fs.open_output_stream(path) as out:
+        out.write(buffer.getvalue())
+
+
+def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent_adapter: Optional[str] = None) -> dict:
+    """Run the train stage; returns its manifest."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raytune_app.train.worker import FAULT_ENV, train_worker
+
+    if recipe.train.method != "sft":
+        raise TrainError(f"train.method {recipe.train.method}: only sft is built so far (dpo and grpo: issue #6)")
+    prepared_dir = storage.absolute(recipe.stage_dir("prepare"))
+    prepared = _read_json(storage.join(prepared_dir, "manifest.json"))
+    if prepared is None:
+        raise TrainError(f"no prepared data at {prepared_dir}; run `raytune-app prepare` first")
+    if prepared["kind"] == "preference":
+        raise TrainError("the prepared data is preference pairs (data.kind: preference); SFT needs prompt_response or chat data")
+    if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
+        raise TrainError(f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
+                         "validation examples; training needs both (check data.split and rejected.jsonl)")
+
+    out_dir = storage.absolute(recipe.stage_dir("train"))
+    print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
+    current = fingerprint(recipe, prepared, parent_adapter)
+    finished = _read_json(storage.join(out_dir, "manifest.json"))
+    started = _read_json(storage.join(out_dir, "run.json"))
+    if restart and started is not None:
+        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
+        storage.move(out_dir, aside)
+        print_(f"--restart: the earlier run was moved to {aside}")
+        finished = started = None
+    if finished is not None and finished["fingerprint"] == current:
+        print_(f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})")
+        return finished
+    if started is not None and started["fingerprint"] != current:
+        if resume:
+            raise TrainError(f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
+                             f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run")
+        aside = f"{out_dir}.previous-{started['fingerprint']}"
+        storage.move(out_dir, aside)
+        print_(f"recipe or data changed: the earlier run was moved to {aside}")
+        started = None
+    if started is None and resume:
+        raise TrainError(f"nothing to resume in {out_dir}; drop --resume to start training")
+    if started is not None:
+        print_(f"continuing the interrupted run in {out_dir}")
+    else:
+        storage.write_text(storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()}))
+    recipe_config.save_resolved(recipe, out_dir)
+
+    use_gpu, cpus_per_worker = check_resources(recipe)
+    train_cfg = recipe.train
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "recipe": recipe.resolved(), "prepared_dir": prepared_dir, "out_dir": out_dir, "use_gpu": use_gpu,
+            "fingerprint": current, "parent_adapter": parent_adapter, "fault_at_step": os.environ.get(FAULT_ENV),
+            "recipe_dir": str(Path(recipe.source_path).parent) if recipe.source_path else None,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=storage.absolute(recipe.run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.checkpoint.keep_best,
+                                                         checkpoint_score_attribute="eval_loss",
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+        ),
+    )
+    print_(f"{train_cfg.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
+           f"{train_cfg.finetuning} on {recipe.model.path}; {prepared['rows_out']['train']} train examples")
+    began = time.time()
+    result = trainer.fit()
+    summary = _read_json(storage.join(out_dir, "worker_summary.json"))
+    history = [json.loads(line) for line in storage.read_text(storage.join(out_dir, "metrics.jsonl")).splitlines()]
+    _loss_curve(history, storage.join(out_dir, "loss_curve.png"))
+    best = result.best_checkpoints[0] if result.best_checkpoints else None
+    manifest = {
+        "stage": "train",
+        "fingerprint": current,
+        "method": train_cfg.method,
+        "finetuning": train_cfg.finetuning,
+        "base_model": recipe.model.path,
+        "data_fingerprint": prepared["fingerprint"],
+        "recipe_hash": recipe.section_hash("model", "train"),
+        "parent_adapter": parent_adapter,
+        "global_step": summary["global_step"],
+        "final_eval_loss": summary["final_eval"].get("eval_loss"),
+        "tokens_seen": summary["tokens_seen"],
+        "trainable_parameters": summary["trainable_parameters"],
+        "weights": storage.join(out_dir, "adapter" if train_cfg.finetuning != "full" else "model"),
+        "best_checkpoint": best[0].path if best else None,
+        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "seconds_this_session": round(time.time() - began, 1),
+        "workers": train_cfg.workers,
+        "use_gpu": use_gpu,
+    }
+    storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    storage.remove(storage.join(out_dir, "worker_summary.json"))
+    print_(f"done: step {manifest['global_step']}, validation loss {manifest['final_eval_loss']:.4f}; "
+           f"weights in {manifest['weights']}")
+    return manifest

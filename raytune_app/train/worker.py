@@ -1,0 +1,206 @@
+"""What each Ray Train worker runs: TRL's SFTTrainer on the prepared Parquet splits.
+
+Data is read per worker, straight from the prepared Parquet files, rather than streamed through Ray
+Data: the splits are small next to the training compute (already tokenised and packed), and the
+Hugging Face trainer's own seeded sampler then decides the order of batches. That is what makes
+resume exact: a restored checkpoint carries the optimizer, scheduler, RNG states and step, and the
+trainer skips the batches already seen in the epoch, so no example is seen twice.
+
+Checkpoints: the trainer saves every `train.checkpoint.every_steps` steps (after evaluating), and
+Ray's RayTrainReportCallback hands each save to Ray Train, which keeps the best K by validation loss
+(always keeping the latest) under the run directory. On a restart (`--resume`, or Ray restarting
+failed workers) `ray.train.get_checkpoint()` returns the latest one and training continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+
+import torch
+
+from raytune_app import models, storage
+from raytune_app.config import Recipe
+
+# Fault drill: with this variable set where the driver runs, the workers exit abruptly after that many
+# optimizer steps, once per run directory (a marker file keeps restarted workers from failing again).
+# Used by the resume tests; handy to rehearse recovery on a real cluster.
+FAULT_ENV = "RAYTUNE_APP_FAULT_AT_STEP"
+
+
+def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, padding_free: bool, ds_config: dict | None):
+    from trl import SFTConfig
+
+    train = recipe.train
+    warmup = {"warmup_steps": train.warmup} if isinstance(train.warmup, int) else {"warmup_ratio": train.warmup}
+    length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
+    return SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.scheduler if train.scheduler != "constant" else "constant_with_warmup",
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        bf16=train.precision == "bf16",
+        fp16=train.precision == "fp16",
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train.checkpoint.every_steps,
+        save_strategy="steps",
+        save_steps=train.checkpoint.every_steps,
+        save_total_limit=2,  # local scratch only; Ray Train keeps the durable copies
+        seed=recipe.run.seed,
+        data_seed=recipe.run.seed,
+        report_to=[],
+        use_cpu=not use_gpu,
+        ddp_backend=None if use_gpu else "gloo",
+        deepspeed=ds_config,
+        # Data arrives tokenised (and packed) from the prepare stage.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        completion_only_loss=True,
+        padding_free=padding_free,
+        max_length=None,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **warmup,
+        **length,
+    )
+
+
+def load_splits(prepared_dir: str):
+    """Train and validation splits as Hugging Face datasets, with only the columns the collator uses."""
+    import datasets
+
+    from raytune_app.data.prepare import load_split
+
+    def as_dataset(split: str) -> datasets.Dataset:
+        table = load_split(prepared_dir, split)
+        keep = [c for c in ("input_ids", "completion_mask", "seq_lengths") if c in table.column_names]
+        return datasets.Dataset(table.select(keep))
+
+    train = as_dataset("train")
+    return train, as_dataset("val"), "seq_lengths" in train.column_names
+
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """A console line per log step (rank 0): step, loss, tokens/s, ETA; adds tokens/s and memory to the log."""
+
+        def __init__(self):
+            self.started = None
+            self.last = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
+            self.last = (time.time(), state.num_input_tokens_seen or 0, state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs:
+                return
+            now, tokens = time.time(), state.num_input_tokens_seen or 0
+            then, tokens_then, step_then = self.last
+            self.last = (now, tokens, state.global_step)
+            logs["tokens_per_second"] = round((tokens - tokens_then) / max(now - then, 1e-9), 1)
+            logs["peak_memory_mb"] = round(_peak_memory_mb(), 1)
+            if state.is_world_process_zero:
+                steps_left = state.max_steps - state.global_step
+                per_step = (now - then) / max(state.global_step - step_then, 1)
+                print(f"[train] step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                      f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:.0f} tok/s  "
+                      f"ETA {steps_left * per_step / 60:.1f} min", flush=True)
+
+    return Progress()
+
+
+def _fault_callback(marker: str, step: int):
+    from transformers import TrainerCallback
+
+    class Fault(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step and not os.path.exists(marker):
+                if state.is_world_process_zero:
+                    storage.write_text(marker, f"fault injected after step {state.global_step}\n")
+                time.sleep(1.0)  # let rank 0 write the marker before every rank goes down
+                os._exit(17)
+
+    return Fault()
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    import ray.train
+    import ray.train.torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from raytune_app.train.deepspeed import deepspeed_config
+    from raytune_app.train.model import load_for_training
+
+    recipe = Recipe.model_validate(config["recipe"])
+    if not config["use_gpu"]:
+        # DeepSpeed picks its accelerator at import; on a CPU worker it must not probe for CUDA.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    use_gpu = config["use_gpu"]
+    set_seed(recipe.run.seed)
+
+    tokenizer = models.load_tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template,
+                                      recipe.model.trust_remote_code)
+    device = ray.train.torch.get_device()
+    model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.get("parent_adapter"))
+    train_set, val_set, packed = load_splits(config["prepared_dir"])
+    ds_config = deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
+    # One scratch folder per node and run, shared by the workers on it: DeepSpeed writes each rank's
+    # optimizer shard beside the others, and the checkpoint handed to Ray Train must hold them all.
+    scratch = os.path.join(tempfile.gettempdir(), "raytune_app", config["fingerprint"])
+    args = training_arguments(recipe, scratch, use_gpu, padding_free=True, ds_config=ds_config)
+
+    callbacks = [RayTrainReportCallback(), _progress_callback()]
+    if config.get("fault_at_step"):
+        callbacks.append(_fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"])))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                         processing_class=tokenizer, callbacks=callbacks)
+
+    resume_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        restored = checkpoint.to_directory(os.path.join(scratch, "restored"))
+        resume_from = os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
+        if rank == 0:
+            state = json.load(open(os.path.join(resume_from, "trainer_state.json")))
+            print(f"[train] resuming from step {state['global_step']} ({checkpoint.path})", flush=True)
+    trainer.train(resume_from_checkpoint=resume_from)
+    final_eval = trainer.evaluate()
+
+    # Rank 0 writes the final artefacts; with ZeRO-3 every rank takes part in gathering the weights.
+    with tempfile.TemporaryDirectory() as staging:
+        trainer.save_model(staging)
+        if rank == 0:
+            tokenizer.save_pretrained(staging)
+            target = storage.join(config["out_dir"], "adapter" if recipe.train.finetuning != "full" else "model")
+            storage.upload_dir(staging, target)
+            history = [dict(entry) for entry in trainer.state.log_history]
+            summary = {"global_step": trainer.state.global_step, "final_eval": final_eval,
+                       "tokens_seen": trainer.state.num_input_tokens_seen, "packed": packed,
+                       "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            storage.write_text(storage.join(config["out_dir"], "metrics.jsonl"),
+                               "".join(json.dumps(entry) + "\n" for entry in history))
+            storage.write_text(storage.join(config["out_dir"], "worker_summary.json"), json.dumps(summary, indent=2))

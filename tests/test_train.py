@@ -1,0 +1,144 @@
+"""The train stage on a real local Ray: TRL SFTTrainer in Ray Train workers, tiny random Llama.
+
+Each test prepares a small learnable set (every answer is one of a few fixed JSON strings), then
+trains a few steps. Two workers use gloo on CPU.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from raytune_app import config
+from raytune_app.data.prepare import prepare
+from raytune_app.train.run import TrainError, train
+from raytune_app.train.worker import FAULT_ENV
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+ANSWERS = ['{"status": "ok"}', '{"status": "refund"}', '{"status": "late"}']
+
+
+@pytest.fixture(scope="module")
+def toy_source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "toy.jsonl"
+    with path.open("w") as out:
+        for i in range(96):
+            out.write(json.dumps({"q": f"ticket {i}: please classify, word {i % 7}", "a": ANSWERS[i % 3]}) + "\n")
+    return path
+
+
+def make_recipe(tmp_path, tiny_model, source, **train):
+    raw = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
+        "model": {"path": tiny_model},
+        "data": {"sources": [str(source)], "columns": {"prompt": "q", "response": "a"}, "max_seq_length": 128,
+                 "packing": True, "split": {"val": 0.15, "test": 0.05}},
+        "train": {"workers": 2, "max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0,
+                  "logging_steps": 2, "checkpoint": {"every_steps": 4, "keep_best": 1},
+                  "lora": {"rank": 8, "dropout": 0.0}, **train},
+    }
+    recipe = config.validate(raw)
+    prepare(recipe)
+    return recipe
+
+
+def history(recipe):
+    return [json.loads(line) for line in open(os.path.join(recipe.stage_dir("train"), "metrics.jsonl"))]
+
+
+def adapter_weights(recipe):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(recipe.stage_dir("train"), "adapter", "adapter_model.safetensors"))
+
+
+def test_lora_two_workers_learns_and_writes_everything(tmp_path, tiny_model, toy_source):
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_steps=12)
+    manifest = train(recipe)
+    losses = [h["loss"] for h in history(recipe) if "loss" in h]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert manifest["global_step"] == 12 and manifest["workers"] == 2 and not manifest["use_gpu"]
+    assert manifest["final_eval_loss"] < [h["eval_loss"] for h in history(recipe) if "eval_loss" in h][0]
+    assert all(h["tokens_per_second"] > 0 and h["peak_memory_mb"] > 0 for h in history(recipe) if "loss" in h)
+    train_dir = recipe.stage_dir("train")
+    for name in ("loss_curve.png", "recipe.yaml", "manifest.json", "adapter/adapter_config.json", "adapter/tokenizer.json"):
+        assert os.path.exists(os.path.join(train_dir, name)), name
+    checkpoints = [d for d in os.listdir(train_dir) if d.startswith("checkpoint_")]
+    assert 1 <= len(checkpoints) <= 2  # best 1 by validation loss, plus the latest
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), os.path.join(train_dir, "adapter"))
+    assert tuned.peft_config["default"].r == 8 and tuned.peft_config["default"].lora_alpha == 32
+
+    again = train(recipe)  # finished with the same fingerprint: nothing is retrained
+    assert again == manifest
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, tiny_model, toy_source, monkeypatch):
+    straight = make_recipe(tmp_path / "a", tiny_model, toy_source, workers=1, lora={"rank": 4, "dropout": 0.1})
+    train(straight)
+
+    broken = make_recipe(tmp_path / "b", tiny_model, toy_source, workers=1, max_failures=0, lora={"rank": 4, "dropout": 0.1})
+    monkeypatch.setenv(FAULT_ENV, "5")  # dies after step 5; the last checkpoint is step 4
+    with pytest.raises(Exception):
+        train(broken)
+    monkeypatch.delenv(FAULT_ENV)
+    assert not os.path.exists(os.path.join(broken.stage_dir("train"), "manifest.json"))
+    resumed = train(broken, resume=True)
+    assert resumed["global_step"] == 8
+    steps = [h["step"] for h in history(broken) if "loss" in h]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # the step counter continued, nothing logged twice
+    a, b = adapter_weights(straight), adapter_weights(broken)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_ray_restarts_failed_workers_from_the_latest_checkpoint(tmp_path, tiny_model, toy_source, monkeypatch, capfd):
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_failures=1)
+    monkeypatch.setenv(FAULT_ENV, "6")
+    manifest = train(recipe)
+    assert manifest["global_step"] == 8
+    assert os.path.exists(os.path.join(recipe.stage_dir("train"), "fault-injected"))
+
+
+def test_resume_needs_something_to_resume_and_refuses_a_changed_recipe(tmp_path, tiny_model, toy_source, monkeypatch):
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, workers=1, max_failures=0)
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(recipe, resume=True)
+    monkeypatch.setenv(FAULT_ENV, "2")
+    with pytest.raises(Exception):
+        train(recipe)
+    monkeypatch.delenv(FAULT_ENV)
+    changed = config.validate(recipe.resolved() | {"train": recipe.resolved()["train"] | {"learning_rate": 1e-3}})
+    with pytest.raises(TrainError, match="cannot resume: the recipe or the prepared data changed"):
+        train(changed, resume=True)
+
+
+def test_qlora_on_cpu(tmp_path, tiny_model, toy_source):
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, workers=1, max_steps=4, finetuning="qlora",
+                         quantization={"compute_dtype": "float32"})
+    manifest = train(recipe)
+    assert manifest["global_step"] == 4 and manifest["finetuning"] == "qlora"
+    assert os.path.exists(os.path.join(manifest["weights"], "adapter_model.safetensors"))
+
+
+def test_deepspeed_zero2_two_workers(tmp_path, tiny_model, toy_source):
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_steps=4, deepspeed={"stage": 2})
+    manifest = train(recipe)
+    assert manifest["global_step"] == 4
+    losses = [h["loss"] for h in history(recipe) if "loss" in h]
+    assert all(loss == loss for loss in losses)  # finite, NaN-free
+
+
+def test_invalid_setups_fail_before_workers_start(tmp_path, tiny_model, toy_source):
+    with pytest.raises(TrainError, match="train.workers=8 needs 8 CPUs, the cluster has 2"):
+        train(make_recipe(tmp_path, tiny_model, toy_source, workers=8))
+    with pytest.raises(TrainError, match="fp16 needs a GPU"):
+        train(make_recipe(tmp_path / "b", tiny_model, toy_source, precision="fp16"))
+    with pytest.raises(TrainError, match="no prepared data"):
+        train(config.validate({"run": {"output_dir": str(tmp_path / "none")}, "data": {"sources": ["x.jsonl"]}}))
