@@ -78,13 +78,19 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, padding_f
 def load_splits(prepared_dir: str):
     """Train and validation splits as Hugging Face datasets, with only the columns the collator uses."""
     import datasets
+    import pyarrow as pa
 
     from raytune_app.data.prepare import load_split
 
     def as_dataset(split: str) -> datasets.Dataset:
         table = load_split(prepared_dir, split)
-        keep = [c for c in ("input_ids", "completion_mask", "seq_lengths") if c in table.column_names]
-        return datasets.Dataset(table.select(keep))
+        # Labels are the tokens to learn: the assistant's (completion_mask 1); the rest is -100, ignored.
+        labels = [[t if m else -100 for t, m in zip(ids, mask)]
+                  for ids, mask in zip(table["input_ids"].to_pylist(), table["completion_mask"].to_pylist())]
+        columns = {"input_ids": table["input_ids"], "labels": pa.array(labels, pa.list_(pa.int32()))}
+        if "seq_lengths" in table.column_names:
+            columns["seq_lengths"] = table["seq_lengths"]
+        return datasets.Dataset(pa.table(columns))
 
     train = as_dataset("train")
     return train, as_dataset("val"), "seq_lengths" in train.column_names
@@ -112,6 +118,10 @@ def _progress_callback():
             self.last = (now, tokens, state.global_step)
             logs["tokens_per_second"] = round((tokens - tokens_then) / max(now - then, 1e-9), 1)
             logs["peak_memory_mb"] = round(_peak_memory_mb(), 1)
+            # The trainer filed a copy of `logs` in its history before calling us; that history is what
+            # checkpoints carry across a resume, so the additions go there too.
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(tokens_per_second=logs["tokens_per_second"], peak_memory_mb=logs["peak_memory_mb"])
             if state.is_world_process_zero:
                 steps_left = state.max_steps - state.global_step
                 per_step = (now - then) / max(state.global_step - step_then, 1)
