@@ -93,7 +93,7 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
     args = SFTConfig(
         output_dir=os.path.join(out, "trl"), use_cpu=True, bf16=precision == "bf16",
         per_device_train_batch_size=recipe.train.batch_size, per_device_eval_batch_size=recipe.train.batch_size,
-        learning_rate=recipe.train.learning_rate, lr_scheduler_type="cosine", warmup_ratio=recipe.train.warmup,
+        learning_rate=recipe.train.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.train.warmup,
         num_train_epochs=1, logging_steps=5, save_strategy="no", report_to=[], seed=0, data_seed=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True,
     )

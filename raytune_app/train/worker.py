@@ -35,7 +35,6 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, padding_f
     from trl import SFTConfig
 
     train = recipe.train
-    warmup = {"warmup_steps": train.warmup} if isinstance(train.warmup, int) else {"warmup_ratio": train.warmup}
     length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
     return SFTConfig(
         output_dir=output_dir,
@@ -70,7 +69,7 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, padding_f
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        **warmup,
+        warmup_steps=train.warmup,  # transformers reads a value below 1 as a fraction of all steps, as we do
         **length,
     )
 
