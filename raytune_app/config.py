@@ -203,7 +203,9 @@ class DataSection(Section):
     packing: bool = Field(
         False,
         description="Pack several SFT examples into each sequence of up to max_seq_length tokens (best-fit "
-        "decreasing); the trainer keeps attention inside each example using the recorded seq_lengths.",
+        "decreasing); the trainer keeps attention inside each example using the recorded seq_lengths. Pays off "
+        "with a varlen flash-attention kernel (GPU); on CPU attention over a packed sequence costs more than "
+        "the padding it saves, so leave it off there (measured in BENCHMARKS.md).",
     )
     batch_size: int = Field(1024, gt=0, description="Rows per Ray Data batch in each step of the pipeline.")
     tokenizer_actors: int = Field(

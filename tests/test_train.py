@@ -140,5 +140,9 @@ def test_invalid_setups_fail_before_workers_start(tmp_path, tiny_model, toy_sour
         train(make_recipe(tmp_path, tiny_model, toy_source, workers=8))
     with pytest.raises(TrainError, match="fp16 needs a GPU"):
         train(make_recipe(tmp_path / "b", tiny_model, toy_source, precision="fp16"))
+    stale = make_recipe(tmp_path / "c", tiny_model, toy_source)
+    changed = config.validate(stale.resolved() | {"data": stale.resolved()["data"] | {"max_seq_length": 100}})
+    with pytest.raises(TrainError, match="was made from other data or settings than this recipe's"):
+        train(changed)
     with pytest.raises(TrainError, match="no prepared data"):
         train(config.validate({"run": {"output_dir": str(tmp_path / "none")}, "data": {"sources": ["x.jsonl"]}}))

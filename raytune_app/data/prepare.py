@@ -223,6 +223,12 @@ def _fingerprint(recipe: Recipe, files: list) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def expected_fingerprint(recipe: Recipe) -> str:
+    """The fingerprint a prepare output made from this recipe's data and tokenizer settings carries."""
+    sources = source_paths(recipe)
+    return _fingerprint(recipe, [entry for source in sources for entry in storage.file_fingerprint(source)])
+
+
 def source_paths(recipe: Recipe) -> list[str]:
     """The files to read: the recipe's sources, or the generated file (written on first use)."""
     if recipe.data.generator is None:

@@ -102,6 +102,11 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent_ad
     prepared = _read_json(storage.join(prepared_dir, "manifest.json"))
     if prepared is None:
         raise TrainError(f"no prepared data at {prepared_dir}; run `raytune-app prepare` first")
+    from raytune_app.data.prepare import expected_fingerprint
+
+    if prepared["fingerprint"] != expected_fingerprint(recipe):
+        raise TrainError(f"the prepared data in {prepared_dir} was made from other data or settings than this recipe's "
+                         "data/model sections; run `raytune-app prepare` (or `raytune-app run`) first")
     if prepared["kind"] == "preference":
         raise TrainError("the prepared data is preference pairs (data.kind: preference); SFT needs prompt_response or chat data")
     if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:

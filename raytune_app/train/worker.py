@@ -31,7 +31,15 @@ from raytune_app.config import Recipe
 FAULT_ENV = "RAYTUNE_APP_FAULT_AT_STEP"
 
 
-def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, padding_free: bool, ds_config: dict | None):
+def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
+    """TRL arguments from the recipe.
+
+    Batching: packed data is fed padding-free (examples concatenated, position ids restarting at each
+    one, so attention stays inside each example). Unpacked data is fed as padded batches of similar
+    lengths (`group_by_length`): on CPU, and on GPU without a varlen flash-attention kernel, attention
+    over one long concatenated sequence with a block mask costs more than the little padding left
+    after grouping by length (measured: benchmarks/train_throughput.py, BENCHMARKS.md).
+    """
     from trl import SFTConfig
 
     train = recipe.train
@@ -59,11 +67,15 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, padding_f
         report_to=[],
         use_cpu=not use_gpu,
         ddp_backend=None if use_gpu else "gloo",
+        # Every parameter takes part in every step (LoRA or not); searching for unused ones costs a
+        # traversal of the autograd graph per step.
+        ddp_find_unused_parameters=False,
         deepspeed=ds_config,
         # Data arrives tokenised (and packed) from the prepare stage.
         dataset_kwargs={"skip_prepare_dataset": True},
         completion_only_loss=True,
-        padding_free=padding_free,
+        padding_free=packed,
+        train_sampling_strategy="random" if packed else "group_by_length",
         max_length=None,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
@@ -81,6 +93,8 @@ def load_splits(prepared_dir: str):
 
     from raytune_app.data.prepare import load_split
 
+    manifest = json.loads(storage.read_text(storage.join(prepared_dir, "manifest.json")))
+
     def as_dataset(split: str) -> datasets.Dataset:
         table = load_split(prepared_dir, split)
         # Labels are the tokens to learn: the assistant's (completion_mask 1); the rest is -100, ignored.
@@ -89,7 +103,11 @@ def load_splits(prepared_dir: str):
         columns = {"input_ids": table["input_ids"], "labels": pa.array(labels, pa.list_(pa.int32()))}
         if "seq_lengths" in table.column_names:
             columns["seq_lengths"] = table["seq_lengths"]
-        return datasets.Dataset(pa.table(columns))
+        else:
+            columns["length"] = table["num_tokens"]  # for length-grouped batching of unpacked data
+        # The prepare manifest already identifies the split's content; giving it as the fingerprint
+        # spares datasets from hashing the whole table (slow, and noisy on the console).
+        return datasets.Dataset(pa.table(columns), fingerprint=f"{manifest['fingerprint']}-{split}-labels")
 
     train = as_dataset("train")
     return train, as_dataset("val"), "seq_lengths" in train.column_names
@@ -180,13 +198,17 @@ def train_worker(config: dict) -> None:
     # One scratch folder per node and run, shared by the workers on it: DeepSpeed writes each rank's
     # optimizer shard beside the others, and the checkpoint handed to Ray Train must hold them all.
     scratch = os.path.join(tempfile.gettempdir(), "raytune_app", config["fingerprint"])
-    args = training_arguments(recipe, scratch, use_gpu, padding_free=True, ds_config=ds_config)
+    args = training_arguments(recipe, scratch, use_gpu, packed=packed, ds_config=ds_config)
 
     callbacks = [RayTrainReportCallback(), _progress_callback()]
     if config.get("fault_at_step"):
         callbacks.append(_fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"])))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          processing_class=tokenizer, callbacks=callbacks)
+    # Our progress line replaces the trainer's raw dict printout (its console logger without tqdm).
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
