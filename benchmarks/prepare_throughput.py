@@ -20,10 +20,8 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +29,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import run_measured  # noqa: E402
 
 MODEL = "bundled:smollm2-135m-instruct"
 SYSTEM = "Extract the order details from the customer's message as JSON."
@@ -140,40 +141,10 @@ def run_datasets(source: str, out: str) -> dict:
 # ----------------------------------------------------------------------------------------- harness
 
 
-def _tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def measure(side: str, source: str) -> dict:
     """Run one side in a fresh subprocess; returns its result plus the peak RSS of its process tree."""
     with tempfile.TemporaryDirectory() as out:
-        child = subprocess.Popen([sys.executable, __file__, "--child", side, source, out], stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
-        peak = 0
-        watcher = psutil.Process(child.pid)
-        done = threading.Event()
-
-        def sample():
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _tree_rss(watcher))
-                time.sleep(0.2)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        output, _ = child.communicate()
-        done.set()
-        thread.join()
-        if child.returncode != 0:
-            raise RuntimeError(f"{side} run failed")
-        result = json.loads(output.strip().splitlines()[-1])
-        return result | {"peak_gib": peak / 2**30}
+        return run_measured(__file__, [side, source, out])
 
 
 def main() -> None:

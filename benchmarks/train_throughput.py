@@ -20,17 +20,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import run_measured  # noqa: E402
 
 MODEL = "bundled:smollm2-135m-instruct"
 
@@ -110,38 +109,9 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
             "wall_seconds": seconds, "eval_loss": trainer.evaluate()["eval_loss"], "examples": len(train_set)}
 
 
-def _tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def measure(side: str, examples: int, precision: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        child = subprocess.Popen([sys.executable, __file__, "--child", side, out, str(examples), precision],
-                                 stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-        peak, done = 0, threading.Event()
-        watcher = psutil.Process(child.pid)
-
-        def sample():
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _tree_rss(watcher))
-                time.sleep(0.5)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        output, _ = child.communicate()
-        done.set()
-        thread.join()
-        if child.returncode != 0:
-            raise RuntimeError(f"{side} failed")
-        return json.loads(output.strip().splitlines()[-1]) | {"peak_gib": peak / 2**30}
+        return run_measured(__file__, [side, out, str(examples), precision], interval=0.5)
 
 
 def main() -> None:

@@ -105,8 +105,10 @@ def _start(recipe: config.Recipe) -> None:
 
 
 def _train(recipe: config.Recipe, resume: bool = False, restart: bool = False) -> dict:
-    from raytune_app.train.run import train
+    from raytune_app.train.run import train, train_chain
 
+    if recipe.chain:
+        return train_chain(recipe, resume=resume, restart=restart)
     return train(recipe, resume=resume, restart=restart)
 
 

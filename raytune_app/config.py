@@ -352,6 +352,15 @@ class ServeSection(Section):
 # ------------------------------------------------------------------------------------------ recipe
 
 
+class ChainStep(Section):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Name of the step; its artefacts go to <output_dir>/<run name>/chain/<name>/.")
+    data: dict = Field(default_factory=dict,
+                       description="Fields of `data` that differ in this step, merged over the recipe's data section.")
+    train: dict = Field(default_factory=dict,
+                        description="Fields of `train` that differ in this step, merged over the recipe's train section.")
+
+
 class Recipe(Section):
     run: RunSection = Field(default_factory=RunSection, description="Name, output location, stages and seed.")
     model: ModelSection = Field(default_factory=ModelSection, description="The base model and tokenizer.")
@@ -361,6 +370,12 @@ class Recipe(Section):
     tune: TuneSection = Field(default_factory=TuneSection, description="Search on Ray Tune.")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Evaluation.")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving on Ray Serve.")
+    chain: list[ChainStep] = Field(
+        default_factory=list,
+        description="Multi-stage training (e.g. domain -> task -> house style): the steps train in order, each "
+        "with its own data and hyper-parameters, each starting from the previous step's LoRA adapter (so the "
+        "first step's LoRA rank and targets hold for all). Empty: one training run on `data` with `train`.",
+    )
 
     # Where the recipe was loaded from: relative data paths resolve against its folder.
     source_path: Optional[str] = Field(None, exclude=True, description="(set by load) the recipe file.")
@@ -380,6 +395,15 @@ class Recipe(Section):
         """Stable hash of the named sections: a stage reruns only when what it reads changed."""
         payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def chain_step(self, index: int) -> "Recipe":
+        """The recipe one chain step runs: the step's data/train fields over this recipe's, its own run folder."""
+        step = self.chain[index]
+        merged = _merge(self.model_dump(mode="json", exclude={"chain"}), {"data": step.data, "train": step.train})
+        merged["run"] = merged["run"] | {"name": step.name, "output_dir": f"{self.run_dir}/chain"}
+        recipe = Recipe.model_validate(merged)
+        recipe.source_path = self.source_path
+        return recipe
 
     def resolve_source(self, path: str) -> str:
         """A data path as written in the recipe, made absolute against the recipe's folder."""
@@ -468,6 +492,20 @@ def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] =
         overridden = {item.partition("=")[0] for item in overrides}
         raise RecipeError(source, [_describe(e, overridden) for e in exc.errors()]) from None
     recipe.source_path = source if Path(source).exists() else None
+    problems = []
+    for index, step in enumerate(recipe.chain):
+        try:
+            step_recipe = recipe.chain_step(index)
+        except ValidationError as exc:
+            problems += [f"chain.{index} (step `{step.name}`): {_describe(e, set())}" for e in exc.errors()]
+            continue
+        if step_recipe.train.finetuning == "full":
+            problems.append(f"chain.{index} (step `{step.name}`): a chain passes LoRA adapters from step to step; "
+                            "set train.finetuning to lora or qlora")
+    if len({step.name for step in recipe.chain}) != len(recipe.chain):
+        problems.append("chain: step names must be unique (each names its own folder)")
+    if problems:
+        raise RecipeError(source, problems)
     return recipe
 
 

@@ -146,3 +146,28 @@ def test_invalid_setups_fail_before_workers_start(tmp_path, tiny_model, toy_sour
         train(changed)
     with pytest.raises(TrainError, match="no prepared data"):
         train(config.validate({"run": {"output_dir": str(tmp_path / "none")}, "data": {"sources": ["x.jsonl"]}}))
+
+
+def test_multi_stage_chain_continues_from_the_previous_adapter(tmp_path, tiny_model, toy_source, write_jsonl):
+    style = write_jsonl("style.jsonl", [{"q": f"ticket {i}: reply politely", "a": '{"status": "ok", "tone": "polite"}'}
+                                        for i in range(48)])
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, workers=1, max_steps=4)
+    recipe = config.validate(recipe.resolved() | {"chain": [
+        {"name": "task", "train": {"max_steps": 4}},
+        {"name": "style", "data": {"sources": [str(style)]}, "train": {"learning_rate": 1e-3}},
+    ]})
+    from raytune_app.train.run import train_chain
+
+    final = train_chain(recipe)
+    task, style_step = final["chain"]
+    assert style_step["parent_fingerprint"] == task["fingerprint"] and final["parent_adapter"] == task["weights"]
+    lineage = json.load(open(os.path.join(recipe.run_dir, "chain.json")))
+    assert [s["step"] for s in lineage["chain"]] == ["task", "style"] and lineage["weights"] == style_step["weights"]
+    from safetensors.torch import load_file
+
+    first = load_file(os.path.join(task["weights"], "adapter_model.safetensors"))
+    second = load_file(os.path.join(style_step["weights"], "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    # Re-running the chain with nothing changed retrains nothing.
+    assert train_chain(recipe)["fingerprint"] == final["fingerprint"]

@@ -24,7 +24,7 @@ import functools
 import json
 import time
 import uuid
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ from raytune_app.config import Recipe
 from raytune_app.data import rows as rowlib
 from raytune_app.data.packing import pack
 from raytune_app.data.rows import RowProblem, RowSpec
+
+if TYPE_CHECKING:
+    import ray.data
 
 # Bump when the output layout or the rules change, so old outputs are not reused.
 FORMAT_VERSION = 1

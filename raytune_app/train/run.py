@@ -34,9 +34,11 @@ class TrainError(ValueError):
     """A training run that cannot start; the message says why and what to do."""
 
 
-def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[str] = None) -> str:
+def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[dict] = None) -> str:
+    """Identifies a training run: what it trains from (model, parent adapter's run, data) and how."""
     payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
-               "seed": recipe.run.seed, "data": prepare_manifest["fingerprint"], "parent": parent}
+               "seed": recipe.run.seed, "data": prepare_manifest["fingerprint"],
+               "parent": parent["fingerprint"] if parent else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,8 +91,9 @@ def _loss_curve(history: list[dict], target: str) -> None:
         out.write(buffer.getvalue())
 
 
-def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent_adapter: Optional[str] = None) -> dict:
-    """Run the train stage; returns its manifest."""
+def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: Optional[dict] = None) -> dict:
+    """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
+    one continues (a previous chain step)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -115,7 +118,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent_ad
 
     out_dir = storage.absolute(recipe.stage_dir("train"))
     print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
-    current = fingerprint(recipe, prepared, parent_adapter)
+    current = fingerprint(recipe, prepared, parent)
+    parent_adapter = parent["weights"] if parent else None
     finished = _read_json(storage.join(out_dir, "manifest.json"))
     started = _read_json(storage.join(out_dir, "run.json"))
     if restart and started is not None:
@@ -178,6 +182,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent_ad
         "data_fingerprint": prepared["fingerprint"],
         "recipe_hash": recipe.section_hash("model", "train"),
         "parent_adapter": parent_adapter,
+        "parent_fingerprint": parent["fingerprint"] if parent else None,
         "global_step": summary["global_step"],
         "final_eval_loss": summary["final_eval"].get("eval_loss"),
         "tokens_seen": summary["tokens_seen"],
@@ -194,3 +199,23 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent_ad
     print_(f"done: step {manifest['global_step']}, validation loss {manifest['final_eval_loss']:.4f}; "
            f"weights in {manifest['weights']}")
     return manifest
+
+
+def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
+    """Multi-stage training: each `chain` step prepares its own data and trains from the previous
+    step's adapter. Returns the last step's manifest with the lineage of every step under `chain`."""
+    from raytune_app.data.prepare import prepare
+
+    parent, steps = None, []
+    for index, step in enumerate(recipe.chain):
+        step_recipe = recipe.chain_step(index)
+        print(f"[train] chain step {index + 1}/{len(recipe.chain)}: {step.name}"
+              + (f" (from {parent['weights']})" if parent else f" (from {recipe.model.path})"), flush=True)
+        prepare(step_recipe)
+        parent = train(step_recipe, resume=resume, restart=restart, parent=parent)
+        steps.append({"step": step.name, "fingerprint": parent["fingerprint"], "weights": parent["weights"],
+                      "parent_fingerprint": parent["parent_fingerprint"], "final_eval_loss": parent["final_eval_loss"],
+                      "global_step": parent["global_step"]})
+    lineage = {"stage": "train", "chain": steps, "weights": parent["weights"], "fingerprint": parent["fingerprint"]}
+    storage.write_text(storage.join(storage.absolute(recipe.run_dir), "chain.json"), json.dumps(lineage, indent=2) + "\n")
+    return parent | {"chain": steps}
