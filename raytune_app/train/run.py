@@ -116,6 +116,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         raise TrainError(f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
                          "validation examples; training needs both (check data.split and rejected.jsonl)")
 
+    use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
     out_dir = storage.absolute(recipe.stage_dir("train"))
     print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
     current = fingerprint(recipe, prepared, parent)
@@ -134,7 +135,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         if resume:
             raise TrainError(f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
                              f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run")
-        aside = f"{out_dir}.previous-{started['fingerprint']}"
+        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
         storage.move(out_dir, aside)
         print_(f"recipe or data changed: the earlier run was moved to {aside}")
         started = None
@@ -146,7 +147,6 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         storage.write_text(storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()}))
     recipe_config.save_resolved(recipe, out_dir)
 
-    use_gpu, cpus_per_worker = check_resources(recipe)
     train_cfg = recipe.train
     trainer = TorchTrainer(
         train_worker,
