@@ -226,10 +226,16 @@ def _fingerprint(recipe: Recipe, files: list) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _inputs(recipe: Recipe) -> tuple[list[str], list, str]:
+    """The source paths, their (path, size, mtime) entries, and the fingerprint of the output they make."""
+    sources = source_paths(recipe)
+    files = [entry for source in sources for entry in storage.file_fingerprint(source)]
+    return sources, files, _fingerprint(recipe, files)
+
+
 def expected_fingerprint(recipe: Recipe) -> str:
     """The fingerprint a prepare output made from this recipe's data and tokenizer settings carries."""
-    sources = source_paths(recipe)
-    return _fingerprint(recipe, [entry for source in sources for entry in storage.file_fingerprint(source)])
+    return _inputs(recipe)[2]
 
 
 def source_paths(recipe: Recipe) -> list[str]:
@@ -309,9 +315,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
 
     data = recipe.data
     out_dir = storage.absolute(recipe.stage_dir("prepare"))
-    sources = source_paths(recipe)
-    files = [entry for source in sources for entry in storage.file_fingerprint(source)]
-    fingerprint = _fingerprint(recipe, files)
+    sources, files, fingerprint = _inputs(recipe)
     manifest_path = storage.join(out_dir, "manifest.json")
     if not force and storage.exists(manifest_path):
         previous = json.loads(storage.read_text(manifest_path))
