@@ -2,6 +2,8 @@
 
     raytune-app validate recipes/quickstart.yaml [key.sub=value ...] [--explain]
     raytune-app prepare  --recipe recipes/quickstart.yaml [key.sub=value ...] [--force]
+    raytune-app evaluate --recipe recipes/quickstart.yaml [--data FILE.jsonl] [--adapter PATH | models:/NAME@ALIAS]
+    raytune-app registry list|show|promote|rollback [--recipe R | --tracking-uri URI]
     raytune-app run      --recipe recipes/quickstart.yaml      (or: raytune-app run recipes/quickstart.yaml)
     raytune-app <stage> --help
 
@@ -13,6 +15,7 @@ with RAY_ADDRESS set it joins that cluster, otherwise it starts a local one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +25,7 @@ from raytune_app import config
 
 # Stages with an implementation. The others are named in the recipe schema and the CLI so recipes can
 # be written against them, but they refuse to run rather than pretend.
-BUILT = {"prepare", "train"}
+BUILT = {"prepare", "train", "evaluate", "register"}
 PLANNED_ISSUE = {"distill": 5, "train": 3, "tune": 7, "evaluate": 4, "register": 4, "serve": 8}
 
 EXIT_BAD_RECIPE = 2
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "SFT / DPO / GRPO with LoRA, QLoRA, DeepSpeed (Ray Train)",
         "tune": "hyper-parameter search over training runs (Ray Tune)",
         "evaluate": "batch generation and task metrics, base vs tuned (Ray Data)",
+        "register": "log the trained weights to MLflow as a model version with lineage; move aliases",
         "serve": "OpenAI-compatible endpoint with a guard in front (Ray Serve)",
     }
     for stage, text in stage_help.items():
@@ -70,6 +74,34 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument("--resume", action="store_true",
                                help="continue the interrupted run from its latest checkpoint (fails if there is none)")
             group.add_argument("--restart", action="store_true", help="move any earlier run aside and start from step 0")
+
+        if stage == "evaluate":
+            p.add_argument("--data", metavar="FILE.jsonl",
+                           help="score a JSONL file (read with the recipe's data.columns) instead of the prepared split; "
+                                "the metrics JSON goes to stdout")
+            p.add_argument("--adapter", metavar="PATH|models:/NAME@ALIAS",
+                           help="evaluate these weights (a folder or a registry URI) instead of the train stage's")
+            p.add_argument("--force", action="store_true", help="recompute even when models, data and settings are unchanged")
+
+    registry = sub.add_parser("registry", help="list, show, promote and roll back registered model versions (MLflow)",
+                              description="Work on the MLflow model registry of a recipe's run (or any tracking URI).")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in {"list": "registered models with their aliases",
+                         "show": "one version: source, lineage tags, evaluation metrics",
+                         "promote": "point an alias (default champion) at a version",
+                         "rollback": "point an alias back at the version it held before its last move"}.items():
+        a = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        where = a.add_mutually_exclusive_group()
+        where.add_argument("--recipe", dest="recipe_opt", metavar="FILE", help="use this recipe's registry settings")
+        where.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+        if action != "list":
+            a.add_argument("name", help="registered model name")
+        if action == "show":
+            a.add_argument("ref", nargs="?", help="version number or @alias (default: the latest version)")
+        if action == "promote":
+            a.add_argument("ref", help="version number or @alias (e.g. @challenger)")
+        if action in ("promote", "rollback"):
+            a.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
 
     run = sub.add_parser("run", help="run the recipe's stages in order (run.stages), skipping unchanged ones",
                          description="Run the recipe's stages in order (run.stages); a stage whose inputs are unchanged is reused.")
@@ -116,10 +148,86 @@ def _not_built(stage: str) -> str:
     return f"the `{stage}` stage is not built yet (tracked in issue #{PLANNED_ISSUE[stage]}); nothing was run"
 
 
+def _evaluate(recipe: config.Recipe, data_file: Optional[str] = None, adapter: Optional[str] = None,
+              force: bool = False) -> dict:
+    from raytune_app.evaluate.run import evaluate
+
+    return evaluate(recipe, data_file=data_file, adapter=adapter, force=force)
+
+
+def _show_evaluation(summary: dict, out=None) -> None:
+    from raytune_app import storage
+    from raytune_app.evaluate.run import comparison_table
+
+    out = out or sys.stdout
+    print(f"\n{summary['task']} metrics on {summary['data']} ({summary['examples']} examples):", file=out)
+    print(comparison_table(summary), file=out)
+    print(f"report: {storage.join(summary['output_dir'], 'report.md')}", file=out, flush=True)
+
+
+def _register(recipe: config.Recipe) -> list[dict]:
+    from raytune_app.registry.store import register_stage
+
+    versions = register_stage(recipe)
+    for v in versions:
+        print(f"[register] models:/{v['name']}/{v['version']} (MLflow run {v['run_id']}); champion: version "
+              f"{v['champion']}{' (promoted)' if v['promoted'] else ''}; store {v['tracking_uri']}", flush=True)
+    return versions
+
+
+def _registry(args) -> int:
+    from raytune_app.registry import store
+
+    if args.recipe_opt:
+        uri = store.tracking_uri(config.load(args.recipe_opt))
+    else:
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            print("error: say which registry: --recipe FILE, --tracking-uri URI or $MLFLOW_TRACKING_URI", file=sys.stderr)
+            return EXIT_BAD_RECIPE
+    if args.action == "list":
+        result = store.list_models(uri)
+    elif args.action == "show":
+        result = store.show(uri, args.name, args.ref)
+    elif args.action == "promote":
+        result = store.promote(uri, args.name, args.ref, args.alias)
+    else:
+        result = store.rollback(uri, args.name, args.alias)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _run_all(recipe: config.Recipe) -> None:
+    """Every stage of run.stages in order, timed; those not built yet are reported, not faked."""
+    import time
+
+    timings, evaluation = {}, None
+    for stage in recipe.run.stages:
+        began = time.time()
+        if stage == "prepare":
+            _prepare(recipe)
+        elif stage == "train":
+            _train(recipe)
+        elif stage == "evaluate":
+            evaluation = _evaluate(recipe)
+        elif stage == "register":
+            _register(recipe)
+        else:
+            print(f"[run] {stage}: skipped, {_not_built(stage)}", flush=True)
+            continue
+        timings[stage] = time.time() - began
+    print("[run] done: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
+          + f"; total {sum(timings.values()):.0f} s", flush=True)
+    if evaluation is not None:
+        _show_evaluation(evaluation)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "registry":
+            return _registry(args)
         if args.command == "validate" and args.explain and not (args.recipe_opt or args.recipe_file):
             print("\n".join(config.explain()))
             return 0
@@ -127,6 +235,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except config.RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_RECIPE
+    except ValueError as exc:  # RegistryError: an unknown model, version or alias
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
 
     if args.command == "validate":
         if args.explain:
@@ -142,31 +253,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     from raytune_app.train.run import TrainError
 
     try:
-        if args.command == "prepare":
-            _start(recipe)
-            ensure_ray()
-            _prepare(recipe, force=args.force)
+        if args.command == "evaluate" and args.data:
+            # The metrics JSON is the only thing on stdout, so it can be piped; progress goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr):
+                _start(recipe)
+                ensure_ray()
+                summary = _evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
+                _show_evaluation(summary)
+            print(json.dumps(summary, indent=2))
             return 0
-        if args.command == "train":
-            _start(recipe)
-            ensure_ray()
-            _train(recipe, resume=args.resume, restart=args.restart)
-            return 0
-        # run: every stage of run.stages in order; those not built yet are reported, not faked.
         _start(recipe)
         ensure_ray()
-        summary = {}
-        for stage in recipe.run.stages:
-            if stage == "prepare":
-                manifest = _prepare(recipe)
-                summary["prepare"] = manifest["rows_out"]
-            elif stage == "train":
-                manifest = _train(recipe)
-                summary["train"] = {"step": manifest["global_step"], "val_loss": manifest["final_eval_loss"]}
-            else:
-                print(f"[run] {stage}: skipped, {_not_built(stage)}", flush=True)
-                summary[stage] = "not built yet"
-        print("[run] done: " + json.dumps(summary), flush=True)
+        if args.command == "prepare":
+            _prepare(recipe, force=args.force)
+        elif args.command == "train":
+            _train(recipe, resume=args.resume, restart=args.restart)
+        elif args.command == "evaluate":
+            _show_evaluation(_evaluate(recipe, adapter=args.adapter, force=args.force))
+        elif args.command == "register":
+            _register(recipe)
+        else:
+            _run_all(recipe)
         return 0
     except (RowError, TrainError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

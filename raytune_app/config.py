@@ -338,10 +338,59 @@ class TuneSection(Section):
 
 class EvaluateSection(Section):
     task: Literal["structured", "classification", "free_text"] = Field(
-        "structured", description="Which metrics apply (evaluate stage)."
+        "structured",
+        description="Which metrics apply: `structured` (JSON parse / schema-valid rate, field P/R/F1, exact match), "
+        "`classification` (accuracy, macro-F1, MCC, ECE, confusion matrix), `free_text` (exact / normalised match, "
+        "length ratio). Latency and per-group gaps are reported for every task.",
     )
     split: Literal["val", "test"] = Field("test", description="Prepared split to evaluate on.")
+    limit: Optional[int] = Field(None, gt=0, description="Evaluate only the first N examples of the split (None: all).")
+    schema_file: Optional[str] = Field(
+        None,
+        description="JSON Schema file the replies must satisfy (task structured; relative to the recipe). Left out "
+        "with `data.generator`: the generator's own schema.",
+    )
+    labels: Optional[list[str]] = Field(
+        None, description="The class labels (task classification); left out: the distinct answers of the split."
+    )
+    group_column: Optional[str] = Field(
+        None, description="A column of `data.keep_columns` whose values form groups; the report gives recall per group "
+        "and the largest gap between two groups.",
+    )
+    include_base: bool = Field(True, description="Evaluate the base model too, side by side with the trained weights.")
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per example.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 is greedy decoding (reproducible).")
+    batch_size: int = Field(16, gt=0, description="Examples per `generate` call (prompts are sorted by length first).")
+    replicas: Union[int, Literal["auto"]] = Field(
+        "auto", description="Model replicas in the Ray Data actor pool; `auto`: one per GPU, or one on a CPU-only cluster."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Inference precision; `auto` follows train.precision."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        if self.labels is not None and self.task != "classification":
+            raise ValueError("labels apply to task classification only")
+        return self
+
+
+class RegistrySection(Section):
+    tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (e.g. http://mlflow:5000 or databricks); left out: a SQLite store at "
+        "<run dir>/mlflow.db with artefacts under <run dir>/mlartifacts.",
+    )
+    experiment: Optional[str] = Field(None, description="MLflow experiment name; left out: the run name.")
+    model_name: Optional[str] = Field(
+        None, description="Registered model name the adapters become versions of; left out: the run name."
+    )
+    promote: Literal["if_better", "always", "never"] = Field(
+        "if_better",
+        description="When a new version takes the `champion` alias (it always takes `challenger`): `if_better` when "
+        "there is no champion or its primary evaluation metric is at least the champion's; `always`; `never`.",
+    )
 
 
 class ServeSection(Section):
@@ -369,6 +418,7 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection, description="Training on Ray Train.")
     tune: TuneSection = Field(default_factory=TuneSection, description="Search on Ray Tune.")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Evaluation.")
+    registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow tracking and model registry (register stage).")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving on Ray Serve.")
     chain: list[ChainStep] = Field(
         default_factory=list,
@@ -492,7 +542,7 @@ def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] =
         overridden = {item.partition("=")[0] for item in overrides}
         raise RecipeError(source, [_describe(e, overridden) for e in exc.errors()]) from None
     recipe.source_path = source if Path(source).exists() else None
-    problems = []
+    problems = _cross_section_problems(recipe)
     for index, step in enumerate(recipe.chain):
         try:
             step_recipe = recipe.chain_step(index)
@@ -507,6 +557,25 @@ def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] =
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def _cross_section_problems(recipe: Recipe) -> list[str]:
+    """Rules that tie two sections together (each section checks itself on its own)."""
+    problems = []
+    ev, data = recipe.evaluate, recipe.data
+    uses_evaluate = "evaluate" in recipe.run.stages
+    if ev.group_column is not None and ev.group_column not in data.keep_columns:
+        problems.append(f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
+                        f"({data.keep_columns or 'empty'}); add it there so prepare keeps it")
+    if ev.task == "structured" and ev.schema_file is None and data.generator is None and uses_evaluate:
+        problems.append("evaluate.schema_file: task structured needs the JSON Schema the replies must satisfy; "
+                        "give a .json schema file")
+    if ev.schema_file is not None and "://" not in ev.schema_file and not Path(recipe.resolve_source(ev.schema_file)).is_file():
+        problems.append(f"evaluate.schema_file: no file at {recipe.resolve_source(ev.schema_file)}")
+    if uses_evaluate and data.kind == "preference":
+        problems.append("run.stages: evaluate scores generated answers against a reference; preference data has none "
+                        "(data.kind: preference) - drop evaluate from run.stages")
+    return problems
 
 
 def load(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:

@@ -29,17 +29,25 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_text(uri: str) -> str:
+def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
+        return stream.read()
 
 
-def write_text(uri: str, text: str) -> None:
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as out:
-        out.write(text.encode())
+        out.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

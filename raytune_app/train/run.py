@@ -86,9 +86,22 @@ def _loss_curve(history: list[dict], target: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    fs, path = storage.filesystem(target)
-    with fs.open_output_stream(path) as out:
-        out.write(buffer.getvalue())
+    storage.write_bytes(target, buffer.getvalue())
+
+
+def _log_to_mlflow(recipe: Recipe, manifest: dict) -> Optional[str]:
+    """Track the finished run in MLflow. A tracking store that cannot be reached must not cost the
+    trained weights: the failure is reported and the register stage logs the run later."""
+    from raytune_app.registry import store
+
+    try:
+        run_id = store.log_train_run(recipe, manifest)
+    except Exception as exc:  # any store or network failure; the weights are already saved
+        print(f"[train] warning: could not log the run to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+              "`raytune-app run` or the register stage will log it later", flush=True)
+        return None
+    print(f"[train] tracked in MLflow: run {run_id} at {store.tracking_uri(recipe)}", flush=True)
+    return run_id
 
 
 def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: Optional[dict] = None) -> dict:
@@ -196,6 +209,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     }
     storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     storage.remove(storage.join(out_dir, "worker_summary.json"))
+    manifest["mlflow_run_id"] = _log_to_mlflow(recipe, manifest)
+    storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     print_(f"done: step {manifest['global_step']}, validation loss {manifest['final_eval_loss']:.4f}; "
            f"weights in {manifest['weights']}")
     return manifest

@@ -1,0 +1,1 @@
+"""The evaluate stage: batch generation on Ray Data, task metrics, the report."""

@@ -1,0 +1,385 @@
+"""The evaluate stage: batch generation with Ray Data, task metrics, base vs tuned side by side.
+
+    raytune-app evaluate --recipe recipes/quickstart.yaml
+    raytune-app evaluate --recipe recipes/quickstart.yaml --data more.jsonl [--adapter PATH | models:/name@alias]
+
+Which models: the base (`evaluate.include_base`) and the trained weights of the train stage (every
+step of a chain), or the one `--adapter` given. Which examples: the prepared `evaluate.split`, or a
+JSONL file read with the recipe's column mapping. Each model runs as a Ray Data actor pool of
+replicas over length-sorted batches (generation.py); the metrics come from metrics.py.
+
+Layout of `runs/<name>/evaluate/` (with --data: `runs/<name>/evaluate-files/<file>-<hash>/`):
+    predictions.parquet   one row per (model, example): prompt, gold, prediction, row-level scores
+    metrics.json          per model: task metrics, latency, per-group recall and gap (written last)
+    report.md + *.png     the human report: tables, base-vs-tuned bars, loss curve, calibration
+A re-run with the same models, data and settings reuses the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyarrow as pa
+
+from raytune_app import __version__, storage
+from raytune_app.config import Recipe
+from raytune_app.evaluate import metrics as M
+
+# The numbers the end-of-run table shows, and the one the registry compares versions by.
+HEADLINE = {
+    "structured": ["schema_valid_rate", "field_f1", "exact_match"],
+    "classification": ["accuracy", "macro_f1", "ece"],
+    "free_text": ["normalised_match", "exact_match", "length_ratio"],
+}
+PRIMARY = {"structured": "field_f1", "classification": "macro_f1", "free_text": "normalised_match"}
+FORMAT_VERSION = 1
+
+
+class EvaluateError(ValueError):
+    """An evaluation that cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model to evaluate: a name for the report, its weights (None: the base) and what identifies them."""
+
+    name: str
+    weights: Optional[str]
+    identity: str
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def _read_json(uri: str) -> Optional[dict]:
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]:
+    """Base model (if asked) plus the trained weights: `adapter`, else every chain step, else the train run."""
+    out = [Candidate("base", None, recipe.model.path)] if recipe.evaluate.include_base else []
+    if adapter is not None:
+        local = adapter
+        if adapter.startswith("models:/"):
+            from raytune_app.registry import store
+
+            local = store.download(recipe, adapter)
+        if not storage.exists(local):
+            raise EvaluateError(f"--adapter {adapter}: no such folder")
+        entries = storage.file_fingerprint(local)
+        return out + [Candidate(Path(adapter.rstrip("/")).name or "adapter", local, json.dumps(entries, default=str))]
+    chain = _read_json(storage.join(storage.absolute(recipe.run_dir), "chain.json")) if recipe.chain else None
+    if chain is not None:
+        return out + [Candidate(step["step"], step["weights"], step["fingerprint"]) for step in chain["chain"]]
+    trained = _read_json(storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))
+    if trained is not None:
+        out.append(Candidate("tuned", trained["weights"], trained["fingerprint"]))
+    if not out:
+        raise EvaluateError("nothing to evaluate: evaluate.include_base is false and there are no trained weights "
+                            f"in {recipe.stage_dir('train')}; run `raytune-app train` first or pass --adapter")
+    return out
+
+
+def _example_table(prompts: list, golds: list, groups: list, ids: list, files: list, rows: list) -> pa.Table:
+    from raytune_app.data.prepare import MESSAGES
+
+    return pa.table({
+        "example": pa.array(ids, pa.string()), "prompt": pa.array(prompts, MESSAGES), "gold": pa.array(golds, pa.string()),
+        "group": pa.array(groups, pa.string()), "source_file": pa.array(files, pa.string()),
+        "source_row": pa.array(rows, pa.int64()),
+    })
+
+
+def prepared_examples(recipe: Recipe) -> tuple[pa.Table, str]:
+    """The evaluate split of the prepared data, and what identifies it."""
+    from raytune_app.data.prepare import load_split
+
+    stage_dir = storage.absolute(recipe.stage_dir("prepare"))
+    manifest = _read_json(storage.join(stage_dir, "manifest.json"))
+    if manifest is None:
+        raise EvaluateError(f"no prepared data at {stage_dir}; run `raytune-app prepare` first")
+    from raytune_app.data.prepare import expected_fingerprint
+
+    if manifest["fingerprint"] != expected_fingerprint(recipe):
+        raise EvaluateError(f"the prepared data in {stage_dir} was made with other data settings than this recipe's; "
+                            "run `raytune-app prepare` (or `raytune-app run`) first")
+    if manifest["kind"] == "preference":
+        raise EvaluateError("the prepared data is preference pairs; evaluation needs prompt_response or chat data")
+    split = recipe.evaluate.split
+    table = load_split(stage_dir, split)
+    if table.num_rows == 0:
+        raise EvaluateError(f"the prepared `{split}` split is empty; set data.split.{split} above 0 or choose another "
+                            "evaluate.split")
+    messages = table.column("messages").to_pylist()
+    group = recipe.evaluate.group_column
+    groups = table.column(group).to_pylist() if group else [None] * table.num_rows
+    examples = _example_table([m[:-1] for m in messages], [m[-1]["content"] for m in messages], groups,
+                              table.column("content_hash").to_pylist(), table.column("source_file").to_pylist(),
+                              table.column("source_row").to_pylist())
+    return examples, f"prepared:{manifest['fingerprint']}:{split}"
+
+
+def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
+    """Examples from a JSONL file, read with the recipe's column mapping (data.columns, system prompt).
+
+    Bad rows fail the run naming file and line (data.on_error: fail) or are left out and counted.
+    """
+    from raytune_app.data import rows as rowlib
+    from raytune_app.data.prepare import RowError, describe_row
+
+    uri = storage.absolute(path)
+    if not storage.exists(uri):
+        raise EvaluateError(f"--data {path}: no such file")
+    if recipe.data.kind == "preference":
+        raise EvaluateError("--data: evaluation needs prompt_response or chat rows; the recipe's data.kind is preference")
+    group = recipe.evaluate.group_column
+    spec = rowlib.RowSpec.from_recipe(recipe.data.model_copy(update={"keep_columns": [group] if group else []}))
+    prompts, golds, groups, ids, lines, problems = [], [], [], [], [], []
+    for line_number, raw in enumerate(storage.read_text(uri).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = rowlib.parse_json_line(raw)
+            example = rowlib.to_example(record, spec)
+            kept = rowlib.kept_values(record, spec)
+        except rowlib.RowProblem as problem:
+            problems.append(describe_row(uri, line_number, problem.field, problem.message))
+            continue
+        prompts.append(example["messages"][:-1])
+        golds.append(example["messages"][-1]["content"])
+        groups.append(kept.get(group) if group else None)
+        ids.append(rowlib.content_hash(example))
+        lines.append(line_number)
+    if problems and recipe.data.on_error == "fail":
+        shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RowError(f"{len(problems)} bad row(s) in {uri} (data.on_error: fail):\n  {shown}")
+    if not prompts:
+        raise EvaluateError(f"--data {path}: no usable rows" + (f" ({len(problems)} rejected, first: {problems[0]})" if problems else ""))
+    if problems:
+        print(f"[evaluate] {len(problems)} row(s) of {uri} left out; first: {problems[0]}", flush=True)
+    identity = json.dumps(storage.file_fingerprint(uri), default=str)
+    return _example_table(prompts, golds, groups, ids, [uri] * len(ids), lines), f"file:{identity}"
+
+
+def load_schema(recipe: Recipe):
+    """A jsonschema validator for task structured (the schema file, or the data generator's schema)."""
+    import jsonschema
+
+    if recipe.evaluate.schema_file is not None:
+        path = recipe.resolve_source(recipe.evaluate.schema_file)
+        try:
+            schema = json.loads(storage.read_text(storage.absolute(path)))
+        except json.JSONDecodeError as exc:
+            raise EvaluateError(f"evaluate.schema_file {path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    elif recipe.data.generator is not None:
+        from raytune_app.data import extraction
+
+        schema = extraction.SCHEMA
+    else:
+        return None
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise EvaluateError(f"evaluate.schema_file: not a valid JSON Schema ({exc.message})") from None
+    return cls(schema)
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def _replicas(recipe: Recipe) -> tuple[int, int, bool]:
+    """(replicas, CPUs per replica, use GPU) for this cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+    wanted = recipe.evaluate.replicas
+    if gpus:
+        replicas = gpus if wanted == "auto" else wanted
+        if replicas > gpus:
+            raise EvaluateError(f"evaluate.replicas={replicas} needs {replicas} GPUs, the cluster has {gpus}")
+        return replicas, 1, True
+    replicas = 1 if wanted == "auto" else wanted
+    if replicas > cpus:
+        raise EvaluateError(f"evaluate.replicas={replicas} needs at least {replicas} CPUs, the cluster has {cpus}")
+    return replicas, max(1, cpus // replicas), False
+
+
+def _precision(recipe: Recipe, use_gpu: bool) -> str:
+    precision = recipe.evaluate.precision
+    if precision == "auto":
+        precision = recipe.train.precision
+    if precision == "fp16" and not use_gpu:
+        precision = "bf16"  # fp16 autocast on CPU is slow and lossy; bf16 keeps the range
+    return precision
+
+
+def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: Optional[list[str]]) -> pa.Table:
+    """Predictions of one model for every example, with timings: a Ray Data actor pool of replicas."""
+    import ray
+
+    from raytune_app.evaluate.generation import Generator
+
+    ev = recipe.evaluate
+    replicas, cpus, use_gpu = _replicas(recipe)
+    # Longest prompts first, one block per batch: batches hold prompts of similar length (little
+    # padding), the biggest batch runs first (an out-of-memory shows at once), and every replica of
+    # the pool gets blocks to work on.
+    order = sorted(range(examples.num_rows),
+                   key=lambda i: -sum(len(m["content"]) for m in examples.column("prompt")[i].as_py()))
+    ordered = examples.take(order)
+    blocks = [ordered.slice(i, ev.batch_size) for i in range(0, ordered.num_rows, ev.batch_size)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        Generator,
+        fn_constructor_kwargs={
+            "model": recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"}),
+            "weights": candidate.weights, "max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature,
+            "dtype": _precision(recipe, use_gpu), "threads": None if use_gpu else cpus, "labels": labels,
+        },
+        compute=ray.data.ActorPoolStrategy(size=replicas),
+        batch_size=ev.batch_size, batch_format="pyarrow",
+        num_cpus=cpus, num_gpus=1 if use_gpu else 0,
+    )
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    index = {e: i for i, e in enumerate(examples.column("example").to_pylist())}
+    return table.take(sorted(range(table.num_rows), key=lambda i: index[table.column("example")[i].as_py()]))
+
+
+def score(task: str, table: pa.Table, validator, labels: Optional[list[str]]) -> tuple[dict, dict, Callable]:
+    """(task metrics, row-level columns, recall over a subset of rows) for one model's predictions."""
+    predictions = table.column("prediction").to_pylist()
+    golds = table.column("gold").to_pylist()
+    if task == "structured":
+        rows = [M.score_structured(p, g, validator) for p, g in zip(predictions, golds)]
+
+        def recall_of(idx):
+            gold = sum(rows[i]["fields_gold"] for i in idx)
+            return round(sum(rows[i]["fields_matched"] for i in idx) / gold, 6) if gold else None
+
+        return M.structured(rows, validator is not None), _columns(rows), recall_of
+    if task == "classification":
+        predicted = [M.match_label(p, labels) for p in predictions]
+        probs = table.column("label_probs").to_pylist() if "label_probs" in table.column_names else None
+        result = M.classification(predicted, golds, labels, probs)
+        columns = {"predicted_label": predicted, "correct": [p == g for p, g in zip(predicted, golds)]}
+        return result, columns, lambda idx: M.per_class_recall([predicted[i] for i in idx], [golds[i] for i in idx])
+    rows = [M.score_free_text(p, g) for p, g in zip(predictions, golds)]
+    recall = lambda idx: round(sum(rows[i]["normalised_match"] for i in idx) / len(idx), 6) if idx else None  # noqa: E731
+    return M.free_text(rows), _columns(rows), recall
+
+
+def _columns(rows: list[dict]) -> dict:
+    return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
+
+
+def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], labels) -> str:
+    payload = {"format": FORMAT_VERSION, "version": __version__, "data": data_identity, "labels": labels,
+               "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"replicas", "batch_size"}),
+               "model": recipe.model.model_dump(mode="json"), "candidates": [(c.name, c.identity) for c in models]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate(recipe: Recipe, data_file: Optional[str] = None, adapter: Optional[str] = None, force: bool = False) -> dict:
+    """Run the evaluate stage; returns metrics.json's content."""
+    from raytune_app.evaluate.report import write_report
+
+    ev = recipe.evaluate
+    say = lambda text: print(f"[evaluate] {text}", flush=True)  # noqa: E731
+    # Everything that can be wrong with the inputs is checked before a model is loaded.
+    models = candidates(recipe, adapter)
+    examples, data_identity = file_examples(recipe, data_file) if data_file else prepared_examples(recipe)
+    if ev.limit is not None:
+        examples = examples.slice(0, ev.limit)
+    validator = load_schema(recipe) if ev.task == "structured" else None
+    labels = None
+    if ev.task == "classification":
+        labels = ev.labels or sorted(set(examples.column("gold").to_pylist()))
+        if len(labels) < 2:
+            raise EvaluateError(f"classification needs at least two labels; found {labels} (set evaluate.labels)")
+    if ev.task == "structured":
+        bad = next((g for g in examples.column("gold").to_pylist() if not M.parse_json(g)[0]), None)
+        if bad is not None:
+            raise EvaluateError(f"task structured: a gold answer is not JSON ({bad[:80]!r}); "
+                                "use evaluate.task free_text for text answers")
+
+    out_dir = storage.absolute(recipe.stage_dir("evaluate"))
+    if data_file:  # beside the stage's own output, one folder per scored file
+        out_dir = storage.join(storage.absolute(recipe.run_dir), "evaluate-files",
+                               f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}")
+    fingerprint = _fingerprint(recipe, data_identity, models, labels)
+    previous = _read_json(storage.join(out_dir, "metrics.json"))
+    if not force and previous is not None and previous.get("fingerprint") == fingerprint:
+        say(f"models, data and settings unchanged: reusing {out_dir}")
+        return {**previous, "output_dir": out_dir}
+
+    say(f"{examples.num_rows} examples ({data_file or 'split ' + ev.split}); models: "
+        + ", ".join(f"{c.name} ({c.weights or recipe.model.path})" for c in models))
+    results, tables = {}, []
+    for candidate in models:
+        began = time.time()
+        table = generate(examples, candidate, recipe, labels)
+        task_metrics, row_columns, recall_of = score(ev.task, table, validator, labels)
+        wall = max(table.column("batch_end").to_pylist()) - min(table.column("batch_start").to_pylist())
+        result = {"weights": candidate.weights, "identity": candidate.identity, **task_metrics,
+                  "latency": M.latency(table.column("latency_s").to_pylist(), table.column("new_tokens").to_pylist(), wall),
+                  "seconds": round(time.time() - began, 1)}
+        if ev.group_column:
+            result["groups"] = {"column": ev.group_column, **M.group_gap(table.column("group").to_pylist(), recall_of)}
+        results[candidate.name] = result
+        for name, values in row_columns.items():
+            table = table.append_column(name, pa.array(values))
+        tables.append(table.append_column("model", pa.array([candidate.name] * table.num_rows, pa.string())))
+        shown = ", ".join(f"{k} {_fmt(result.get(k))}" for k in HEADLINE[ev.task])
+        say(f"{candidate.name}: {shown}, p50 latency {_fmt(result['latency']['p50_s'])} s "
+            f"({result['seconds']} s incl. model load)")
+
+    summary = {
+        "stage": "evaluate", "fingerprint": fingerprint, "task": ev.task, "primary_metric": PRIMARY[ev.task],
+        "data": data_file or f"split {ev.split}", "examples": examples.num_rows, "labels": labels,
+        "base_model": recipe.model.path, "models": results,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    staging = f"{out_dir}.incoming-{int(time.time() * 1000)}"
+    try:
+        _write_predictions(pa.concat_tables(tables, promote_options="permissive"), storage.join(staging, "predictions.parquet"))
+        write_report(summary, recipe, staging, loss_curve=storage.join(storage.absolute(recipe.stage_dir("train")), "loss_curve.png"))
+        storage.write_text(storage.join(staging, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        storage.remove(staging)
+        raise
+    storage.replace_dir(staging, out_dir)
+    summary["output_dir"] = out_dir
+    return summary
+
+
+def _write_predictions(table: pa.Table, uri: str) -> None:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    keep = [c for c in table.column_names if c not in ("batch_start", "batch_end")]
+    pq.write_table(table.select(keep), path, filesystem=fs)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def comparison_table(summary: dict) -> str:
+    """The short base-vs-tuned table printed at the end of a run (one column per model)."""
+    task = summary["task"]
+    rows = [(key.replace("_", " "), [summary["models"][m].get(key) for m in summary["models"]]) for key in HEADLINE[task][:2]]
+    rows.append(("p50 latency (s)", [summary["models"][m]["latency"]["p50_s"] for m in summary["models"]]))
+    names = list(summary["models"])
+    width = max(len(r[0]) for r in rows) + 2
+    lines = ["".ljust(width) + "".join(n.rjust(12) for n in names)]
+    lines += [label.ljust(width) + "".join(_fmt(v).rjust(12) for v in values) for label, values in rows]
+    return "\n".join(lines)

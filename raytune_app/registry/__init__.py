@@ -1,0 +1,1 @@
+"""Tracking and model registry on MLflow (register stage, `raytune-app registry`)."""
