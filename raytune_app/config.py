@@ -347,8 +347,8 @@ class EvaluateSection(Section):
     limit: Optional[int] = Field(None, gt=0, description="Evaluate only the first N examples of the split (None: all).")
     schema_file: Optional[str] = Field(
         None,
-        description="JSON Schema file the replies must satisfy (task structured; relative to the recipe). Left out "
-        "with `data.generator`: the generator's own schema.",
+        description="JSON Schema file the replies must satisfy (task structured; relative to the recipe). Left out: "
+        "the data generator's own schema with `data.generator`, else no schema (schema-valid rate n/a).",
     )
     labels: Optional[list[str]] = Field(
         None, description="The class labels (task classification); left out: the distinct answers of the split."
@@ -567,9 +567,6 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     if ev.group_column is not None and ev.group_column not in data.keep_columns:
         problems.append(f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
                         f"({data.keep_columns or 'empty'}); add it there so prepare keeps it")
-    if ev.task == "structured" and ev.schema_file is None and data.generator is None and uses_evaluate:
-        problems.append("evaluate.schema_file: task structured needs the JSON Schema the replies must satisfy; "
-                        "give a .json schema file")
     if ev.schema_file is not None and "://" not in ev.schema_file and not Path(recipe.resolve_source(ev.schema_file)).is_file():
         problems.append(f"evaluate.schema_file: no file at {recipe.resolve_source(ev.schema_file)}")
     if uses_evaluate and data.kind == "preference":

@@ -103,6 +103,18 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def local_dir(uri: str) -> str:
+    """A local folder with the content of the folder at `uri`: `uri` itself when local, else a fresh copy."""
+    if "://" not in uri:
+        return uri
+    import tempfile
+
+    target = tempfile.mkdtemp(prefix="raytune-")
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return target
+
+
 def move(source: str, target: str) -> None:
     fs, source_path = filesystem(source)
     _, target_path = filesystem(target)

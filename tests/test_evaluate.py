@@ -7,45 +7,13 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import TOY_ANSWERS as ANSWERS
 from raytune_app import cli, config
-from raytune_app.data.prepare import prepare
 from raytune_app.evaluate.run import EvaluateError, evaluate
-from raytune_app.train.run import train
-
-pytestmark = pytest.mark.usefixtures("ray_local")
-
-ANSWERS = ['{"status": "ok"}', '{"status": "refund"}', '{"status": "late"}']
-SCHEMA = {"type": "object", "required": ["status"], "properties": {"status": {"enum": ["ok", "refund", "late"]}}}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model):
-    """A prepared toy set (with a group column) and a LoRA adapter trained on it for a few steps."""
-    root = tmp_path_factory.mktemp("evaluate")
-    source = root / "toy.jsonl"
-    with source.open("w") as out:
-        for i in range(80):
-            out.write(json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": ANSWERS[i % 3],
-                                  "channel": ["mail", "chat"][i % 2]}) + "\n")
-    (root / "schema.json").write_text(json.dumps(SCHEMA))
-    raw = {
-        "run": {"name": "ev", "output_dir": str(root / "runs")},
-        "model": {"path": tiny_model},
-        "data": {"sources": [str(source)], "columns": {"prompt": "q", "response": "a"}, "keep_columns": ["channel"],
-                 "max_seq_length": 128, "split": {"val": 0.15, "test": 0.15}},
-        "train": {"workers": 1, "max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0, "logging_steps": 2,
-                  "checkpoint": {"every_steps": 6, "keep_best": 1}, "lora": {"rank": 4, "dropout": 0.0}},
-        "evaluate": {"task": "structured", "schema_file": str(root / "schema.json"), "group_column": "channel",
-                     "max_new_tokens": 12, "batch_size": 4},
-    }
-    recipe = config.validate(raw)
-    prepare(recipe)
-    train(recipe)
-    return recipe, root
-
-
-def test_base_and_tuned_side_by_side_with_report(trained):
-    recipe, _ = trained
+def test_base_and_tuned_side_by_side_with_report(toy_run):
+    recipe, _ = toy_run
     summary = evaluate(recipe)
     out = summary["output_dir"]
     assert set(summary["models"]) == {"base", "tuned"}
@@ -76,9 +44,9 @@ def test_base_and_tuned_side_by_side_with_report(trained):
     assert again["fingerprint"] == summary["fingerprint"] and os.path.getmtime(os.path.join(out, "metrics.json")) == stamp
 
 
-def test_greedy_batched_generation_matches_one_at_a_time(trained):
+def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
     """Left padding in a batch must not change a greedy reply: batch 4 and batch 1 agree."""
-    recipe, _ = trained
+    recipe, _ = toy_run
     batched = evaluate(recipe, force=True)
     single = config.validate(recipe.resolved() | {"evaluate": recipe.resolved()["evaluate"] | {"batch_size": 1}})
     one_by_one = evaluate(single, force=True)
@@ -87,8 +55,8 @@ def test_greedy_batched_generation_matches_one_at_a_time(trained):
     assert read(batched) == read(one_by_one)
 
 
-def test_data_file_on_the_command_line_prints_metrics_json(trained, write_jsonl, tmp_path, capsys):
-    recipe, root = trained
+def test_data_file_on_the_command_line_prints_metrics_json(toy_run, write_jsonl, tmp_path, capsys):
+    recipe, root = toy_run
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(json.dumps(recipe.resolved()))
     extra = write_jsonl("extra.jsonl", [{"q": f"new ticket {i}", "a": ANSWERS[i % 3], "channel": "mail"} for i in range(5)])
@@ -112,8 +80,8 @@ def test_data_file_on_the_command_line_prints_metrics_json(trained, write_jsonl,
         evaluate(recipe, adapter=str(tmp_path / "nowhere"))
 
 
-def test_classification_metrics_with_calibration(trained, write_jsonl):
-    recipe, _ = trained
+def test_classification_metrics_with_calibration(toy_run, write_jsonl):
+    recipe, _ = toy_run
     rows = [{"q": f"is {i} even?", "a": ["yes", "no"][i % 2]} for i in range(6)]
     data = write_jsonl("yesno.jsonl", rows)
     ev = {"task": "classification", "labels": ["no", "yes"], "max_new_tokens": 3, "batch_size": 3, "group_column": None,
@@ -129,8 +97,8 @@ def test_classification_metrics_with_calibration(trained, write_jsonl):
     assert all(abs(sum(p) - 1) < 1e-5 and len(p) == 2 for p in probs)
 
 
-def test_recipe_problems_are_reported_before_any_work(trained):
-    recipe, _ = trained
+def test_recipe_problems_are_reported_before_any_work(toy_run):
+    recipe, _ = toy_run
     resolved = recipe.resolved()
     with pytest.raises(config.RecipeError) as info:
         config.validate(resolved | {"evaluate": resolved["evaluate"] | {"group_column": "region", "schema_file": "/no/schema.json"}})

@@ -392,6 +392,28 @@ def _find_cause(exc: BaseException, kind: type) -> Optional[BaseException]:
     return None
 
 
+class NotPrepared(ValueError):
+    """The prepared data is missing, or was made from other data settings than the recipe's."""
+
+
+def current_manifest(recipe: Recipe) -> dict:
+    """The manifest of the prepared data, checked to be what this recipe's data and model sections make.
+
+    Later stages call this before any work: training or evaluating on stale data is a silent error.
+    """
+    import json
+
+    stage_dir = storage.absolute(recipe.stage_dir("prepare"))
+    uri = storage.join(stage_dir, "manifest.json")
+    if not storage.exists(uri):
+        raise NotPrepared(f"no prepared data at {stage_dir}; run `raytune-app prepare` first")
+    manifest = json.loads(storage.read_text(uri))
+    if manifest["fingerprint"] != expected_fingerprint(recipe):
+        raise NotPrepared(f"the prepared data in {stage_dir} was made from other data or settings than this recipe's "
+                          "data/model sections; run `raytune-app prepare` (or `raytune-app run`) first")
+    return manifest
+
+
 def load_split(stage_dir: str, split: str) -> pa.Table:
     """A prepared split as one Arrow table (for training and evaluation on a single worker)."""
     import pyarrow.parquet as pq

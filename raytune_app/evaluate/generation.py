@@ -24,20 +24,6 @@ import pyarrow as pa
 from raytune_app import storage
 
 
-def local_weights(uri: str) -> str:
-    """A local folder holding the weights at `uri` (copied from shared storage once per actor)."""
-    if "://" not in uri:
-        return uri
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    target = tempfile.mkdtemp(prefix="raytune-weights-")
-    source_fs, source_path = storage.filesystem(uri)
-    pafs.copy_files(source_path, target, source_filesystem=source_fs, destination_filesystem=pafs.LocalFileSystem())
-    return target
-
-
 def load_model(model: dict, weights: Optional[str], device: str, dtype: str):
     """(model, tokenizer) in eval mode: the base, a full fine-tune (`weights` holds a model), or the
     base with a LoRA adapter merged in (`weights` holds adapter_config.json)."""
@@ -50,7 +36,7 @@ def load_model(model: dict, weights: Optional[str], device: str, dtype: str):
     tokenizer = models.load_tokenizer(model["path"], model.get("tokenizer"), model.get("chat_template"),
                                       model.get("trust_remote_code", False))
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    local = local_weights(weights) if weights else None
+    local = storage.local_dir(weights) if weights else None
     is_adapter = local is not None and os.path.exists(os.path.join(local, "adapter_config.json"))
     source = local if local and not is_adapter else models.resolve(model["path"])
     # Weights load in fp32 and run under autocast for bf16 on CPU (no bf16 matmul kernels for every

@@ -97,17 +97,10 @@ def _example_table(prompts: list, golds: list, groups: list, ids: list, files: l
 
 def prepared_examples(recipe: Recipe) -> tuple[pa.Table, str]:
     """The evaluate split of the prepared data, and what identifies it."""
-    from raytune_app.data.prepare import load_split
+    from raytune_app.data.prepare import current_manifest, load_split
 
     stage_dir = storage.absolute(recipe.stage_dir("prepare"))
-    manifest = _read_json(storage.join(stage_dir, "manifest.json"))
-    if manifest is None:
-        raise EvaluateError(f"no prepared data at {stage_dir}; run `raytune-app prepare` first")
-    from raytune_app.data.prepare import expected_fingerprint
-
-    if manifest["fingerprint"] != expected_fingerprint(recipe):
-        raise EvaluateError(f"the prepared data in {stage_dir} was made with other data settings than this recipe's; "
-                            "run `raytune-app prepare` (or `raytune-app run`) first")
+    manifest = current_manifest(recipe)
     if manifest["kind"] == "preference":
         raise EvaluateError("the prepared data is preference pairs; evaluation needs prompt_response or chat data")
     split = recipe.evaluate.split

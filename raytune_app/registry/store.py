@@ -121,7 +121,7 @@ def log_train_run(recipe: Recipe, manifest: dict) -> str:
         for i in range(0, len(metrics), 1000):
             mlflow_client.log_batch(run_id, metrics=metrics[i:i + 1000])
         mlflow_client.log_batch(run_id, tags=[RunTag("global_step", str(manifest["global_step"]))])
-        _log_artifact_dir(mlflow_client, run_id, manifest["weights"], "weights")
+        mlflow_client.log_artifacts(run_id, storage.local_dir(manifest["weights"]), "weights")
         for name in ("loss_curve.png", "recipe.yaml", "manifest.json", "metrics.jsonl"):
             uri = storage.join(train_dir, name)
             if storage.exists(uri):
@@ -131,12 +131,6 @@ def log_train_run(recipe: Recipe, manifest: dict) -> str:
         mlflow_client.set_terminated(run_id, "FAILED")
         raise
     return run_id
-
-
-def _log_artifact_dir(mlflow_client, run_id: str, uri: str, artifact_path: str) -> None:
-    from raytune_app.evaluate.generation import local_weights
-
-    mlflow_client.log_artifacts(run_id, local_weights(uri), artifact_path)
 
 
 def _log_artifact_file(mlflow_client, run_id: str, uri: str, artifact_path: Optional[str] = None) -> None:
@@ -161,13 +155,14 @@ def _history(mlflow_client, name: str, alias: str) -> list[str]:
 
 
 def _current(mlflow_client, name: str, alias: str) -> Optional[str]:
-    return mlflow_client.get_registered_model(name).aliases.get(alias)
+    version = mlflow_client.get_registered_model(name).aliases.get(alias)  # an int in MLflow's answer
+    return None if version is None else str(version)
 
 
 def set_alias(mlflow_client, name: str, alias: str, version: str) -> Optional[str]:
     """Point `alias` at `version`, recording the move; returns the version it pointed at before."""
     before = _current(mlflow_client, name, alias)
-    if before is not None and str(before) == str(version):
+    if before == str(version):
         return before
     history = _history(mlflow_client, name, alias) + [str(version)]
     mlflow_client.set_registered_model_alias(name, alias, str(version))
@@ -262,7 +257,7 @@ def _score(mlflow_client, name: str, version: str) -> Optional[float]:
 
 def _should_promote(mlflow_client, name: str, version: str, policy: str) -> bool:
     champion = _current(mlflow_client, name, CHAMPION)
-    if str(champion) == version:
+    if champion == version:
         return True
     if policy == "never":
         return False
@@ -280,7 +275,7 @@ def list_models(uri: str) -> list[dict]:
     out = []
     for model in mlflow_client.search_registered_models():
         versions = mlflow_client.search_model_versions(f"name = '{model.name}'")
-        out.append({"name": model.name, "versions": len(versions), "aliases": dict(model.aliases),
+        out.append({"name": model.name, "versions": len(versions), "aliases": {a: str(v) for a, v in model.aliases.items()},
                     "latest": max((int(v.version) for v in versions), default=None)})
     return out
 
@@ -289,6 +284,9 @@ def resolve_version(mlflow_client, name: str, ref: Optional[str]):
     """A ModelVersion from a version number, `@alias`, or None (the latest)."""
     from mlflow.exceptions import MlflowException
 
+    known = sorted(m.name for m in mlflow_client.search_registered_models())
+    if name not in known:
+        raise RegistryError(f"no registered model `{name}` (registered models: {', '.join(known) or 'none'})")
     try:
         if ref is None:
             versions = mlflow_client.search_model_versions(f"name = '{name}'")
@@ -299,9 +297,7 @@ def resolve_version(mlflow_client, name: str, ref: Optional[str]):
             return mlflow_client.get_model_version_by_alias(name, ref[1:])
         return mlflow_client.get_model_version(name, ref)
     except MlflowException as exc:
-        known = ", ".join(m.name for m in mlflow_client.search_registered_models()) or "none"
-        raise RegistryError(f"no version {ref or 'latest'} of model `{name}` (registered models: {known}): "
-                            f"{exc.message.splitlines()[0]}") from None
+        raise RegistryError(f"no version {ref} of model `{name}`: {exc.message.splitlines()[0]}") from None
 
 
 def show(uri: str, name: str, ref: Optional[str] = None) -> dict:

@@ -114,15 +114,13 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
 
     if recipe.train.method != "sft":
         raise TrainError(f"train.method {recipe.train.method}: only sft is built so far (dpo and grpo: issue #6)")
-    prepared_dir = storage.absolute(recipe.stage_dir("prepare"))
-    prepared = _read_json(storage.join(prepared_dir, "manifest.json"))
-    if prepared is None:
-        raise TrainError(f"no prepared data at {prepared_dir}; run `raytune-app prepare` first")
-    from raytune_app.data.prepare import expected_fingerprint
+    from raytune_app.data.prepare import NotPrepared, current_manifest
 
-    if prepared["fingerprint"] != expected_fingerprint(recipe):
-        raise TrainError(f"the prepared data in {prepared_dir} was made from other data or settings than this recipe's "
-                         "data/model sections; run `raytune-app prepare` (or `raytune-app run`) first")
+    prepared_dir = storage.absolute(recipe.stage_dir("prepare"))
+    try:
+        prepared = current_manifest(recipe)
+    except NotPrepared as exc:
+        raise TrainError(str(exc)) from None
     if prepared["kind"] == "preference":
         raise TrainError("the prepared data is preference pairs (data.kind: preference); SFT needs prompt_response or chat data")
     if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
