@@ -563,15 +563,11 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     """Rules that tie two sections together (each section checks itself on its own)."""
     problems = []
     ev, data = recipe.evaluate, recipe.data
-    uses_evaluate = "evaluate" in recipe.run.stages
     if ev.group_column is not None and ev.group_column not in data.keep_columns:
         problems.append(f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
                         f"({data.keep_columns or 'empty'}); add it there so prepare keeps it")
     if ev.schema_file is not None and "://" not in ev.schema_file and not Path(recipe.resolve_source(ev.schema_file)).is_file():
         problems.append(f"evaluate.schema_file: no file at {recipe.resolve_source(ev.schema_file)}")
-    if uses_evaluate and data.kind == "preference":
-        problems.append("run.stages: evaluate scores generated answers against a reference; preference data has none "
-                        "(data.kind: preference) - drop evaluate from run.stages")
     return problems
 
 

@@ -39,6 +39,13 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode()
 
 
+def read_json(uri: str):
+    """The JSON document at `uri`, or None when there is no file there."""
+    import json
+
+    return json.loads(read_text(uri)) if exists(uri) else None
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)

@@ -56,10 +56,6 @@ class Candidate:
 # ----------------------------------------------------------------------------------- inputs
 
 
-def _read_json(uri: str) -> Optional[dict]:
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
-
-
 def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]:
     """Base model (if asked) plus the trained weights: `adapter`, else every chain step, else the train run."""
     out = [Candidate("base", None, recipe.model.path)] if recipe.evaluate.include_base else []
@@ -73,10 +69,10 @@ def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]
             raise EvaluateError(f"--adapter {adapter}: no such folder")
         entries = storage.file_fingerprint(local)
         return out + [Candidate(Path(adapter.rstrip("/")).name or "adapter", local, json.dumps(entries, default=str))]
-    chain = _read_json(storage.join(storage.absolute(recipe.run_dir), "chain.json")) if recipe.chain else None
+    chain = storage.read_json(storage.join(storage.absolute(recipe.run_dir), "chain.json")) if recipe.chain else None
     if chain is not None:
         return out + [Candidate(step["step"], step["weights"], step["fingerprint"]) for step in chain["chain"]]
-    trained = _read_json(storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))
+    trained = storage.read_json(storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))
     if trained is not None:
         out.append(Candidate("tuned", trained["weights"], trained["fingerprint"]))
     if not out:
@@ -306,7 +302,7 @@ def evaluate(recipe: Recipe, data_file: Optional[str] = None, adapter: Optional[
         out_dir = storage.join(storage.absolute(recipe.run_dir), "evaluate-files",
                                f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}")
     fingerprint = _fingerprint(recipe, data_identity, models, labels)
-    previous = _read_json(storage.join(out_dir, "metrics.json"))
+    previous = storage.read_json(storage.join(out_dir, "metrics.json"))
     if not force and previous is not None and previous.get("fingerprint") == fingerprint:
         say(f"models, data and settings unchanged: reusing {out_dir}")
         return {**previous, "output_dir": out_dir}

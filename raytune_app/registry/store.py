@@ -236,7 +236,7 @@ def register_stage(recipe: Recipe) -> list[dict]:
     else:
         runs = [("tuned", storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))]
     evaluation_uri = storage.join(storage.absolute(recipe.stage_dir("evaluate")), "metrics.json")
-    evaluation = json.loads(storage.read_text(evaluation_uri)) if storage.exists(evaluation_uri) else None
+    evaluation = storage.read_json(evaluation_uri)
     out = []
     for candidate, manifest_uri in runs:
         if not storage.exists(manifest_uri):

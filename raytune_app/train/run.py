@@ -42,10 +42,6 @@ def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[dict] =
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_json(uri: str) -> Optional[dict]:
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
-
-
 def check_resources(recipe: Recipe) -> tuple[bool, int]:
     """(use_gpu, CPUs per worker) for this cluster, or TrainError when the workers can never fit."""
     import ray
@@ -132,8 +128,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
     current = fingerprint(recipe, prepared, parent)
     parent_adapter = parent["weights"] if parent else None
-    finished = _read_json(storage.join(out_dir, "manifest.json"))
-    started = _read_json(storage.join(out_dir, "run.json"))
+    finished = storage.read_json(storage.join(out_dir, "manifest.json"))
+    started = storage.read_json(storage.join(out_dir, "run.json"))
     if restart and started is not None:
         aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
         storage.move(out_dir, aside)
@@ -180,7 +176,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
            f"{train_cfg.finetuning} on {recipe.model.path}; {prepared['rows_out']['train']} train examples")
     began = time.time()
     result = trainer.fit()
-    summary = _read_json(storage.join(out_dir, "worker_summary.json"))
+    summary = storage.read_json(storage.join(out_dir, "worker_summary.json"))
     history = [json.loads(line) for line in storage.read_text(storage.join(out_dir, "metrics.jsonl")).splitlines()]
     _loss_curve(history, storage.join(out_dir, "loss_curve.png"))
     best = result.best_checkpoints[0] if result.best_checkpoints else None
