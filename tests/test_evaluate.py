@@ -37,6 +37,7 @@ def test_base_and_tuned_side_by_side_with_report(toy_run):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     report = open(os.path.join(out, "report.md")).read()
     assert "| field_f1 |" in report and "![loss curve](loss_curve.png)" in report and "Per group (`channel`)" in report
+    assert report.count("### Example ") == 3 and report.count("`tuned`:") == 3
 
     # Unchanged models, data and settings: the output is reused, not recomputed.
     stamp = os.path.getmtime(os.path.join(out, "metrics.json"))

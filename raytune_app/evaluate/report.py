@@ -93,6 +93,30 @@ def latency_plot(latencies: dict[str, list[float]], uri: str) -> None:
     _save(fig, uri)
 
 
+EXAMPLES_SHOWN = 3
+
+
+def _quote(text: str, limit: int = 400) -> str:
+    text = text if len(text) <= limit else text[:limit] + " [...]"
+    return "\n".join("    " + line for line in text.splitlines() or [""])
+
+
+def _examples(predictions, names: list[str], count: int) -> list[str]:
+    """The first few examples with every model's reply, so a reader sees what the numbers mean."""
+    rows = predictions.to_pylist()
+    by_example: dict[str, dict] = {}
+    for row in rows:
+        by_example.setdefault(row["example"], {"row": row, "replies": {}})["replies"][row["model"]] = row["prediction"]
+    lines = ["## Examples", "", f"The first {min(count, len(by_example))} examples, each model's reply as generated.", ""]
+    for i, entry in enumerate(list(by_example.values())[:count], start=1):
+        prompt = entry["row"]["prompt"][-1]["content"] if entry["row"]["prompt"] else ""
+        lines += [f"### Example {i}", "", "Prompt (last turn):", "", _quote(prompt), "", "Reference:", "",
+                  _quote(entry["row"]["gold"]), ""]
+        for name in names:
+            lines += [f"`{name}`:", "", _quote(entry["replies"].get(name, "")), ""]
+    return lines
+
+
 def _cell(value) -> str:
     if value is None:
         return "n/a"
@@ -104,18 +128,17 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
 
 
-def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str, latencies: dict | None = None) -> str:
-    """Write report.md and its plots into out_dir; returns the report's URI."""
+def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str) -> str:
+    """Write report.md and its plots into out_dir (beside predictions.parquet); returns the report's URI."""
     import pyarrow.parquet as pq
 
     task, names = summary["task"], list(summary["models"])
     metric_bars(summary, storage.join(out_dir, "metrics.png"))
-    if latencies is None:
-        fs, path = storage.filesystem(storage.join(out_dir, "predictions.parquet"))
-        table = pq.read_table(path, filesystem=fs, columns=["model", "latency_s"])
-        latencies = {n: [] for n in names}
-        for model, seconds in zip(table.column("model").to_pylist(), table.column("latency_s").to_pylist()):
-            latencies[model].append(seconds)
+    fs, path = storage.filesystem(storage.join(out_dir, "predictions.parquet"))
+    predictions = pq.read_table(path, filesystem=fs, columns=["model", "example", "prompt", "gold", "prediction", "latency_s"])
+    latencies = {n: [] for n in names}
+    for model, seconds in zip(predictions.column("model").to_pylist(), predictions.column("latency_s").to_pylist()):
+        latencies[model].append(seconds)
     latency_plot(latencies, storage.join(out_dir, "latency.png"))
 
     ev = recipe.evaluate
@@ -149,6 +172,7 @@ def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str, l
             lines += [f"Confusion matrix of `{n}` (rows: gold, columns: predicted)", ""]
             lines += _table(["gold \\ predicted", *matrix["labels"]],
                             [[label, *row] for label, row in zip(summary["labels"], matrix["rows"])]) + [""]
+    lines += _examples(predictions, names, EXAMPLES_SHOWN)
     target = storage.join(out_dir, "report.md")
     storage.write_text(target, "\n".join(lines) + "\n")
     return target

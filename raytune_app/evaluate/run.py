@@ -37,7 +37,7 @@ HEADLINE = {
     "free_text": ["normalised_match", "exact_match", "length_ratio"],
 }
 PRIMARY = {"structured": "field_f1", "classification": "macro_f1", "free_text": "normalised_match"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bumped when the output changes shape, so a re-run rewrites it
 
 
 class EvaluateError(ValueError):
