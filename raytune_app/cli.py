@@ -148,21 +148,13 @@ def _not_built(stage: str) -> str:
     return f"the `{stage}` stage is not built yet (tracked in issue #{PLANNED_ISSUE[stage]}); nothing was run"
 
 
-def _evaluate(recipe: config.Recipe, data_file: Optional[str] = None, adapter: Optional[str] = None,
-              force: bool = False) -> dict:
-    from raytune_app.evaluate.run import evaluate
-
-    return evaluate(recipe, data_file=data_file, adapter=adapter, force=force)
-
-
-def _show_evaluation(summary: dict, out=None) -> None:
+def _show_evaluation(summary: dict) -> None:
     from raytune_app import storage
     from raytune_app.evaluate.run import comparison_table
 
-    out = out or sys.stdout
-    print(f"\n{summary['task']} metrics on {summary['data']} ({summary['examples']} examples):", file=out)
-    print(comparison_table(summary), file=out)
-    print(f"report: {storage.join(summary['output_dir'], 'report.md')}", file=out, flush=True)
+    print(f"\n{summary['task']} metrics on {summary['data']} ({summary['examples']} examples):")
+    print(comparison_table(summary))
+    print(f"report: {storage.join(summary['output_dir'], 'report.md')}", flush=True)
 
 
 def _register(recipe: config.Recipe) -> list[dict]:
@@ -201,6 +193,8 @@ def _run_all(recipe: config.Recipe) -> None:
     """Every stage of run.stages in order, timed; those not built yet are reported, not faked."""
     import time
 
+    from raytune_app.evaluate.run import evaluate
+
     timings, evaluation = {}, None
     for stage in recipe.run.stages:
         began = time.time()
@@ -209,7 +203,7 @@ def _run_all(recipe: config.Recipe) -> None:
         elif stage == "train":
             _train(recipe)
         elif stage == "evaluate":
-            evaluation = _evaluate(recipe)
+            evaluation = evaluate(recipe)
         elif stage == "register":
             _register(recipe)
         else:
@@ -250,6 +244,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_NOT_BUILT
 
     from raytune_app.data.prepare import RowError
+    from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import TrainError
 
     try:
@@ -258,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with contextlib.redirect_stdout(sys.stderr):
                 _start(recipe)
                 ensure_ray()
-                summary = _evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
+                summary = evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
                 _show_evaluation(summary)
             print(json.dumps(summary, indent=2))
             return 0
@@ -269,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == "train":
             _train(recipe, resume=args.resume, restart=args.restart)
         elif args.command == "evaluate":
-            _show_evaluation(_evaluate(recipe, adapter=args.adapter, force=args.force))
+            _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
         elif args.command == "register":
             _register(recipe)
         else:

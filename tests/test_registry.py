@@ -85,5 +85,12 @@ def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, ca
     # Serving resolves models:/<name>@champion to a local copy of the weights.
     local = store.download(uri, "models:/extractor@champion")
     assert os.path.exists(os.path.join(local, "adapter_config.json"))
+    assert store.version_of(uri, "models:/extractor@champion").version == store.version_of(uri, "models:/extractor/1").version
+    assert str(store.version_of(uri, "models:/extractor").version) == "2"  # no version or alias: the latest
     with pytest.raises(store.RegistryError, match="cannot fetch models:/extractor@nosuch"):
         store.download(uri, "models:/extractor@nosuch")
+
+    # The evaluate stage takes a registry URI as the weights to score, identified by their lineage.
+    scored = evaluate(first, adapter="models:/extractor@champion")
+    assert list(scored["models"]) == ["extractor@champion"]
+    assert scored["models"]["extractor@champion"]["identity"] == read_manifest(first)["fingerprint"]

@@ -59,16 +59,19 @@ class Candidate:
 def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]:
     """Base model (if asked) plus the trained weights: `adapter`, else every chain step, else the train run."""
     out = [Candidate("base", None, recipe.model.path)] if recipe.evaluate.include_base else []
-    if adapter is not None:
-        local = adapter
-        if adapter.startswith("models:/"):
-            from raytune_app.registry import store
+    if adapter is not None and adapter.startswith("models:/"):
+        from raytune_app.registry import store
 
-            local = store.download(recipe, adapter)
-        if not storage.exists(local):
+        # Identified by the version's training fingerprint, so an alias that has not moved is not
+        # evaluated again (the download itself lands in a fresh folder every time).
+        version = store.version_of(recipe, adapter)
+        return out + [Candidate(adapter.split("/", 1)[1].strip("/"), store.download(recipe, adapter),
+                                version.tags.get("train_fingerprint") or f"{version.name}/{version.version}")]
+    if adapter is not None:
+        if not storage.exists(adapter):
             raise EvaluateError(f"--adapter {adapter}: no such folder")
-        entries = storage.file_fingerprint(local)
-        return out + [Candidate(Path(adapter.rstrip("/")).name or "adapter", local, json.dumps(entries, default=str))]
+        entries = storage.file_fingerprint(adapter)
+        return out + [Candidate(Path(adapter.rstrip("/")).name or "adapter", adapter, json.dumps(entries, default=str))]
     chain = storage.read_json(storage.join(storage.absolute(recipe.run_dir), "chain.json")) if recipe.chain else None
     if chain is not None:
         return out + [Candidate(step["step"], step["weights"], step["fingerprint"]) for step in chain["chain"]]

@@ -329,6 +329,16 @@ def rollback(uri: str, name: str, alias: str = CHAMPION) -> dict:
     return {"name": name, "alias": alias, "version": previous, "rolled_back_from": current}
 
 
+def version_of(recipe_or_uri, model_uri: str):
+    """The ModelVersion that `models:/<name>/<version>` or `models:/<name>@<alias>` names now."""
+    uri = recipe_or_uri if isinstance(recipe_or_uri, str) else tracking_uri(recipe_or_uri)
+    path = model_uri.removeprefix("models:/").strip("/")
+    name, at, alias = path.partition("@")
+    if not at:
+        name, _, number = path.partition("/")
+    return resolve_version(client(uri), name, f"@{alias}" if at else (number or None))
+
+
 def download(recipe_or_uri, model_uri: str, dst: Optional[str] = None) -> str:
     """A local folder with the weights of `models:/<name>/<version>` or `models:/<name>@<alias>`."""
     import tempfile

@@ -201,6 +201,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         "workers": train_cfg.workers,
         "use_gpu": use_gpu,
     }
+    # The manifest marks the run finished before MLflow is contacted (a store that hangs or fails must
+    # not make a finished run look unfinished); it is written again with the MLflow run id.
     storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     storage.remove(storage.join(out_dir, "worker_summary.json"))
     manifest["mlflow_run_id"] = _log_to_mlflow(recipe, manifest)
