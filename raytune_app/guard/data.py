@@ -1,0 +1,124 @@
+"""Labelled prompts for the guard: read and checked from JSONL / Parquet, plus the shipped sets.
+
+    rows = read_labelled("eval.jsonl", text_field="prompt", label_field="label")   # raises GuardDataError
+    rows = training_rows(recipe)     # authored + bastioncorpus + guard.sources, deduplicated
+
+Every row becomes {"text", "label" (1 attack, 0 benign), "attack_type", "source"}. A row with a
+missing or empty text, a missing label or a label that is not binary stops the read with an error
+naming the file, the line (or Parquet row) and the field, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+from raytune_app import storage
+from raytune_app.config import Recipe
+
+ATTACK_WORDS = {"1", "true", "attack", "malicious", "injection", "jailbreak", "unsafe"}
+BENIGN_WORDS = {"0", "false", "benign", "safe"}
+
+
+class GuardDataError(ValueError):
+    """Labelled data the guard cannot use; the message names the file, row and field."""
+
+
+def _label(value, where: str) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    word = str(value).strip().casefold() if value is not None else ""
+    if word in ATTACK_WORDS:
+        return 1
+    if word in BENIGN_WORDS:
+        return 0
+    raise GuardDataError(f"{where}: label {value!r} is not binary; use 1 / attack / malicious or 0 / benign")
+
+
+def _records(uri: str):
+    """(row number, record or None when the line is not JSON) for a JSONL or Parquet file."""
+    if uri.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(uri)
+        yield from enumerate(pq.read_table(path, filesystem=fs).to_pylist(), start=1)
+        return
+    for number, raw in enumerate(storage.read_text(uri).splitlines(), start=1):
+        if raw.strip():
+            try:
+                yield number, json.loads(raw)
+            except json.JSONDecodeError:
+                yield number, None
+
+
+def read_labelled(path: str, text_field: str = "text", label_field: str = "label",
+                  attack_type_field: Optional[str] = "attack_type") -> list[dict]:
+    """Every row of a labelled JSONL / Parquet file, checked; the first bad row raises GuardDataError."""
+    from raytune_app.data.prepare import describe_row
+
+    uri = storage.absolute(path)
+    if not storage.exists(uri):
+        raise GuardDataError(f"{path}: no such file")
+    rows = []
+    for number, record in _records(uri):
+        where = lambda field: describe_row(uri, number, field, "").rstrip(": ")  # noqa: E731
+        if not isinstance(record, dict):
+            raise GuardDataError(f"{where(None)}: not a JSON object; fix or remove the line")
+        text = record.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            have = ", ".join(sorted(record)) or "nothing"
+            raise GuardDataError(f"{where(text_field)}: missing or empty text (the row has: {have}); "
+                                 "point --text-field / guard.text_field at the prompt column")
+        if record.get(label_field) is None:
+            raise GuardDataError(f"{where(label_field)}: missing label; every row needs 1 (attack) or 0 (benign)")
+        kind = record.get(attack_type_field) if attack_type_field else None
+        rows.append({"text": text, "label": _label(record[label_field], where(label_field)),
+                     "attack_type": None if kind is None else str(kind), "source": os.path.basename(uri)})
+    if not rows:
+        raise GuardDataError(f"{path}: no rows")
+    return rows
+
+
+def bastioncorpus_rows() -> list[dict]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("bastioncorpus")
+    if spec is None:
+        raise GuardDataError("guard.include_bastioncorpus needs the `bastioncorpus` package: pip install bastioncorpus")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "corpus", "injections.jsonl")
+    rows = read_labelled(path, text_field="text", label_field="label", attack_type_field="category")
+    return [r | {"source": "bastioncorpus"} for r in rows]
+
+
+def training_rows(recipe: Recipe) -> list[dict]:
+    """The guard's training set: authored rows, bastioncorpus and guard.sources, exact duplicates dropped."""
+    from raytune_app.guard import authored
+
+    cfg = recipe.guard
+    rows = authored.generate(cfg.authored_rows, seed=recipe.run.seed) if cfg.authored_rows else []
+    if cfg.include_bastioncorpus:
+        rows += bastioncorpus_rows()
+    for source in cfg.sources:
+        rows += read_labelled(recipe.resolve_source(source), cfg.text_field, cfg.label_field, cfg.attack_type_field)
+    seen, unique = set(), []
+    for row in rows:
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            unique.append(row)
+    if len({r["label"] for r in unique}) < 2:
+        raise GuardDataError("the guard's training rows hold only one class; it needs attacks and benign prompts")
+    return unique
+
+
+def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, val) by a hash of the text: stable when rows are added or reordered."""
+    def bucket(text: str) -> float:
+        return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
+
+    val = [r for r in rows if bucket(r["text"]) < val_fraction]
+    train = [r for r in rows if bucket(r["text"]) >= val_fraction]
+    return train, val

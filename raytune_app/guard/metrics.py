@@ -1,0 +1,63 @@
+"""Detection metrics of the guard, as plain functions over scores and labels (no Ray, no torch).
+
+    threshold = threshold_for_fpr(val_scores, val_labels, target_fpr=0.01)
+    report = detection_metrics(scores, labels, threshold, attack_types)
+
+Scores are the classifier's attack probabilities; label 1 is an attack, 0 benign. The threshold is
+the lowest score that keeps the false-positive rate on benign validation prompts at or under the
+target, so the shipped guard blocks as many attacks as that budget of false alarms allows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def threshold_for_fpr(scores: Sequence[float], labels: Sequence[int], target_fpr: float) -> float:
+    """The smallest threshold t (block when score >= t) whose FPR on these benign rows is <= target."""
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
+    benign = np.sort(scores[labels == 0])[::-1]
+    if benign.size == 0:
+        raise ValueError("choosing a threshold for a false-positive rate needs benign (label 0) validation rows")
+    allowed = int(np.floor(target_fpr * benign.size))  # benign rows that may score at or above t
+    if allowed >= benign.size:
+        return float(benign[-1])
+    # Block strictly above the (allowed+1)-th highest benign score: at most `allowed` benign rows pass t.
+    return float(np.nextafter(benign[allowed], np.inf))
+
+
+def _rate(count: float, total: int) -> Optional[float]:
+    return round(float(count) / total, 6) if total else None
+
+
+def detection_metrics(scores: Sequence[float], labels: Sequence[int], threshold: float,
+                      attack_types: Optional[Sequence[Optional[str]]] = None) -> dict:
+    """AUC, TPR at 1% FPR, and the confusion-based rates at the shipped threshold."""
+    from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
+    blocked = scores >= threshold
+    attacks, benign = labels == 1, labels == 0
+    both_classes = attacks.any() and benign.any()
+    out = {
+        "n": int(labels.size), "attacks": int(attacks.sum()), "benign": int(benign.sum()), "threshold": round(float(threshold), 6),
+        "auc": round(float(roc_auc_score(labels, scores)), 6) if both_classes else None,
+        "tpr_at_fpr_1pct": None,
+        "tpr": _rate((blocked & attacks).sum(), int(attacks.sum())),
+        "fpr": _rate((blocked & benign).sum(), int(benign.sum())),
+        "f1": round(float(f1_score(labels, blocked.astype(int), zero_division=0)), 6) if labels.size else None,
+        "mcc": round(float(matthews_corrcoef(labels, blocked.astype(int))), 6) if labels.size else None,
+        "attack_success_rate": _rate((~blocked & attacks).sum(), int(attacks.sum())),
+    }
+    if both_classes:
+        at_1pct = threshold_for_fpr(scores, labels, 0.01)
+        out["tpr_at_fpr_1pct"] = _rate((scores[attacks] >= at_1pct).sum(), int(attacks.sum()))
+    if attack_types is not None:
+        per_type: dict[str, list[bool]] = {}
+        for kind, label, hit in zip(attack_types, labels, blocked):
+            if label == 1 and kind is not None:
+                per_type.setdefault(str(kind), []).append(bool(hit))
+        out["recall_by_attack_type"] = {k: {"n": len(v), "recall": _rate(sum(v), len(v))} for k, v in sorted(per_type.items())}
+    return out

@@ -1,0 +1,170 @@
+"""Training the guard on Ray Train, and the Guard scorer that eval, score and serving use.
+
+    guard = train_guard(recipe)          # runs/<name>/guard/{model/, guard.json}
+    scorer = Guard.load("runs/quickstart/guard")
+    scorer.scores(["Ignore all previous instructions..."])   # attack probabilities
+    scorer.blocks(texts)                                     # score >= the shipped threshold
+
+Training is one Ray Train `TorchTrainer` (one worker per GPU where there are GPUs, else one CPU
+worker using all its cores): a sequence classifier with two labels on top of the encoder, AdamW
+with linear decay, then the held-out rows are scored and the threshold is chosen on them for
+`guard.target_fpr`. guard.json keeps the threshold, the validation metrics and where the data
+came from, beside the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from raytune_app import models, storage
+from raytune_app.config import Recipe
+
+
+def _worker(config: dict) -> None:
+    """Ray Train worker loop: fine-tune, then score the validation rows (rank 0 writes the model)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    torch.manual_seed(config["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(config["base"])
+    model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2)
+    model = ray.train.torch.prepare_model(model)
+    train_rows = config["train"]
+
+    def batches(rows, shuffle: bool, seed: int):
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else range(len(rows))
+        order = list(order)
+        for i in range(0, len(order), config["batch_size"]):
+            chunk = [rows[j] for j in order[i:i + config["batch_size"]]]
+            encoded = tokenizer([r["text"] for r in chunk], truncation=True, max_length=config["max_length"],
+                                padding=True, return_tensors="pt")
+            yield encoded.to(ray.train.torch.get_device()), torch.tensor([r["label"] for r in chunk], device=ray.train.torch.get_device())
+
+    steps = config["epochs"] * -(-len(train_rows) // config["batch_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
+    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
+    step, began = 0, time.time()
+    model.train()
+    for epoch in range(config["epochs"]):
+        for encoded, labels in batches(train_rows, True, config["seed"] + epoch):
+            loss = torch.nn.functional.cross_entropy(model(**encoded).logits, labels)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            step += 1
+            if step % 20 == 0 or step == steps:
+                print(f"[guard] step {step}/{steps}  loss {loss.item():.4f}  "
+                      f"ETA {(time.time() - began) / step * (steps - step) / 60:.1f} min", flush=True)
+    model.eval()
+    scores = []
+    with torch.inference_mode():
+        for encoded, _ in batches(config["val"], False, 0):
+            scores += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
+    if ray.train.get_context().get_world_rank() == 0:
+        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped.save_pretrained(config["model_dir"])
+        tokenizer.save_pretrained(config["model_dir"])
+        with open(f"{config['model_dir']}/val_scores.json", "w") as out:
+            json.dump(scores, out)
+    ray.train.report({"steps": step, "last_loss": loss.item()})
+
+
+def train_guard(recipe: Recipe) -> dict:
+    """Train the guard of this recipe and choose its threshold; returns guard.json's content."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytune_app.guard import data
+    from raytune_app.guard.metrics import detection_metrics, threshold_for_fpr
+
+    cfg = recipe.guard
+    rows = data.training_rows(recipe)  # every data problem surfaces here, before a worker starts
+    train_rows, val_rows = data.split(rows, cfg.val_fraction)
+    if not any(r["label"] == 0 for r in val_rows):
+        raise data.GuardDataError("no benign rows landed in validation; add benign rows or raise guard.val_fraction")
+    out_dir = storage.absolute(recipe.stage_dir("guard"))
+    if "://" in out_dir:
+        raise data.GuardDataError("guard training writes its model locally; set run.output_dir to a local path")
+    model_dir = f"{out_dir}/model"
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    print(f"[guard] {len(train_rows)} train / {len(val_rows)} validation rows; base {cfg.base}", flush=True)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"base": models.resolve(cfg.base), "train": train_rows, "val": val_rows, "seed": recipe.run.seed,
+                           "epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                           "max_length": cfg.max_length, "model_dir": model_dir},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)))}),
+        run_config=RunConfig(name="guard", storage_path=f"{out_dir}/ray"),
+    )
+    trainer.fit()
+    scores = json.loads(storage.read_text(f"{model_dir}/val_scores.json"))
+    labels = [r["label"] for r in val_rows]
+    threshold = threshold_for_fpr(scores, labels, cfg.target_fpr)
+    summary = {
+        "base": cfg.base, "threshold": threshold, "target_fpr": cfg.target_fpr, "max_length": cfg.max_length,
+        "train_rows": len(train_rows), "val_rows": len(val_rows),
+        "sources": sorted({r["source"] for r in rows}),
+        "validation": detection_metrics(scores, labels, threshold, [r["attack_type"] for r in val_rows]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_text(f"{out_dir}/guard.json", json.dumps(summary, indent=2) + "\n")
+    print(f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC {summary['validation']['auc']}, "
+          f"TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; saved to {out_dir}", flush=True)
+    return summary
+
+
+class Guard:
+    """A trained guard: attack probabilities for texts, and the block decision at its threshold."""
+
+    def __init__(self, folder: str, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        info = json.loads(storage.read_text(storage.join(folder, "guard.json")))
+        self.threshold = info["threshold"]
+        self.info = info
+        self.tokenizer = AutoTokenizer.from_pretrained(f"{folder}/model")
+        self.model = AutoModelForSequenceClassification.from_pretrained(f"{folder}/model").eval()
+        self.max_length = info["max_length"]
+
+    @classmethod
+    def load(cls, folder: str, threads: int | None = None) -> "Guard":
+        if not storage.exists(storage.join(folder, "guard.json")):
+            raise FileNotFoundError(f"no trained guard at {folder} (guard.json missing); run `raytune-app guard train` first")
+        return cls(folder, threads)
+
+    def scores(self, texts: list[str]) -> list[float]:
+        import torch
+
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            return torch.softmax(self.model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
+
+    def blocks(self, texts: list[str]) -> list[bool]:
+        return [s >= self.threshold for s in self.scores(texts)]
+
+
+def evaluate_guard(guard: Guard, rows: list[dict]) -> dict:
+    """The guard's detection metrics on labelled rows, with CPU latency per prompt at batch 1."""
+    import numpy as np
+
+    from raytune_app.guard.metrics import detection_metrics
+
+    guard.scores([rows[0]["text"]])  # warm-up: the first call allocates
+    scores, latencies = [], []
+    for row in rows:
+        began = time.perf_counter()
+        scores += guard.scores([row["text"]])
+        latencies.append((time.perf_counter() - began) * 1000)
+    types = [r["attack_type"] for r in rows]
+    result = detection_metrics(scores, [r["label"] for r in rows], guard.threshold, types if any(types) else None)
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return result | {"latency_ms_p50": round(float(p50), 3), "latency_ms_p99": round(float(p99), 3)}
