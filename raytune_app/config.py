@@ -419,6 +419,10 @@ class GuardSection(Section):
     batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (linear decay).")
     max_length: int = Field(128, ge=8, description="Tokens per prompt; longer prompts are cut.")
+    registered_name: str = Field(
+        "guard", min_length=1, description="Registered model in MLflow that trained guards become versions of "
+        "(serving loads `models:/<name>@champion`).",
+    )
 
 
 class ServeSection(Section):

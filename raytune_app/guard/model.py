@@ -9,7 +9,7 @@ Training is one Ray Train `TorchTrainer` (one worker per GPU where there are GPU
 worker using all its cores): a sequence classifier with two labels on top of the encoder, AdamW
 with linear decay, then the held-out rows are scored and the threshold is chosen on them for
 `guard.target_fpr`. guard.json keeps the threshold, the validation metrics and where the data
-came from, beside the saved model.
+came from, beside the saved model; the folder is then registered in MLflow (registry.store.register_guard).
 """
 
 from __future__ import annotations
@@ -114,6 +114,11 @@ def train_guard(recipe: Recipe) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_text(f"{out_dir}/guard.json", json.dumps(summary, indent=2) + "\n")
+    from raytune_app.registry.store import register_guard
+
+    version = register_guard(recipe, out_dir, summary)
+    print(f"[guard] registered models:/{version['name']}/{version['version']} (champion: version {version['champion']}) "
+          f"in {version['tracking_uri']}", flush=True)
     print(f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC {summary['validation']['auc']}, "
           f"TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; saved to {out_dir}", flush=True)
     return summary

@@ -180,19 +180,22 @@ def _manifest_hash(recipe: Recipe) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16] if storage.exists(uri) else ""
 
 
-def register(recipe: Recipe, manifest: dict, evaluation: Optional[dict] = None, candidate: str = "tuned") -> dict:
-    """Register the trained weights of `manifest` as a model version (or find the existing one),
-    attach lineage and evaluation metrics, and move the aliases. Returns a summary of the version."""
+def _ensure_registered_model(mlflow_client, name: str, description: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    name = model_name(recipe)
-    mlflow_client = client(tracking_uri(recipe))
-    run_id = log_train_run(recipe, manifest)
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
-        mlflow_client.create_registered_model(name, description=f"Adapters trained by the recipe run `{recipe.run.name}` "
-                                                                f"on {recipe.model.path}.")
+        mlflow_client.create_registered_model(name, description=description)
+
+
+def register(recipe: Recipe, manifest: dict, evaluation: Optional[dict] = None, candidate: str = "tuned") -> dict:
+    """Register the trained weights of `manifest` as a model version (or find the existing one),
+    attach lineage and evaluation metrics, and move the aliases. Returns a summary of the version."""
+    name = model_name(recipe)
+    mlflow_client = client(tracking_uri(recipe))
+    run_id = log_train_run(recipe, manifest)
+    _ensure_registered_model(mlflow_client, name, f"Adapters trained by the recipe run `{recipe.run.name}` on {recipe.model.path}.")
     version = _version_for(mlflow_client, name, manifest["fingerprint"])
     if version is None:
         parent = _version_for(mlflow_client, name, manifest["parent_fingerprint"]) if manifest.get("parent_fingerprint") else None
@@ -224,6 +227,39 @@ def register(recipe: Recipe, manifest: dict, evaluation: Optional[dict] = None, 
         set_alias(mlflow_client, name, CHAMPION, number)
     return {"name": name, "version": number, "run_id": run_id, "tracking_uri": tracking_uri(recipe),
             "primary_metric": primary, "champion": _current(mlflow_client, name, CHAMPION), "promoted": promoted}
+
+
+def register_guard(recipe: Recipe, folder: str, summary: dict) -> dict:
+    """Log a trained guard (model/ + guard.json in `folder`) as an MLflow run and a version of the
+    registered model `guard.registered_name`: challenger always, champion per registry.promote on the
+    validation TPR at the chosen threshold. Serving loads `models:/<name>@champion`."""
+    from mlflow.entities import Metric, Param
+
+    name = recipe.guard.registered_name
+    uri = tracking_uri(recipe)
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(_experiment_id(mlflow_client, recipe), tags={"stage": "guard", "mlflow.runName": f"guard-{name}"})
+    run_id = run.info.run_id
+    validation = {k: v for k, v in summary["validation"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    now = int(time.time() * 1000)
+    mlflow_client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in _flatten(recipe.guard.model_dump(mode="json")).items()],
+                            metrics=[Metric(f"val_{k}", float(v), now, 0) for k, v in validation.items()])
+    mlflow_client.log_artifacts(run_id, storage.local_dir(storage.join(folder, "model")), "guard/model")
+    _log_artifact_file(mlflow_client, run_id, storage.join(folder, "guard.json"), "guard")
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    _ensure_registered_model(mlflow_client, name, "Prompt-injection / jailbreak guard classifiers (raytune-app guard train).")
+    tags = {"base_model": summary["base"], "threshold": str(summary["threshold"]), "target_fpr": str(summary["target_fpr"]),
+            "sources": ",".join(summary["sources"]), "primary_metric": "tpr",
+            **{f"eval.{k}": str(v) for k, v in validation.items()}}
+    version = mlflow_client.create_model_version(name, source=f"{mlflow_client.get_run(run_id).info.artifact_uri}/guard",
+                                                 run_id=run_id, tags=tags, description=f"guard on {summary['base']}")
+    number = str(version.version)
+    set_alias(mlflow_client, name, CHALLENGER, number)
+    promoted = _should_promote(mlflow_client, name, number, recipe.registry.promote)
+    if promoted:
+        set_alias(mlflow_client, name, CHAMPION, number)
+    return {"name": name, "version": number, "run_id": run_id, "tracking_uri": uri,
+            "champion": _current(mlflow_client, name, CHAMPION), "promoted": promoted}
 
 
 def register_stage(recipe: Recipe) -> list[dict]:
