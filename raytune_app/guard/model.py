@@ -35,8 +35,8 @@ def _worker(config: dict) -> None:
     train_rows = config["train"]
 
     def batches(rows, shuffle: bool, seed: int):
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else range(len(rows))
-        order = list(order)
+        order = (torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle
+                 else list(range(len(rows))))
         for i in range(0, len(order), config["batch_size"]):
             chunk = [rows[j] for j in order[i:i + config["batch_size"]]]
             encoded = tokenizer([r["text"] for r in chunk], truncation=True, max_length=config["max_length"],
