@@ -83,6 +83,19 @@ def _parquet_rows(stream) -> Iterator[tuple[int, str]]:
             yield number, json.dumps(record, ensure_ascii=False, default=str)
 
 
+READERS = {"jsonl": _jsonl_lines, "csv": _csv_rows, "parquet": _parquet_rows}
+
+
+def raw_rows(uri: str, fmt: str = "auto") -> Iterator[tuple[int, str]]:
+    """(row number, row as JSON text) of one file, read in this process: for files small enough not
+    to need a Ray job (an evaluation set, guard data). Numbering as in `SourceFiles`."""
+    from raytune_app import storage
+
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        yield from READERS[fmt if fmt != "auto" else format_of(uri)](stream)
+
+
 class _Readable(io.RawIOBase):
     """A pyarrow input stream seen as a Python raw file (for the csv module)."""
 
@@ -107,7 +120,7 @@ class SourceFiles(FileBasedDatasource):
 
     def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
         fmt = self._format if self._format != "auto" else format_of(path)
-        reader = {"jsonl": _jsonl_lines, "csv": _csv_rows, "parquet": _parquet_rows}[fmt]
+        reader = READERS[fmt]
         rows, raws = [], []
         for number, raw in reader(f):
             rows.append(number)

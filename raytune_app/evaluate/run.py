@@ -122,6 +122,7 @@ def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
     Bad rows fail the run naming file and line (data.on_error: fail) or are left out and counted.
     """
     from raytune_app.data import rows as rowlib
+    from raytune_app.data import sources
     from raytune_app.data.prepare import RowError, describe_row
 
     uri = storage.absolute(path)
@@ -132,9 +133,7 @@ def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
     group = recipe.evaluate.group_column
     spec = rowlib.RowSpec.from_recipe(recipe.data.model_copy(update={"keep_columns": [group] if group else []}))
     prompts, golds, groups, ids, lines, problems = [], [], [], [], [], []
-    for line_number, raw in enumerate(storage.read_text(uri).splitlines(), start=1):
-        if not raw.strip():
-            continue
+    for line_number, raw in sources.raw_rows(uri, recipe.data.format):
         try:
             record = rowlib.parse_json_line(raw)
             example = rowlib.to_example(record, spec)

@@ -1,4 +1,4 @@
-"""Labelled prompts for the guard: read and checked from JSONL / Parquet, plus the shipped sets.
+"""Labelled prompts for the guard: read and checked from JSONL / CSV / Parquet, plus the shipped sets.
 
     rows = read_labelled("eval.jsonl", text_field="prompt", label_field="label")   # raises GuardDataError
     rows = training_rows(recipe)     # authored + bastioncorpus + guard.sources, deduplicated
@@ -11,7 +11,6 @@ naming the file, the line (or Parquet row) and the field, before any model is lo
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Optional
 
@@ -40,24 +39,20 @@ def _label(value, where: str) -> int:
 
 
 def _records(uri: str):
-    """(row number, record or None when the line is not JSON) for a JSONL or Parquet file."""
-    if uri.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
+    """(row number, record, or None when the row is not JSON) for a JSONL, CSV or Parquet file."""
+    from raytune_app.data.rows import RowProblem, parse_json_line
+    from raytune_app.data.sources import raw_rows
 
-        fs, path = storage.filesystem(uri)
-        yield from enumerate(pq.read_table(path, filesystem=fs).to_pylist(), start=1)
-        return
-    for number, raw in enumerate(storage.read_text(uri).splitlines(), start=1):
-        if raw.strip():
-            try:
-                yield number, json.loads(raw)
-            except json.JSONDecodeError:
-                yield number, None
+    for number, raw in raw_rows(uri):
+        try:
+            yield number, parse_json_line(raw)
+        except RowProblem:
+            yield number, None
 
 
 def read_labelled(path: str, text_field: str = "text", label_field: str = "label",
                   attack_type_field: Optional[str] = "attack_type") -> list[dict]:
-    """Every row of a labelled JSONL / Parquet file, checked; the first bad row raises GuardDataError."""
+    """Every row of a labelled JSONL / CSV / Parquet file, checked; the first bad row raises GuardDataError."""
     from raytune_app.data.prepare import describe_row
 
     uri = storage.absolute(path)
