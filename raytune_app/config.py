@@ -21,24 +21,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeError is part of this module's API)
+from raytune_app.serve.settings import ServeSection
 
 STAGES = ("prepare", "distill", "train", "tune", "evaluate", "register", "serve")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run. ``problems`` holds one line per problem, each naming the field."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s) in the recipe:\n  " + "\n  ".join(problems))
-
-
-class Section(BaseModel):
-    # Unknown keys are errors (with a did-you-mean); assignment re-validates, so code that edits a
-    # loaded recipe (Tune trials, overrides) cannot smuggle in a bad value.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -423,11 +411,6 @@ class GuardSection(Section):
         "guard", min_length=1, description="Registered model in MLflow that trained guards become versions of "
         "(serving loads `models:/<name>@champion`).",
     )
-
-
-class ServeSection(Section):
-    port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve app (serve stage).")
-    guard_threshold: float = Field(0.5, ge=0, le=1, description="Guard score above which a prompt is refused.")
 
 
 # ------------------------------------------------------------------------------------------ recipe

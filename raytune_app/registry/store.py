@@ -388,3 +388,20 @@ def download(recipe_or_uri, model_uri: str, dst: Optional[str] = None) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst or tempfile.mkdtemp(prefix="raytune-model-"))
     except Exception as exc:  # MlflowException and the store's own errors: say which URI failed
         raise RegistryError(f"cannot fetch {model_uri} from {uri}: {str(exc).splitlines()[0]}") from None
+
+
+def retire(uri: str, name: str, alias: str, version: str, reason: str) -> dict:
+    """Move `alias` off `version` (an automatic rollback): back to the version it named before, or
+    removed when it named none. Nothing moves if the alias was pointed elsewhere in the meantime."""
+    mlflow_client = client(uri)
+    if _current(mlflow_client, name, alias) != str(version):
+        return {"name": name, "alias": alias, "moved": False, "why": f"{alias} no longer names version {version}"}
+    history = _history(mlflow_client, name, alias)
+    earlier = [v for v in history if v != str(version)]
+    if earlier:
+        mlflow_client.set_registered_model_alias(name, alias, earlier[-1])
+    else:
+        mlflow_client.delete_registered_model_alias(name, alias)
+    mlflow_client.set_registered_model_tag(name, f"alias_history.{alias}", json.dumps(earlier))
+    mlflow_client.set_model_version_tag(name, str(version), f"retired_from.{alias}", reason[:500])
+    return {"name": name, "alias": alias, "moved": True, "from": str(version), "to": earlier[-1] if earlier else None}

@@ -1,0 +1,205 @@
+"""Build the Ray Serve application from a recipe: ingress -> router -> {guard, LLM, backup LLM}.
+
+    serve run serve_configs/quickstart.yaml          # import_path: raytune_app.serve.app:build_app
+    raytune-app serve --recipe recipes/quickstart.yaml
+
+`plan(recipe)` resolves everything the replicas need into plain dicts first (registry aliases become
+fixed versions, so every replica serves the same weights and a promotion during serving does not
+split them); it fails with a clear message, before any replica starts, when something named is not
+there. `build_app({"recipe": PATH, "overrides": [...]})` is the builder Serve configs import;
+`run(recipe)` starts the same app on a local Ray for the CLI and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from raytune_app import config, storage
+from raytune_app.serve.engine import BASE
+from raytune_app.serve.router import ROUTED
+
+logger = logging.getLogger(__name__)
+
+# CPUs each replica reserves unless serve.deployments says otherwise: they add up to 2, so the whole app
+# fits a 2-core laptop; on a cluster set num_gpus for llm / backup instead.
+DEFAULT_CPUS = {"llm": 1.0, "backup": 0.5, "guard": 0.25, "router": 0.0, "ingress": 0.25}
+
+
+class ServePlanError(ValueError):
+    """Something the serve section names is not there; the message says what and what to do."""
+
+
+def _registry():
+    from raytune_app.registry import store
+
+    return store
+
+
+def _resolve_adapter(tracking_uri: str, ref: str, field: str) -> dict:
+    """{ref: a fixed reference, label: what responses name it, registry: {...} or None} for an adapter."""
+    if ref.startswith("models:/"):
+        store = _registry()
+        try:
+            version = store.version_of(tracking_uri, ref)
+        except store.RegistryError as exc:
+            raise ServePlanError(f"serve.{field}: {ref} is not in the registry at {tracking_uri}: {exc}") from None
+        label = f"{version.name}/{version.version}"
+        return {"ref": f"models:/{label}", "label": label,
+                "registry": {"tracking_uri": tracking_uri, "name": version.name, "version": str(version.version)}}
+    local = storage.local_dir(ref) if "://" in ref else ref
+    if not os.path.exists(os.path.join(local, "adapter_config.json")):
+        raise ServePlanError(f"serve.{field}: no LoRA adapter at {ref} (adapter_config.json missing)")
+    return {"ref": ref, "label": os.path.basename(os.path.normpath(ref)) or ref, "registry": None}
+
+
+def _default_or_given(tracking_uri: str, given: Optional[str], default: str, field: str) -> Optional[dict]:
+    """The given reference (which must exist), or the default registry alias (which may not exist yet)."""
+    if given is not None:
+        return _resolve_adapter(tracking_uri, given, field)
+    try:
+        return _resolve_adapter(tracking_uri, default, field)
+    except ServePlanError as exc:
+        logger.warning("%s", exc)
+        return None
+
+
+def guard_tracking_uri(recipe: config.Recipe) -> str:
+    """Where the guard is registered: serve.guard.tracking_uri, else where recipes/guard.yaml puts it."""
+    if recipe.serve.guard.tracking_uri:
+        return recipe.serve.guard.tracking_uri
+    return f"sqlite:///{storage.absolute(recipe.run.output_dir).rstrip('/')}/guard/mlflow.db"
+
+
+def _guard_spec(recipe: config.Recipe) -> Optional[dict]:
+    cfg = recipe.serve.guard
+    if cfg.mode == "off":
+        return None
+    ref, uri = cfg.model, guard_tracking_uri(recipe)
+    version = ref
+    if ref.startswith("models:/"):
+        store = _registry()
+        try:
+            found = store.version_of(uri, ref)
+        except store.RegistryError as exc:
+            raise ServePlanError(f"serve.guard.model: {ref} is not in {uri} ({exc}). Train one with `raytune-app guard train "
+                                 f"--recipe recipes/guard.yaml`, point serve.guard.model at a guard folder, or set "
+                                 f"serve.guard.mode: off") from None
+        version = f"{found.name}/{found.version}"
+        ref = f"models:/{version}"
+    elif not storage.exists(storage.join(ref, "guard.json")):
+        raise ServePlanError(f"serve.guard.model: no trained guard at {ref} (guard.json missing)")
+    return {"model": ref, "version": version, "tracking_uri": uri, "threshold": cfg.threshold,
+            "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+
+
+def plan(recipe: config.Recipe) -> dict:
+    """Everything the deployments are built from, resolved and checked."""
+    from transformers import AutoConfig
+
+    from raytune_app import models
+
+    store = _registry()
+    s = recipe.serve
+    uri = store.tracking_uri(recipe)
+    registered = store.model_name(recipe)
+    served = s.name or registered
+    model = recipe.model.model_dump(mode="json")
+
+    adapters, versions = {}, {BASE: "base"}
+    champion_key, challenger_key, challenger_registry = BASE, None, None
+    if s.champion != "base":
+        champion = _default_or_given(uri, s.champion, f"models:/{registered}@champion", "champion")
+        if champion is None:
+            logger.warning("serving the bare base model %s: nothing is registered as %s@champion yet", recipe.model.path, registered)
+        else:
+            champion_key = "champion"
+            adapters[champion_key], versions[champion_key] = champion["ref"], champion["label"]
+    if s.router.canary_percent > 0 or s.router.shadow:
+        challenger = _default_or_given(uri, s.challenger, f"models:/{registered}@challenger", "challenger")
+        if challenger is not None and challenger["ref"] == adapters.get(champion_key):
+            logger.warning("no challenger: %s@challenger is the champion itself", registered)
+        elif challenger is not None:
+            challenger_key, challenger_registry = "challenger", challenger["registry"]
+            adapters[challenger_key], versions[challenger_key] = challenger["ref"], challenger["label"]
+    routes = {served: ROUTED, "base": BASE}
+    for index, (name, ref) in enumerate(s.adapters.items()):
+        # PEFT names adapters inside module names: the key must not hold ".", whatever the served name does.
+        resolved, key = _resolve_adapter(uri, ref, f"adapters.{name}"), f"adapter{index}"
+        adapters[key], versions[key] = resolved["ref"], resolved["label"]
+        routes[name] = key
+
+    context = getattr(AutoConfig.from_pretrained(models.resolve(recipe.model.path),
+                                                 trust_remote_code=recipe.model.trust_remote_code), "max_position_embeddings", 2048)
+    llm = {"name": "llm", "model": model, "adapters": adapters, "tracking_uri": uri, "precision": s.precision,
+           "threads": s.threads, "max_batch_size": s.batching.max_batch_size,
+           "batch_wait_timeout_s": s.batching.batch_wait_timeout_s, "max_loaded_adapters": s.max_loaded_adapters}
+    backup = None
+    if s.backup is not None:
+        backup_model = model if s.backup == "base" else {"path": s.backup}
+        backup = llm | {"name": "backup", "model": backup_model, "adapters": {}}
+    router = {"name": served, "routes": routes, "champion": champion_key, "challenger": challenger_key, "versions": versions,
+              "challenger_registry": challenger_registry, "canary_percent": s.router.canary_percent, "shadow": s.router.shadow,
+              "seed": s.router.seed, "drift": s.router.drift.model_dump(), "timeout_s": s.limits.timeout_s,
+              "guard_mode": s.guard.mode, "pricing": {k: v.model_dump() for k, v in s.pricing.items()}}
+    ingress = {"models": sorted(routes), "model": model, "limits": s.limits.model_dump(), "context_length": context,
+               "max_prompt_tokens": s.limits.max_prompt_tokens, "api_keys_env": s.access.api_keys_env,
+               "api_keys_file": recipe.resolve_source(s.access.api_keys_file) if s.access.api_keys_file else None}
+    return {"llm": llm, "backup": backup, "guard": _guard_spec(recipe), "router": router, "ingress": ingress}
+
+
+def _options(recipe: config.Recipe, name: str) -> dict:
+    """Deployment options from serve.deployments.<name> (replicas, autoscaling, resources)."""
+    cfg = recipe.serve.deployments.get(name)
+    actor = {"num_cpus": DEFAULT_CPUS[name]}
+    options: dict = {"name": name}
+    if cfg is None:
+        return options | {"ray_actor_options": actor}
+    if cfg.num_cpus is not None:
+        actor["num_cpus"] = cfg.num_cpus
+    if cfg.num_gpus is not None:
+        actor["num_gpus"] = cfg.num_gpus
+    options["ray_actor_options"] = actor
+    if cfg.num_replicas is not None:
+        options["num_replicas"] = cfg.num_replicas
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    if cfg.max_ongoing_requests is not None:
+        options["max_ongoing_requests"] = cfg.max_ongoing_requests
+    return options
+
+
+def build(recipe: config.Recipe):
+    """The bound application (nothing starts until Serve runs it)."""
+    from raytune_app.serve.guard_scorer import GuardScorer
+    from raytune_app.serve.ingress import Ingress
+    from raytune_app.serve.llm import LLMServer
+    from raytune_app.serve.router import Router
+
+    spec = plan(recipe)
+    primary = LLMServer.options(**_options(recipe, "llm")).bind(spec["llm"])
+    backup = LLMServer.options(**_options(recipe, "backup")).bind(spec["backup"]) if spec["backup"] else None
+    guard = GuardScorer.options(**_options(recipe, "guard")).bind(spec["guard"]) if spec["guard"] else None
+    router = Router.options(**_options(recipe, "router")).bind(spec["router"], primary, backup, guard)
+    return Ingress.options(**_options(recipe, "ingress")).bind(spec["ingress"], router)
+
+
+def build_app(args: dict):
+    """The builder `import_path` names in serve_configs/*.yaml: args {recipe: PATH, overrides: [key=value ...]}."""
+    if not isinstance(args, dict) or "recipe" not in args:
+        raise ServePlanError("the serve config's `args` must name the recipe: args: {recipe: recipes/<x>.yaml}")
+    return build(config.load(args["recipe"], list(args.get("overrides") or [])))
+
+
+def run(recipe: config.Recipe, blocking: bool = False) -> str:
+    """Start the app on the current (or a new local) Ray; returns the base URL."""
+    import ray
+    from ray import serve
+
+    application = build(recipe)  # plan first: a bad serve section fails before Ray starts
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": recipe.serve.host, "port": recipe.serve.port})
+    serve.run(application, name=recipe.run.name, route_prefix="/", blocking=blocking)
+    return f"http://{recipe.serve.host}:{recipe.serve.port}"

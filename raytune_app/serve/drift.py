@@ -1,0 +1,56 @@
+"""Drift between champion and challenger: a sliding window over per-request measurements.
+
+Each measured request contributes the mean KL(champion || challenger) of the two models' next-token
+distributions along the served reply (raytune_app/serve/engine.py, `Engine.divergence`), their top-1
+agreement, and (in shadow mode) whether the two replies were identical and their length ratio. Once
+`min_samples` requests are in the window, a window mean KL above `threshold` trips the monitor.
+Pure Python; the router owns one and acts on `tripped`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from statistics import fmean
+from typing import Optional
+
+
+class DriftMonitor:
+    def __init__(self, threshold: float, window: int, min_samples: int):
+        self.threshold, self.min_samples = threshold, min(min_samples, window)
+        self.kl: deque = deque(maxlen=window)
+        self.agreement: deque = deque(maxlen=window)
+        self.same_reply: deque = deque(maxlen=window)
+        self.length_ratio: deque = deque(maxlen=window)
+        self.measured = 0
+
+    def add(self, kl: float, top1_agreement: float) -> bool:
+        """Record one request's divergence; True when the window now passes the threshold."""
+        self.kl.append(kl)
+        self.agreement.append(top1_agreement)
+        self.measured += 1
+        return self.tripped
+
+    def add_comparison(self, champion_reply: str, challenger_reply: str) -> None:
+        """Output statistics of a shadowed request: identical replies and the length ratio."""
+        self.same_reply.append(champion_reply == challenger_reply)
+        self.length_ratio.append(len(challenger_reply) / max(1, len(champion_reply)))
+
+    @property
+    def mean_kl(self) -> Optional[float]:
+        return fmean(self.kl) if self.kl else None
+
+    @property
+    def tripped(self) -> bool:
+        return len(self.kl) >= self.min_samples and self.mean_kl > self.threshold
+
+    def reset(self) -> None:
+        for window in (self.kl, self.agreement, self.same_reply, self.length_ratio):
+            window.clear()
+
+    def summary(self) -> dict:
+        def mean(values):
+            return round(fmean(values), 6) if values else None
+
+        return {"threshold": self.threshold, "window": self.kl.maxlen, "samples": len(self.kl), "measured_total": self.measured,
+                "mean_kl": mean(self.kl), "top1_agreement": mean(self.agreement), "shadow_compared": len(self.same_reply),
+                "shadow_identical_rate": mean(self.same_reply), "shadow_length_ratio": mean(self.length_ratio)}
