@@ -25,7 +25,7 @@ from raytune_app import config
 
 # Stages with an implementation. The others are named in the recipe schema and the CLI so recipes can
 # be written against them, but they refuse to run rather than pretend.
-BUILT = {"prepare", "train", "evaluate", "register"}
+BUILT = {"prepare", "train", "evaluate", "register", "serve"}
 PLANNED_ISSUE = {"distill": 5, "train": 3, "tune": 7, "evaluate": 4, "register": 4, "serve": 8}
 
 EXIT_BAD_RECIPE = 2
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="continue the interrupted run from its latest checkpoint (fails if there is none)")
             group.add_argument("--restart", action="store_true", help="move any earlier run aside and start from step 0")
 
+        if stage == "serve":
+            p.add_argument("--no-block", action="store_true",
+                           help="return once the app is up (it keeps running on the Ray cluster) instead of waiting for Ctrl-C")
         if stage == "evaluate":
             p.add_argument("--data", metavar="FILE.jsonl",
                            help="score a JSONL file (read with the recipe's data.columns) instead of the prepared split; "
@@ -237,6 +240,42 @@ def _guard(args) -> int:
     return 0
 
 
+def _serve(recipe: config.Recipe, block: bool = True) -> None:
+    """Start the Serve app of the recipe; the default guard is trained first when it is not there yet."""
+    import time
+
+    from raytune_app.serve import app as serve_app
+
+    try:
+        serve_app.plan(recipe)
+    except serve_app.GuardMissing as exc:
+        default = config.ServeSection().guard
+        guard_recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_GUARD_RECIPE)
+        if (recipe.serve.guard.model, recipe.serve.guard.tracking_uri) != (default.model, default.tracking_uri) \
+                or not os.path.exists(guard_recipe):
+            raise
+        print(f"[serve] {str(exc).split(' (')[0]}: training the default guard first ({DEFAULT_GUARD_RECIPE}, a few "
+              "minutes on a CPU; later starts reuse it)", flush=True)
+        from raytune_app.guard.model import train_guard
+
+        guard = config.load(guard_recipe, [f"run.output_dir={recipe.run.output_dir}"])
+        train_guard(guard)
+    url = serve_app.run(recipe)
+    spec = serve_app.plan(recipe)
+    request = json.dumps({"model": spec["router"]["name"], "messages": [{"role": "user", "content": "Hello"}]})
+    print(f"[serve] {url}/v1 is up (models: {', '.join(spec['ingress']['models'])}; stats: {url}/v1/stats). Try:\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'", flush=True)
+    if not block:
+        return
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 def _run_all(recipe: config.Recipe) -> None:
     """Every stage of run.stages in order, timed; those not built yet are reported, not faked."""
     import time
@@ -254,6 +293,8 @@ def _run_all(recipe: config.Recipe) -> None:
             evaluation = evaluate(recipe)
         elif stage == "register":
             _register(recipe)
+        elif stage == "serve":
+            continue  # started last, after the summary: it keeps running
         else:
             print(f"[run] {stage}: skipped, {_not_built(stage)}", flush=True)
             continue
@@ -262,6 +303,8 @@ def _run_all(recipe: config.Recipe) -> None:
           + f"; total {sum(timings.values()):.0f} s", flush=True)
     if evaluation is not None:
         _show_evaluation(evaluation)
+    if "serve" in recipe.run.stages:
+        _serve(recipe)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -317,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
         elif args.command == "register":
             _register(recipe)
+        elif args.command == "serve":
+            _serve(recipe, block=not args.no_block)
         else:
             _run_all(recipe)
         return 0

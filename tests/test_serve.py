@@ -118,7 +118,7 @@ def _recipe(world, **serve):
         "guard": {"model": world["guard"], "mode": "enforce"},
         # Random tiny models give near-uniform next-token distributions, so two different adapters sit ~0.027
         # nats apart here; the threshold is set below that (identical adapters measure exactly 0).
-        "router": {"canary_percent": 50, "drift": {"threshold": 0.01, "window": 8, "min_samples": 4}},
+        "router": {"canary_percent": 50, "shadow": True, "drift": {"threshold": 0.01, "window": 8, "min_samples": 4}},
         "access": {"api_keys_env": None, "api_keys_file": world["keys"]},
         "pricing": {"*": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}},
         "deployments": {name: {"num_cpus": 0.25} for name in ("llm", "backup", "guard", "ingress", "router")},
@@ -300,6 +300,8 @@ def test_canary_split_and_no_rollback_for_an_identical_challenger(app):
     stats = _stats(app)
     assert stats["drift"]["samples"] >= 4 and stats["drift"]["mean_kl"] < 1e-6  # identical weights: no divergence
     assert stats["events"] == [] and stats["routing"]["canary_percent"] == 50
+    # Shadow: champion-routed requests were also answered by the challenger, compared, not returned.
+    assert stats["drift"]["shadow_compared"] >= 1 and stats["drift"]["shadow_identical_rate"] == 1.0
     assert {"toy/1", "toy/2"} <= set(stats["served_by"])
     assert stats["models"]["toy"]["cost"] > 0
 
@@ -332,3 +334,24 @@ def test_a_drifting_challenger_is_rolled_back_in_the_registry(app, world):
               for _ in range(6)}
     assert routes == {"champion"}
     serve.delete("toy")
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob(str(__import__("pathlib").Path(__file__).parent.parent / "serve_configs" / "*.yaml"))))
+def test_every_serve_config_is_valid_and_builds(path, world, tmp_path):
+    """Each shipped serve config passes Ray's schema, and its import_path builds the app from its args
+    (here with an empty registry, so the base model is served, and the test guard)."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(open(path))
+    ServeDeploySchema.model_validate(raw)
+    for application in raw["applications"]:
+        module, _, attribute = application["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attribute)
+        args = dict(application["args"])
+        args["recipe"] = str(__import__("pathlib").Path(path).parent.parent / args["recipe"])
+        args["overrides"] = list(args.get("overrides") or []) + [f"run.output_dir={tmp_path}", f"serve.guard.model={world['guard']}"]
+        built = builder(args)
+        assert type(built).__name__ == "Application"

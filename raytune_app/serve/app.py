@@ -31,6 +31,10 @@ class ServePlanError(ValueError):
     """Something the serve section names is not there; the message says what and what to do."""
 
 
+class GuardMissing(ServePlanError):
+    """The guard the serve section names has not been trained / registered yet."""
+
+
 def _registry():
     from raytune_app.registry import store
 
@@ -83,13 +87,13 @@ def _guard_spec(recipe: config.Recipe) -> Optional[dict]:
         try:
             found = store.version_of(uri, ref)
         except store.RegistryError as exc:
-            raise ServePlanError(f"serve.guard.model: {ref} is not in {uri} ({exc}). Train one with `raytune-app guard train "
+            raise GuardMissing(f"serve.guard.model: {ref} is not in {uri} ({exc}). Train one with `raytune-app guard train "
                                  f"--recipe recipes/guard.yaml`, point serve.guard.model at a guard folder, or set "
                                  f"serve.guard.mode: off") from None
         version = f"{found.name}/{found.version}"
         ref = f"models:/{version}"
     elif not storage.exists(storage.join(ref, "guard.json")):
-        raise ServePlanError(f"serve.guard.model: no trained guard at {ref} (guard.json missing)")
+        raise GuardMissing(f"serve.guard.model: no trained guard at {ref} (guard.json missing)")
     return {"model": ref, "version": version, "tracking_uri": uri, "threshold": cfg.threshold,
             "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
 
