@@ -155,22 +155,25 @@ class Ingress:
     async def completions(self, request: Request):
         return await self._serve(request, protocol.parse_completion)
 
-    @app.get("/v1/models")
-    async def list_models(self, request: Request):
+    async def _keyed(self, request: Request, answer):
+        """`answer()` for a request with a valid key (or when the API is open); the 401 otherwise."""
         try:
             await self._authorise(request)
         except protocol.APIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
-        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "raytune-app"} for m in self.spec["models"]]
-        return {"object": "list", "data": data}
+        return await answer()
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request):
+        async def models():
+            return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created, "owned_by": "raytune-app"}
+                                               for m in self.spec["models"]]}
+
+        return await self._keyed(request, models)
 
     @app.get("/v1/stats")
     async def stats(self, request: Request):
-        try:
-            await self._authorise(request)
-        except protocol.APIError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
-        return await self.router.summary.remote()
+        return await self._keyed(request, lambda: self.router.summary.remote())
 
     @app.get("/healthz")
     async def healthz(self):
