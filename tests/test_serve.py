@@ -113,6 +113,7 @@ def _recipe(world, **serve):
     settings = {
         "port": world["port"], "name": "toy", "backup": "base",
         "adapters": {"style-b": world["b"], "broken": world["broken"]},
+        "max_loaded_adapters": 2,  # champion, challenger and style-b take turns: eviction happens under load
         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3},
         "limits": {"default_max_tokens": 8, "max_tokens": 64, "max_prompt_tokens": 200, "default_temperature": 0.0},
         "guard": {"model": world["guard"], "mode": "enforce"},
@@ -230,6 +231,12 @@ def test_two_adapters_on_one_base_each_answer_their_own(app, world):
         assert got == _alone(world, folder, prompts), model
     alone_a, alone_b = _alone(world, world["a"], prompts), _alone(world, world["b"], prompts)
     assert alone_a != alone_b  # the adapters really differ, so the check above tells them apart
+    # Back and forth between three adapters on a replica that keeps two: evicted ones load again.
+    for model, expected in (("toy", alone_a), ("style-b", alone_b), ("toy", alone_a)):
+        got = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}]).choices[0].message.content
+               for p in prompts]
+        assert got == expected, model
+    assert len(_stats(app)["llm"]["adapters_loaded"]) <= 2
 
 
 def test_guard_refuses_an_injection_before_any_model_and_passes_benign(app):
