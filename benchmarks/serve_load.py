@@ -59,7 +59,7 @@ def serve_forever(port: int, batch: int, guard: bool, out: str) -> None:
 
     overrides = [f"run.output_dir={out}", f"serve.port={port}", "serve.champion=base", "serve.backup=null",
                  f"serve.batching.max_batch_size={batch}", "serve.batching.batch_wait_timeout_s=0.02",
-                 f"serve.guard.mode={'enforce' if guard else 'off'}", "serve.limits.max_tokens=256",
+                 "serve.guard.mode=" + ("enforce" if guard else "'off'"), "serve.limits.max_tokens=256",
                  f"serve.guard.tracking_uri=sqlite:///{ROOT}/runs/guard/mlflow.db"]
     recipe = config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)

@@ -25,7 +25,7 @@ from raytune_app import config
 
 # Stages with an implementation. The others are named in the recipe schema and the CLI so recipes can
 # be written against them, but they refuse to run rather than pretend.
-BUILT = {"prepare", "train", "evaluate", "register", "serve"}
+BUILT = {"prepare", "distill", "train", "evaluate", "register", "serve"}
 PLANNED_ISSUE = {"distill": 5, "train": 3, "tune": 7, "evaluate": 4, "register": 4, "serve": 8}
 
 EXIT_BAD_RECIPE = 2
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, text in stage_help.items():
         p = sub.add_parser(stage, help=text, description=text[0].upper() + text[1:] + ".")
         _add_recipe_args(p)
-        if stage == "prepare":
+        if stage in ("prepare", "distill"):
             p.add_argument("--force", action="store_true", help="recompute even when inputs and settings are unchanged")
         if stage == "train":
             group = p.add_mutually_exclusive_group()
@@ -150,6 +150,12 @@ def _prepare(recipe: config.Recipe, force: bool = False) -> dict:
           f"rejected: {rejected}", flush=True)
     print(f"[prepare] output: {recipe.stage_dir('prepare')} (manifest.json, rejected.jsonl)", flush=True)
     return manifest
+
+
+def _distill(recipe: config.Recipe, force: bool = False) -> dict:
+    from raytune_app.distill.run import distill
+
+    return distill(recipe, force=force)
 
 
 def _start(recipe: config.Recipe) -> None:
@@ -287,6 +293,8 @@ def _run_all(recipe: config.Recipe) -> None:
         began = time.time()
         if stage == "prepare":
             _prepare(recipe)
+        elif stage == "distill":
+            _distill(recipe)
         elif stage == "train":
             _train(recipe)
         elif stage == "evaluate":
@@ -354,6 +362,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ensure_ray()
         if args.command == "prepare":
             _prepare(recipe, force=args.force)
+        elif args.command == "distill":
+            _distill(recipe, force=args.force)
         elif args.command == "train":
             _train(recipe, resume=args.resume, restart=args.restart)
         elif args.command == "evaluate":

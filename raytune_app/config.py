@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeError is part of this module's API)
+from raytune_app.distill.settings import DistillSection, TrainDistillSection
 from raytune_app.serve.settings import ServeSection
 
 STAGES = ("prepare", "distill", "train", "tune", "evaluate", "register", "serve")
@@ -76,10 +77,11 @@ class ModelSection(Section):
 
 
 class GeneratorSection(Section):
-    name: Literal["order_extraction"] = Field(
+    name: Literal["order_extraction", "multi_step_arithmetic"] = Field(
         "order_extraction",
         description="Built-in data generator. `order_extraction`: support messages about orders turned into "
-        "JSON with a fixed schema (raytune_app.data.extraction).",
+        "JSON with a fixed schema (raytune_app.data.extraction); `multi_step_arithmetic`: word problems of 2-4 "
+        "steps with integer answers (raytune_app.data.arithmetic; columns question, answer).",
     )
     rows: int = Field(1200, gt=0, description="How many examples to generate.")
     seed: int = Field(0, description="Seed of the generator: the same seed gives the same file.")
@@ -297,6 +299,9 @@ class TrainSection(Section):
     max_failures: int = Field(
         1, ge=0, description="Times Ray Train restarts the workers after a failure, resuming from the latest checkpoint."
     )
+    distill: TrainDistillSection = Field(
+        default_factory=TrainDistillSection, description="Multi-task training on distilled data (run.stages has distill).",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -311,11 +316,6 @@ class TrainSection(Section):
 
 
 # ------------------------------------------------------------------------------- later stages
-
-
-class DistillSection(Section):
-    teacher: Literal["hf", "openai", "vllm", "program"] = Field("program", description="Teacher backend (distill stage).")
-    rationale_weight: float = Field(0.5, ge=0, description="Weight of the rationale loss against the label loss.")
 
 
 class TuneSection(Section):
@@ -579,6 +579,8 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     """Rules that tie two sections together (each section checks itself on its own)."""
     problems = []
     ev, data = recipe.evaluate, recipe.data
+    if "distill" in recipe.run.stages:
+        problems += recipe.distill.teacher_problems()
     if ev.group_column is not None and ev.group_column not in data.keep_columns:
         problems.append(f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
                         f"({data.keep_columns or 'empty'}); add it there so prepare keeps it")

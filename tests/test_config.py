@@ -139,7 +139,7 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
 def test_cli_unbuilt_stage_says_so_and_fails(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(MINIMAL))
-    assert main(["distill", "--recipe", str(good)]) == 3
+    assert main(["tune", "--recipe", str(good)]) == 3
     assert "not built yet" in capsys.readouterr().err
 
 

@@ -242,12 +242,13 @@ def source_paths(recipe: Recipe) -> list[str]:
     """The files to read: the recipe's sources, or the generated file (written on first use)."""
     if recipe.data.generator is None:
         return [recipe.resolve_source(s) for s in recipe.data.sources]
-    from raytune_app.data import extraction
+    from raytune_app.data import arithmetic, extraction
 
+    generators = {"order_extraction": extraction.generate, "multi_step_arithmetic": arithmetic.generate}
     gen = recipe.data.generator
     path = storage.absolute(storage.join(recipe.run_dir, "source", f"{gen.name}-{gen.rows}-seed{gen.seed}.jsonl"))
     if not storage.exists(path):
-        storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in extraction.generate(gen.rows, gen.seed)))
+        storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generators[gen.name](gen.rows, gen.seed)))
     return [path]
 
 

@@ -55,7 +55,8 @@ class Generator:
     """One model replica. Constructed by Ray Data once per actor; called once per batch."""
 
     def __init__(self, model: dict, weights: Optional[str], max_new_tokens: int, temperature: float = 0.0,
-                 dtype: str = "fp32", threads: Optional[int] = None, labels: Optional[list[str]] = None):
+                 dtype: str = "fp32", threads: Optional[int] = None, labels: Optional[list[str]] = None,
+                 prompt_prefix: str = ""):
         import torch
 
         if threads:
@@ -66,6 +67,7 @@ class Generator:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.labels = labels
+        self.prompt_prefix = prompt_prefix  # put before the last user message (a distilled student's task prefix)
         # Stop at the end of the assistant turn; some templates end a turn with a token other than eos.
         stops = {self.tokenizer.eos_token_id}
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -84,7 +86,7 @@ class Generator:
         import torch
 
         prompts = [
-            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(self._prefixed(messages), tokenize=False, add_generation_prompt=True)
             for messages in batch.column("prompt").to_pylist()
         ]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -110,6 +112,12 @@ class Generator:
         for name, values in columns.items():
             batch = batch.append_column(name, values)
         return batch
+
+    def _prefixed(self, messages: list[dict]) -> list[dict]:
+        if not self.prompt_prefix:
+            return messages
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        return [dict(m, content=self.prompt_prefix + m["content"]) if i == last else m for i, m in enumerate(messages)]
 
     def label_probabilities(self, prompts: list[str]) -> list[list[float]]:
         """P(label | prompt) over the task's labels: each label's summed token log-probability as a

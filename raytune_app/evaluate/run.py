@@ -232,6 +232,8 @@ def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: O
             "model": recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"}),
             "weights": candidate.weights, "max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature,
             "dtype": _precision(recipe, use_gpu), "threads": None if use_gpu else cpus, "labels": labels,
+            # A distilled student answers its label task when asked with the label prefix; the base is asked plainly.
+            "prompt_prefix": recipe.distill.label_prefix if "distill" in recipe.run.stages and candidate.weights else "",
         },
         compute=ray.data.ActorPoolStrategy(size=replicas),
         batch_size=ev.batch_size, batch_format="pyarrow",

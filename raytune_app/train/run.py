@@ -36,7 +36,10 @@ class TrainError(ValueError):
 
 def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[dict] = None) -> str:
     """Identifies a training run: what it trains from (model, parent adapter's run, data) and how."""
-    payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
+    # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
+    # fingerprints of runs made before that setting existed.
+    exclude = None if "distill" in recipe.run.stages else {"distill"}
+    payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json", exclude=exclude),
                "seed": recipe.run.seed, "data": prepare_manifest["fingerprint"],
                "parent": parent["fingerprint"] if parent else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -111,10 +114,13 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     if recipe.train.method != "sft":
         raise TrainError(f"train.method {recipe.train.method}: only sft is built so far (dpo and grpo: issue #6)")
     from raytune_app.data.prepare import NotPrepared, current_manifest
+    from raytune_app.distill import run as distill_run
 
-    prepared_dir = storage.absolute(recipe.stage_dir("prepare"))
+    # With a distill stage the student learns from the distilled data (label + rationale tasks).
+    source = "distill" if distill_run.distilled(recipe) else "prepare"
+    prepared_dir = storage.absolute(recipe.stage_dir(source))
     try:
-        prepared = current_manifest(recipe)
+        prepared = distill_run.current_manifest(recipe) if source == "distill" else current_manifest(recipe)
     except NotPrepared as exc:
         raise TrainError(str(exc)) from None
     if prepared["kind"] == "preference":

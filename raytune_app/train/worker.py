@@ -86,10 +86,15 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: b
     )
 
 
-def load_splits(prepared_dir: str):
-    """Train and validation splits as Hugging Face datasets, with only the columns the collator uses."""
+def load_splits(prepared_dir: str, rationale_weight: float = 1.0):
+    """Train and validation splits as Hugging Face datasets, with only the columns the collator uses.
+
+    Distilled data (a `task` column) gets a `loss_weight` per example: 1 for the label task,
+    `rationale_weight` for the rationale task; with weight 0 the rationale rows are left out, which
+    makes the run plain fine-tuning on the label task."""
     import datasets
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from raytune_app.data.prepare import load_split
 
@@ -97,6 +102,9 @@ def load_splits(prepared_dir: str):
 
     def as_dataset(split: str) -> datasets.Dataset:
         table = load_split(prepared_dir, split)
+        weighted = "task" in table.column_names and split == "train" and rationale_weight > 0
+        if "task" in table.column_names and not weighted:
+            table = table.filter(pc.equal(table["task"], "label"))
         # Labels are the tokens to learn: the assistant's (completion_mask 1); the rest is -100, ignored.
         labels = [[t if m else -100 for t, m in zip(ids, mask)]
                   for ids, mask in zip(table["input_ids"].to_pylist(), table["completion_mask"].to_pylist())]
@@ -105,9 +113,12 @@ def load_splits(prepared_dir: str):
             columns["seq_lengths"] = table["seq_lengths"]
         else:
             columns["length"] = table["num_tokens"]  # for length-grouped batching of unpacked data
+        if weighted:
+            columns["loss_weight"] = pa.array([1.0 if t == "label" else rationale_weight for t in table["task"].to_pylist()],
+                                              pa.float32())
         # The prepare manifest already identifies the split's content; giving it as the fingerprint
         # spares datasets from hashing the whole table (slow, and noisy on the console).
-        return datasets.Dataset(pa.table(columns), fingerprint=f"{manifest['fingerprint']}-{split}-labels")
+        return datasets.Dataset(pa.table(columns), fingerprint=f"{manifest['fingerprint']}-{split}-labels-{rationale_weight}")
 
     train = as_dataset("train")
     return train, as_dataset("val"), "seq_lengths" in train.column_names
@@ -177,6 +188,7 @@ def train_worker(config: dict) -> None:
     from transformers import set_seed
     from trl import SFTTrainer
 
+    from raytune_app.distill.loss import KeepWeights, multitask_trainer
     from raytune_app.train.deepspeed import deepspeed_config
     from raytune_app.train.model import load_for_training
 
@@ -193,7 +205,7 @@ def train_worker(config: dict) -> None:
                                       recipe.model.trust_remote_code)
     device = ray.train.torch.get_device()
     model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.get("parent_adapter"))
-    train_set, val_set, packed = load_splits(config["prepared_dir"])
+    train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
     ds_config = deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
     # One scratch folder per node and run, shared by the workers on it: DeepSpeed writes each rank's
     # optimizer shard beside the others, and the checkpoint handed to Ray Train must hold them all.
@@ -203,8 +215,12 @@ def train_worker(config: dict) -> None:
     callbacks = [RayTrainReportCallback(), _progress_callback()]
     if config.get("fault_at_step"):
         callbacks.append(_fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"])))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         processing_class=tokenizer, callbacks=callbacks)
+    multitask = "loss_weight" in train_set.column_names  # distilled data: label + weighted rationale tasks
+    trainer_class = multitask_trainer(SFTTrainer) if multitask else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                            processing_class=tokenizer, callbacks=callbacks)
+    if multitask:
+        trainer.data_collator = KeepWeights(trainer.data_collator)
     # Our progress line replaces the trainer's raw dict printout (its console logger without tqdm).
     from transformers.trainer_callback import PrinterCallback
 
