@@ -46,6 +46,12 @@ def read_json(uri: str):
     return json.loads(read_text(uri)) if exists(uri) else None
 
 
+def unchanged(uri: str, fingerprint: str):
+    """The stage output's JSON summary at `uri` when it was made with `fingerprint` (reuse it), else None."""
+    previous = read_json(uri)
+    return previous if previous is not None and previous.get("fingerprint") == fingerprint else None
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)

@@ -317,12 +317,10 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     data = recipe.data
     out_dir = storage.absolute(recipe.stage_dir("prepare"))
     sources, files, fingerprint = _inputs(recipe)
-    manifest_path = storage.join(out_dir, "manifest.json")
-    if not force and storage.exists(manifest_path):
-        previous = json.loads(storage.read_text(manifest_path))
-        if previous.get("fingerprint") == fingerprint:
-            print(f"[prepare] inputs and settings unchanged: reusing {out_dir}", flush=True)
-            return previous
+    previous = None if force else storage.unchanged(storage.join(out_dir, "manifest.json"), fingerprint)
+    if previous is not None:
+        print(f"[prepare] inputs and settings unchanged: reusing {out_dir}", flush=True)
+        return previous
 
     # Fail before any Ray work on things that would fail every row: a missing tokenizer or template.
     tokenizer = _tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code)

@@ -25,7 +25,6 @@ import json
 import time
 import uuid
 from collections import Counter
-from typing import Optional
 
 import pyarrow as pa
 
@@ -173,12 +172,10 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     cfg = recipe.distill
     prepare_dir, out_dir = storage.absolute(recipe.stage_dir("prepare")), storage.absolute(recipe.stage_dir("distill"))
     fingerprint = _fingerprint(recipe, prepared)
-    manifest_uri = storage.join(out_dir, "manifest.json")
-    if not force and storage.exists(manifest_uri):
-        previous = json.loads(storage.read_text(manifest_uri))
-        if previous.get("fingerprint") == fingerprint:
-            print(f"[distill] unchanged inputs and settings: reusing {out_dir}", flush=True)
-            return previous
+    previous = None if force else storage.unchanged(storage.join(out_dir, "manifest.json"), fingerprint)
+    if previous is not None:
+        print(f"[distill] unchanged inputs and settings: reusing {out_dir}", flush=True)
+        return previous
     started = time.time()
     rows = _inputs(load_split(prepare_dir, "train"))
     if cfg.subsample < 1:

@@ -306,8 +306,8 @@ def evaluate(recipe: Recipe, data_file: Optional[str] = None, adapter: Optional[
         out_dir = storage.join(storage.absolute(recipe.run_dir), "evaluate-files",
                                f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}")
     fingerprint = _fingerprint(recipe, data_identity, models, labels)
-    previous = storage.read_json(storage.join(out_dir, "metrics.json"))
-    if not force and previous is not None and previous.get("fingerprint") == fingerprint:
+    previous = None if force else storage.unchanged(storage.join(out_dir, "metrics.json"), fingerprint)
+    if previous is not None:
         say(f"models, data and settings unchanged: reusing {out_dir}")
         return {**previous, "output_dir": out_dir}
 
