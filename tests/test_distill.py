@@ -215,3 +215,20 @@ def test_distill_section_checks():
                                "rationale_prefix": "[x]"}, "must differ")):
         with pytest.raises(config.RecipeError, match=message):
             config.validate(base | {"distill": distill})
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("ray_local")
+def test_vllm_teacher_on_a_gpu(tmp_path, tiny_model):
+    """The vllm backend through Ray Data's vLLM processor: runs only where vLLM and a CUDA GPU are present."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from raytune_app.data.prepare import prepare
+    from raytune_app.distill.run import distill
+
+    recipe = _recipe(tmp_path, tiny_model, {"backend": "vllm", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8})
+    n = prepare(recipe)["rows_out"]["train"]
+    result = distill(recipe)
+    assert result["teacher_calls"] == n and sum(result["rejected"].values()) + result["kept_rationales"] == n
