@@ -45,6 +45,13 @@ def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[dict] =
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _examples_used(recipe: Recipe, prepared: dict) -> int:
+    """Training rows the workers will read: distilled data at rationale weight 0 is its label rows alone."""
+    if prepared.get("stage") == "distill" and recipe.train.distill.rationale_weight == 0:
+        return prepared["tasks"].get("label", 0)
+    return prepared["rows_out"]["train"]
+
+
 def check_resources(recipe: Recipe) -> tuple[bool, int]:
     """(use_gpu, CPUs per worker) for this cluster, or TrainError when the workers can never fit."""
     import ray
@@ -179,7 +186,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         ),
     )
     print_(f"{train_cfg.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
-           f"{train_cfg.finetuning} on {recipe.model.path}; {prepared['rows_out']['train']} train examples")
+           f"{train_cfg.finetuning} on {recipe.model.path}; {_examples_used(recipe, prepared)} train examples")
     began = time.time()
     result = trainer.fit()
     summary = storage.read_json(storage.join(out_dir, "worker_summary.json"))
