@@ -253,7 +253,7 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
     from raytune_app.serve import app as serve_app
 
     try:
-        serve_app.plan(recipe)
+        spec = serve_app.plan(recipe)
     except serve_app.GuardMissing as exc:
         default = config.ServeSection().guard
         guard_recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_GUARD_RECIPE)
@@ -266,8 +266,8 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
 
         guard = config.load(guard_recipe, [f"run.output_dir={recipe.run.output_dir}"])
         train_guard(guard)
-    url = serve_app.run(recipe)
-    spec = serve_app.plan(recipe)
+        spec = serve_app.plan(recipe)
+    url = serve_app.run(recipe, spec=spec)
     request = json.dumps({"model": spec["router"]["name"], "messages": [{"role": "user", "content": "Hello"}]})
     print(f"[serve] {url}/v1 is up (models: {', '.join(spec['ingress']['models'])}; stats: {url}/v1/stats). Try:\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'", flush=True)

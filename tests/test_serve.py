@@ -362,3 +362,23 @@ def test_every_serve_config_is_valid_and_builds(path, world, tmp_path):
         args["overrides"] = list(args.get("overrides") or []) + [f"run.output_dir={tmp_path}", f"serve.guard.model={world['guard']}"]
         built = builder(args)
         assert type(built).__name__ == "Application"
+
+
+def test_cli_serve_starts_the_app_and_refuses_a_missing_guard(world, app, tmp_path, capsys):
+    """`raytune-app serve --recipe` (the test app was deleted by the drift test, so "/" is free again)."""
+    import httpx
+    import yaml
+    from ray import serve
+
+    from raytune_app.cli import main
+
+    raw = _recipe(world).model_dump(mode="json", exclude_none=True)
+    raw["run"]["name"] = "cli-serve"
+    recipe_file = tmp_path / "serve.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw))
+    assert main(["serve", "--recipe", str(recipe_file), "serve.guard.model=" + str(tmp_path / "no-guard")]) == 4
+    assert "no trained guard at" in capsys.readouterr().err
+    assert main(["serve", "--recipe", str(recipe_file), "--no-block"]) == 0
+    assert "/v1 is up (models: base, broken, style-b, toy" in capsys.readouterr().out
+    assert httpx.get(app["url"] + "/healthz").json() == {"status": "ok"}
+    serve.delete("cli-serve")

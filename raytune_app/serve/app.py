@@ -174,14 +174,14 @@ def _options(recipe: config.Recipe, name: str) -> dict:
     return options
 
 
-def build(recipe: config.Recipe):
-    """The bound application (nothing starts until Serve runs it)."""
+def build(recipe: config.Recipe, spec: Optional[dict] = None):
+    """The bound application (nothing starts until Serve runs it); `spec`: an already made plan."""
     from raytune_app.serve.guard_scorer import GuardScorer
     from raytune_app.serve.ingress import Ingress
     from raytune_app.serve.llm import LLMServer
     from raytune_app.serve.router import Router
 
-    spec = plan(recipe)
+    spec = spec or plan(recipe)
     primary = LLMServer.options(**_options(recipe, "llm")).bind(spec["llm"])
     backup = LLMServer.options(**_options(recipe, "backup")).bind(spec["backup"]) if spec["backup"] else None
     guard = GuardScorer.options(**_options(recipe, "guard")).bind(spec["guard"]) if spec["guard"] else None
@@ -196,12 +196,12 @@ def build_app(args: dict):
     return build(config.load(args["recipe"], list(args.get("overrides") or [])))
 
 
-def run(recipe: config.Recipe, blocking: bool = False) -> str:
+def run(recipe: config.Recipe, blocking: bool = False, spec: Optional[dict] = None) -> str:
     """Start the app on the current (or a new local) Ray; returns the base URL."""
     import ray
     from ray import serve
 
-    application = build(recipe)  # plan first: a bad serve section fails before Ray starts
+    application = build(recipe, spec)  # plan first: a bad serve section fails before Ray starts
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": recipe.serve.host, "port": recipe.serve.port})
