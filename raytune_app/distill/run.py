@@ -209,11 +209,11 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
             rejected.append({"content_hash": row["content_hash"], "input": row["input"], "gold": row["gold"], "reason": reason,
                              "teacher_text": cache.entries.get(first, answers.get(first, (None, None))[0])})
         else:
-            rationale_chats.append((_with_prefix(prefix_messages, cfg.rationale_prefix)
+            rationale_chats.append((prefix_last_user(prefix_messages, cfg.rationale_prefix)
                                     + [{"role": "assistant", "content": kept["rationale"]}], row["content_hash"]))
         label = row["gold"] if cfg.label_source == "gold" else (kept or {}).get("label")
         if label is not None:
-            label_chats.append((_with_prefix(prefix_messages, cfg.label_prefix) + [{"role": "assistant", "content": label}],
+            label_chats.append((prefix_last_user(prefix_messages, cfg.label_prefix) + [{"role": "assistant", "content": label}],
                                 row["content_hash"]))
 
     tokenizer = models.load_tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template,
@@ -223,7 +223,7 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     train, dropped_train = _tokenised(tokenizer, [c for c, _ in chats], tasks, [h for _, h in chats],
                                       recipe.data.max_seq_length, recipe.data.truncation)
     val_rows = _inputs(load_split(prepare_dir, "val"))
-    val_chats = [_with_prefix(r["messages"][:-1], cfg.label_prefix) + [r["messages"][-1]] for r in val_rows]
+    val_chats = [prefix_last_user(r["messages"][:-1], cfg.label_prefix) + [r["messages"][-1]] for r in val_rows]
     val, dropped_val = _tokenised(tokenizer, val_chats, ["label"] * len(val_chats), [r["content_hash"] for r in val_rows],
                                   recipe.data.max_seq_length, recipe.data.truncation)
 
@@ -251,7 +251,8 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     return manifest
 
 
-def _with_prefix(messages: list[dict], prefix: str) -> list[dict]:
+def prefix_last_user(messages: list[dict], prefix: str) -> list[dict]:
+    """A copy of the chat with `prefix` before the last user message (the task prefix of a distilled student)."""
     out = [dict(m) for m in messages]
     last = max(i for i, m in enumerate(out) if m["role"] == "user")
     out[last]["content"] = prefix + out[last]["content"]

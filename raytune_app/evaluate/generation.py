@@ -114,10 +114,9 @@ class Generator:
         return batch
 
     def _prefixed(self, messages: list[dict]) -> list[dict]:
-        if not self.prompt_prefix:
-            return messages
-        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        return [dict(m, content=self.prompt_prefix + m["content"]) if i == last else m for i, m in enumerate(messages)]
+        from raytune_app.distill.run import prefix_last_user
+
+        return prefix_last_user(messages, self.prompt_prefix) if self.prompt_prefix else messages
 
     def label_probabilities(self, prompts: list[str]) -> list[list[float]]:
         """P(label | prompt) over the task's labels: each label's summed token log-probability as a

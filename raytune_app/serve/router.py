@@ -26,6 +26,7 @@ from ray import serve
 from raytune_app.serve.drift import DriftMonitor
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.llm import PromptError
+from raytune_app.serve.protocol import APIError
 from raytune_app.serve.stats import Stats
 
 logger = logging.getLogger("ray.serve")
@@ -33,8 +34,10 @@ ROUTED = "__routed__"
 
 
 def _refusal(status: int, message: str, code: str, param: Optional[str] = None, **extra) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"status": status, "body": {"error": {"message": message, "type": kind, "param": param, "code": code, **extra}}}}
+    """A reply the ingress sends as it is: the status and the OpenAI error body (protocol.APIError's shape)."""
+    error = APIError(status, message, type="invalid_request_error" if status < 500 else "server_error", param=param,
+                     code=code, extra=extra)
+    return {"error": {"status": status, "body": error.body()}}
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
