@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeError is part of this module's API)
 from raytune_app.distill.settings import DistillSection, TrainDistillSection
 from raytune_app.serve.settings import ServeSection
+from raytune_app.train.settings import DpoSection, GrpoSection, PairsSection
 
 STAGES = ("prepare", "distill", "train", "tune", "evaluate", "register", "serve")
 
@@ -272,7 +273,11 @@ class CheckpointSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo", "grpo"] = Field("sft", description="Training method (TRL trainer).")
+    method: Literal["sft", "dpo", "grpo"] = Field(
+        "sft", description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
+        "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat data "
+        "with reward functions (train.grpo.rewards).",
+    )
     finetuning: Literal["full", "lora", "qlora"] = Field(
         "lora", description="Which weights train: all (`full`), LoRA adapters, or LoRA over a 4-bit base (`qlora`)."
     )
@@ -302,6 +307,8 @@ class TrainSection(Section):
     distill: TrainDistillSection = Field(
         default_factory=TrainDistillSection, description="Multi-task training on distilled data (run.stages has distill).",
     )
+    dpo: DpoSection = Field(default_factory=DpoSection, description="DPO settings (method dpo).")
+    grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO settings (method grpo).")
 
     @model_validator(mode="after")
     def _check(self):
@@ -423,6 +430,11 @@ class ChainStep(Section):
                        description="Fields of `data` that differ in this step, merged over the recipe's data section.")
     train: dict = Field(default_factory=dict,
                         description="Fields of `train` that differ in this step, merged over the recipe's train section.")
+    pairs: Optional[PairsSection] = Field(
+        None, description="Make this step's data from the previous step's mistakes: the previous step's model answers "
+        "the prompts of its own prepared data, and every failing answer becomes a preference pair (chosen: the "
+        "reference, rejected: the model's answer). For a `dpo` step after an `sft` step (SFT -> evaluate -> DPO in one recipe).",
+    )
 
 
 class Recipe(Section):
@@ -467,9 +479,21 @@ class Recipe(Section):
         step = self.chain[index]
         merged = _merge(self.model_dump(mode="json", exclude={"chain"}), {"data": step.data, "train": step.train})
         merged["run"] = merged["run"] | {"name": step.name, "output_dir": f"{self.run_dir}/chain"}
+        if step.pairs is not None:
+            # The step trains on the pairs file its `pairs` section makes (raytune_app/train/pairs.py).
+            merged["data"] = merged["data"] | {
+                "sources": [self.pairs_file(index)], "generator": None, "kind": "preference", "format": "jsonl",
+                "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
+                "keep_columns": [], "packing": False}
         recipe = Recipe.model_validate(merged)
         recipe.source_path = self.source_path
         return recipe
+
+    def pairs_file(self, index: int) -> str:
+        """Where chain step `index` with a `pairs` section finds its preference pairs."""
+        from raytune_app import storage
+
+        return storage.join(storage.absolute(f"{self.run_dir}/chain/{self.chain[index].name}"), "pairs", "pairs.jsonl")
 
     def resolve_source(self, path: str) -> str:
         """A data path as written in the recipe, made absolute against the recipe's folder."""
@@ -568,6 +592,17 @@ def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] =
         if step_recipe.train.finetuning == "full":
             problems.append(f"chain.{index} (step `{step.name}`): a chain passes LoRA adapters from step to step; "
                             "set train.finetuning to lora or qlora")
+        if step.pairs is not None and index == 0:
+            problems.append(f"chain.0 (step `{step.name}`): `pairs` are made by the previous step's model; the first "
+                            "step has none (put an sft step before it)")
+        if step.pairs is not None and step_recipe.train.method != "dpo":
+            problems.append(f"chain.{index} (step `{step.name}`): `pairs` makes preference data; set train.method: dpo "
+                            f"in this step (it is {step_recipe.train.method})")
+        if step.pairs is not None and index > 0 and recipe.chain_step(index - 1).data.kind == "preference":
+            problems.append(f"chain.{index} (step `{step.name}`): `pairs` needs prompts with reference answers from the "
+                            "previous step's data, which is preference data")
+        if step.pairs is None:
+            problems += [f"chain.{index} (step `{step.name}`): {p}" for p in _method_problems(step_recipe)]
     if len({step.name for step in recipe.chain}) != len(recipe.chain):
         problems.append("chain: step names must be unique (each names its own folder)")
     if problems:
@@ -575,9 +610,35 @@ def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] =
     return recipe
 
 
+def _method_problems(recipe: Recipe) -> list[str]:
+    """train.method against the data it trains on and its own settings."""
+    train, kind = recipe.train, recipe.data.kind
+    if train.method == "sft" and kind == "preference":
+        return ["train.method sft needs prompt_response or chat data, and data.kind is preference; use train.method "
+                "dpo for preference pairs"]
+    if train.method == "dpo" and kind != "preference":
+        return [f"train.method dpo trains on preference pairs, and data.kind is {kind}; set data.kind: preference "
+                "(columns prompt / chosen / rejected), or make pairs from a previous chain step (chain[].pairs)"]
+    if train.method != "grpo":
+        return []
+    from raytune_app.train import rewards
+
+    problems = [] if kind != "preference" else [
+        "train.method grpo samples answers to prompts of prompt_response or chat data; data.kind is preference"]
+    if not train.grpo.rewards:
+        problems.append("train.grpo.rewards: method grpo needs at least one reward function, e.g. "
+                        "[{function: json_schema}] or [{function: exact_answer}]")
+    group = train.grpo.num_generations
+    if (train.batch_size * train.workers) % group:
+        problems.append(f"train.batch_size ({train.batch_size}) x train.workers ({train.workers}) counts completions per "
+                        f"step and must be a multiple of train.grpo.num_generations ({group}), so every prompt's group "
+                        "fits in one batch")
+    return problems + rewards.problems(train.grpo.rewards)
+
+
 def _cross_section_problems(recipe: Recipe) -> list[str]:
     """Rules that tie two sections together (each section checks itself on its own)."""
-    problems = []
+    problems = [] if recipe.chain else _method_problems(recipe)
     ev, data = recipe.evaluate, recipe.data
     if "distill" in recipe.run.stages:
         problems += recipe.distill.teacher_problems()

@@ -38,7 +38,8 @@ def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[dict] =
     """Identifies a training run: what it trains from (model, parent adapter's run, data) and how."""
     # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
     # fingerprints of runs made before that setting existed.
-    exclude = None if "distill" in recipe.run.stages else {"distill"}
+    # The same holds for the settings of the methods not in use (dpo, grpo).
+    exclude = ({"distill"} if "distill" not in recipe.run.stages else set()) | ({"dpo", "grpo"} - {recipe.train.method})
     payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json", exclude=exclude),
                "seed": recipe.run.seed, "data": prepare_manifest["fingerprint"],
                "parent": parent["fingerprint"] if parent else None}
@@ -69,6 +70,29 @@ def check_resources(recipe: Recipe) -> tuple[bool, int]:
         raise TrainError(f"train.workers={train.workers} needs {train.workers} CPUs, the cluster has {cpus}; lower train.workers")
     # On CPU each worker gets an even share of the cores (Ray sets its torch thread count from it).
     return use_gpu, max(1, cpus // train.workers) if not use_gpu else 1
+
+
+# The validation number that ranks checkpoints (Ray Train keeps the best K): the loss for SFT and DPO,
+# the mean reward of sampled answers for GRPO (its loss is not a measure of quality).
+CHECKPOINT_SCORE = {"sft": ("eval_loss", "min"), "dpo": ("eval_loss", "min"), "grpo": ("eval_reward", "max")}
+
+
+def _worker_recipe(recipe: Recipe) -> dict:
+    """The resolved recipe for the workers, with the paths they read made absolute (they do not know
+    the recipe file's folder)."""
+    resolved = recipe.resolved()
+    for spec in resolved["train"]["grpo"]["rewards"]:
+        if "schema_file" in spec["args"]:
+            spec["args"]["schema_file"] = storage.absolute(recipe.resolve_source(spec["args"]["schema_file"]))
+    return resolved
+
+
+def _task_schema(recipe: Recipe) -> Optional[dict]:
+    """The task's JSON Schema (evaluate.schema_file or the data generator's), for the json_schema reward."""
+    from raytune_app.evaluate.run import load_schema
+
+    validator = load_schema(recipe)
+    return validator.schema if validator is not None else None
 
 
 def _loss_curve(history: list[dict], target: str) -> None:
@@ -118,8 +142,6 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
 
     from raytune_app.train.worker import FAULT_ENV, train_worker
 
-    if recipe.train.method != "sft":
-        raise TrainError(f"train.method {recipe.train.method}: only sft is built so far (dpo and grpo: issue #6)")
     from raytune_app.data.prepare import NotPrepared, current_manifest
     from raytune_app.distill import run as distill_run
 
@@ -130,8 +152,10 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         prepared = distill_run.current_manifest(recipe) if source == "distill" else current_manifest(recipe)
     except NotPrepared as exc:
         raise TrainError(str(exc)) from None
-    if prepared["kind"] == "preference":
-        raise TrainError("the prepared data is preference pairs (data.kind: preference); SFT needs prompt_response or chat data")
+    method = recipe.train.method
+    if (prepared["kind"] == "preference") != (method == "dpo"):
+        raise TrainError(f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
+                         "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind")
     if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
         raise TrainError(f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
                          "validation examples; training needs both (check data.split and rejected.jsonl)")
@@ -168,20 +192,22 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     recipe_config.save_resolved(recipe, out_dir)
 
     train_cfg = recipe.train
+    score, order = CHECKPOINT_SCORE[method]
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "recipe": recipe.resolved(), "prepared_dir": prepared_dir, "out_dir": out_dir, "use_gpu": use_gpu,
+            "recipe": _worker_recipe(recipe), "prepared_dir": prepared_dir, "out_dir": out_dir, "use_gpu": use_gpu,
             "fingerprint": current, "parent_adapter": parent_adapter, "fault_at_step": os.environ.get(FAULT_ENV),
             "recipe_dir": str(Path(recipe.source_path).parent) if recipe.source_path else None,
+            "task_schema": _task_schema(recipe) if method == "grpo" else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name="train", storage_path=storage.absolute(recipe.run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.checkpoint.keep_best,
-                                                         checkpoint_score_attribute="eval_loss",
-                                                         checkpoint_score_order="min"),
+                                                         checkpoint_score_attribute=score,
+                                                         checkpoint_score_order=order),
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
         ),
     )
@@ -205,6 +231,10 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         "parent_fingerprint": parent["fingerprint"] if parent else None,
         "global_step": summary["global_step"],
         "final_eval_loss": summary["final_eval"].get("eval_loss"),
+        # What the method itself optimises, on the validation split: DPO's reward margin and pair
+        # accuracy (policy vs reference), GRPO's mean reward.
+        "final_eval": {key: value for key, value in summary["final_eval"].items()
+                       if key.startswith(("eval_rewards/", "eval_reward"))},
         "tokens_seen": summary["tokens_seen"],
         "trainable_parameters": summary["trainable_parameters"],
         "weights": storage.join(out_dir, "adapter" if train_cfg.finetuning != "full" else "model"),
@@ -220,8 +250,11 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     storage.remove(storage.join(out_dir, "worker_summary.json"))
     manifest["mlflow_run_id"] = _log_to_mlflow(recipe, manifest)
     storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
-    print_(f"done: step {manifest['global_step']}, validation loss {manifest['final_eval_loss']:.4f}; "
-           f"weights in {manifest['weights']}")
+    measured = {"validation loss": manifest["final_eval_loss"], "reward margin": manifest["final_eval"].get("eval_rewards/margins"),
+                "mean reward": manifest["final_eval"].get("eval_reward")}
+    print_(f"done: step {manifest['global_step']}, "
+           + ", ".join(f"{name} {value:.4f}" for name, value in measured.items() if value is not None)
+           + f"; weights in {manifest['weights']}")
     return manifest
 
 

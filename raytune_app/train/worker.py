@@ -30,21 +30,15 @@ from raytune_app.config import Recipe
 # Used by the resume tests; handy to rehearse recovery on a real cluster.
 FAULT_ENV = "RAYTUNE_APP_FAULT_AT_STEP"
 
+# Logged values worth a place on the progress line, when the method logs them.
+PROGRESS_EXTRAS = (("rewards/margins", "margin"), ("rewards/accuracies", "pair acc"), ("reward", "reward"))
 
-def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
-    """TRL arguments from the recipe.
 
-    Batching: packed data is fed padding-free (examples concatenated, position ids restarting at each
-    one, so attention stays inside each example). Unpacked data is fed as padded batches of similar
-    lengths (`group_by_length`): on CPU, and on GPU without a varlen flash-attention kernel, attention
-    over one long concatenated sequence with a block mask costs more than the little padding left
-    after grouping by length (measured: benchmarks/train_throughput.py, BENCHMARKS.md).
-    """
-    from trl import SFTConfig
-
+def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None) -> dict:
+    """TrainingArguments fields every method shares: optimisation, precision, cadence, devices."""
     train = recipe.train
     length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
-    return SFTConfig(
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -71,6 +65,27 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: b
         # traversal of the autograd graph per step.
         ddp_find_unused_parameters=False,
         deepspeed=ds_config,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        warmup_steps=train.warmup,  # transformers reads a value below 1 as a fraction of all steps, as we do
+        **length,
+    )
+
+
+def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
+    """TRL's SFT arguments from the recipe.
+
+    Batching: packed data is fed padding-free (examples concatenated, position ids restarting at each
+    one, so attention stays inside each example). Unpacked data is fed as padded batches of similar
+    lengths (`group_by_length`): on CPU, and on GPU without a varlen flash-attention kernel, attention
+    over one long concatenated sequence with a block mask costs more than the little padding left
+    after grouping by length (measured: benchmarks/train_throughput.py, BENCHMARKS.md).
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         # Data arrives tokenised (and packed) from the prepare stage.
         dataset_kwargs={"skip_prepare_dataset": True},
         completion_only_loss=True,
@@ -78,11 +93,44 @@ def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: b
         train_sampling_strategy="random" if packed else "group_by_length",
         max_length=None,
         include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        warmup_steps=train.warmup,  # transformers reads a value below 1 as a fraction of all steps, as we do
-        **length,
+    )
+
+
+def dpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
+    """TRL's DPO arguments: the pairs are tokenised by the trainer with the model's chat template."""
+    from trl import DPOConfig
+
+    dpo = recipe.train.dpo
+    return DPOConfig(
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        label_smoothing=dpo.label_smoothing,
+        precompute_ref_log_probs=dpo.precompute_reference,
+        max_length=dpo.max_length or recipe.data.max_seq_length,
+        # The prompt is what a long pair keeps; the end of the answers is cut.
+        truncation_mode="keep_start",
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def grpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, reward_weights: list[float]):
+    """TRL's GRPO arguments. `batch_size` counts completions: batch_size / num_generations prompts per step."""
+    from trl import GRPOConfig
+
+    grpo = recipe.train.grpo
+    return GRPOConfig(
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        beta=grpo.beta,
+        epsilon=grpo.epsilon,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
+        reward_weights=reward_weights,
+        log_completions=False,
     )
 
 
@@ -124,6 +172,33 @@ def load_splits(prepared_dir: str, rationale_weight: float = 1.0):
     return train, as_dataset("val"), "seq_lengths" in train.column_names
 
 
+def load_preference_splits(prepared_dir: str):
+    """Train and validation preference pairs (prompt, chosen, rejected as chat messages) for DPOTrainer."""
+    import datasets
+
+    from raytune_app.data.prepare import load_split
+
+    def as_dataset(split: str) -> datasets.Dataset:
+        return datasets.Dataset(load_split(prepared_dir, split).select(["prompt", "chosen", "rejected"]))
+
+    return as_dataset("train"), as_dataset("val")
+
+
+def load_prompt_splits(prepared_dir: str, eval_prompts: int):
+    """GRPO's prompts from prompt/response or chat data: every message before the last answer is the
+    prompt; the answer becomes the `reference` column reward functions compare with."""
+    import datasets
+
+    from raytune_app.data.prepare import load_split
+
+    def as_dataset(split: str, limit=None) -> datasets.Dataset:
+        messages = load_split(prepared_dir, split).column("messages").to_pylist()[:limit]
+        return datasets.Dataset.from_dict({"prompt": [m[:-1] for m in messages],
+                                           "reference": [m[-1]["content"] for m in messages]})
+
+    return as_dataset("train"), as_dataset("val", eval_prompts)
+
+
 def _progress_callback():
     from transformers import TrainerCallback
 
@@ -153,7 +228,9 @@ def _progress_callback():
             if state.is_world_process_zero:
                 steps_left = state.max_steps - state.global_step
                 per_step = (now - then) / max(state.global_step - step_then, 1)
-                print(f"[train] step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                # DPO's reward margin and GRPO's mean reward say more about progress than the loss does.
+                extra = "".join(f"  {label} {logs[key]:.3f}" for key, label in PROGRESS_EXTRAS if key in logs)
+                print(f"[train] step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}{extra}  "
                       f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:.0f} tok/s  "
                       f"ETA {steps_left * per_step / 60:.1f} min", flush=True)
 
@@ -205,22 +282,47 @@ def train_worker(config: dict) -> None:
                                       recipe.model.trust_remote_code)
     device = ray.train.torch.get_device()
     model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.get("parent_adapter"))
-    train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
     ds_config = deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
     # One scratch folder per node and run, shared by the workers on it: DeepSpeed writes each rank's
     # optimizer shard beside the others, and the checkpoint handed to Ray Train must hold them all.
     scratch = os.path.join(tempfile.gettempdir(), "raytune_app", config["fingerprint"])
-    args = training_arguments(recipe, scratch, use_gpu, packed=packed, ds_config=ds_config)
 
     callbacks = [RayTrainReportCallback(), _progress_callback()]
     if config.get("fault_at_step"):
         callbacks.append(_fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"])))
-    multitask = "loss_weight" in train_set.column_names  # distilled data: label + weighted rationale tasks
-    trainer_class = multitask_trainer(SFTTrainer) if multitask else SFTTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                            processing_class=tokenizer, callbacks=callbacks)
-    if multitask:
-        trainer.data_collator = KeepWeights(trainer.data_collator)
+    method, packed = recipe.train.method, False
+    if method == "sft":
+        train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
+        args = training_arguments(recipe, scratch, use_gpu, packed=packed, ds_config=ds_config)
+        multitask = "loss_weight" in train_set.column_names  # distilled data: label + weighted rationale tasks
+        trainer_class = multitask_trainer(SFTTrainer) if multitask else SFTTrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                                processing_class=tokenizer, callbacks=callbacks)
+        if multitask:
+            trainer.data_collator = KeepWeights(trainer.data_collator)
+    elif method == "dpo":
+        from trl import DPOTrainer
+
+        # No ref_model: with LoRA, TRL scores the reference with a frozen copy of the starting adapter
+        # (the base itself for a fresh adapter), so the base weights are held once.
+        train_set, val_set = load_preference_splits(config["prepared_dir"])
+        trainer = DPOTrainer(model=model, args=dpo_arguments(recipe, scratch, use_gpu, ds_config),
+                             train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks)
+    elif method == "grpo":
+        import jsonschema
+        from trl import GRPOTrainer
+
+        from raytune_app.train import rewards
+
+        schema = config.get("task_schema")
+        validator = jsonschema.validators.validator_for(schema)(schema) if schema else None
+        reward_funcs, weights = rewards.build(recipe.train.grpo.rewards, validator)
+        train_set, val_set = load_prompt_splits(config["prepared_dir"], recipe.train.grpo.eval_prompts)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs,
+                              args=grpo_arguments(recipe, scratch, use_gpu, ds_config, weights),
+                              train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks)
+    else:
+        raise ValueError(f"unknown train.method {method!r}")
     # Our progress line replaces the trainer's raw dict printout (its console logger without tqdm).
     from transformers.trainer_callback import PrinterCallback
 
@@ -237,6 +339,9 @@ def train_worker(config: dict) -> None:
     trainer.train(resume_from_checkpoint=resume_from)
     final_eval = trainer.evaluate()
 
+    # DPO / GRPO added a frozen "ref" adapter to score the reference; the saved adapter is the trained one alone.
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")
     # Rank 0 writes the final artefacts; with ZeRO-3 every rank takes part in gathering the weights.
     with tempfile.TemporaryDirectory() as staging:
         trainer.save_model(staging)
