@@ -25,7 +25,7 @@ from raytune_app import config
 
 # Stages with an implementation. The others are named in the recipe schema and the CLI so recipes can
 # be written against them, but they refuse to run rather than pretend.
-BUILT = {"prepare", "distill", "train", "evaluate", "register", "serve"}
+BUILT = {"prepare", "distill", "train", "evaluate", "register", "serve", "pairs"}
 PLANNED_ISSUE = {"distill": 5, "train": 3, "tune": 7, "evaluate": 4, "register": 4, "serve": 8}
 
 EXIT_BAD_RECIPE = 2
@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", metavar="PATH|models:/NAME@ALIAS",
                            help="evaluate these weights (a folder or a registry URI) instead of the train stage's")
             p.add_argument("--force", action="store_true", help="recompute even when models, data and settings are unchanged")
+
+    pairs = sub.add_parser("pairs", help="preference pairs (for DPO) from the trained model's failing answers",
+                           description="Let the trained model answer a prepared split; every failing answer becomes a "
+                           "preference pair (chosen: the reference, rejected: the answer), written as JSONL for a DPO recipe.")
+    _add_recipe_args(pairs)
+    pairs.add_argument("--adapter", metavar="PATH|models:/NAME@ALIAS", help="these weights instead of the train stage's")
+    pairs.add_argument("--split", choices=["train", "val"], default="train", help="prepared split whose prompts are answered")
+    pairs.add_argument("--samples", type=int, default=1, help="answers sampled per prompt (1: greedy)")
+    pairs.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    pairs.add_argument("--out", metavar="DIR", help="output folder (default: <run dir>/pairs)")
 
     registry = sub.add_parser("registry", help="list, show, promote and roll back registered model versions (MLflow)",
                               description="Work on the MLflow model registry of a recipe's run (or any tracking URI).")
@@ -169,6 +179,22 @@ def _train(recipe: config.Recipe, resume: bool = False, restart: bool = False) -
     if recipe.chain:
         return train_chain(recipe, resume=resume, restart=restart)
     return train(recipe, resume=resume, restart=restart)
+
+
+def _pairs(recipe: config.Recipe, args) -> dict:
+    from raytune_app import storage
+    from raytune_app.evaluate.run import candidates
+    from raytune_app.train.pairs import build_pairs
+    from raytune_app.train.settings import PairsSection
+
+    settings = PairsSection(split=args.split, samples=args.samples, temperature=args.temperature)
+    trained = [c for c in candidates(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(
+        update={"include_base": False})}), args.adapter) if c.weights]
+    out_dir = storage.absolute(args.out) if args.out else storage.join(storage.absolute(recipe.run_dir), "pairs")
+    manifest = build_pairs(recipe, trained[-1].weights, trained[-1].identity, settings, out_dir)
+    print(f"[pairs] train on them with a dpo recipe: data.kind: preference, data.sources: [{manifest['pairs_file']}], "
+          "data.columns: {system: system}", flush=True)
+    return manifest
 
 
 def _not_built(stage: str) -> str:
@@ -370,6 +396,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
         elif args.command == "register":
             _register(recipe)
+        elif args.command == "pairs":
+            _pairs(recipe, args)
         elif args.command == "serve":
             _serve(recipe, block=not args.no_block)
         else:

@@ -484,7 +484,10 @@ class Recipe(Section):
             merged["data"] = merged["data"] | {
                 "sources": [self.pairs_file(index)], "generator": None, "kind": "preference", "format": "jsonl",
                 "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
-                "keep_columns": [], "packing": False}
+                "keep_columns": [], "packing": False,
+                # The pairs come from one split of the previous step's data: they are re-split with another salt
+                # (with the same one every prompt would fall where it fell before, none into val), none held out for test.
+                "split": merged["data"].get("split", {}) | {"test": 0.0, "salt": f"pairs:{step.name}"}}
         recipe = Recipe.model_validate(merged)
         recipe.source_path = self.source_path
         return recipe
@@ -493,7 +496,13 @@ class Recipe(Section):
         """Where chain step `index` with a `pairs` section finds its preference pairs."""
         from raytune_app import storage
 
-        return storage.join(storage.absolute(f"{self.run_dir}/chain/{self.chain[index].name}"), "pairs", "pairs.jsonl")
+        return storage.join(self.pairs_dir(index), "pairs.jsonl")
+
+    def pairs_dir(self, index: int) -> str:
+        """Where chain step `index` keeps the pairs its `pairs` section makes (pairs.jsonl, pairs.json)."""
+        from raytune_app import storage
+
+        return storage.join(storage.absolute(f"{self.run_dir}/chain/{self.chain[index].name}"), "pairs")
 
     def resolve_source(self, path: str) -> str:
         """A data path as written in the recipe, made absolute against the recipe's folder."""

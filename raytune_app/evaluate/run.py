@@ -94,15 +94,15 @@ def _example_table(prompts: list, golds: list, groups: list, ids: list, files: l
     })
 
 
-def prepared_examples(recipe: Recipe) -> tuple[pa.Table, str]:
-    """The evaluate split of the prepared data, and what identifies it."""
+def prepared_examples(recipe: Recipe, split: Optional[str] = None) -> tuple[pa.Table, str]:
+    """A split of the prepared data (default: evaluate.split), and what identifies it."""
     from raytune_app.data.prepare import current_manifest, load_split
 
     stage_dir = storage.absolute(recipe.stage_dir("prepare"))
     manifest = current_manifest(recipe)
     if manifest["kind"] == "preference":
         raise EvaluateError("the prepared data is preference pairs; evaluation needs prompt_response or chat data")
-    split = recipe.evaluate.split
+    split = split or recipe.evaluate.split
     table = load_split(stage_dir, split)
     if table.num_rows == 0:
         raise EvaluateError(f"the prepared `{split}` split is empty; set data.split.{split} above 0 or choose another "

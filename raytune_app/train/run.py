@@ -268,6 +268,11 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
         step_recipe = recipe.chain_step(index)
         print(f"[train] chain step {index + 1}/{len(recipe.chain)}: {step.name}"
               + (f" (from {parent['weights']})" if parent else f" (from {recipe.model.path})"), flush=True)
+        if step.pairs is not None:  # this step learns from the previous step's mistakes
+            from raytune_app.train.pairs import build_pairs
+
+            build_pairs(recipe.chain_step(index - 1), parent["weights"], parent["fingerprint"], step.pairs,
+                        recipe.pairs_dir(index))
         prepare(step_recipe)
         parent = train(step_recipe, resume=resume, restart=restart, parent=parent)
         steps.append({"step": step.name, "fingerprint": parent["fingerprint"], "weights": parent["weights"],
