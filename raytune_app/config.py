@@ -78,10 +78,12 @@ class ModelSection(Section):
 
 
 class GeneratorSection(Section):
-    name: Literal["order_extraction", "multi_step_arithmetic"] = Field(
+    name: Literal["order_extraction", "order_extraction_pairs", "multi_step_arithmetic"] = Field(
         "order_extraction",
         description="Built-in data generator. `order_extraction`: support messages about orders turned into "
-        "JSON with a fixed schema (raytune_app.data.extraction); `multi_step_arithmetic`: word problems of 2-4 "
+        "JSON with a fixed schema (raytune_app.data.extraction); `order_extraction_pairs`: the same with a "
+        "`rejected` answer per message showing a typical flaw (prose after the JSON, a wrong value, a dropped or "
+        "repeated key, a prose reply), for DPO; `multi_step_arithmetic`: word problems of 2-4 "
         "steps with integer answers (raytune_app.data.arithmetic; columns question, answer).",
     )
     rows: int = Field(1200, gt=0, description="How many examples to generate.")

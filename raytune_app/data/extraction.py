@@ -187,6 +187,44 @@ def generate(rows: int, seed: int = 0) -> list[dict]:
     return [make_example(rng, i) for i in range(rows)]
 
 
+# How a rejected answer of `preference_pairs` goes wrong: the failure modes small models show on this
+# task (NOTES.md: prose after the object, repeated keys; evaluation: wrong values, dropped fields).
+FLAWS = ("prose_after", "wrong_value", "missing_key", "prose_reply", "repeated_key")
+
+
+def _flawed(rng: random.Random, example: dict) -> str:
+    gold = json.loads(example["extraction"])
+    flaw = rng.choice(FLAWS)
+    if flaw == "prose_after":
+        return example["extraction"] + rng.choice(["\n\nLet me know if you need anything else!",
+                                                   " I hope this helps resolve the issue quickly.",
+                                                   "\n\nNote: the priority was inferred from the tone of the message."])
+    if flaw == "wrong_value":
+        field = rng.choice(["priority", "issue", "quantity"])
+        if field == "priority":
+            gold["priority"] = rng.choice([p for p in PRIORITIES if p != gold["priority"]])
+        elif field == "issue":
+            gold["issue"] = rng.choice([i for i in ISSUES if i != gold["issue"]])
+        else:
+            gold["items"][0]["quantity"] += rng.choice([1, 2, 10])
+        return json.dumps(gold, ensure_ascii=False)
+    if flaw == "missing_key":
+        del gold[rng.choice(["requested_date", "order_id", "priority"])]
+        return json.dumps(gold, ensure_ascii=False)
+    if flaw == "prose_reply":
+        return (f"Dear {gold['customer']['name']}, thank you for contacting us. We are sorry to hear about the problem "
+                "with your order and will look into it as soon as possible.")
+    body = json.dumps(gold, ensure_ascii=False)
+    return body[:-1] + f', "issue": {json.dumps(rng.choice(ISSUES))}' + "}"  # a key written twice
+
+
+def preference_pairs(rows: int, seed: int = 0) -> list[dict]:
+    """The same messages with a preference pair each: `extraction` (the gold JSON, preferred) and
+    `rejected` (a flawed answer, one of FLAWS)."""
+    rng = random.Random(seed + 1)
+    return [example | {"rejected": _flawed(rng, example)} for example in generate(rows, seed)]
+
+
 def write_jsonl(path: str | Path, rows: int, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

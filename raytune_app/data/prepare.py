@@ -244,7 +244,8 @@ def source_paths(recipe: Recipe) -> list[str]:
         return [recipe.resolve_source(s) for s in recipe.data.sources]
     from raytune_app.data import arithmetic, extraction
 
-    generators = {"order_extraction": extraction.generate, "multi_step_arithmetic": arithmetic.generate}
+    generators = {"order_extraction": extraction.generate, "order_extraction_pairs": extraction.preference_pairs,
+                  "multi_step_arithmetic": arithmetic.generate}
     gen = recipe.data.generator
     path = storage.absolute(storage.join(recipe.run_dir, "source", f"{gen.name}-{gen.rows}-seed{gen.seed}.jsonl"))
     if not storage.exists(path):
