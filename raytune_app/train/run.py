@@ -111,7 +111,18 @@ def _loss_curve(history: list[dict], target: str) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    # GRPO's loss says little about quality; its rewards (train and validation) go on a second axis.
+    rewards = [(h["step"], h["reward"]) for h in history if "reward" in h]
+    val_rewards = [(h["step"], h["eval_reward"]) for h in history if "eval_reward" in h]
+    if rewards or val_rewards:
+        twin = ax.twinx()
+        if rewards:
+            twin.plot(*zip(*rewards), color="tab:green", label="mean reward")
+        if val_rewards:
+            twin.plot(*zip(*val_rewards), color="tab:red", marker="o", label="validation reward")
+        twin.set_ylabel("reward")
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
