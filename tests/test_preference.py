@@ -175,6 +175,10 @@ def test_grpo_computes_and_logs_rewards_and_updates_the_policy(ray_local, tmp_pa
         assert {"rewards/json_schema/mean", "rewards/length_penalty/mean", "reward_std", "kl"} <= set(entry)
         assert entry["reward"] == pytest.approx(entry["rewards/json_schema/mean"] + 0.5 * entry["rewards/length_penalty/mean"], abs=1e-5)
     assert "eval_reward" in manifest["final_eval"]
+    from raytune_app.registry import store  # every step's rewards are in the MLflow run too
+
+    client = store.client(store.tracking_uri(recipe))
+    assert [m.step for m in client.get_metric_history(manifest["mlflow_run_id"], "rewards/json_schema/mean")] == [2, 4]
     assert _lora_b_norm(manifest["weights"]) > 0  # a fresh adapter's B is zero: the policy update ran
 
 
