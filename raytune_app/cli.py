@@ -33,11 +33,11 @@ EXIT_NOT_BUILT = 3
 EXIT_BAD_DATA = 4
 
 
-def ensure_ray(recipe: Optional[config.Recipe] = None) -> None:
+def ensure_ray(recipe: Optional[config.Recipe] = None, command: Optional[str] = None) -> None:
     # One helper for the CLI and the Ray job entrypoints (jobs/*.py): raytune_app/cluster.py.
     from raytune_app import cluster
 
-    cluster.connect(recipe.run.output_dir if recipe is not None else None)
+    cluster.connect(recipe, command)
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -392,13 +392,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             # The metrics JSON is the only thing on stdout, so it can be piped; progress goes to stderr.
             with contextlib.redirect_stdout(sys.stderr):
                 _start(recipe)
-                ensure_ray(recipe)
+                ensure_ray(recipe, args.command)
                 summary = evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
                 _show_evaluation(summary)
             print(json.dumps(summary, indent=2))
             return 0
         _start(recipe)
-        ensure_ray(recipe)
+        ensure_ray(recipe, args.command)
         if args.command == "prepare":
             _prepare(recipe, force=args.force)
         elif args.command == "distill":
