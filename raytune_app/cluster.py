@@ -145,8 +145,8 @@ def run_job(command: str, argv: Optional[list[str]] = None) -> int:
 
     _JOIN_ONLY = True
     argv = list(sys.argv[1:] if argv is None else argv)
-    where = "inside Ray job " + os.environ.get("RAY_JOB_ID", "") if in_ray_job() else "joining the running cluster"
-    print(f"[raytune-app] job entrypoint: raytune-app {command} {' '.join(argv)} ({where.strip()})", flush=True)
+    where = "inside a Ray job" if in_ray_job() else "joining the running cluster"
+    print(f"[raytune-app] job entrypoint: raytune-app {command} {' '.join(argv)} ({where})", flush=True)
     try:
         return cli.main([command, *argv])
     except NoCluster as exc:
