@@ -238,9 +238,12 @@ def load_cluster_file(path: str) -> dict:
     """The cluster document in a YAML file (for a multi-document manifest, the one that describes a cluster)."""
     import yaml
 
-    with open(path) as handle:
-        documents = [d for d in yaml.safe_load_all(handle) if isinstance(d, dict)]
+    try:
+        with open(path) as handle:
+            documents = [d for d in yaml.safe_load_all(handle) if isinstance(d, dict)]
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
     for document in documents:
         if "available_node_types" in document or document.get("kind") in ("RayCluster", "RayJob", "RayService"):
             return document
-    raise ValueError(f"{path}: no Ray cluster launcher config or KubeRay RayCluster / RayJob / RayService in it")
+    raise ValueError("no Ray cluster launcher config nor KubeRay RayCluster / RayJob / RayService in it")
