@@ -128,7 +128,7 @@ def wait_for_gpus(wanted: int, timeout_s: Optional[float] = None) -> None:
             if time.time() - last >= 30:
                 print(f"[raytune-app] waiting for GPUs: {have}/{wanted} after {time.time() - began:.0f} s", flush=True)
                 last = time.time()
-            time.sleep(5)
+            time.sleep(min(5.0, max(0.1, timeout_s - (time.time() - began))))
     finally:
         request_resources(bundles=[])
 

@@ -367,3 +367,16 @@ def test_cluster_readme_names_files_that_exist():
             "jobs/pipeline.py", "recipes/gpu-qlora-sft.yaml"} <= named
     for path in named:
         assert (REPO / path).exists(), path
+
+
+def test_serve_defaults_match_the_serve_app():
+    from raytune_app.serve.app import DEFAULT_CPUS
+
+    # fit.py keeps a copy so that `validate` does not import Ray Serve.
+    assert fit._SERVE_DEFAULT_CPUS == DEFAULT_CPUS
+
+
+def test_waiting_for_gpus_the_cluster_cannot_get_gives_up_with_the_reason(ray_local):
+    with pytest.raises(cluster.NoCluster, match=r"still has 0 GPU\(s\) after 1 s, this stage needs 8: check the GPU worker"):
+        cluster.wait_for_gpus(8, timeout_s=1)
+    cluster.wait_for_gpus(0)  # nothing wanted: returns at once
