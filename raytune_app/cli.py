@@ -383,6 +383,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {_not_built(args.command)}", file=sys.stderr)
         return EXIT_NOT_BUILT
 
+    from raytune_app.cluster import NoCluster
     from raytune_app.data.prepare import RowError
     from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import TrainError
@@ -417,6 +418,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (RowError, TrainError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
+    except NoCluster as exc:  # no cluster to join, or not the GPUs the stage needs (raytune_app/cluster.py)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
