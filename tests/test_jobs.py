@@ -178,3 +178,23 @@ def test_invalid_recipe_job_fails_fast_with_the_error_in_ray_job_logs(ray_head, 
     # Exit code 2 (invalid recipe), and the driver never connected to Ray: nothing ran before the check.
     assert info.driver_exit_code == 2 and info.driver_info is None
     assert not (tmp_path / "shared" / "runs").exists()
+
+
+def test_gpu_recipe_job_asks_for_gpus_and_stops_when_none_come(ray_head, tiny_model, tmp_path, monkeypatch):
+    """A recipe whose workers take GPUs asks the autoscaler for them before any stage starts; a cluster that
+    never gets them (this CPU head) fails the job with the reason once RAYTUNE_GPU_WAIT_S has passed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, _ = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    recipe = _toy_recipe(tmp_path, str(tiny_model), train__use_gpu=True, train__workers=2)
+    client = JobSubmissionClient(address)
+    runtime_env = _runtime_env()
+    runtime_env["env_vars"] = runtime_env["env_vars"] | {"RAYTUNE_GPU_WAIT_S": "3"}
+    job_id = client.submit_job(entrypoint=f"python jobs/train.py --recipe {recipe}", runtime_env=runtime_env)
+    assert _wait(client, job_id, timeout_s=300) == JobStatus.FAILED
+    logs = client.get_job_logs(job_id)
+    assert "the cluster has 0 GPU(s), this stage needs 2: asking the autoscaler for [{'GPU': 2}]" in logs
+    assert "error: the cluster still has 0 GPU(s) after 3 s, this stage needs 2" in logs
+    assert client.get_job_info(job_id).driver_exit_code == 1
+    assert not (tmp_path / "shared" / "runs" / "jobtoy" / "train").exists()
