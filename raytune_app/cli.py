@@ -1,6 +1,6 @@
 """The `raytune-app` command line.
 
-    raytune-app validate recipes/quickstart.yaml [key.sub=value ...] [--explain]
+    raytune-app validate recipes/quickstart.yaml [key.sub=value ...] [--explain] [--gpus N | --cluster cluster/aws.yaml]
     raytune-app prepare  --recipe recipes/quickstart.yaml [key.sub=value ...] [--force]
     raytune-app evaluate --recipe recipes/quickstart.yaml [--data FILE.jsonl] [--adapter PATH | models:/NAME@ALIAS]
     raytune-app registry list|show|promote|rollback [--recipe R | --tracking-uri URI]
@@ -33,11 +33,11 @@ EXIT_NOT_BUILT = 3
 EXIT_BAD_DATA = 4
 
 
-def ensure_ray() -> None:
-    import ray
+def ensure_ray(recipe: Optional[config.Recipe] = None, command: Optional[str] = None) -> None:
+    # One helper for the CLI and the Ray job entrypoints (jobs/*.py): raytune_app/cluster.py.
+    from raytune_app import cluster
 
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING", log_to_driver=True)
+    cluster.connect(recipe, command)
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Check a recipe (types, ranges, unknown keys, incompatible choices) without running anything.")
     _add_recipe_args(validate)
     validate.add_argument("--explain", action="store_true", help="print every recipe field with its default and meaning")
+    validate.add_argument("--gpus", type=int, metavar="N",
+                          help="also check that every stage fits a cluster of N GPUs (exit 2 listing what will not fit)")
+    validate.add_argument("--cpus", type=int, metavar="N", help="with --gpus / --cluster: the cluster's CPUs, checked too")
+    validate.add_argument("--cluster", metavar="FILE",
+                          help="take N GPUs (and CPUs) from a cluster file: cluster/aws.yaml, cluster/gcp.yaml or a KubeRay "
+                               "manifest, every worker group at its maximum")
 
     stage_help = {
         "prepare": "read, validate, dedupe, split, template, tokenise and pack the data (Ray Data)",
@@ -308,6 +314,37 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
         serve.shutdown()
 
 
+def _fits(recipe: config.Recipe, args) -> int:
+    """`validate --gpus N` / `--cluster FILE`: what fits the cluster, or exit 2 with what does not."""
+    from raytune_app import fit
+
+    gpus, cpus, where = args.gpus, args.cpus, ""
+    if args.cluster:
+        try:
+            found_gpus, found_cpus = fit.capacity(fit.load_cluster_file(args.cluster))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: --cluster {args.cluster}: {exc}", file=sys.stderr)
+            return EXIT_BAD_RECIPE
+        gpus = found_gpus if gpus is None else gpus
+        cpus = found_cpus if cpus is None else cpus
+        where = f" ({args.cluster} at its largest)"
+    if gpus < 0 or (cpus is not None and cpus < 0):
+        print("error: --gpus and --cpus must be 0 or more", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    report = fit.check(recipe, gpus, cpus)
+    size = f"{gpus} GPU(s)" + (f", {cpus} CPU(s)" if cpus is not None else "") + where
+    for line in report.fits:
+        print(f"  fits: {line}")
+    for line in report.notes:
+        print(f"  note: {line}")
+    if not report.ok:
+        print(f"{recipe.source_path or 'recipe'}: {len(report.problems)} thing(s) will not fit a cluster of {size}:\n  "
+              + "\n  ".join(report.problems), file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    print(f"{recipe.source_path or 'recipe'}: fits a cluster of {size}")
+    return 0
+
+
 def _run_all(recipe: config.Recipe) -> None:
     """Every stage of run.stages in order, timed; those not built yet are reported, not faked."""
     import time
@@ -364,12 +401,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.explain:
             print("\n".join(config.explain()))
         print(f"{recipe.source_path or 'recipe'}: valid; stages {', '.join(recipe.run.stages)}; run directory {recipe.run_dir}")
+        if args.gpus is not None or args.cluster:
+            return _fits(recipe, args)
         return 0
 
     if args.command != "run" and args.command not in BUILT:
         print(f"error: {_not_built(args.command)}", file=sys.stderr)
         return EXIT_NOT_BUILT
 
+    from raytune_app.cluster import NoCluster
     from raytune_app.data.prepare import RowError
     from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import TrainError
@@ -379,13 +419,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             # The metrics JSON is the only thing on stdout, so it can be piped; progress goes to stderr.
             with contextlib.redirect_stdout(sys.stderr):
                 _start(recipe)
-                ensure_ray()
+                ensure_ray(recipe, args.command)
                 summary = evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
                 _show_evaluation(summary)
             print(json.dumps(summary, indent=2))
             return 0
         _start(recipe)
-        ensure_ray()
+        ensure_ray(recipe, args.command)
         if args.command == "prepare":
             _prepare(recipe, force=args.force)
         elif args.command == "distill":
@@ -406,6 +446,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (RowError, TrainError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
+    except NoCluster as exc:  # no cluster to join, or not the GPUs the stage needs (raytune_app/cluster.py)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

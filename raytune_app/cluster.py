@@ -1,0 +1,154 @@
+"""Joining Ray: the one place the CLI and the Ray job entrypoints (jobs/*.py) connect to a cluster.
+
+    raytune-app train --recipe R             # CLI: joins $RAY_ADDRESS / a `ray start` cluster, else starts a local Ray
+    ray job submit ... -- python jobs/train.py --recipe R    # job: joins the job's cluster, never starts one
+
+Inside `ray job submit` the job supervisor sets RAY_ADDRESS (the cluster's GCS address) and
+RAY_JOB_CONFIG_JSON_ENV_VAR for the driver, so a bare `ray.init()` joins that cluster. An entrypoint
+started by hand (`python jobs/train.py` on a head node) joins the running cluster with
+`address="auto"` and fails with a clear message when there is none: a job entrypoint never starts a
+second, local Ray. `run_job` then runs the same `raytune-app` command the CLI runs (same parser, same
+validation before any Ray work, same exit codes), so there is no second implementation of a stage.
+
+On a joined cluster whose GPU worker group autoscales from zero, a recipe that says its workers take
+GPUs (`train.use_gpu: true`) first asks the autoscaler for them (`request_resources`) and waits until
+they are up, since the stages size themselves by the GPUs the cluster has when they start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+# Set by run_job: this process is a job entrypoint, which must join an existing cluster.
+_JOIN_ONLY = False
+
+
+class NoCluster(RuntimeError):
+    """A job entrypoint found no running Ray cluster to join."""
+
+
+def in_ray_job() -> bool:
+    """True inside a driver started by the Ray job supervisor (`ray job submit`, RayJob, JobSubmissionClient)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def connect(recipe=None, command: Optional[str] = None) -> None:
+    """Join the cluster this process belongs to (see the module docstring); a no-op when Ray is up.
+
+    With a recipe, on a cluster that was joined (not started here): warn when run.output_dir is node-local
+    on a multi-node cluster, and scale the GPU worker group up to what `command` needs first (an autoscaling
+    group may be at zero nodes, and the stages size themselves by the GPUs they see)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    joined = True
+    if in_ray_job() or os.environ.get("RAY_ADDRESS"):
+        # No address and no num_cpus: Ray reads RAY_ADDRESS, which the job supervisor (or the user) set.
+        ray.init(logging_level="WARNING", log_to_driver=True)
+    elif _JOIN_ONLY:
+        try:
+            ray.init(address="auto", logging_level="WARNING", log_to_driver=True)
+        except ConnectionError as exc:
+            raise NoCluster(f"no running Ray cluster to join ({str(exc).splitlines()[0]}). Job entrypoints run on a "
+                            "cluster: `ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/<x>.py "
+                            "...`; for a local run use `raytune-app <stage>`") from None
+    else:
+        # The CLI on a laptop: a running `ray start` cluster if there is one, else a new local Ray (no
+        # autoscaler to ask for GPUs; the stages' own checks report what is missing).
+        ray.init(logging_level="WARNING", log_to_driver=True)
+        joined = False
+    if recipe is None or not joined:
+        return
+    output_dir = recipe.run.output_dir
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if "://" not in output_dir and len(nodes) > 1:
+        # Ray Train checkpoints, prepared data and adapters are read back by other nodes.
+        print(f"[raytune-app] note: run.output_dir {output_dir} is a local path and the cluster has {len(nodes)} "
+              "nodes; it must be a shared mount (NFS) on every node, or use s3:// / gs:// so any node can read "
+              "earlier stages and resume from checkpoints", flush=True)
+    wanted = gpus_wanted(recipe, command)
+    if wanted:
+        wait_for_gpus(wanted)
+
+
+def gpus_wanted(recipe, command: Optional[str] = None) -> int:
+    """GPUs a stage (or, for `run`, the largest of run.stages) reserves at once, when the recipe says it takes
+    GPUs (train.use_gpu: true; a vllm teacher). `auto` follows what the cluster has, so it asks for none."""
+    stages = recipe.run.stages if command in (None, "run") else [command]
+    trains = [recipe.chain_step(i).train for i in range(len(recipe.chain))] if recipe.chain else [recipe.train]
+    on_gpu = [t for t in trains if t.use_gpu is True]
+    wanted = 0
+    if on_gpu and ("train" in stages or "tune" in stages):
+        wanted = max(t.workers for t in on_gpu)
+    if on_gpu and "evaluate" in stages and isinstance(recipe.evaluate.replicas, int):
+        wanted = max(wanted, recipe.evaluate.replicas)
+    if "distill" in stages and recipe.distill.teacher.backend == "vllm":
+        wanted = max(wanted, recipe.distill.teacher.replicas)
+    return wanted
+
+
+# GPUs per training node in cluster/ (8 x A100 / H100): a request is split into bundles of this size so the
+# autoscaler starts whole training nodes (ZeRO-2 all-reduce stays inside a node) rather than serving nodes.
+GPUS_PER_TRAINING_NODE = 8
+
+
+def wait_for_gpus(wanted: int, timeout_s: Optional[float] = None) -> None:
+    """Ask the autoscaler for `wanted` GPUs and wait until the cluster has them (RAYTUNE_GPU_WAIT_S, default
+    1800 s); the request is withdrawn afterwards, so idle nodes still scale down after the job."""
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have >= wanted:
+        return
+    timeout_s = float(os.environ.get("RAYTUNE_GPU_WAIT_S", 1800)) if timeout_s is None else timeout_s
+    bundles, left = [], wanted
+    while left > 0:
+        bundles.append({"GPU": min(left, GPUS_PER_TRAINING_NODE)})
+        left -= bundles[-1]["GPU"]
+    print(f"[raytune-app] the cluster has {have} GPU(s), this stage needs {wanted}: asking the autoscaler for "
+          f"{bundles} and waiting up to {timeout_s:.0f} s", flush=True)
+    request_resources(bundles=bundles)
+    began = last = time.time()
+    try:
+        while True:
+            have = int(ray.cluster_resources().get("GPU", 0))
+            if have >= wanted:
+                print(f"[raytune-app] {have} GPU(s) up after {time.time() - began:.0f} s", flush=True)
+                return
+            if time.time() - began > timeout_s:
+                raise NoCluster(f"the cluster still has {have} GPU(s) after {timeout_s:.0f} s, this stage needs {wanted}: "
+                                "check the GPU worker group's max_workers / quota (`ray status`), or set "
+                                "RAYTUNE_GPU_WAIT_S to wait longer")
+            if time.time() - last >= 30:
+                print(f"[raytune-app] waiting for GPUs: {have}/{wanted} after {time.time() - began:.0f} s", flush=True)
+                last = time.time()
+            time.sleep(min(5.0, max(0.1, timeout_s - (time.time() - began))))
+    finally:
+        request_resources(bundles=[])
+
+
+def run_job(command: str, argv: Optional[list[str]] = None) -> int:
+    """What each jobs/<stage>.py runs: `raytune-app <command> ARGV` joined to the existing cluster.
+
+    The arguments are the CLI's (`--recipe FILE`, `key.sub=value` overrides, stage flags); the exit code
+    is the CLI's (2: invalid recipe, reported before any Ray work; 4: bad data), so `ray job status`
+    shows FAILED with the reason in `ray job logs`.
+    """
+    global _JOIN_ONLY
+    from raytune_app import cli
+
+    _JOIN_ONLY = True
+    argv = list(sys.argv[1:] if argv is None else argv)
+    where = "inside a Ray job" if in_ray_job() else "joining the running cluster"
+    print(f"[raytune-app] job entrypoint: raytune-app {command} {' '.join(argv)} ({where})", flush=True)
+    try:
+        return cli.main([command, *argv])
+    except NoCluster as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
