@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--name", default="preference_experiment")
     parser.add_argument("--dpo-samples", type=int, default=1, help="answers sampled per training prompt for the pairs")
+    parser.add_argument("--pairs-limit", type=int, help="answer only the first N training prompts for the pairs")
+    parser.add_argument("--dpo-steps", type=int, help="stop DPO after N steps (default: the recipe's epoch)")
+    parser.add_argument("--grpo-steps", type=int, help="GRPO steps (default: the recipe's)")
     args = parser.parse_args()
 
     import ray
@@ -42,12 +45,18 @@ def main() -> None:
     from raytune_app.train.run import train_chain
 
     common = [f"run.name={args.name}", f"run.output_dir={args.output_dir}"]
-    dpo_recipe = config.load(ROOT / "recipes/sft_dpo_extraction.yaml", common)
-    if args.dpo_samples != 1:  # chain steps are a list: edit the step, then validate again
-        raw = dpo_recipe.model_dump(mode="json")
-        raw["chain"][1]["pairs"]["samples"] = args.dpo_samples
-        dpo_recipe = config.validate(raw, source=str(ROOT / "recipes/sft_dpo_extraction.yaml"))
-    grpo_recipe = config.load(ROOT / "recipes/sft_grpo_extraction.yaml", common)
+    def with_step(path: str, **changes):
+        """The recipe with its second chain step changed (chain steps are a list: edit, then validate again)."""
+        raw = config.load(ROOT / path, common).model_dump(mode="json")
+        for key, value in changes.items():
+            if value is not None:
+                section, field = key.split("__")
+                raw["chain"][1].setdefault(section, {})[field] = value
+        return config.validate(raw, source=str(ROOT / path))
+
+    dpo_recipe = with_step("recipes/sft_dpo_extraction.yaml", pairs__samples=args.dpo_samples,
+                           pairs__limit=args.pairs_limit, train__max_steps=args.dpo_steps)
+    grpo_recipe = with_step("recipes/sft_grpo_extraction.yaml", train__max_steps=args.grpo_steps)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
