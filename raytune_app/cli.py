@@ -2,6 +2,7 @@
 
     raytune-app validate recipes/quickstart.yaml [key.sub=value ...] [--explain] [--gpus N | --cluster cluster/aws.yaml]
     raytune-app prepare  --recipe recipes/quickstart.yaml [key.sub=value ...] [--force]
+    raytune-app tune     --recipe recipes/tune_quickstart.yaml [--resume | --restart]
     raytune-app evaluate --recipe recipes/quickstart.yaml [--data FILE.jsonl] [--adapter PATH | models:/NAME@ALIAS]
     raytune-app registry list|show|promote|rollback [--recipe R | --tracking-uri URI]
     raytune-app run      --recipe recipes/quickstart.yaml      (or: raytune-app run recipes/quickstart.yaml)
@@ -23,13 +24,7 @@ from typing import Optional
 
 from raytune_app import config
 
-# Stages with an implementation. The others are named in the recipe schema and the CLI so recipes can
-# be written against them, but they refuse to run rather than pretend.
-BUILT = {"prepare", "distill", "train", "evaluate", "register", "serve", "pairs"}
-PLANNED_ISSUE = {"distill": 5, "train": 3, "tune": 7, "evaluate": 4, "register": 4, "serve": 8}
-
 EXIT_BAD_RECIPE = 2
-EXIT_NOT_BUILT = 3
 EXIT_BAD_DATA = 4
 
 
@@ -80,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument("--resume", action="store_true",
                                help="continue the interrupted run from its latest checkpoint (fails if there is none)")
             group.add_argument("--restart", action="store_true", help="move any earlier run aside and start from step 0")
+        if stage == "tune":
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--resume", action="store_true",
+                               help="continue the interrupted search (fails if there is none); an interrupted search "
+                                    "with the same recipe and data also continues without it")
+            group.add_argument("--restart", action="store_true", help="move any earlier search aside and start again")
 
         if stage == "serve":
             p.add_argument("--no-block", action="store_true",
@@ -203,8 +204,16 @@ def _pairs(recipe: config.Recipe, args) -> dict:
     return manifest
 
 
-def _not_built(stage: str) -> str:
-    return f"the `{stage}` stage is not built yet (tracked in issue #{PLANNED_ISSUE[stage]}); nothing was run"
+def _tune(recipe: config.Recipe, resume: bool = False, restart: bool = False) -> dict:
+    from raytune_app.tune.run import tune
+
+    summary = tune(recipe, resume=resume, restart=restart)
+    if not summary.get("interrupted"):
+        where = summary.get("registered")
+        print(f"[tune] best recipe: {summary['best_recipe']}; weights: {summary['best_weights']}"
+              + (f"; registered as models:/{where['name']}/{where['version']}" if where else "")
+              + f"; table {summary['table']}, plot {summary['plot']}", flush=True)
+    return summary
 
 
 def _show_evaluation(summary: dict) -> None:
@@ -346,7 +355,7 @@ def _fits(recipe: config.Recipe, args) -> int:
 
 
 def _run_all(recipe: config.Recipe) -> None:
-    """Every stage of run.stages in order, timed; those not built yet are reported, not faked."""
+    """Every stage of run.stages in order, timed."""
     import time
 
     from raytune_app.evaluate.run import evaluate
@@ -360,14 +369,13 @@ def _run_all(recipe: config.Recipe) -> None:
             _distill(recipe)
         elif stage == "train":
             _train(recipe)
+        elif stage == "tune":
+            _tune(recipe)
         elif stage == "evaluate":
             evaluation = evaluate(recipe)
         elif stage == "register":
             _register(recipe)
-        elif stage == "serve":
-            continue  # started last, after the summary: it keeps running
-        else:
-            print(f"[run] {stage}: skipped, {_not_built(stage)}", flush=True)
+        else:  # serve: started last, after the summary, since it keeps running
             continue
         timings[stage] = time.time() - began
     print("[run] done: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
@@ -405,14 +413,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _fits(recipe, args)
         return 0
 
-    if args.command != "run" and args.command not in BUILT:
-        print(f"error: {_not_built(args.command)}", file=sys.stderr)
-        return EXIT_NOT_BUILT
+    if args.command == "tune" and not recipe.tune.search_space:
+        print(f"error: {recipe.source_path}: tune.search_space is empty; name the train fields to search, e.g. "
+              "train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]} (see recipes/tune_quickstart.yaml)", file=sys.stderr)
+        return EXIT_BAD_RECIPE
 
     from raytune_app.cluster import NoCluster
     from raytune_app.data.prepare import RowError
     from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import TrainError
+    from raytune_app.tune.run import TuneError
 
     try:
         if args.command == "evaluate" and args.data:
@@ -432,6 +442,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _distill(recipe, force=args.force)
         elif args.command == "train":
             _train(recipe, resume=args.resume, restart=args.restart)
+        elif args.command == "tune":
+            _tune(recipe, resume=args.resume, restart=args.restart)
         elif args.command == "evaluate":
             _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
         elif args.command == "register":
@@ -443,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             _run_all(recipe)
         return 0
-    except (RowError, TrainError, FileNotFoundError, ValueError) as exc:
+    except (RowError, TrainError, TuneError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
     except NoCluster as exc:  # no cluster to join, or not the GPUs the stage needs (raytune_app/cluster.py)

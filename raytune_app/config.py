@@ -27,6 +27,7 @@ from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeErro
 from raytune_app.distill.settings import DistillSection, TrainDistillSection
 from raytune_app.serve.settings import ServeSection
 from raytune_app.train.settings import DpoSection, GrpoSection, PairsSection
+from raytune_app.tune.settings import TuneSection, search_problems
 
 STAGES = ("prepare", "distill", "train", "tune", "evaluate", "register", "serve")
 
@@ -325,12 +326,6 @@ class TrainSection(Section):
 
 
 # ------------------------------------------------------------------------------- later stages
-
-
-class TuneSection(Section):
-    num_samples: int = Field(4, gt=0, description="Trials to run (tune stage).")
-    metric: str = Field("eval_loss", description="Metric the search optimises.")
-    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher `metric` is better.")
 
 
 class EvaluateSection(Section):
@@ -653,6 +648,11 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     ev, data = recipe.evaluate, recipe.data
     if "distill" in recipe.run.stages:
         problems += recipe.distill.teacher_problems()
+    if "tune" in recipe.run.stages and not recipe.tune.search_space:
+        problems.append("tune.search_space: empty, but run.stages has tune; name the train fields to search "
+                        "(e.g. train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]})")
+    if recipe.tune.search_space:
+        problems += search_problems(recipe.tune, recipe.train, has_chain=bool(recipe.chain))
     if ev.group_column is not None and ev.group_column not in data.keep_columns:
         problems.append(f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
                         f"({data.keep_columns or 'empty'}); add it there so prepare keeps it")
@@ -698,7 +698,9 @@ def explain(cls: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
         )
         if nested is not None:
             lines.append(f"{path}: {info.description}")
-            lines.extend(explain(nested, path + "."))
+            # A mapping of sections (tune.search_space) is keyed by the user: show the key as a placeholder.
+            keyed = getattr(annotation, "__origin__", None) is dict
+            lines.extend(explain(nested, path + (".<path>." if keyed else ".")))
         else:
             default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
             lines.append(f"{path} ({default}): {info.description}")

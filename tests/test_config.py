@@ -136,11 +136,11 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert 'train.lora.rank (from the command line): must be a valid integer, got "eight"' in err
 
 
-def test_cli_unbuilt_stage_says_so_and_fails(tmp_path, capsys):
+def test_cli_tune_without_a_search_space_says_what_to_search(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(MINIMAL))
-    assert main(["tune", "--recipe", str(good)]) == 3
-    assert "not built yet" in capsys.readouterr().err
+    assert main(["tune", "--recipe", str(good)]) == 2  # before any Ray work
+    assert "tune.search_space is empty" in capsys.readouterr().err
 
 
 def test_cli_help_on_each_command(capsys):

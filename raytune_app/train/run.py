@@ -145,87 +145,49 @@ def _log_to_mlflow(recipe: Recipe, manifest: dict) -> Optional[str]:
     return run_id
 
 
-def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: Optional[dict] = None) -> dict:
-    """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
-    one continues (a previous chain step)."""
+def build_trainer(recipe: Recipe, *, out_dir: str, prepared_dir: str, fingerprint: str, use_gpu: bool,
+                  cpus_per_worker: float, parent_adapter: Optional[str] = None, storage_path: Optional[str] = None,
+                  callbacks: Optional[list] = None, worker_key: Optional[str] = None):
+    """The TorchTrainer of one training run: its workers run `worker.train_worker` and write the
+    weights and history into `out_dir`; Ray Train keeps checkpoints in <storage_path>/train (default:
+    the run directory), where a later fit with the same storage resumes from. The train stage fits it
+    as is; each Ray Tune trial fits one with `callbacks=[TuneReportCallback()]` (raytune_app/tune/run.py).
+    `worker_key` names the workers' scratch folder (default: the fingerprint; trials need their own)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raytune_app.train.worker import FAULT_ENV, train_worker
 
-    from raytune_app.data.prepare import NotPrepared, current_manifest
-    from raytune_app.distill import run as distill_run
-
-    # With a distill stage the student learns from the distilled data (label + rationale tasks).
-    source = "distill" if distill_run.distilled(recipe) else "prepare"
-    prepared_dir = storage.absolute(recipe.stage_dir(source))
-    try:
-        prepared = distill_run.current_manifest(recipe) if source == "distill" else current_manifest(recipe)
-    except NotPrepared as exc:
-        raise TrainError(str(exc)) from None
     method = recipe.train.method
-    if (prepared["kind"] == "preference") != (method == "dpo"):
-        raise TrainError(f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
-                         "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind")
-    if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
-        raise TrainError(f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
-                         "validation examples; training needs both (check data.split and rejected.jsonl)")
-
-    use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
-    out_dir = storage.absolute(recipe.stage_dir("train"))
-    print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
-    current = fingerprint(recipe, prepared, parent)
-    parent_adapter = parent["weights"] if parent else None
-    finished = storage.read_json(storage.join(out_dir, "manifest.json"))
-    started = storage.read_json(storage.join(out_dir, "run.json"))
-    if restart and started is not None:
-        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
-        storage.move(out_dir, aside)
-        print_(f"--restart: the earlier run was moved to {aside}")
-        finished = started = None
-    if finished is not None and finished["fingerprint"] == current:
-        print_(f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})")
-        return finished
-    if started is not None and started["fingerprint"] != current:
-        if resume:
-            raise TrainError(f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
-                             f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run")
-        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
-        storage.move(out_dir, aside)
-        print_(f"recipe or data changed: the earlier run was moved to {aside}")
-        started = None
-    if started is None and resume:
-        raise TrainError(f"nothing to resume in {out_dir}; drop --resume to start training")
-    if started is not None:
-        print_(f"continuing the interrupted run in {out_dir}")
-    else:
-        storage.write_text(storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()}))
-    recipe_config.save_resolved(recipe, out_dir)
-
     train_cfg = recipe.train
     score, order = CHECKPOINT_SCORE[method]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={
             "recipe": _worker_recipe(recipe), "prepared_dir": prepared_dir, "out_dir": out_dir, "use_gpu": use_gpu,
-            "fingerprint": current, "parent_adapter": parent_adapter, "fault_at_step": os.environ.get(FAULT_ENV),
+            "fingerprint": worker_key or fingerprint, "parent_adapter": parent_adapter,
+            "fault_at_step": os.environ.get(FAULT_ENV),
             "recipe_dir": str(Path(recipe.source_path).parent) if recipe.source_path else None,
             "task_schema": _task_schema(recipe) if method == "grpo" else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=storage.absolute(recipe.run_dir),
+            name="train", storage_path=storage_path or storage.absolute(recipe.run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.checkpoint.keep_best,
                                                          checkpoint_score_attribute=score,
                                                          checkpoint_score_order=order),
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+            callbacks=callbacks,
         ),
     )
-    print_(f"{train_cfg.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
-           f"{train_cfg.finetuning} on {recipe.model.path}; {_examples_used(recipe, prepared)} train examples")
-    began = time.time()
-    result = trainer.fit()
+
+
+def write_manifest(recipe: Recipe, out_dir: str, result, *, fingerprint: str, prepared: dict, parent: Optional[dict],
+                   use_gpu: bool, began: float) -> dict:
+    """After a fit: the loss curve and `manifest.json` in `out_dir` (which marks the run finished)."""
+    train_cfg = recipe.train
+    current, parent_adapter = fingerprint, (parent["weights"] if parent else None)
     summary = storage.read_json(storage.join(out_dir, "worker_summary.json"))
     history = [json.loads(line) for line in storage.read_text(storage.join(out_dir, "metrics.jsonl")).splitlines()]
     _loss_curve(history, storage.join(out_dir, "loss_curve.png"))
@@ -259,6 +221,75 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     # not make a finished run look unfinished); it is written again with the MLflow run id.
     storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     storage.remove(storage.join(out_dir, "worker_summary.json"))
+    return manifest
+
+
+def training_data(recipe: Recipe) -> tuple[str, dict]:
+    """(folder, manifest) of the data a training run reads: the distilled data when the recipe distils,
+    else the prepared splits; TrainError when it is missing or the method cannot train on it."""
+    from raytune_app.data.prepare import NotPrepared, current_manifest
+    from raytune_app.distill import run as distill_run
+
+    # With a distill stage the student learns from the distilled data (label + rationale tasks).
+    source = "distill" if distill_run.distilled(recipe) else "prepare"
+    prepared_dir = storage.absolute(recipe.stage_dir(source))
+    try:
+        prepared = distill_run.current_manifest(recipe) if source == "distill" else current_manifest(recipe)
+    except NotPrepared as exc:
+        raise TrainError(str(exc)) from None
+    method = recipe.train.method
+    if (prepared["kind"] == "preference") != (method == "dpo"):
+        raise TrainError(f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
+                         "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind")
+    if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
+        raise TrainError(f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
+                         "validation examples; training needs both (check data.split and rejected.jsonl)")
+    return prepared_dir, prepared
+
+
+def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: Optional[dict] = None) -> dict:
+    """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
+    one continues (a previous chain step)."""
+    prepared_dir, prepared = training_data(recipe)
+    use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
+    out_dir = storage.absolute(recipe.stage_dir("train"))
+    print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
+    current = fingerprint(recipe, prepared, parent)
+    parent_adapter = parent["weights"] if parent else None
+    finished = storage.read_json(storage.join(out_dir, "manifest.json"))
+    started = storage.read_json(storage.join(out_dir, "run.json"))
+    if restart and started is not None:
+        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
+        storage.move(out_dir, aside)
+        print_(f"--restart: the earlier run was moved to {aside}")
+        finished = started = None
+    if finished is not None and finished["fingerprint"] == current:
+        print_(f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})")
+        return finished
+    if started is not None and started["fingerprint"] != current:
+        if resume:
+            raise TrainError(f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
+                             f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run")
+        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
+        storage.move(out_dir, aside)
+        print_(f"recipe or data changed: the earlier run was moved to {aside}")
+        started = None
+    if started is None and resume:
+        raise TrainError(f"nothing to resume in {out_dir}; drop --resume to start training")
+    if started is not None:
+        print_(f"continuing the interrupted run in {out_dir}")
+    else:
+        storage.write_text(storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()}))
+    recipe_config.save_resolved(recipe, out_dir)
+
+    trainer = build_trainer(recipe, out_dir=out_dir, prepared_dir=prepared_dir, fingerprint=current, use_gpu=use_gpu,
+                            cpus_per_worker=cpus_per_worker, parent_adapter=parent_adapter)
+    print_(f"{recipe.train.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
+           f"{recipe.train.finetuning} on {recipe.model.path}; {_examples_used(recipe, prepared)} train examples")
+    began = time.time()
+    result = trainer.fit()
+    manifest = write_manifest(recipe, out_dir, result, fingerprint=current, prepared=prepared, parent=parent,
+                              use_gpu=use_gpu, began=began)
     manifest["mlflow_run_id"] = _log_to_mlflow(recipe, manifest)
     storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     measured = {"validation loss": manifest["final_eval_loss"], "reward margin": manifest["final_eval"].get("eval_rewards/margins"),

@@ -1,0 +1,363 @@
+"""The tune stage's driver: a Ray Tune search whose trials are full Ray Train runs of the train stage.
+
+    raytune-app tune --recipe recipes/tune_quickstart.yaml [--resume | --restart]
+
+Each trial is a function (`run_trial`) that applies one sampled point of `tune.search_space` to the
+recipe's `train` section and fits the train stage's own TorchTrainer (train/run.py `build_trainer`)
+with Ray's TuneReportCallback: every checkpoint (train.checkpoint.every_steps) reports the validation
+metrics to Tune, where ASHA compares trials in optimizer steps and stops the ones behind. A trial is
+`train.workers` workers (one GPU each, or `tune.cpus_per_worker` CPUs); as many run at once as the
+cluster fits, and a trial that can never fit fails the stage before any trial starts.
+
+Layout of `runs/<name>/tune/`:
+    search.json           fingerprint of this search (recipe sections + prepared data), written first
+    search/               Ray Tune's experiment (state, searcher, per-trial results): what Tuner.restore reads
+    trials/<trial id>/    one Ray Train run per trial: train/ checkpoints, recipe.yaml, attempts.jsonl,
+                          and for trials that ran to the end adapter/, metrics.jsonl, loss_curve.png, manifest.json
+    trials.md, trials.json, tune_plot.png, best_recipe.yaml
+    summary.json          written last: the search is complete
+
+Resuming: an interrupted search (Ctrl-C, a lost driver) with the same fingerprint continues when the
+stage runs again (`--resume` insists on it): Tuner.restore keeps every finished trial, and the trials
+that were running start again from their latest Ray Train checkpoint. A finished search is not
+repeated; one whose recipe or data changed is moved aside (`tune.previous-<fingerprint>-<time>/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+from raytune_app import config as recipe_config
+from raytune_app import storage
+from raytune_app.config import Recipe
+from raytune_app.tune.cleanup import release_orphaned_placement_groups
+from raytune_app.tune.settings import ParamSpec, apply_sample, typed_space
+
+# Fault drill: with this variable set to N, the driver interrupts itself (SIGINT, as Ctrl-C does)
+# once N trials have ended in this session. Used by the resume test; handy to rehearse a restore.
+INTERRUPT_ENV = "RAYTUNE_APP_TUNE_INTERRUPT_AFTER"
+
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver function (it holds no model)
+
+
+class TuneError(ValueError):
+    """A search that cannot start; the message says why and what to do."""
+
+
+def fingerprint(recipe: Recipe, prepared: dict) -> str:
+    """Identifies a search: what its trials train from and how, and how the search runs."""
+    payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
+               "tune": recipe.tune.model_dump(mode="json", exclude={"register_best"}), "seed": recipe.run.seed,
+               "data": prepared["fingerprint"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_resources(recipe: Recipe) -> dict:
+    """Per-trial resources and how many trials run at once on this cluster; TuneError when a single
+    trial can never fit."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
+    workers, per_worker = recipe.train.workers, recipe.tune.cpus_per_worker
+    use_gpu = gpus > 0 if recipe.train.use_gpu == "auto" else recipe.train.use_gpu
+    if use_gpu:
+        if gpus < workers:
+            raise TuneError(f"one trial needs {workers} GPUs (train.workers={workers}, one GPU each) and the cluster has "
+                            f"{gpus}: no trial could ever start; lower train.workers or add GPU nodes")
+        fits = gpus // workers
+    else:
+        if recipe.train.precision == "fp16":
+            raise TuneError("train.precision fp16 needs a GPU and this cluster has none; use fp32 or bf16")
+    need_cpus = workers * per_worker
+    if need_cpus > cpus:
+        raise TuneError(f"one trial needs {need_cpus:g} CPUs (train.workers={workers} x tune.cpus_per_worker={per_worker:g}) "
+                        f"and the cluster has {cpus:g}: no trial could ever start; lower train.workers or "
+                        "tune.cpus_per_worker")
+    cpu_fits = int(cpus // need_cpus)
+    fits = min(fits, cpu_fits) if use_gpu else cpu_fits
+    wanted = recipe.tune.max_concurrent_trials
+    concurrent = fits if wanted == "auto" else min(wanted, fits)
+    return {"use_gpu": use_gpu, "cpus_per_worker": per_worker, "concurrent": concurrent, "fits": fits,
+            "per_trial": f"{workers} worker(s) x {'1 GPU + ' if use_gpu else ''}{per_worker:g} CPU"}
+
+
+def param_space(space: dict[str, ParamSpec], algorithm: str) -> dict:
+    """The search space as Ray Tune domains, keyed by field path."""
+    from ray import tune
+
+    out = {}
+    for path, spec in space.items():
+        if spec.kind == "choice":
+            out[path] = tune.grid_search(list(spec.choice)) if algorithm == "grid" else tune.choice(list(spec.choice))
+        elif spec.kind == "uniform":
+            out[path] = tune.uniform(*spec.uniform)
+        elif spec.kind == "loguniform":
+            out[path] = tune.loguniform(*spec.loguniform)
+        else:
+            low, high = spec.randint
+            out[path] = tune.randint(low, high + 1)  # Ray's upper bound is exclusive; the recipe's is not
+    return out
+
+
+def trial_recipe(base: dict, sample: dict, source_path: Optional[str] = None) -> Recipe:
+    """The recipe one trial trains: the recipe with `sample` (path -> value) applied to `train`."""
+    raw = dict(base)
+    raw["train"] = apply_sample(base["train"], sample)
+    recipe = Recipe.model_validate(raw)
+    recipe.source_path = source_path
+    return recipe
+
+
+def _report_callback(last_step: int):
+    """Ray's TuneReportCallback, holding back the report of the last step: on that report Tune may end
+    the trial (ASHA stops whatever reaches max_t), which would kill it before its weights and manifest
+    are written. `run_trial` reports the last step itself once they are."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportUntilLast(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and (metrics[0].get("step") or 0) >= last_step:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ReportUntilLast()
+
+
+def run_trial(sample: dict, context: dict) -> None:
+    """One Tune trial: the train stage's TorchTrainer on the sampled recipe, reporting to Tune at every
+    checkpoint. Runs in a Tune trial actor; the Train workers it starts take the trial's resources."""
+    import ray.tune
+
+    from raytune_app.train.run import build_trainer
+    from raytune_app.train.run import fingerprint as train_fingerprint
+    from raytune_app.train.run import write_manifest
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    recipe = trial_recipe(context["recipe"], sample, context["source_path"])
+    out_dir = storage.join(context["trials_dir"], trial_id)
+    current = train_fingerprint(recipe, context["prepared"])
+    attempts = storage.join(out_dir, "attempts.jsonl")
+    earlier = storage.read_text(attempts) if storage.exists(attempts) else ""
+    # One line per start of this trial: a restored search restarts only the trials that had not ended.
+    storage.write_text(attempts, earlier + json.dumps({"started": time.time(), "fingerprint": current}) + "\n")
+    if not earlier:
+        recipe_config.save_resolved(recipe, out_dir)
+    trainer = build_trainer(recipe, out_dir=out_dir, prepared_dir=context["prepared_dir"], fingerprint=current,
+                            use_gpu=context["use_gpu"], cpus_per_worker=context["cpus_per_worker"], storage_path=out_dir,
+                            callbacks=[_report_callback(recipe.train.max_steps)], worker_key=f"{current}-{trial_id}")
+    began = time.time()
+    result = trainer.fit()
+    write_manifest(recipe, out_dir, result, fingerprint=current, prepared=context["prepared"], parent=None,
+                   use_gpu=context["use_gpu"], began=began)
+    ray.tune.report({key: value for key, value in result.metrics.items() if isinstance(value, (int, float, str))})
+
+
+def _progress_callback(recipe: Recipe, space: dict, total: int, ended_file: str):
+    """A Tune callback: a console line per started, finished, stopped and failed trial; each trial that
+    ends is recorded in `ended_file` (an interrupted search is one where fewer than all have ended:
+    Tune marks the trials it cut off at Ctrl-C terminated too). A restored Tuner brings back the
+    callback it was built with (pickled with the experiment), so it keeps nothing in memory that a
+    later session needs."""
+    from ray import tune
+
+    metric, max_steps = recipe.tune.metric, recipe.train.max_steps
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def _settings(self, trial) -> str:
+            return ", ".join(f"{path.removeprefix('train.')}={_short(trial.config.get(path))}" for path in space)
+
+        def on_step_end(self, iteration, trials, **info):
+            release_orphaned_placement_groups(min_interval_s=2.0)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"[tune] trial {trial.trial_id} started: {self._settings(trial)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            step, value = result.get("step"), result.get(metric)
+            how = "ran to the end" if step is not None and step >= max_steps else "stopped early by ASHA"
+            self.ended += 1
+            _record_end(ended_file, trial.trial_id, "completed" if how == "ran to the end" else "stopped")
+            print(f"[tune] trial {trial.trial_id} {how} at step {step}/{max_steps}: {metric} {_short(value)}, "
+                  f"{result.get('time_total_s', 0):.0f} s ({self._settings(trial)}) "
+                  f"[{self.ended} ended this session, {total} in all]", flush=True)
+            self._maybe_interrupt()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended += 1
+            _record_end(ended_file, trial.trial_id, "failed")
+            print(f"[tune] trial {trial.trial_id} failed ({self._settings(trial)}); its error is in "
+                  f"{trial.path or 'the trial folder'}", flush=True)
+            self._maybe_interrupt()
+
+        def _maybe_interrupt(self):
+            interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)  # read now: this may be a restored copy
+            if interrupt_after and self.ended == interrupt_after:
+                print(f"[tune] {INTERRUPT_ENV}={interrupt_after}: interrupting the search (as Ctrl-C does)", flush=True)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Progress()
+
+
+def _record_end(ended_file: str, trial_id: str, how: str) -> None:
+    ended = storage.read_json(ended_file) or {}
+    ended[trial_id] = how
+    storage.write_text(ended_file, json.dumps(ended))
+
+
+def _started_trials(trials_dir: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(trials_dir)
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return [info.base_name for info in found if info.type == pafs.FileType.Directory]
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _search_algorithm(recipe: Recipe, concurrent: int):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    seed = recipe.tune.seed if recipe.tune.seed is not None else recipe.run.seed
+    if recipe.tune.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent)
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it takes the limit itself.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
+
+
+def _scheduler(recipe: Recipe):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    stopping = recipe.tune.early_stopping
+    if not stopping.asha:
+        return FIFOScheduler()
+    # Time is counted in optimizer steps (reported with every checkpoint), not in reports: a trial
+    # restarted from a checkpoint keeps its place.
+    return ASHAScheduler(time_attr="step", max_t=recipe.train.max_steps, reduction_factor=stopping.reduction_factor,
+                         grace_period=stopping.grace_period or recipe.train.checkpoint.every_steps, brackets=1)
+
+
+def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bool, print_) -> tuple[Optional[dict], bool]:
+    """(finished summary or None, whether to restore) after moving a stale search aside."""
+    finished = storage.read_json(storage.join(out_dir, "summary.json"))
+    started = storage.read_json(storage.join(out_dir, "search.json"))
+    if restart and started is not None:
+        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
+        storage.move(out_dir, aside)
+        print_(f"--restart: the earlier search was moved to {aside}")
+        finished = started = None
+    if finished is not None and finished["fingerprint"] == current and not resume:
+        return finished, False
+    if started is not None and started["fingerprint"] != current:
+        if resume:
+            raise TuneError(f"cannot resume: the recipe or the prepared data changed since the search in {out_dir} "
+                            f"started (fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new search")
+        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
+        storage.move(out_dir, aside)
+        print_(f"recipe or data changed: the earlier search was moved to {aside}")
+        started = None
+    if finished is not None and finished["fingerprint"] == current:
+        raise TuneError(f"nothing to resume: the search in {out_dir} is finished; drop --resume to see its results")
+    if started is None and resume:
+        raise TuneError(f"nothing to resume in {out_dir}; drop --resume to start the search")
+    if started is None:
+        storage.write_text(storage.join(out_dir, "search.json"), json.dumps({"fingerprint": current, "started": time.time()}))
+    return None, started is not None
+
+
+def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
+    """Run the tune stage; returns its summary (best trial, where the best recipe and adapter are)."""
+    from ray import tune as ray_tune
+
+    from raytune_app.train.run import TrainError, training_data
+    from raytune_app.tune import report
+
+    print_ = lambda text: print(f"[tune] {text}", flush=True)  # noqa: E731
+    if not recipe.tune.search_space:
+        raise TuneError("tune.search_space is empty: name the train fields to search (see recipes/tune_quickstart.yaml)")
+    if recipe.train.method != "sft":
+        raise TuneError(f"train.method {recipe.train.method}: the tune stage searches sft runs so far")
+    try:
+        prepared_dir, prepared = training_data(recipe)
+    except TrainError as exc:
+        raise TuneError(str(exc)) from None
+    space = typed_space(recipe.tune, recipe.train)
+    plan = plan_resources(recipe)  # before anything is written
+    out_dir = storage.absolute(recipe.stage_dir("tune"))
+    current = fingerprint(recipe, prepared)
+    finished, restoring = _state(out_dir, recipe, current, resume, restart, print_)
+    if finished is not None:
+        print_(f"already finished with this recipe and data; nothing to do. Best: {finished['best']['trial_id']} "
+               f"({recipe.tune.metric} {finished['best']['final_metric']:.4f}); recipe {finished['best_recipe']}")
+        return finished
+
+    total = recipe.tune.num_samples * (math.prod(len(s.choice) for s in space.values()) if recipe.tune.algorithm == "grid" else 1)
+    context = {"recipe": recipe.resolved(), "source_path": recipe.source_path, "prepared": prepared,
+               "prepared_dir": prepared_dir, "trials_dir": storage.join(out_dir, "trials"), "use_gpu": plan["use_gpu"],
+               "cpus_per_worker": plan["cpus_per_worker"]}
+    # The trial function only waits on its Train workers, which hold the trial's CPUs / GPUs; it takes
+    # no CPU itself (else two 1-CPU trials could not run on 2 cores), so max_concurrent_trials decides
+    # how many run. Tune needs some resource in a trial's request: a little memory, which it does use.
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context),
+                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    ended_file = storage.join(out_dir, "ended.json")
+    progress = _progress_callback(recipe, space, total, ended_file)
+    experiment = storage.join(out_dir, "search")
+    restoring = restoring and ray_tune.Tuner.can_restore(experiment)
+    if restoring:
+        print_(f"resuming the interrupted search in {experiment}: finished trials are kept, running ones continue "
+               "from their latest checkpoint")
+        tuner = ray_tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=param_space(space, recipe.tune.algorithm))
+    else:
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=param_space(space, recipe.tune.algorithm),
+            tune_config=ray_tune.TuneConfig(metric=recipe.tune.metric, mode=recipe.tune.mode,
+                                            search_alg=_search_algorithm(recipe, plan["concurrent"]),
+                                            scheduler=_scheduler(recipe), num_samples=recipe.tune.num_samples),
+            run_config=ray_tune.RunConfig(name="search", storage_path=out_dir, callbacks=[progress], verbose=0,
+                                          failure_config=ray_tune.FailureConfig(max_failures=0)),
+        )
+    print_(f"{total} trial(s) of {', '.join(space)} ({recipe.tune.algorithm}"
+           f"{', ASHA' if recipe.tune.early_stopping.asha else ''}); {plan['concurrent']} at a time, each "
+           f"{plan['per_trial']}; budget {recipe.train.max_steps} steps per trial")
+    if not restoring:
+        storage.remove(ended_file)  # left by a search that stopped before Tune saved its state
+    release_orphaned_placement_groups()  # left by an earlier search this driver interrupted
+    began = time.time()
+    results = tuner.fit()
+    release_orphaned_placement_groups()
+    ended = storage.read_json(ended_file) or {}
+    if len(ended) < total:
+        unfinished = sorted(set(_started_trials(context["trials_dir"])) - set(ended))
+        print_(f"interrupted with {len(unfinished)} trial(s) unfinished; the state is saved: run the stage again "
+               f"(or `raytune-app tune --recipe ... --resume`) to continue from {experiment}")
+        return {"stage": "tune", "fingerprint": current, "interrupted": True, "unfinished": unfinished,
+                "ended": sorted(ended)}
+    rows = report.trial_rows(results, recipe, space, context["trials_dir"])
+    summary = report.finish(recipe, rows, space, out_dir, current, seconds=time.time() - began)
+    print_(f"done: best trial {summary['best']['trial_id']} ({recipe.tune.metric} {summary['best']['final_metric']:.4f}, "
+           f"{summary['steps']['total']} trial-steps of {summary['steps']['budget']} budgeted); "
+           f"best recipe {summary['best_recipe']}"
+           + (f"; adapter models:/{summary['registered']['name']}/{summary['registered']['version']}"
+              if summary.get("registered") else ""))
+    return summary
+
