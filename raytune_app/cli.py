@@ -413,7 +413,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _fits(recipe, args)
         return 0
 
-    if args.command == "tune" and not recipe.tune.search_space:
+    # An empty search space is a valid recipe (the section's defaults), but nothing a search can run.
+    if (args.command == "tune" or (args.command == "run" and "tune" in recipe.run.stages)) and not recipe.tune.search_space:
         print(f"error: {recipe.source_path}: tune.search_space is empty; name the train fields to search, e.g. "
               "train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]} (see recipes/tune_quickstart.yaml)", file=sys.stderr)
         return EXIT_BAD_RECIPE

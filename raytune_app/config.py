@@ -648,9 +648,6 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     ev, data = recipe.evaluate, recipe.data
     if "distill" in recipe.run.stages:
         problems += recipe.distill.teacher_problems()
-    if "tune" in recipe.run.stages and not recipe.tune.search_space:
-        problems.append("tune.search_space: empty, but run.stages has tune; name the train fields to search "
-                        "(e.g. train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]})")
     if recipe.tune.search_space:
         problems += search_problems(recipe.tune, recipe.train, has_chain=bool(recipe.chain))
     if ev.group_column is not None and ev.group_column not in data.keep_columns:

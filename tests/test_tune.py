@@ -141,12 +141,14 @@ def test_invalid_search_spaces_are_refused_before_any_trial(tmp_path, tiny_model
         with_space({"train.learning_rate": {"loguniform": [1e-5, 1e-3]}}, algorithm="grid")))
     no_budget = raw | {"train": raw["train"] | {"max_steps": None}}
     assert any("set train.max_steps" in line for line in problems(no_budget))
-    assert any("tune.search_space: empty" in line for line in problems(raw | {"tune": {}}))
 
     # The CLI refuses before any Ray work (exit 2), naming the field.
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(with_space({"train.lora.rank": {"choice": []}})))
     assert main(["tune", "--recipe", str(bad)]) == 2
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump(raw | {"tune": {}}))
+    assert main(["run", str(empty)]) == 2  # run.stages has tune: refused before prepare and train run
 
 
 def test_a_trial_that_can_never_fit_fails_before_anything_starts(ray_local, tmp_path, tiny_model):
