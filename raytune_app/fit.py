@@ -71,6 +71,7 @@ def _check_train(where: str, train, report: FitReport) -> None:
 def _check_tune(recipe: Recipe, report: FitReport) -> None:
     workers, gpus = recipe.train.workers, report.gpus
     concurrent = getattr(recipe.tune, "max_concurrent_trials", None)
+    concurrent = None if concurrent == "auto" else concurrent  # auto: as many as fit (raytune_app/tune/run.py)
     per_trial = workers if _gpu_workers(recipe.train, gpus) else 0
     if not per_trial:
         report.fits.append("tune: trials train on CPUs")
