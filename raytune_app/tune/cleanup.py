@@ -8,7 +8,8 @@ remove it, but it asks the dashboard's state API whether the controller lives, w
 cluster started without a dashboard and on a machine running several Ray clusters (seen here: the
 next trials then wait forever for CPUs nobody uses). So the tune driver removes, after trials end,
 every placement group whose creating actor is dead -- the rule Train's cleaner applies -- and ends
-the cleaner actors of dead controllers, which are detached and otherwise stay (~200 MB each).
+the cleaner actors of dead controllers on its node, which are detached and otherwise stay (~200 MB
+each).
 
 Reads the GCS tables directly: the creator of a placement group and the owner of an actor are not
 in the public dict forms, and the state API needs the dashboard.
@@ -56,10 +57,15 @@ def _sweep(min_interval_s: float) -> int:
 
 
 def _end_orphaned_cleaners(state) -> None:
-    """Kill the PlacementGroupCleaner actors whose Train controller (their creator) is dead."""
-    import ray
-    from ray._common.utils import hex_to_binary
+    """End the PlacementGroupCleaner actors whose Train controller (their creator) is dead. They are
+    unnamed and detached, so no handle can be had: their process is stopped, on this node (Train
+    places them on the head node, where the tune driver runs under `ray job submit` too)."""
+    import os
+    import signal
 
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
     actors = state.actor_table(None).values()
     where = lambda a, key: (a[key]["IPAddress"], a[key]["Port"])  # noqa: E731
     controllers: dict[tuple, set] = {}
@@ -71,5 +77,8 @@ def _end_orphaned_cleaners(state) -> None:
             continue
         states = controllers.get(where(actor, "OwnerAddress"), set())
         # A worker port can be reused: only when every controller seen at that address is dead.
-        if states and states == {"DEAD"}:
-            ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID(hex_to_binary(actor["ActorID"])), True)
+        if states == {"DEAD"} and actor["Address"]["NodeID"] == here and actor["Pid"]:
+            try:
+                os.kill(actor["Pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
