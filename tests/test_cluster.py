@@ -264,10 +264,10 @@ def test_serving_recipe_fits_the_serving_group(cluster_file):
     assert _serve_config_gpus(app) == (low, high)
 
 
-def test_gpu_dpo_recipe_uses_only_the_method_and_existing_train_fields():
-    raw = _load(REPO / "recipes" / "gpu-dpo.yaml")
-    assert raw["train"]["method"] == "dpo" and raw["data"]["kind"] == "preference"
-    assert not {"dpo", "grpo"} & set(raw["train"])
+def test_gpu_dpo_recipe_trains_dpo_on_preference_data():
+    recipe = config.load(REPO / "recipes" / "gpu-dpo.yaml")
+    assert recipe.train.method == "dpo" and recipe.data.kind == "preference"
+    assert recipe.train.finetuning == "qlora"  # LoRA: the reference is a frozen copy of the adapter, not a 2nd model
 
 
 # ------------------------------------------------------------------------------ validate --gpus

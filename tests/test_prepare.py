@@ -151,7 +151,7 @@ def test_preference_data(tmp_path, tiny_model, write_jsonl):
     pairs.append({"prompt": "same", "chosen": "x", "rejected": "x"})
     recipe = config.validate({
         "run": {"name": "pref", "output_dir": str(tmp_path / "runs")}, "model": {"path": tiny_model},
-        "data": {"sources": [str(write_jsonl("pairs.jsonl", pairs))], "kind": "preference"},
+        "data": {"sources": [str(write_jsonl("pairs.jsonl", pairs))], "kind": "preference"}, "train": {"method": "dpo"},
     })
     manifest = prepare(recipe)
     assert sum(manifest["rows_out"].values()) == 20 and manifest["rejected"] == {"chosen_equals_rejected": 1}
