@@ -244,7 +244,8 @@ def test_gpu_recipe_fits_the_cluster_and_one_training_node(recipe_file, cluster_
     steps = [recipe.chain_step(i) for i in range(len(recipe.chain))] or [recipe]
     for step in steps:
         # ZeRO-2 keeps its all-reduce inside one node: the workers fit the largest GPU node.
-        assert step.train.use_gpu is True and step.train.workers <= biggest and step.train.deepspeed.stage == 2
+        assert step.train.use_gpu is True and step.train.workers <= biggest
+        assert step.train.workers == 1 or step.train.deepspeed.stage == 2  # one-GPU runs (tune trials) need no ZeRO
     assert cluster.gpus_wanted(recipe) <= biggest
     if "evaluate" in recipe.run.stages:
         assert recipe.evaluate.replicas <= biggest
