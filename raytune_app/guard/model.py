@@ -100,7 +100,9 @@ def train_guard(recipe: Recipe) -> dict:
     trainer.fit()
     # Threshold on the scores of the model exactly as eval / score / serving will run it (int8 or float32).
     tokenizer, model = load_classifier(model_dir, cfg.inference)
-    scores = score_texts(tokenizer, model, [r["text"] for r in val_rows], cfg.max_length)
+    # One prompt at a time, as `guard eval` and `guard score` run: int8 activations are quantised with one scale
+    # per tensor, so padding a prompt into a batch moves its score slightly.
+    scores = score_texts(tokenizer, model, [r["text"] for r in val_rows], cfg.max_length, batch_size=1)
     labels = [r["label"] for r in val_rows]
     threshold = threshold_for_fpr(scores, labels, cfg.target_fpr)
     summary = {
@@ -216,4 +218,5 @@ def evaluate_guard(guard: Guard, rows: list[dict]) -> dict:
     types = [r["attack_type"] for r in rows]
     result = detection_metrics(scores, [r["label"] for r in rows], guard.threshold, types if any(types) else None)
     p50, p99 = np.percentile(latencies, [50, 99])
-    return result | {"latency_ms_p50": round(float(p50), 3), "latency_ms_p99": round(float(p99), 3)}
+    return result | {"latency_ms_p50": round(float(p50), 3), "latency_ms_p99": round(float(p99), 3),
+                     "precision": guard.precision}
