@@ -12,7 +12,7 @@ shipped threshold the FPR and the attack success rate (attacks let through). The
 first when the recipe's run has none yet.
 
 Latency is per prompt at batch 1 on CPU. The machine is shared, so the guard's two precisions are
-timed interleaved (for every prompt: float32, then int8, then the baseline) over `--repeats` passes,
+timed interleaved (for every prompt: the baseline, float32, int8, int8 on one thread) over `--repeats` passes,
 and the table gives the median over passes of each pass's p50 / p99, plus the int8 / float32 ratio.
 
 `--in-domain FILE` adds a separate row: a guard that also trains on FILE (the public set's own train
@@ -124,6 +124,15 @@ def main() -> None:
     sides = {"TF-IDF + logistic regression": (baseline_score, baseline_threshold),
              f"guard {other.precision}": (other.scores, other.threshold),
              f"guard {shipped.precision} (shipped)": (shipped.scores, shipped.threshold)}
+    if args.threads > 1:  # serving runs the guard with one thread: time that too (same model, same scores)
+        def one_thread(texts, score=shipped.scores):
+            torch.set_num_threads(1)
+            try:
+                return score(texts)
+            finally:
+                torch.set_num_threads(args.threads)
+
+        sides[f"guard {shipped.precision}, 1 thread (as served)"] = (one_thread, shipped.threshold)
     if args.in_domain:
         extra = config.load(args.recipe, [f"run.name={recipe.run.name}-in-domain",
                                           f"guard.sources=[{os.path.abspath(args.in_domain)}]",

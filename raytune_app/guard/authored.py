@@ -1,19 +1,24 @@
 """The guard's own training data: prompt attacks by family and hard benign prompts, written here.
 
     from raytune_app.guard import authored
-    rows = authored.generate(2000, seed=0)   # [{"text", "label" (1 attack / 0 benign), "attack_type", "source"}]
+    rows = authored.generate(4000, seed=0)   # [{"text", "label" (1 attack / 0 benign), "attack_type", "source"}]
 
 Each row is composed from parts (openers, verbs, payloads, carriers...) drawn with a seeded RNG, so
-the set is large, varied and reproducible, and a family can be grown by adding parts. Families of
-attacks: instruction override, persona / role-play jailbreak, system-prompt extraction, encoding and
-obfuscation (base64, hex, ROT13, URL-encoding, leetspeak, look-alike letters, split and reversed
-text), indirect injection hidden in a document, spoofed delimiters and system turns, data
-exfiltration, training-data extraction, forged multi-turn transcripts, and override phrases in
-French, German, Spanish, Italian and Portuguese. Just as many
-hard benign prompts share the vocabulary: security questions, quoting an attack to ask about it,
-everyday instructions with "ignore" / "system" / "forget" / "override" / "pretend", benign role-play,
-benign encodings, documents to summarise that carry no instruction, and the same in other languages.
-A guard that only learns the words "ignore" or "system" fails the benign half.
+the set is large, varied and reproducible, and a family can be grown by adding parts. 17 families of
+attacks (_ATTACK_FAMILIES): instruction override, short persona jailbreaks and long multi-rule
+"developer mode" ones, refusal suppression, hypothetical / fiction / grandmother framing, payload
+splitting, system-prompt extraction, verbatim training-data extraction, encodings and spelling tricks
+(base64 / base32 / hex / binary / ROT13 / Caesar / Morse / URL / HTML entities / unicode escapes /
+full-width / look-alike letters / zero-width / leetspeak / reversed / split), indirect injection
+hidden in a document, spoofed delimiters, chat-template control tokens (ChatML, Llama, Gemma,
+Alpaca, JSON roles), forged multi-turn transcripts, agent / tool manipulation, output manipulation,
+data exfiltration, and overrides in 13 languages. Just as many benign prompts: everyday requests
+(`ordinary_share` of them) and hard look-alikes of each family (_HARD_BENIGN_KINDS): security
+questions, quoting an attack to ask about it, everyday instructions with "ignore" / "system" /
+"forget" / "override" / "pretend", benign role-play and fiction, decoding requests, "no caveats"
+style requests, string joining, chat-format questions, quotations, agent tasks, output-format
+requests, documents with no instruction, and other languages. A guard that only learns the words
+"ignore" or "system" fails the benign half.
 """
 
 from __future__ import annotations

@@ -198,9 +198,13 @@ def quantize_int8(model):
             break
     import warnings
 
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
     with warnings.catch_warnings():  # torch 2.x flags torch.ao.quantization as moving to torchao; it still works
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        # One weight scale per output channel, not per matrix: on the trained MiniLM guard it cut the largest
+        # score change against float32 from 0.79 to 0.31 (mean 0.018 -> 0.006) at the same speed.
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 def evaluate_guard(guard: Guard, rows: list[dict]) -> dict:
