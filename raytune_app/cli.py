@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"recipe with a `guard` section (default: {DEFAULT_GUARD_RECIPE})")
         if action != "train":
             g.add_argument("--model", metavar="DIR", help="a trained guard folder (default: the recipe's; trained first if missing)")
+            g.add_argument("--precision", choices=["int8", "float32"],
+                           help="score with this precision instead of the one guard.json names (its threshold was chosen for that one)")
         if action == "eval":
             g.add_argument("--data", required=True, metavar="FILE", help="labelled JSONL or Parquet file")
             g.add_argument("--text-field", default="text", help="column with the prompt (default: text)")
@@ -279,9 +281,9 @@ def _guard(args) -> int:
         from raytune_app.guard.data import read_labelled
 
         rows = read_labelled(args.data, args.text_field, args.label_field)  # bad rows fail before the model loads
-        print(json.dumps(evaluate_guard(Guard.load(folder, threads=os.cpu_count()), rows), indent=2))
+        print(json.dumps(evaluate_guard(Guard.load(folder, threads=os.cpu_count(), precision=args.precision), rows), indent=2))
         return 0
-    guard = Guard.load(folder)
+    guard = Guard.load(folder, precision=args.precision)
     score = guard.scores([args.text])[0]
     print(json.dumps({"score": round(score, 6), "threshold": round(guard.threshold, 6), "blocked": score >= guard.threshold}))
     return 0

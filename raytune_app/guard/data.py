@@ -94,7 +94,8 @@ def training_rows(recipe: Recipe) -> list[dict]:
     from raytune_app.guard import authored
 
     cfg = recipe.guard
-    rows = authored.generate(cfg.authored_rows, seed=recipe.run.seed) if cfg.authored_rows else []
+    rows = (authored.generate(cfg.authored_rows, seed=recipe.run.seed, ordinary_share=cfg.authored_ordinary_share)
+            if cfg.authored_rows else [])
     if cfg.include_bastioncorpus:
         rows += bastioncorpus_rows()
     for source in cfg.sources:

@@ -60,4 +60,10 @@ def detection_metrics(scores: Sequence[float], labels: Sequence[int], threshold:
             if label == 1 and kind is not None:
                 per_type.setdefault(str(kind), []).append(bool(hit))
         out["recall_by_attack_type"] = {k: {"n": len(v), "recall": _rate(sum(v), len(v))} for k, v in sorted(per_type.items())}
+        alarms: dict[str, list[bool]] = {}  # the benign side: which kinds of benign prompt raise false alarms
+        for kind, label, hit in zip(attack_types, labels, blocked):
+            if label == 0 and kind is not None:
+                alarms.setdefault(str(kind), []).append(bool(hit))
+        if alarms:
+            out["fpr_by_benign_type"] = {k: {"n": len(v), "fpr": _rate(sum(v), len(v))} for k, v in sorted(alarms.items())}
     return out

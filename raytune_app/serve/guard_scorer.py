@@ -4,7 +4,10 @@
             "max_batch_size": 16, "batch_wait_timeout_s": 0.005}
 
 `score(text)` returns {"score": p(attack), "threshold": t, "attack": score >= t}; concurrent prompts are
-scored in one forward pass. The router decides what a score means (enforce / monitor).
+scored in one forward pass. The router decides what a score means (enforce / monitor). The guard scores
+with the precision its guard.json names (int8 by default: the fast CPU path, the one its threshold was
+chosen on); a prompt batched with others can score marginally differently from alone, since int8
+activations share one quantisation scale per batch.
 """
 
 from __future__ import annotations
