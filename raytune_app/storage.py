@@ -8,6 +8,7 @@ are made absolute first: Ray workers may run in another working directory.
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow.fs as pafs
 
@@ -126,6 +127,13 @@ def local_dir(uri: str) -> str:
     fs, path = filesystem(uri)
     pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return target
+
+
+def move_aside(uri: str, fingerprint: str) -> str:
+    """Move an earlier run's folder out of the way (it is never overwritten); returns where it went."""
+    aside = f"{uri}.previous-{fingerprint}-{int(time.time())}"
+    move(uri, aside)
+    return aside
 
 
 def move(source: str, target: str) -> None:

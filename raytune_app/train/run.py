@@ -259,8 +259,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     finished = storage.read_json(storage.join(out_dir, "manifest.json"))
     started = storage.read_json(storage.join(out_dir, "run.json"))
     if restart and started is not None:
-        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
-        storage.move(out_dir, aside)
+        aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"--restart: the earlier run was moved to {aside}")
         finished = started = None
     if finished is not None and finished["fingerprint"] == current:
@@ -270,8 +269,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         if resume:
             raise TrainError(f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
                              f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run")
-        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
-        storage.move(out_dir, aside)
+        aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"recipe or data changed: the earlier run was moved to {aside}")
         started = None
     if started is None and resume:

@@ -259,8 +259,7 @@ def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bo
     finished = storage.read_json(storage.join(out_dir, "summary.json"))
     started = storage.read_json(storage.join(out_dir, "search.json"))
     if restart and started is not None:
-        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
-        storage.move(out_dir, aside)
+        aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"--restart: the earlier search was moved to {aside}")
         finished = started = None
     if finished is not None and finished["fingerprint"] == current and not resume:
@@ -269,8 +268,7 @@ def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bo
         if resume:
             raise TuneError(f"cannot resume: the recipe or the prepared data changed since the search in {out_dir} "
                             f"started (fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new search")
-        aside = f"{out_dir}.previous-{started['fingerprint']}-{int(time.time())}"
-        storage.move(out_dir, aside)
+        aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"recipe or data changed: the earlier search was moved to {aside}")
         started = None
     if finished is not None and finished["fingerprint"] == current:
