@@ -28,7 +28,10 @@ def tune_recipe(root, model, **tune_section):
     base = toy_recipe(root, model, max_steps=8, checkpoint={"every_steps": 2, "keep_best": 1})
     raw = base.resolved()
     raw["run"]["stages"] = ["prepare", "train", "tune"]
-    raw["tune"] = {"search_space": SPACE, "algorithm": "grid", "num_samples": 1,
+    # One trial at a time: the grid runs (good, 1), (bad, 1), (good, 4), (bad, 4) in that order, so each bad
+    # trial reaches its first rung after a good one has recorded there and ASHA's cut is deterministic (with
+    # two at once, a bad trial reporting first at a rung has nothing to be compared with).
+    raw["tune"] = {"search_space": SPACE, "algorithm": "grid", "num_samples": 1, "max_concurrent_trials": 1,
                    "early_stopping": {"grace_period": 2, "reduction_factor": 2}} | tune_section
     return config.validate(raw)
 
