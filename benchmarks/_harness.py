@@ -29,8 +29,12 @@ def tree_rss(process: psutil.Process) -> int:
 
 def run_measured(script: str, child_args: list[str], interval: float = 0.2, extra_args: tuple[str, ...] = ()) -> dict:
     """Run `python script EXTRA_ARGS... --child ARGS...`; its JSON result plus `peak_gib`."""
-    child = subprocess.Popen([sys.executable, script, *extra_args, "--child", *child_args], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    child = subprocess.Popen(
+        [sys.executable, script, *extra_args, "--child", *child_args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+    )
     peak, done = 0, threading.Event()
     watcher = psutil.Process(child.pid)
 

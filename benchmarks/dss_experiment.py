@@ -46,10 +46,18 @@ def main() -> None:
     for fraction in args.fractions:
         for weight in (0.0, 1.0):
             name = f"dss-{fraction}-{weight}"
-            recipe = config.load(ROOT / "recipes" / "dss.yaml", [
-                f"run.output_dir={out}", f"run.name={name}", f"data.generator.rows={args.rows}",
-                f"distill.subsample={fraction}", f"train.distill.rationale_weight={weight}", f"train.epochs={args.epochs}",
-                f"evaluate.include_base={'true' if base is None else 'false'}"])
+            recipe = config.load(
+                ROOT / "recipes" / "dss.yaml",
+                [
+                    f"run.output_dir={out}",
+                    f"run.name={name}",
+                    f"data.generator.rows={args.rows}",
+                    f"distill.subsample={fraction}",
+                    f"train.distill.rationale_weight={weight}",
+                    f"train.epochs={args.epochs}",
+                    f"evaluate.include_base={'true' if base is None else 'false'}",
+                ],
+            )
             began = time.time()
             prepare(recipe)
             distilled = distill(recipe)
@@ -58,17 +66,30 @@ def main() -> None:
             if base is None:
                 base = summary["models"]["base"]["normalised_match"]
             tuned = summary["models"]["tuned"]
-            results.append((fraction, weight, distilled["inputs"], distilled["tasks"], tuned["normalised_match"],
-                            summary["examples"], time.time() - began))
+            results.append(
+                (
+                    fraction,
+                    weight,
+                    distilled["inputs"],
+                    distilled["tasks"],
+                    tuned["normalised_match"],
+                    summary["examples"],
+                    time.time() - began,
+                )
+            )
             print(f"[dss-experiment] {name}: {tuned['normalised_match']}", file=sys.stderr, flush=True)
 
-    print(f"\nmulti-step arithmetic, SmolLM2-135M-Instruct student, {args.epochs} epochs; answer accuracy on the test split "
-          f"({results[0][5]} problems); base model (asked plainly): {base}\n")
+    print(
+        f"\nmulti-step arithmetic, SmolLM2-135M-Instruct student, {args.epochs} epochs; answer accuracy on the test split "
+        f"({results[0][5]} problems); base model (asked plainly): {base}\n"
+    )
     print(f"{'share':>6}{'inputs':>8}{'variant':>15}{'train rows':>12}{'accuracy':>10}{'minutes':>9}")
     for fraction, weight, inputs, tasks, accuracy, _, seconds in results:
         variant = "step-by-step" if weight else "label-only"
-        print(f"{fraction:>6}{inputs:>8}{variant:>15}{sum(tasks.values()) if weight else tasks['label']:>12}"
-              f"{accuracy:>10.3f}{seconds / 60:>9.1f}")
+        print(
+            f"{fraction:>6}{inputs:>8}{variant:>15}{sum(tasks.values()) if weight else tasks['label']:>12}"
+            f"{accuracy:>10.3f}{seconds / 60:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

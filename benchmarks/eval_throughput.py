@@ -36,11 +36,19 @@ from _harness import run_measured  # noqa: E402
 def recipe_for(out: str, examples: int, batch_size: int, replicas: int, max_new_tokens: int):
     from raytune_app import config
 
-    return config.load(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={out}", f"data.generator.rows={examples * 4}", "data.split.val=0.0", "data.split.test=0.25",
-        f"evaluate.limit={examples}", f"evaluate.batch_size={batch_size}", f"evaluate.replicas={replicas}",
-        f"evaluate.max_new_tokens={max_new_tokens}",
-    ])
+    return config.load(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={out}",
+            f"data.generator.rows={examples * 4}",
+            "data.split.val=0.0",
+            "data.split.test=0.25",
+            f"evaluate.limit={examples}",
+            f"evaluate.batch_size={batch_size}",
+            f"evaluate.replicas={replicas}",
+            f"evaluate.max_new_tokens={max_new_tokens}",
+        ],
+    )
 
 
 def examples_of(recipe):
@@ -65,7 +73,9 @@ def run_loop(recipe, adapter: str | None) -> dict:
     torch.set_num_threads(os.cpu_count())
     model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
     # The generator's model loading and stop tokens, called one example at a time.
-    one = Generator(model, adapter, recipe.evaluate.max_new_tokens, dtype=recipe.train.precision, threads=os.cpu_count())
+    one = Generator(
+        model, adapter, recipe.evaluate.max_new_tokens, dtype=recipe.train.precision, threads=os.cpu_count()
+    )
     replies, tokens = {}, 0
     started = time.time()
     for i in range(examples.num_rows):
@@ -87,8 +97,12 @@ def run_ours(recipe, adapter: str | None) -> dict:
     table = generate(examples, Candidate("m", adapter, "bench"), recipe, None)
     # The pool's wall time from the first batch start to the last batch end (model loads excluded).
     seconds = max(table.column("batch_end").to_pylist()) - min(table.column("batch_start").to_pylist())
-    return {"seconds": seconds, "examples": table.num_rows, "tokens": sum(table.column("new_tokens").to_pylist()),
-            "replies": dict(zip(table.column("example").to_pylist(), table.column("prediction").to_pylist()))}
+    return {
+        "seconds": seconds,
+        "examples": table.num_rows,
+        "tokens": sum(table.column("new_tokens").to_pylist()),
+        "replies": dict(zip(table.column("example").to_pylist(), table.column("prediction").to_pylist())),
+    }
 
 
 def main() -> None:
@@ -103,17 +117,28 @@ def main() -> None:
     adapter = os.path.abspath(args.adapter) if args.adapter else None
     if args.child:
         side, out, replicas = args.child
-        recipe = recipe_for(out, args.examples, 1 if side == "loop" else args.batch_size, int(replicas), args.max_new_tokens)
+        recipe = recipe_for(
+            out, args.examples, 1 if side == "loop" else args.batch_size, int(replicas), args.max_new_tokens
+        )
         print(json.dumps(run_loop(recipe, adapter) if side == "loop" else run_ours(recipe, adapter)))
         return
 
     from raytune_app.models import resolve
 
     resolve("bundled:smollm2-135m-instruct")  # convert the bundled model once, outside the timings
-    sides = [("loop", 1, "(a) one-at-a-time loop"), ("ours", 1, f"(b) Ray Data, batch {args.batch_size}, 1 replica"),
-             ("ours", 2, f"(c) Ray Data, batch {args.batch_size}, 2 replicas")]
-    passthrough = ["--examples", str(args.examples), "--batch-size", str(args.batch_size),
-                   "--max-new-tokens", str(args.max_new_tokens)] + (["--adapter", adapter] if adapter else [])
+    sides = [
+        ("loop", 1, "(a) one-at-a-time loop"),
+        ("ours", 1, f"(b) Ray Data, batch {args.batch_size}, 1 replica"),
+        ("ours", 2, f"(c) Ray Data, batch {args.batch_size}, 2 replicas"),
+    ]
+    passthrough = [
+        "--examples",
+        str(args.examples),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ] + (["--adapter", adapter] if adapter else [])
     results = {}
     for side, replicas, label in sides:
         runs = []
@@ -123,18 +148,24 @@ def main() -> None:
         results[label] = runs
     baseline = statistics.median(r["examples"] / r["seconds"] for r in results[sides[0][2]])
     reference = results[sides[0][2]][0]["replies"]
-    print(f"machine: {os.cpu_count()} CPUs; model bundled SmolLM2-135M-Instruct"
-          f"{' + adapter ' + args.adapter if args.adapter else ''}; {args.examples} examples, greedy, "
-          f"max_new_tokens {args.max_new_tokens}; median of {args.repeats}")
-    print(f"{'setup':<34} {'examples/s':>10} {'tokens/s':>9} {'ratio':>6} {'peak GiB':>8} {'same replies':>12}   per run ex/s")
+    print(
+        f"machine: {os.cpu_count()} CPUs; model bundled SmolLM2-135M-Instruct"
+        f"{' + adapter ' + args.adapter if args.adapter else ''}; {args.examples} examples, greedy, "
+        f"max_new_tokens {args.max_new_tokens}; median of {args.repeats}"
+    )
+    print(
+        f"{'setup':<34} {'examples/s':>10} {'tokens/s':>9} {'ratio':>6} {'peak GiB':>8} {'same replies':>12}   per run ex/s"
+    )
     for _, _, label in sides:
         runs = results[label]
         speed = statistics.median(r["examples"] / r["seconds"] for r in runs)
         tokens = statistics.median(r["tokens"] / r["seconds"] for r in runs)
         same = sum(runs[0]["replies"][k] == v for k, v in reference.items())
-        print(f"{label:<34} {speed:>10.3f} {tokens:>9.1f} {speed / baseline:>5.2f}x "
-              f"{statistics.median(r['peak_gib'] for r in runs):>8.2f} {f'{same}/{len(reference)}':>12}   "
-              + ", ".join(f"{r['examples'] / r['seconds']:.3f}" for r in runs))
+        print(
+            f"{label:<34} {speed:>10.3f} {tokens:>9.1f} {speed / baseline:>5.2f}x "
+            f"{statistics.median(r['peak_gib'] for r in runs):>8.2f} {f'{same}/{len(reference)}':>12}   "
+            + ", ".join(f"{r['examples'] / r['seconds']:.3f}" for r in runs)
+        )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def tfidf_baseline(train_rows, val_rows, target_fpr: float):
 
     from raytune_app.guard.metrics import threshold_for_fpr
 
-    features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                          TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2))
+    features = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2),
+    )
     model = make_pipeline(features, LogisticRegression(max_iter=2000, C=10.0))
     model.fit([r["text"] for r in train_rows], [r["label"] for r in train_rows])
     score = lambda texts: model.predict_proba(texts)[:, 1].tolist()  # noqa: E731
@@ -72,8 +74,11 @@ def interleaved(sides: dict, rows: list[dict], repeats: int) -> dict:
             p50, p99 = np.percentile(values, [50, 99])
             out[name]["p50s"].append(float(p50))
             out[name]["p99s"].append(float(p99))
-        print(f"[bench] pass {rep + 1}/{repeats}: " + ", ".join(f"{n} p99 {out[n]['p99s'][-1]:.1f} ms" for n in sides),
-              file=sys.stderr, flush=True)
+        print(
+            f"[bench] pass {rep + 1}/{repeats}: " + ", ".join(f"{n} p99 {out[n]['p99s'][-1]:.1f} ms" for n in sides),
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -118,13 +123,17 @@ def main() -> None:
     shipped = Guard.load(folder)  # the precision guard.json names (int8 for guards trained with inference: int8)
     other = Guard.load(folder, precision="float32" if shipped.precision == "int8" else "int8")
     # The comparison precision gets its own threshold, chosen the same way on the same validation rows.
-    other.threshold = threshold_for_fpr([other.scores([r["text"]])[0] for r in val_rows], [r["label"] for r in val_rows],
-                                        recipe.guard.target_fpr)
+    other.threshold = threshold_for_fpr(
+        [other.scores([r["text"]])[0] for r in val_rows], [r["label"] for r in val_rows], recipe.guard.target_fpr
+    )
     baseline_score, baseline_threshold = tfidf_baseline(train_rows, val_rows, recipe.guard.target_fpr)
-    sides = {"TF-IDF + logistic regression": (baseline_score, baseline_threshold),
-             f"guard {other.precision}": (other.scores, other.threshold),
-             f"guard {shipped.precision} (shipped)": (shipped.scores, shipped.threshold)}
+    sides = {
+        "TF-IDF + logistic regression": (baseline_score, baseline_threshold),
+        f"guard {other.precision}": (other.scores, other.threshold),
+        f"guard {shipped.precision} (shipped)": (shipped.scores, shipped.threshold),
+    }
     if args.threads > 1:  # serving runs the guard with one thread: time that too (same model, same scores)
+
         def one_thread(texts, score=shipped.scores):
             torch.set_num_threads(1)
             try:
@@ -134,9 +143,15 @@ def main() -> None:
 
         sides[f"guard {shipped.precision}, 1 thread (as served)"] = (one_thread, shipped.threshold)
     if args.in_domain:
-        extra = config.load(args.recipe, [f"run.name={recipe.run.name}-in-domain",
-                                          f"guard.sources=[{os.path.abspath(args.in_domain)}]",
-                                          "guard.text_field=prompt", f"guard.registered_name={recipe.guard.registered_name}-in-domain"])
+        extra = config.load(
+            args.recipe,
+            [
+                f"run.name={recipe.run.name}-in-domain",
+                f"guard.sources=[{os.path.abspath(args.in_domain)}]",
+                "guard.text_field=prompt",
+                f"guard.registered_name={recipe.guard.registered_name}-in-domain",
+            ],
+        )
         in_domain = Guard.load(train_if_missing(extra))
         sides["guard + public train split (not shipped)"] = (in_domain.scores, in_domain.threshold)
     timed = interleaved({name: score for name, (score, _) in sides.items()}, public, args.repeats)
@@ -145,22 +160,44 @@ def main() -> None:
     for name, (_, threshold) in sides.items():
         t = timed[name]
         results[name] = detection_metrics(t["scores"], labels, threshold, [r["attack_type"] for r in public]) | {
-            "latency_ms_p50": statistics.median(t["p50s"]), "latency_ms_p99": statistics.median(t["p99s"]),
-            "p99_runs": [round(v, 2) for v in t["p99s"]]}
+            "latency_ms_p50": statistics.median(t["p50s"]),
+            "latency_ms_p99": statistics.median(t["p99s"]),
+            "p99_runs": [round(v, 2) for v in t["p99s"]],
+        }
     fp, q = results[f"guard {other.precision}"], results[f"guard {shipped.precision} (shipped)"]
-    print(f"machine: {os.cpu_count()} CPUs, {args.threads} torch threads; public set {args.data}: {len(public)} rows "
-          f"({sum(labels)} attacks); trained on {len(train_rows)} rows, thresholds for FPR <= {recipe.guard.target_fpr} "
-          f"on {len(val_rows)} validation rows; latency: median of {args.repeats} interleaved passes")
-    print(f"{'classifier':<42} {'AUC':>6} {'TPR@1%FPR':>9} {'FPR':>7} {'TPR':>6} {'attack success':>14} {'p50 ms':>7} {'p99 ms':>7}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {args.threads} torch threads; public set {args.data}: {len(public)} rows "
+        f"({sum(labels)} attacks); trained on {len(train_rows)} rows, thresholds for FPR <= {recipe.guard.target_fpr} "
+        f"on {len(val_rows)} validation rows; latency: median of {args.repeats} interleaved passes"
+    )
+    print(
+        f"{'classifier':<42} {'AUC':>6} {'TPR@1%FPR':>9} {'FPR':>7} {'TPR':>6} {'attack success':>14} {'p50 ms':>7} {'p99 ms':>7}"
+    )
     for name, r in results.items():
-        print(f"{name:<42} {r['auc']:>6.3f} {r['tpr_at_fpr_1pct']:>9.3f} {r['fpr']:>7.4f} {r['tpr']:>6.3f} "
-              f"{r['attack_success_rate']:>14.3f} {r['latency_ms_p50']:>7.2f} {r['latency_ms_p99']:>7.2f}")
-    print(f"int8 / float32 latency: p50 x{q['latency_ms_p50'] / fp['latency_ms_p50']:.2f}, "
-          f"p99 x{q['latency_ms_p99'] / fp['latency_ms_p99']:.2f}" if shipped.precision == "int8" else "")
-    print("shipped guard, recall by public attack type (read after the run, never tuned on): " + ", ".join(
-        f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in q["recall_by_attack_type"].items() if k != "benign"))
-    print(json.dumps({k: {m: v for m, v in r.items() if m not in ("recall_by_attack_type", "fpr_by_benign_type")}
-                      for k, r in results.items()}))
+        print(
+            f"{name:<42} {r['auc']:>6.3f} {r['tpr_at_fpr_1pct']:>9.3f} {r['fpr']:>7.4f} {r['tpr']:>6.3f} "
+            f"{r['attack_success_rate']:>14.3f} {r['latency_ms_p50']:>7.2f} {r['latency_ms_p99']:>7.2f}"
+        )
+    print(
+        f"int8 / float32 latency: p50 x{q['latency_ms_p50'] / fp['latency_ms_p50']:.2f}, "
+        f"p99 x{q['latency_ms_p99'] / fp['latency_ms_p99']:.2f}"
+        if shipped.precision == "int8"
+        else ""
+    )
+    print(
+        "shipped guard, recall by public attack type (read after the run, never tuned on): "
+        + ", ".join(
+            f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in q["recall_by_attack_type"].items() if k != "benign"
+        )
+    )
+    print(
+        json.dumps(
+            {
+                k: {m: v for m, v in r.items() if m not in ("recall_by_attack_type", "fpr_by_benign_type")}
+                for k, r in results.items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

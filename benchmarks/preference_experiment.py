@@ -45,6 +45,7 @@ def main() -> None:
     from raytune_app.train.run import train_chain
 
     common = [f"run.name={args.name}", f"run.output_dir={args.output_dir}"]
+
     def with_step(path: str, **changes):
         """The recipe with its second chain step changed (chain steps are a list: edit, then validate again)."""
         raw = config.load(ROOT / path, common).model_dump(mode="json")
@@ -54,8 +55,12 @@ def main() -> None:
                 raw["chain"][1].setdefault(section, {})[field] = value
         return config.validate(raw, source=str(ROOT / path))
 
-    dpo_recipe = with_step("recipes/sft_dpo_extraction.yaml", pairs__samples=args.dpo_samples,
-                           pairs__limit=args.pairs_limit, train__max_steps=args.dpo_steps)
+    dpo_recipe = with_step(
+        "recipes/sft_dpo_extraction.yaml",
+        pairs__samples=args.dpo_samples,
+        pairs__limit=args.pairs_limit,
+        train__max_steps=args.dpo_steps,
+    )
     grpo_recipe = with_step("recipes/sft_grpo_extraction.yaml", train__max_steps=args.grpo_steps)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -66,7 +71,9 @@ def main() -> None:
     pairs = json.loads(Path(dpo_recipe.pairs_dir(1), "pairs.json").read_text())
     summary_dpo = evaluate(dpo_recipe)  # base, sft, dpo (the chain's steps)
     grpo_chain = train_chain(grpo_recipe)["chain"]  # the sft step is found finished and reused
-    no_base = grpo_recipe.model_copy(update={"evaluate": grpo_recipe.evaluate.model_copy(update={"include_base": False})})
+    no_base = grpo_recipe.model_copy(
+        update={"evaluate": grpo_recipe.evaluate.model_copy(update={"include_base": False})}
+    )
     summary_grpo = evaluate(no_base, adapter=grpo_chain[1]["weights"])
 
     def seconds(step_weights: str) -> float:
@@ -76,22 +83,42 @@ def main() -> None:
     models = {
         "base": (summary_dpo["models"]["base"], "-"),
         "sft": (summary_dpo["models"]["sft"], f"train {seconds(dpo_chain[0]['weights']):.0f} s"),
-        "sft + dpo": (summary_dpo["models"]["dpo"],
-                      f"+ pairs {pairs['seconds']:.0f} s + train {seconds(dpo_chain[1]['weights']):.0f} s"),
-        "sft + grpo": (next(iter(summary_grpo["models"].values())),
-                       f"+ train {seconds(grpo_chain[1]['weights']):.0f} s"),
+        "sft + dpo": (
+            summary_dpo["models"]["dpo"],
+            f"+ pairs {pairs['seconds']:.0f} s + train {seconds(dpo_chain[1]['weights']):.0f} s",
+        ),
+        "sft + grpo": (
+            next(iter(summary_grpo["models"].values())),
+            f"+ train {seconds(grpo_chain[1]['weights']):.0f} s",
+        ),
     }
-    lines = [f"quickstart extraction task, held-out test split ({summary_dpo['examples']} examples, greedy); "
-             f"pairs: {pairs['pairs']} from {pairs['prompts']} training prompts (sft pass rate {pairs['pass_rate']:.3f})",
-             f"{'model':<12}" + "".join(f"{m:>18}" for m in METRICS) + "   compute (this machine)"]
+    lines = [
+        f"quickstart extraction task, held-out test split ({summary_dpo['examples']} examples, greedy); "
+        f"pairs: {pairs['pairs']} from {pairs['prompts']} training prompts (sft pass rate {pairs['pass_rate']:.3f})",
+        f"{'model':<12}" + "".join(f"{m:>18}" for m in METRICS) + "   compute (this machine)",
+    ]
     for name, (result, compute) in models.items():
-        lines.append(f"{name:<12}" + "".join(f"{result.get(m) if result.get(m) is not None else 'n/a':>18}" for m in METRICS)
-                     + f"   {compute}")
+        lines.append(
+            f"{name:<12}"
+            + "".join(f"{result.get(m) if result.get(m) is not None else 'n/a':>18}" for m in METRICS)
+            + f"   {compute}"
+        )
     print("\n".join(lines))
     out = storage.join(storage.absolute(dpo_recipe.run_dir), "preference_experiment.json")
-    storage.write_text(out, json.dumps({"table": lines, "pairs": pairs, "models": {k: v[0] for k, v in models.items()},
-                                        "compute": {k: v[1] for k, v in models.items()},
-                                        "wall_s": round(time.time() - began, 1)}, indent=2) + "\n")
+    storage.write_text(
+        out,
+        json.dumps(
+            {
+                "table": lines,
+                "pairs": pairs,
+                "models": {k: v[0] for k, v in models.items()},
+                "compute": {k: v[1] for k, v in models.items()},
+                "wall_s": round(time.time() - began, 1),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     print(f"wrote {out} ({time.time() - began:.0f} s in all)")
 
 

@@ -68,11 +68,18 @@ def run_ray(source: str, out: str) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     startup = time.time() - started
-    recipe = config.validate({
-        "run": {"name": "bench", "output_dir": out}, "model": {"path": MODEL},
-        "data": {"sources": [source], "columns": {"prompt": "message", "response": "extraction"},
-                 "system_prompt": SYSTEM, "max_seq_length": 1024},
-    })
+    recipe = config.validate(
+        {
+            "run": {"name": "bench", "output_dir": out},
+            "model": {"path": MODEL},
+            "data": {
+                "sources": [source],
+                "columns": {"prompt": "message", "response": "extraction"},
+                "system_prompt": SYSTEM,
+                "max_seq_length": 1024,
+            },
+        }
+    )
     started = time.time()
     manifest = prepare(recipe, force=True)
     seconds = time.time() - started
@@ -162,8 +169,12 @@ def main() -> None:
     from raytune_app.models import resolve
 
     resolve(MODEL)  # convert the bundled model once, outside every timed run
-    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; python {sys.version.split()[0]}")
-    print(f"{'rows':>8} {'pipeline':<22} {'rows/s':>9} {'peak GiB':>9} {'ratio':>6}   (median of {args.repeats}; per-run rows/s)")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; python {sys.version.split()[0]}"
+    )
+    print(
+        f"{'rows':>8} {'pipeline':<22} {'rows/s':>9} {'peak GiB':>9} {'ratio':>6}   (median of {args.repeats}; per-run rows/s)"
+    )
     with tempfile.TemporaryDirectory() as work:
         for rows in args.rows:
             source = Path(work) / f"input-{rows}.jsonl"
@@ -175,8 +186,10 @@ def main() -> None:
                 peak = statistics.median(r["peak_gib"] for r in runs)
                 per_run = ", ".join(f"{rows / r['seconds']:.0f}" for r in runs)
                 ratio = speed[side] / speed["datasets"]
-                print(f"{rows:>8} {label:<22} {speed[side]:>9.0f} {peak:>9.2f} {ratio:>5.2f}x   [{per_run}]"
-                      + (f"  ray start-up {statistics.median(r['startup'] for r in runs):.1f}s" if side == "ray" else ""))
+                print(
+                    f"{rows:>8} {label:<22} {speed[side]:>9.0f} {peak:>9.2f} {ratio:>5.2f}x   [{per_run}]"
+                    + (f"  ray start-up {statistics.median(r['startup'] for r in runs):.1f}s" if side == "ray" else "")
+                )
             outs = {side: {r["rows_out"] for r in runs} for side, runs in results.items()}
             print(f"{'':>8} rows out: datasets {sorted(outs['datasets'])}, ray {sorted(outs['ray'])}")
 

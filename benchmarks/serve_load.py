@@ -54,15 +54,22 @@ def _free_port() -> int:
 
 def serve_forever(port: int, batch: int, guard: bool, out: str) -> None:
     """The server side: start the app, print one READY line, keep serving until killed."""
+    import ray
+
     from raytune_app import config
     from raytune_app.serve.app import run
 
-    import ray
-
-    overrides = [f"run.output_dir={out}", f"serve.port={port}", "serve.champion=base", "serve.backup=null",
-                 f"serve.batching.max_batch_size={batch}", "serve.batching.batch_wait_timeout_s=0.15",
-                 "serve.guard.mode=" + ("enforce" if guard else "'off'"), "serve.limits.max_tokens=256",
-                 f"serve.guard.tracking_uri=sqlite:///{ROOT}/runs/guard/mlflow.db"]
+    overrides = [
+        f"run.output_dir={out}",
+        f"serve.port={port}",
+        "serve.champion=base",
+        "serve.backup=null",
+        f"serve.batching.max_batch_size={batch}",
+        "serve.batching.batch_wait_timeout_s=0.15",
+        "serve.guard.mode=" + ("enforce" if guard else "'off'"),
+        "serve.limits.max_tokens=256",
+        f"serve.guard.tracking_uri=sqlite:///{ROOT}/runs/guard/mlflow.db",
+    ]
     recipe = config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     run(recipe)
@@ -73,8 +80,12 @@ def serve_forever(port: int, batch: int, guard: bool, out: str) -> None:
 
 def start_server(batch: int, guard: bool, out: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(batch), str(int(guard)), out],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), str(batch), str(int(guard)), out],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     for line in server.stdout:
         if line.strip() == "READY":
             return server, f"http://127.0.0.1:{port}"
@@ -91,9 +102,15 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         while queue:
             i = queue.pop()
             began = time.perf_counter()
-            r = await http.post(url + "/v1/chat/completions", json={
-                "model": "quickstart", "max_tokens": max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]})
+            r = await http.post(
+                url + "/v1/chat/completions",
+                json={
+                    "model": "quickstart",
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                },
+            )
             r.raise_for_status()
             latencies.append(time.perf_counter() - began)
             tokens += r.json()["usage"]["completion_tokens"]
@@ -103,8 +120,12 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - began
     latencies.sort()
-    return {"tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
-            "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    return {
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": requests / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
 
 
 def measure_side(name: str, batch: int, guard: bool, args, out: str) -> dict:
@@ -148,24 +169,37 @@ def main() -> None:
         print("no registered guard (raytune-app guard train): guard rows skipped", file=sys.stderr)
         guard = False
     out = tempfile.mkdtemp(prefix="serve-bench-")
-    sides = {"unbatched (max batch 1)": measure_side("unbatched", 1, guard, args, out),
-             "batched (max batch 16)": measure_side("batched", 16, guard, args, out)}
+    sides = {
+        "unbatched (max batch 1)": measure_side("unbatched", 1, guard, args, out),
+        "batched (max batch 16)": measure_side("batched", 16, guard, args, out),
+    }
     if guard:
         sides["batched, guard off"] = measure_side("batched, guard off", 16, False, args, out)
     base = sides["unbatched (max batch 1)"]["levels"]
-    print(f"\nSmolLM2-135M-Instruct on {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, medians of {args.repeats} runs\n")
+    print(
+        f"\nSmolLM2-135M-Instruct on {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, medians of {args.repeats} runs\n"
+    )
     print(f"{'side':<26}{'clients':>8}{'tokens/s':>10}{'x base':>8}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}")
     for name, side in sides.items():
         for clients, r in side["levels"].items():
             ratio = r["tokens_per_s"] / base[clients]["tokens_per_s"]
-            print(f"{name:<26}{clients:>8}{r['tokens_per_s']:>10.1f}{ratio:>8.2f}{r['requests_per_s']:>8.2f}"
-                  f"{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}")
+            print(
+                f"{name:<26}{clients:>8}{r['tokens_per_s']:>10.1f}{ratio:>8.2f}{r['requests_per_s']:>8.2f}"
+                f"{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
+            )
     if guard:
-        on, off = sides["batched (max batch 16)"]["levels"][args.concurrency[0]], sides["batched, guard off"]["levels"][args.concurrency[0]]
-        print(f"\nguard call, measured by the router (batched side): p50 {sides['batched (max batch 16)']['guard_ms']['p50']} ms, "
-              f"p99 {sides['batched (max batch 16)']['guard_ms']['p99']} ms")
-        print(f"end-to-end at {args.concurrency[0]} client(s), guard on - off: p50 {1000 * (on['p50_s'] - off['p50_s']):+.1f} ms, "
-              f"p99 {1000 * (on['p99_s'] - off['p99_s']):+.1f} ms")
+        on, off = (
+            sides["batched (max batch 16)"]["levels"][args.concurrency[0]],
+            sides["batched, guard off"]["levels"][args.concurrency[0]],
+        )
+        print(
+            f"\nguard call, measured by the router (batched side): p50 {sides['batched (max batch 16)']['guard_ms']['p50']} ms, "
+            f"p99 {sides['batched (max batch 16)']['guard_ms']['p99']} ms"
+        )
+        print(
+            f"end-to-end at {args.concurrency[0]} client(s), guard on - off: p50 {1000 * (on['p50_s'] - off['p50_s']):+.1f} ms, "
+            f"p99 {1000 * (on['p99_s'] - off['p99_s']):+.1f} ms"
+        )
     print("batch sizes seen (batched side):", json.dumps(sides["batched (max batch 16)"]["batch_sizes"]))
 
 

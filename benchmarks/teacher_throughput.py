@@ -34,8 +34,10 @@ def _requests(n: int):
 
     recipe = config.load(ROOT / "recipes" / "dss.yaml")
     rows = arithmetic.generate(n, seed=11)
-    return recipe, [{"key": str(i), "input": r["question"], "sample": 0, "prompt": _teacher_prompt(recipe, r["question"])}
-                    for i, r in enumerate(rows)]
+    return recipe, [
+        {"key": str(i), "input": r["question"], "sample": 0, "prompt": _teacher_prompt(recipe, r["question"])}
+        for i, r in enumerate(rows)
+    ]
 
 
 def child(side: str, n: int, max_new_tokens: int) -> dict:
@@ -58,9 +60,18 @@ def child(side: str, n: int, max_new_tokens: int) -> dict:
         # The distill stage's hf teacher (teachers.teach): Generator replicas on an actor pool. Timed from the
         # first batch's start to the last batch's end, so model loading is left out as on side (a).
         ds = ray.data.from_items(requests).map_batches(
-            Generator, fn_constructor_kwargs={"model": {"path": "bundled:smollm2-135m-instruct"}, "weights": None,
-                                              "max_new_tokens": max_new_tokens, "threads": 1},
-            compute=ray.data.ActorPoolStrategy(size=2), batch_size=8, batch_format="pyarrow", num_cpus=0.5)
+            Generator,
+            fn_constructor_kwargs={
+                "model": {"path": "bundled:smollm2-135m-instruct"},
+                "weights": None,
+                "max_new_tokens": max_new_tokens,
+                "threads": 1,
+            },
+            compute=ray.data.ActorPoolStrategy(size=2),
+            batch_size=8,
+            batch_format="pyarrow",
+            num_cpus=0.5,
+        )
         rows = sorted(ds.take_all(), key=lambda r: int(r["key"]))
         seconds = max(r["batch_end"] for r in rows) - min(r["batch_start"] for r in rows)
         texts = [r["prediction"] for r in rows]
@@ -83,8 +94,10 @@ def main() -> None:
         sides[side] = runs
     base = statistics.median(r["examples_per_s"] for r in sides["sequential"])
     same = sum(a == b for a, b in zip(sides["sequential"][0]["texts"], sides["ray_data_pool_2"][0]["texts"]))
-    print(f"\nhf teacher SmolLM2-135M-Instruct, {args.inputs} inputs, max_new_tokens {args.max_new_tokens}, "
-          f"{os.cpu_count()} CPUs, medians of {args.repeats}\n")
+    print(
+        f"\nhf teacher SmolLM2-135M-Instruct, {args.inputs} inputs, max_new_tokens {args.max_new_tokens}, "
+        f"{os.cpu_count()} CPUs, medians of {args.repeats}\n"
+    )
     print(f"{'side':<20}{'examples/s':>12}{'x sequential':>14}{'peak GiB':>10}")
     for side, runs in sides.items():
         rate = statistics.median(r["examples_per_s"] for r in runs)

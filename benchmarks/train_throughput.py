@@ -38,11 +38,21 @@ def recipe_for(out: str, examples: int, workers: int, precision: str):
     from raytune_app import config
 
     # rows chosen so that ~80% land in train: the split is by hash, the example count is what it is.
-    return config.load(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={out}", f"data.generator.rows={int(examples / 0.8)}", "data.split.val=0.2", "data.split.test=0.0",
-        f"train.workers={workers}", f"train.precision={precision}", "train.epochs=1", "train.logging_steps=5",
-        "train.checkpoint.every_steps=100000", "train.max_failures=0",
-    ])
+    return config.load(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={out}",
+            f"data.generator.rows={int(examples / 0.8)}",
+            "data.split.val=0.2",
+            "data.split.test=0.0",
+            f"train.workers={workers}",
+            f"train.precision={precision}",
+            "train.epochs=1",
+            "train.logging_steps=5",
+            "train.checkpoint.every_steps=100000",
+            "train.max_failures=0",
+        ],
+    )
 
 
 def run_ours(out: str, examples: int, workers: int, precision: str) -> dict:
@@ -60,8 +70,13 @@ def run_ours(out: str, examples: int, workers: int, precision: str) -> dict:
     seconds = time.time() - started
     history = [json.loads(line) for line in open(Path(recipe.stage_dir("train")) / "metrics.jsonl")]
     train_runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
-    return {"tokens": manifest["tokens_seen"], "train_seconds": train_runtime, "wall_seconds": seconds,
-            "eval_loss": manifest["final_eval_loss"], "examples": load_split(recipe.stage_dir("prepare"), "train").num_rows}
+    return {
+        "tokens": manifest["tokens_seen"],
+        "train_seconds": train_runtime,
+        "wall_seconds": seconds,
+        "eval_loss": manifest["final_eval_loss"],
+        "examples": load_split(recipe.stage_dir("prepare"), "train").num_rows,
+    }
 
 
 def run_plain_trl(out: str, examples: int, precision: str) -> dict:
@@ -90,23 +105,47 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
     tokenizer = models.load_tokenizer(MODEL)
     lora = recipe.train.lora
     args = SFTConfig(
-        output_dir=os.path.join(out, "trl"), use_cpu=True, bf16=precision == "bf16",
-        per_device_train_batch_size=recipe.train.batch_size, per_device_eval_batch_size=recipe.train.batch_size,
-        learning_rate=recipe.train.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.train.warmup,
-        num_train_epochs=1, logging_steps=5, save_strategy="no", report_to=[], seed=0, data_seed=0,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+        output_dir=os.path.join(out, "trl"),
+        use_cpu=True,
+        bf16=precision == "bf16",
+        per_device_train_batch_size=recipe.train.batch_size,
+        per_device_eval_batch_size=recipe.train.batch_size,
+        learning_rate=recipe.train.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=recipe.train.warmup,
+        num_train_epochs=1,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path), args=args, train_dataset=train_set, eval_dataset=val_set,
+        model=AutoModelForCausalLM.from_pretrained(path),
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-                               target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.effective_alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
     )
     started = time.time()
     output = trainer.train()
     seconds = time.time() - started
-    return {"tokens": trainer.state.num_input_tokens_seen, "train_seconds": output.metrics["train_runtime"],
-            "wall_seconds": seconds, "eval_loss": trainer.evaluate()["eval_loss"], "examples": len(train_set)}
+    return {
+        "tokens": trainer.state.num_input_tokens_seen,
+        "train_seconds": output.metrics["train_runtime"],
+        "wall_seconds": seconds,
+        "eval_loss": trainer.evaluate()["eval_loss"],
+        "examples": len(train_set),
+    }
 
 
 def measure(side: str, examples: int, precision: str) -> dict:
@@ -137,15 +176,21 @@ def main() -> None:
     sides = [("trl", "(a) plain TRL, 1 process"), ("ours1", "(b) ours, 1 worker"), ("ours2", "(c) ours, 2 workers")]
     results = {side: [measure(side, args.examples, args.precision) for _ in range(args.repeats)] for side, _ in sides}
     speed = {side: statistics.median(r["tokens"] / r["train_seconds"] for r in runs) for side, runs in results.items()}
-    print(f"machine: {os.cpu_count()} CPUs; model {MODEL}, LoRA r=16 all-linear, {args.precision}; "
-          f"median of {args.repeats}")
-    print(f"{'setup':<26} {'examples':>8} {'real tokens':>11} {'tokens/s':>9} {'val loss':>9} {'peak GiB':>9} {'wall s':>7}")
+    print(
+        f"machine: {os.cpu_count()} CPUs; model {MODEL}, LoRA r=16 all-linear, {args.precision}; "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'setup':<26} {'examples':>8} {'real tokens':>11} {'tokens/s':>9} {'val loss':>9} {'peak GiB':>9} {'wall s':>7}"
+    )
     for side, label in sides:
         runs = results[side]
-        print(f"{label:<26} {runs[0]['examples']:>8} {runs[0]['tokens']:>11} {speed[side]:>9.1f} "
-              f"{statistics.median(r['eval_loss'] for r in runs):>9.4f} {statistics.median(r['peak_gib'] for r in runs):>9.2f} "
-              f"{statistics.median(r['wall_seconds'] for r in runs):>7.0f}   tokens/s per run: "
-              + ", ".join(f"{r['tokens'] / r['train_seconds']:.0f}" for r in runs))
+        print(
+            f"{label:<26} {runs[0]['examples']:>8} {runs[0]['tokens']:>11} {speed[side]:>9.1f} "
+            f"{statistics.median(r['eval_loss'] for r in runs):>9.4f} {statistics.median(r['peak_gib'] for r in runs):>9.2f} "
+            f"{statistics.median(r['wall_seconds'] for r in runs):>7.0f}   tokens/s per run: "
+            + ", ".join(f"{r['tokens'] / r['train_seconds']:.0f}" for r in runs)
+        )
     print(f"ratios: b/a = {speed['ours1'] / speed['trl']:.2f}x, c/b = {speed['ours2'] / speed['ours1']:.2f}x")
 
 

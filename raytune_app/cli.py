@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import sys
-from typing import Optional
 
 from raytune_app import config
 
@@ -28,7 +27,7 @@ EXIT_BAD_RECIPE = 2
 EXIT_BAD_DATA = 4
 
 
-def ensure_ray(recipe: Optional[config.Recipe] = None, command: Optional[str] = None) -> None:
+def ensure_ray(recipe: config.Recipe | None = None, command: str | None = None) -> None:
     # One helper for the CLI and the Ray job entrypoints (jobs/*.py): raytune_app/cluster.py.
     from raytune_app import cluster
 
@@ -38,23 +37,41 @@ def ensure_ray(recipe: Optional[config.Recipe] = None, command: Optional[str] = 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe_file", nargs="?", metavar="RECIPE", help="recipe YAML (or use --recipe)")
     parser.add_argument("--recipe", dest="recipe_opt", metavar="FILE", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields, e.g. train.lora.rank=8")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="override recipe fields, e.g. train.lora.rank=8"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytune-app", description="Fine-tune language models on Ray and serve them safely.")
+    parser = argparse.ArgumentParser(
+        prog="raytune-app", description="Fine-tune language models on Ray and serve them safely."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = sub.add_parser("validate", help="check a recipe and exit non-zero with every problem found",
-                              description="Check a recipe (types, ranges, unknown keys, incompatible choices) without running anything.")
+    validate = sub.add_parser(
+        "validate",
+        help="check a recipe and exit non-zero with every problem found",
+        description="Check a recipe (types, ranges, unknown keys, incompatible choices) without running anything.",
+    )
     _add_recipe_args(validate)
-    validate.add_argument("--explain", action="store_true", help="print every recipe field with its default and meaning")
-    validate.add_argument("--gpus", type=int, metavar="N",
-                          help="also check that every stage fits a cluster of N GPUs (exit 2 listing what will not fit)")
-    validate.add_argument("--cpus", type=int, metavar="N", help="with --gpus / --cluster: the cluster's CPUs, checked too")
-    validate.add_argument("--cluster", metavar="FILE",
-                          help="take N GPUs (and CPUs) from a cluster file: cluster/aws.yaml, cluster/gcp.yaml or a KubeRay "
-                               "manifest, every worker group at its maximum")
+    validate.add_argument(
+        "--explain", action="store_true", help="print every recipe field with its default and meaning"
+    )
+    validate.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="also check that every stage fits a cluster of N GPUs (exit 2 listing what will not fit)",
+    )
+    validate.add_argument(
+        "--cpus", type=int, metavar="N", help="with --gpus / --cluster: the cluster's CPUs, checked too"
+    )
+    validate.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="take N GPUs (and CPUs) from a cluster file: cluster/aws.yaml, cluster/gcp.yaml or a KubeRay "
+        "manifest, every worker group at its maximum",
+    )
 
     stage_help = {
         "prepare": "read, validate, dedupe, split, template, tokenise and pack the data (Ray Data)",
@@ -72,44 +89,75 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="recompute even when inputs and settings are unchanged")
         if stage == "train":
             group = p.add_mutually_exclusive_group()
-            group.add_argument("--resume", action="store_true",
-                               help="continue the interrupted run from its latest checkpoint (fails if there is none)")
-            group.add_argument("--restart", action="store_true", help="move any earlier run aside and start from step 0")
+            group.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue the interrupted run from its latest checkpoint (fails if there is none)",
+            )
+            group.add_argument(
+                "--restart", action="store_true", help="move any earlier run aside and start from step 0"
+            )
         if stage == "tune":
             group = p.add_mutually_exclusive_group()
-            group.add_argument("--resume", action="store_true",
-                               help="continue the interrupted search (fails if there is none); an interrupted search "
-                                    "with the same recipe and data also continues without it")
+            group.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue the interrupted search (fails if there is none); an interrupted search "
+                "with the same recipe and data also continues without it",
+            )
             group.add_argument("--restart", action="store_true", help="move any earlier search aside and start again")
 
         if stage == "serve":
-            p.add_argument("--no-block", action="store_true",
-                           help="return once the app is up (it keeps running on the Ray cluster) instead of waiting for Ctrl-C")
+            p.add_argument(
+                "--no-block",
+                action="store_true",
+                help="return once the app is up (it keeps running on the Ray cluster) instead of waiting for Ctrl-C",
+            )
         if stage == "evaluate":
-            p.add_argument("--data", metavar="FILE.jsonl",
-                           help="score a JSONL file (read with the recipe's data.columns) instead of the prepared split; "
-                                "the metrics JSON goes to stdout")
-            p.add_argument("--adapter", metavar="PATH|models:/NAME@ALIAS",
-                           help="evaluate these weights (a folder or a registry URI) instead of the train stage's")
-            p.add_argument("--force", action="store_true", help="recompute even when models, data and settings are unchanged")
+            p.add_argument(
+                "--data",
+                metavar="FILE.jsonl",
+                help="score a JSONL file (read with the recipe's data.columns) instead of the prepared split; "
+                "the metrics JSON goes to stdout",
+            )
+            p.add_argument(
+                "--adapter",
+                metavar="PATH|models:/NAME@ALIAS",
+                help="evaluate these weights (a folder or a registry URI) instead of the train stage's",
+            )
+            p.add_argument(
+                "--force", action="store_true", help="recompute even when models, data and settings are unchanged"
+            )
 
-    pairs = sub.add_parser("pairs", help="preference pairs (for DPO) from the trained model's failing answers",
-                           description="Let the trained model answer a prepared split; every failing answer becomes a "
-                           "preference pair (chosen: the reference, rejected: the answer), written as JSONL for a DPO recipe.")
+    pairs = sub.add_parser(
+        "pairs",
+        help="preference pairs (for DPO) from the trained model's failing answers",
+        description="Let the trained model answer a prepared split; every failing answer becomes a "
+        "preference pair (chosen: the reference, rejected: the answer), written as JSONL for a DPO recipe.",
+    )
     _add_recipe_args(pairs)
-    pairs.add_argument("--adapter", metavar="PATH|models:/NAME@ALIAS", help="these weights instead of the train stage's")
-    pairs.add_argument("--split", choices=["train", "val"], default="train", help="prepared split whose prompts are answered")
+    pairs.add_argument(
+        "--adapter", metavar="PATH|models:/NAME@ALIAS", help="these weights instead of the train stage's"
+    )
+    pairs.add_argument(
+        "--split", choices=["train", "val"], default="train", help="prepared split whose prompts are answered"
+    )
     pairs.add_argument("--samples", type=int, default=1, help="answers sampled per prompt (1: greedy)")
     pairs.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     pairs.add_argument("--out", metavar="DIR", help="output folder (default: <run dir>/pairs)")
 
-    registry = sub.add_parser("registry", help="list, show, promote and roll back registered model versions (MLflow)",
-                              description="Work on the MLflow model registry of a recipe's run (or any tracking URI).")
+    registry = sub.add_parser(
+        "registry",
+        help="list, show, promote and roll back registered model versions (MLflow)",
+        description="Work on the MLflow model registry of a recipe's run (or any tracking URI).",
+    )
     actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in {"list": "registered models with their aliases",
-                         "show": "one version: source, lineage tags, evaluation metrics",
-                         "promote": "point an alias (default champion) at a version",
-                         "rollback": "point an alias back at the version it held before its last move"}.items():
+    for action, text in {
+        "list": "registered models with their aliases",
+        "show": "one version: source, lineage tags, evaluation metrics",
+        "promote": "point an alias (default champion) at a version",
+        "rollback": "point an alias back at the version it held before its last move",
+    }.items():
         a = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
         where = a.add_mutually_exclusive_group()
         where.add_argument("--recipe", dest="recipe_opt", metavar="FILE", help="use this recipe's registry settings")
@@ -123,19 +171,35 @@ def build_parser() -> argparse.ArgumentParser:
         if action in ("promote", "rollback"):
             a.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
 
-    guard = sub.add_parser("guard", help="train, evaluate and try the prompt-injection guard classifier",
-                           description="The guard: a small encoder that scores prompts for injection / jailbreak attempts.")
+    guard = sub.add_parser(
+        "guard",
+        help="train, evaluate and try the prompt-injection guard classifier",
+        description="The guard: a small encoder that scores prompts for injection / jailbreak attempts.",
+    )
     guard_actions = guard.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in {"train": "fine-tune the guard (Ray Train) and choose its threshold on validation",
-                         "eval": "detection metrics of a guard on a labelled JSONL / Parquet file (JSON on stdout)",
-                         "score": "attack probability of one text"}.items():
+    for action, text in {
+        "train": "fine-tune the guard (Ray Train) and choose its threshold on validation",
+        "eval": "detection metrics of a guard on a labelled JSONL / Parquet file (JSON on stdout)",
+        "score": "attack probability of one text",
+    }.items():
         g = guard_actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
-        g.add_argument("--recipe", dest="recipe_opt", metavar="FILE",
-                       help=f"recipe with a `guard` section (default: {DEFAULT_GUARD_RECIPE})")
+        g.add_argument(
+            "--recipe",
+            dest="recipe_opt",
+            metavar="FILE",
+            help=f"recipe with a `guard` section (default: {DEFAULT_GUARD_RECIPE})",
+        )
         if action != "train":
-            g.add_argument("--model", metavar="DIR", help="a trained guard folder (default: the recipe's; trained first if missing)")
-            g.add_argument("--precision", choices=["int8", "float32"],
-                           help="score with this precision instead of the one guard.json names (its threshold was chosen for that one)")
+            g.add_argument(
+                "--model",
+                metavar="DIR",
+                help="a trained guard folder (default: the recipe's; trained first if missing)",
+            )
+            g.add_argument(
+                "--precision",
+                choices=["int8", "float32"],
+                help="score with this precision instead of the one guard.json names (its threshold was chosen for that one)",
+            )
         if action == "eval":
             g.add_argument("--data", required=True, metavar="FILE", help="labelled JSONL or Parquet file")
             g.add_argument("--text-field", default="text", help="column with the prompt (default: text)")
@@ -143,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "score":
             g.add_argument("text", help="the prompt to score")
 
-    run = sub.add_parser("run", help="run the recipe's stages in order (run.stages), skipping unchanged ones",
-                         description="Run the recipe's stages in order (run.stages); a stage whose inputs are unchanged is reused.")
+    run = sub.add_parser(
+        "run",
+        help="run the recipe's stages in order (run.stages), skipping unchanged ones",
+        description="Run the recipe's stages in order (run.stages); a stage whose inputs are unchanged is reused.",
+    )
     _add_recipe_args(run)
     return parser
 
@@ -165,8 +232,11 @@ def _prepare(recipe: config.Recipe, force: bool = False) -> dict:
     manifest = prepare(recipe, force=force)
     out = {split: manifest["rows_out"][split] for split in ("train", "val", "test")}
     rejected = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items()) or "none"
-    print(f"[prepare] {manifest['rows_in']} rows in -> train {out['train']}, val {out['val']}, test {out['test']}; "
-          f"rejected: {rejected}", flush=True)
+    print(
+        f"[prepare] {manifest['rows_in']} rows in -> train {out['train']}, val {out['val']}, test {out['test']}; "
+        f"rejected: {rejected}",
+        flush=True,
+    )
     print(f"[prepare] output: {recipe.stage_dir('prepare')} (manifest.json, rejected.jsonl)", flush=True)
     return manifest
 
@@ -179,7 +249,10 @@ def _distill(recipe: config.Recipe, force: bool = False) -> dict:
 
 def _start(recipe: config.Recipe) -> None:
     saved = config.save_resolved(recipe, recipe.run_dir)
-    print(f"[raytune-app] run `{recipe.run.name}`: model {recipe.model.path}; resolved recipe saved to {saved}", flush=True)
+    print(
+        f"[raytune-app] run `{recipe.run.name}`: model {recipe.model.path}; resolved recipe saved to {saved}",
+        flush=True,
+    )
 
 
 def _train(recipe: config.Recipe, resume: bool = False, restart: bool = False) -> dict:
@@ -197,12 +270,21 @@ def _pairs(recipe: config.Recipe, args) -> dict:
     from raytune_app.train.settings import PairsSection
 
     settings = PairsSection(split=args.split, samples=args.samples, temperature=args.temperature)
-    trained = [c for c in candidates(recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(
-        update={"include_base": False})}), args.adapter) if c.weights]
+    trained = [
+        c
+        for c in candidates(
+            recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"include_base": False})}),
+            args.adapter,
+        )
+        if c.weights
+    ]
     out_dir = storage.absolute(args.out) if args.out else storage.join(storage.absolute(recipe.run_dir), "pairs")
     manifest = build_pairs(recipe, trained[-1].weights, trained[-1].identity, settings, out_dir)
-    print(f"[pairs] train on them with a dpo recipe: data.kind: preference, data.sources: [{manifest['pairs_file']}], "
-          "data.columns: {system: system}", flush=True)
+    print(
+        f"[pairs] train on them with a dpo recipe: data.kind: preference, data.sources: [{manifest['pairs_file']}], "
+        "data.columns: {system: system}",
+        flush=True,
+    )
     return manifest
 
 
@@ -212,9 +294,12 @@ def _tune(recipe: config.Recipe, resume: bool = False, restart: bool = False) ->
     summary = tune(recipe, resume=resume, restart=restart)
     if not summary.get("interrupted"):
         where = summary.get("registered")
-        print(f"[tune] best recipe: {summary['best_recipe']}; weights: {summary['best_weights']}"
-              + (f"; registered as models:/{where['name']}/{where['version']}" if where else "")
-              + f"; table {summary['table']}, plot {summary['plot']}", flush=True)
+        print(
+            f"[tune] best recipe: {summary['best_recipe']}; weights: {summary['best_weights']}"
+            + (f"; registered as models:/{where['name']}/{where['version']}" if where else "")
+            + f"; table {summary['table']}, plot {summary['plot']}",
+            flush=True,
+        )
     return summary
 
 
@@ -232,8 +317,11 @@ def _register(recipe: config.Recipe) -> list[dict]:
 
     versions = register_stage(recipe)
     for v in versions:
-        print(f"[register] models:/{v['name']}/{v['version']} (MLflow run {v['run_id']}); champion: version "
-              f"{v['champion']}{' (promoted)' if v['promoted'] else ''}; store {v['tracking_uri']}", flush=True)
+        print(
+            f"[register] models:/{v['name']}/{v['version']} (MLflow run {v['run_id']}); champion: version "
+            f"{v['champion']}{' (promoted)' if v['promoted'] else ''}; store {v['tracking_uri']}",
+            flush=True,
+        )
     return versions
 
 
@@ -245,7 +333,9 @@ def _registry(args) -> int:
     else:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            print("error: say which registry: --recipe FILE, --tracking-uri URI or $MLFLOW_TRACKING_URI", file=sys.stderr)
+            print(
+                "error: say which registry: --recipe FILE, --tracking-uri URI or $MLFLOW_TRACKING_URI", file=sys.stderr
+            )
             return EXIT_BAD_RECIPE
     if args.action == "list":
         result = store.list_models(uri)
@@ -271,7 +361,9 @@ def _guard(args) -> int:
     else:  # an installed package without the recipes folder: the guard section's defaults
         recipe = config.validate({"run": {"name": "guard"}, "data": {"generator": {"name": "order_extraction"}}})
     folder = getattr(args, "model", None) or recipe.stage_dir("guard")
-    if args.action == "train" or (not getattr(args, "model", None) and not os.path.exists(os.path.join(folder, "guard.json"))):
+    if args.action == "train" or (
+        not getattr(args, "model", None) and not os.path.exists(os.path.join(folder, "guard.json"))
+    ):
         with contextlib.redirect_stdout(sys.stderr if args.action != "train" else sys.stdout):
             ensure_ray()
             train_guard(recipe)
@@ -281,11 +373,19 @@ def _guard(args) -> int:
         from raytune_app.guard.data import read_labelled
 
         rows = read_labelled(args.data, args.text_field, args.label_field)  # bad rows fail before the model loads
-        print(json.dumps(evaluate_guard(Guard.load(folder, threads=os.cpu_count(), precision=args.precision), rows), indent=2))
+        print(
+            json.dumps(
+                evaluate_guard(Guard.load(folder, threads=os.cpu_count(), precision=args.precision), rows), indent=2
+            )
+        )
         return 0
     guard = Guard.load(folder, precision=args.precision)
     score = guard.scores([args.text])[0]
-    print(json.dumps({"score": round(score, 6), "threshold": round(guard.threshold, 6), "blocked": score >= guard.threshold}))
+    print(
+        json.dumps(
+            {"score": round(score, 6), "threshold": round(guard.threshold, 6), "blocked": score >= guard.threshold}
+        )
+    )
     return 0
 
 
@@ -300,11 +400,16 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
     except serve_app.GuardMissing as exc:
         default = config.ServeSection().guard
         guard_recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_GUARD_RECIPE)
-        if (recipe.serve.guard.model, recipe.serve.guard.tracking_uri) != (default.model, default.tracking_uri) \
-                or not os.path.exists(guard_recipe):
+        if (recipe.serve.guard.model, recipe.serve.guard.tracking_uri) != (
+            default.model,
+            default.tracking_uri,
+        ) or not os.path.exists(guard_recipe):
             raise
-        print(f"[serve] {str(exc).split(' (')[0]}: training the default guard first ({DEFAULT_GUARD_RECIPE}, a few "
-              "minutes on a CPU; later starts reuse it)", flush=True)
+        print(
+            f"[serve] {str(exc).split(' (')[0]}: training the default guard first ({DEFAULT_GUARD_RECIPE}, a few "
+            "minutes on a CPU; later starts reuse it)",
+            flush=True,
+        )
         from raytune_app.guard.model import train_guard
 
         guard = config.load(guard_recipe, [f"run.output_dir={recipe.run.output_dir}"])
@@ -312,8 +417,11 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
         spec = serve_app.plan(recipe)
     url = serve_app.run(recipe, spec=spec)
     request = json.dumps({"model": spec["router"]["name"], "messages": [{"role": "user", "content": "Hello"}]})
-    print(f"[serve] {url}/v1 is up (models: {', '.join(spec['ingress']['models'])}; stats: {url}/v1/stats). Try:\n"
-          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'", flush=True)
+    print(
+        f"[serve] {url}/v1 is up (models: {', '.join(spec['ingress']['models'])}; stats: {url}/v1/stats). Try:\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'",
+        flush=True,
+    )
     if not block:
         return
     from ray import serve
@@ -349,8 +457,11 @@ def _fits(recipe: config.Recipe, args) -> int:
     for line in report.notes:
         print(f"  note: {line}")
     if not report.ok:
-        print(f"{recipe.source_path or 'recipe'}: {len(report.problems)} thing(s) will not fit a cluster of {size}:\n  "
-              + "\n  ".join(report.problems), file=sys.stderr)
+        print(
+            f"{recipe.source_path or 'recipe'}: {len(report.problems)} thing(s) will not fit a cluster of {size}:\n  "
+            + "\n  ".join(report.problems),
+            file=sys.stderr,
+        )
         return EXIT_BAD_RECIPE
     print(f"{recipe.source_path or 'recipe'}: fits a cluster of {size}")
     return 0
@@ -380,15 +491,19 @@ def _run_all(recipe: config.Recipe) -> None:
         else:  # serve: started last, after the summary, since it keeps running
             continue
         timings[stage] = time.time() - began
-    print("[run] done: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
-          + f"; total {sum(timings.values()):.0f} s", flush=True)
+    print(
+        "[run] done: "
+        + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
+        + f"; total {sum(timings.values()):.0f} s",
+        flush=True,
+    )
     if evaluation is not None:
         _show_evaluation(evaluation)
     if "serve" in recipe.run.stages:
         _serve(recipe)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
@@ -410,15 +525,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "validate":
         if args.explain:
             print("\n".join(config.explain()))
-        print(f"{recipe.source_path or 'recipe'}: valid; stages {', '.join(recipe.run.stages)}; run directory {recipe.run_dir}")
+        print(
+            f"{recipe.source_path or 'recipe'}: valid; stages {', '.join(recipe.run.stages)}; run directory {recipe.run_dir}"
+        )
         if args.gpus is not None or args.cluster:
             return _fits(recipe, args)
         return 0
 
     # An empty search space is a valid recipe (the section's defaults), but nothing a search can run.
-    if (args.command == "tune" or (args.command == "run" and "tune" in recipe.run.stages)) and not recipe.tune.search_space:
-        print(f"error: {recipe.source_path}: tune.search_space is empty; name the train fields to search, e.g. "
-              "train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]} (see recipes/tune_quickstart.yaml)", file=sys.stderr)
+    if (
+        args.command == "tune" or (args.command == "run" and "tune" in recipe.run.stages)
+    ) and not recipe.tune.search_space:
+        print(
+            f"error: {recipe.source_path}: tune.search_space is empty; name the train fields to search, e.g. "
+            "train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]} (see recipes/tune_quickstart.yaml)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_RECIPE
 
     from raytune_app.cluster import NoCluster

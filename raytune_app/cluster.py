@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 # Set by run_job: this process is a job entrypoint, which must join an existing cluster.
 _JOIN_ONLY = False
@@ -34,7 +33,7 @@ def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 
-def connect(recipe=None, command: Optional[str] = None) -> None:
+def connect(recipe=None, command: str | None = None) -> None:
     """Join the cluster this process belongs to (see the module docstring); a no-op when Ray is up.
 
     With a recipe, on a cluster that was joined (not started here): warn when run.output_dir is node-local
@@ -52,9 +51,11 @@ def connect(recipe=None, command: Optional[str] = None) -> None:
         try:
             ray.init(address="auto", logging_level="WARNING", log_to_driver=True)
         except ConnectionError as exc:
-            raise NoCluster(f"no running Ray cluster to join ({str(exc).splitlines()[0]}). Job entrypoints run on a "
-                            "cluster: `ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/<x>.py "
-                            "...`; for a local run use `raytune-app <stage>`") from None
+            raise NoCluster(
+                f"no running Ray cluster to join ({str(exc).splitlines()[0]}). Job entrypoints run on a "
+                "cluster: `ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/<x>.py "
+                "...`; for a local run use `raytune-app <stage>`"
+            ) from None
     else:
         # The CLI on a laptop: a running `ray start` cluster if there is one, else a new local Ray (no
         # autoscaler to ask for GPUs; the stages' own checks report what is missing).
@@ -66,15 +67,18 @@ def connect(recipe=None, command: Optional[str] = None) -> None:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if "://" not in output_dir and len(nodes) > 1:
         # Ray Train checkpoints, prepared data and adapters are read back by other nodes.
-        print(f"[raytune-app] note: run.output_dir {output_dir} is a local path and the cluster has {len(nodes)} "
-              "nodes; it must be a shared mount (NFS) on every node, or use s3:// / gs:// so any node can read "
-              "earlier stages and resume from checkpoints", flush=True)
+        print(
+            f"[raytune-app] note: run.output_dir {output_dir} is a local path and the cluster has {len(nodes)} "
+            "nodes; it must be a shared mount (NFS) on every node, or use s3:// / gs:// so any node can read "
+            "earlier stages and resume from checkpoints",
+            flush=True,
+        )
     wanted = gpus_wanted(recipe, command)
     if wanted:
         wait_for_gpus(wanted)
 
 
-def gpus_wanted(recipe, command: Optional[str] = None) -> int:
+def gpus_wanted(recipe, command: str | None = None) -> int:
     """GPUs a stage (or, for `run`, the largest of run.stages) reserves at once, when the recipe says it takes
     GPUs (train.use_gpu: true; a vllm teacher). `auto` follows what the cluster has, so it asks for none."""
     stages = recipe.run.stages if command in (None, "run") else [command]
@@ -95,7 +99,7 @@ def gpus_wanted(recipe, command: Optional[str] = None) -> int:
 GPUS_PER_TRAINING_NODE = 8
 
 
-def wait_for_gpus(wanted: int, timeout_s: Optional[float] = None) -> None:
+def wait_for_gpus(wanted: int, timeout_s: float | None = None) -> None:
     """Ask the autoscaler for `wanted` GPUs and wait until the cluster has them (RAYTUNE_GPU_WAIT_S, default
     1800 s); the request is withdrawn afterwards, so idle nodes still scale down after the job."""
     import time
@@ -111,8 +115,11 @@ def wait_for_gpus(wanted: int, timeout_s: Optional[float] = None) -> None:
     while left > 0:
         bundles.append({"GPU": min(left, GPUS_PER_TRAINING_NODE)})
         left -= bundles[-1]["GPU"]
-    print(f"[raytune-app] the cluster has {have} GPU(s), this stage needs {wanted}: asking the autoscaler for "
-          f"{bundles} and waiting up to {timeout_s:.0f} s", flush=True)
+    print(
+        f"[raytune-app] the cluster has {have} GPU(s), this stage needs {wanted}: asking the autoscaler for "
+        f"{bundles} and waiting up to {timeout_s:.0f} s",
+        flush=True,
+    )
     request_resources(bundles=bundles)
     began = last = time.time()
     try:
@@ -122,9 +129,11 @@ def wait_for_gpus(wanted: int, timeout_s: Optional[float] = None) -> None:
                 print(f"[raytune-app] {have} GPU(s) up after {time.time() - began:.0f} s", flush=True)
                 return
             if time.time() - began > timeout_s:
-                raise NoCluster(f"the cluster still has {have} GPU(s) after {timeout_s:.0f} s, this stage needs {wanted}: "
-                                "check the GPU worker group's max_workers / quota (`ray status`), or set "
-                                "RAYTUNE_GPU_WAIT_S to wait longer")
+                raise NoCluster(
+                    f"the cluster still has {have} GPU(s) after {timeout_s:.0f} s, this stage needs {wanted}: "
+                    "check the GPU worker group's max_workers / quota (`ray status`), or set "
+                    "RAYTUNE_GPU_WAIT_S to wait longer"
+                )
             if time.time() - last >= 30:
                 print(f"[raytune-app] waiting for GPUs: {have}/{wanted} after {time.time() - began:.0f} s", flush=True)
                 last = time.time()
@@ -133,7 +142,7 @@ def wait_for_gpus(wanted: int, timeout_s: Optional[float] = None) -> None:
         request_resources(bundles=[])
 
 
-def run_job(command: str, argv: Optional[list[str]] = None) -> int:
+def run_job(command: str, argv: list[str] | None = None) -> int:
     """What each jobs/<stage>.py runs: `raytune-app <command> ARGV` joined to the existing cluster.
 
     The arguments are the CLI's (`--recipe FILE`, `key.sub=value` overrides, stage flags); the exit code

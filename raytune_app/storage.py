@@ -102,7 +102,9 @@ def file_fingerprint(uri: str) -> list:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return [[i.path, i.size, i.mtime_ns] for i in sorted(infos, key=lambda i: i.path) if i.type == pafs.FileType.File]
+        return [
+            [i.path, i.size, i.mtime_ns] for i in sorted(infos, key=lambda i: i.path) if i.type == pafs.FileType.File
+        ]
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source not found: {uri}")
     return [[info.path, info.size, info.mtime_ns]]

@@ -55,19 +55,48 @@ def toy_recipe(root, model_path, **train):
     if not source.exists():
         with source.open("w") as out:
             for i in range(80):
-                out.write(json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": TOY_ANSWERS[i % 3],
-                                      "channel": ["mail", "chat"][i % 2]}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "q": f"ticket {i}: classify, word {i % 7}",
+                            "a": TOY_ANSWERS[i % 3],
+                            "channel": ["mail", "chat"][i % 2],
+                        }
+                    )
+                    + "\n"
+                )
         (root / "schema.json").write_text(json.dumps(TOY_SCHEMA))
-    return config.validate({
-        "run": {"name": "ev", "output_dir": str(root / "runs")},
-        "model": {"path": model_path},
-        "data": {"sources": [str(source)], "columns": {"prompt": "q", "response": "a"}, "keep_columns": ["channel"],
-                 "max_seq_length": 128, "split": {"val": 0.15, "test": 0.15}},
-        "train": {"workers": 1, "max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0, "logging_steps": 2,
-                  "checkpoint": {"every_steps": 6, "keep_best": 1}, "lora": {"rank": 4, "dropout": 0.0}, **train},
-        "evaluate": {"task": "structured", "schema_file": str(root / "schema.json"), "group_column": "channel",
-                     "max_new_tokens": 12, "batch_size": 4},
-    })
+    return config.validate(
+        {
+            "run": {"name": "ev", "output_dir": str(root / "runs")},
+            "model": {"path": model_path},
+            "data": {
+                "sources": [str(source)],
+                "columns": {"prompt": "q", "response": "a"},
+                "keep_columns": ["channel"],
+                "max_seq_length": 128,
+                "split": {"val": 0.15, "test": 0.15},
+            },
+            "train": {
+                "workers": 1,
+                "max_steps": 6,
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "warmup": 0,
+                "logging_steps": 2,
+                "checkpoint": {"every_steps": 6, "keep_best": 1},
+                "lora": {"rank": 4, "dropout": 0.0},
+                **train,
+            },
+            "evaluate": {
+                "task": "structured",
+                "schema_file": str(root / "schema.json"),
+                "group_column": "channel",
+                "max_new_tokens": 12,
+                "batch_size": 4,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="session")

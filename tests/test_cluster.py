@@ -5,13 +5,13 @@ import ast
 import importlib
 import json
 import re
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
 
 from raytune_app import cluster, config, fit
@@ -92,7 +92,9 @@ def test_launcher_config_has_our_groups(path):
     assert document["file_mounts"] == {"~/raytune": "."}
     assert any("-e ~/raytune" in c and "ray[" in c for c in document["setup_commands"])
     assert any("/mnt/shared" in c and "mount" in c for c in document["initialization_commands"])
-    assert any("--autoscaling-config" in c and "--dashboard-port=8265" in c for c in document["head_start_ray_commands"])
+    assert any(
+        "--autoscaling-config" in c and "--dashboard-port=8265" in c for c in document["head_start_ray_commands"]
+    )
 
 
 @pytest.mark.parametrize("path", [*LAUNCHER, *sorted(KUBERAY.glob("*.yaml"))], ids=lambda p: p.name)
@@ -103,8 +105,11 @@ def test_every_key_of_the_cluster_files_is_commented(path):
 # ------------------------------------------------------------------------------ KubeRay
 
 # Fields the KubeRay v1 CRDs require (rayStartParams became optional in KubeRay 1.4; kept for older operators).
-REQUIRED = {"RayCluster": ["headGroupSpec"], "RayJob": ["entrypoint", "rayClusterSpec"],
-            "RayService": ["serveConfigV2", "rayClusterConfig"]}
+REQUIRED = {
+    "RayCluster": ["headGroupSpec"],
+    "RayJob": ["entrypoint", "rayClusterSpec"],
+    "RayService": ["serveConfigV2", "rayClusterConfig"],
+}
 
 
 def _manifest(name: str) -> dict:
@@ -113,7 +118,9 @@ def _manifest(name: str) -> dict:
 
 def _cluster_spec(document: dict) -> dict:
     spec = document["spec"]
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[document["kind"]]
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
+        document["kind"]
+    ]
 
 
 def _containers(cluster_spec: dict) -> list[dict]:
@@ -124,7 +131,7 @@ def _containers(cluster_spec: dict) -> list[dict]:
 def _in_repo(path: str) -> Path:
     """A path inside the image (/app is the project, cluster/Dockerfile) as a path of this checkout."""
     assert path.startswith("/app/"), path
-    return REPO / path[len("/app/"):]
+    return REPO / path[len("/app/") :]
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])
@@ -149,7 +156,10 @@ def test_kuberay_manifest_has_the_fields_of_its_kind(name):
         assert container["image"] == IMAGE, "every pod runs the project image built from cluster/Dockerfile"
         assert {"name": "shared", "mountPath": "/mnt/shared"} in container["volumeMounts"]
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {p["name"]: p["containerPort"] for p in head["ports"]}.items() >= {"gcs-server": 6379, "dashboard": 8265}.items()
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}.items() >= {
+        "gcs-server": 6379,
+        "dashboard": 8265,
+    }.items()
 
 
 def test_image_and_shared_volume_exist_in_the_project():
@@ -164,7 +174,9 @@ def test_image_and_shared_volume_exist_in_the_project():
         spec = _cluster_spec(_manifest(name))
         pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
         for pod in pods:
-            claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+            claims = [
+                v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v
+            ]
             assert claims == [claim["metadata"]["name"]]
     # The recipes keep their runs on that volume.
     for path in GPU_RECIPES:
@@ -202,7 +214,9 @@ def test_rayservice_serves_the_gpu_cluster_serve_config():
     # serve_configs/gpu-cluster.yaml, but on the GPU recipe inside the image.
     assert app["args"]["recipe"] == "/app/recipes/gpu-qlora-sft.yaml"
     assert {**app, "args": {**app["args"], "recipe": shipped_app["args"]["recipe"]}} == shipped_app
-    assert {k: v for k, v in served.items() if k != "applications"} == {k: v for k, v in shipped.items() if k != "applications"}
+    assert {k: v for k, v in served.items() if k != "applications"} == {
+        k: v for k, v in shipped.items() if k != "applications"
+    }
     module, attribute = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attribute))
     assert config.load(_in_repo(app["args"]["recipe"]), app["args"]["overrides"]).serve.host == "0.0.0.0"
@@ -223,7 +237,9 @@ def _serve_config_gpus(app: dict) -> tuple[float, float]:
     for deployment in app["deployments"]:
         gpus = deployment.get("ray_actor_options", {}).get("num_gpus", 0)
         scaling = deployment.get("autoscaling_config")
-        replicas = (scaling["min_replicas"], scaling["max_replicas"]) if scaling else (deployment.get("num_replicas", 1),) * 2
+        replicas = (
+            (scaling["min_replicas"], scaling["max_replicas"]) if scaling else (deployment.get("num_replicas", 1),) * 2
+        )
         low, high = low + replicas[0] * gpus, high + replicas[1] * gpus
     return low, high
 
@@ -308,9 +324,17 @@ def test_validate_against_a_cluster_file_and_on_cpus(capsys):
 
 
 def test_vllm_teacher_and_tune_trials_are_counted():
-    dss = config.load(REPO / "recipes" / "dss.yaml",
-                      ["distill.teacher.backend=vllm", "distill.teacher.model=Qwen/Qwen2.5-7B-Instruct",
-                       "distill.teacher.replicas=4", "train.use_gpu=true", "train.workers=2", "run.stages=[distill,train,tune]"])
+    dss = config.load(
+        REPO / "recipes" / "dss.yaml",
+        [
+            "distill.teacher.backend=vllm",
+            "distill.teacher.model=Qwen/Qwen2.5-7B-Instruct",
+            "distill.teacher.replicas=4",
+            "train.use_gpu=true",
+            "train.workers=2",
+            "run.stages=[distill,train,tune]",
+        ],
+    )
     report = fit.check(dss, gpus=2)
     assert "distill: the vllm teacher's 4 replica(s) need 4 GPUs, the cluster has 2" in report.problems[0]
     # tune.max_concurrent_trials is read with getattr: the tune section may not have it yet.
@@ -319,8 +343,10 @@ def test_vllm_teacher_and_tune_trials_are_counted():
     else:
         object.__setattr__(dss, "tune", SimpleNamespace(max_concurrent_trials=3))
     problems = fit.check(dss, gpus=4).problems
-    assert any(p.startswith("tune: tune.max_concurrent_trials=3 x train.workers=2 = 6 GPUs at once, the cluster has 4")
-               for p in problems)
+    assert any(
+        p.startswith("tune: tune.max_concurrent_trials=3 x train.workers=2 = 6 GPUs at once, the cluster has 4")
+        for p in problems
+    )
     assert cluster.gpus_wanted(dss, "distill") == 4 and cluster.gpus_wanted(dss, "train") == 2
 
 
@@ -363,9 +389,19 @@ def test_runtime_env_needs_no_network_and_skips_big_folders():
 
 def test_cluster_readme_names_files_that_exist():
     text = (REPO / "cluster" / "README.md").read_text()
-    named = set(re.findall(r"(?<![\w/])((?:cluster|recipes|jobs|serve_configs)/[\w./-]+\.(?:yaml|py|md)|cluster/Dockerfile)", text))
-    assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/rayjob.yaml", "cluster/kuberay/rayservice.yaml",
-            "jobs/pipeline.py", "recipes/gpu-qlora-sft.yaml"} <= named
+    named = set(
+        re.findall(
+            r"(?<![\w/])((?:cluster|recipes|jobs|serve_configs)/[\w./-]+\.(?:yaml|py|md)|cluster/Dockerfile)", text
+        )
+    )
+    assert {
+        "cluster/aws.yaml",
+        "cluster/gcp.yaml",
+        "cluster/kuberay/rayjob.yaml",
+        "cluster/kuberay/rayservice.yaml",
+        "jobs/pipeline.py",
+        "recipes/gpu-qlora-sft.yaml",
+    } <= named
     for path in named:
         assert (REPO / path).exists(), path
 
@@ -378,6 +414,8 @@ def test_serve_defaults_match_the_serve_app():
 
 
 def test_waiting_for_gpus_the_cluster_cannot_get_gives_up_with_the_reason(ray_local):
-    with pytest.raises(cluster.NoCluster, match=r"still has 0 GPU\(s\) after 1 s, this stage needs 8: check the GPU worker"):
+    with pytest.raises(
+        cluster.NoCluster, match=r"still has 0 GPU\(s\) after 1 s, this stage needs 8: check the GPU worker"
+    ):
         cluster.wait_for_gpus(8, timeout_s=1)
     cluster.wait_for_gpus(0)  # nothing wanted: returns at once

@@ -54,8 +54,12 @@ def test_unknown_key_without_close_match_lists_known_keys():
 def test_overrides_are_typed_and_attributed():
     recipe = config.validate(MINIMAL, "r.yaml", ["train.lora.rank=8", "data.split.val=0.2", "run.stages=[prepare]"])
     assert recipe.train.lora.rank == 8 and recipe.data.split.val == 0.2 and recipe.run.stages == ["prepare"]
-    assert problems(MINIMAL, ["train.lora.rnak=8"]) == ["train.lora.rnak (from the command line): unknown key; did you mean `rank`?"]
-    with pytest.raises(config.RecipeError, match="(?s)command line: .*override 'train.lora.rank': write it as key.sub=value"):
+    assert problems(MINIMAL, ["train.lora.rnak=8"]) == [
+        "train.lora.rnak (from the command line): unknown key; did you mean `rank`?"
+    ]
+    with pytest.raises(
+        config.RecipeError, match="(?s)command line: .*override 'train.lora.rank': write it as key.sub=value"
+    ):
         config.validate(MINIMAL, "r.yaml", ["train.lora.rank"])
 
 
@@ -64,18 +68,27 @@ def test_alpha_defaults_to_four_times_rank_and_can_be_overridden():
     assert config.validate(MINIMAL, overrides=["train.lora.alpha=16"]).train.lora.effective_alpha == 16
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["train.finetuning=qlora", "train.deepspeed.stage=3"], "train: QLoRA with DeepSpeed ZeRO-3 is not supported"),
-    (["train.precision=fp16", "train.use_gpu=false"], "train: precision fp16 needs a GPU"),
-    (["train.deepspeed.stage=2", "train.deepspeed.offload_params=true"], "train.deepspeed: offload_params needs ZeRO stage 3"),
-    (["data.split.val=0.5", "data.split.test=0.5"], "data.split: val + test must be below 1"),
-    (["data.generator.rows=10"], "data: give exactly one of `sources`"),
-    (["data.columns.messages=chat"], "data: columns ['messages'] do not belong to kind `prompt_response`"),
-    (["data.kind=preference", "data.packing=true"], "data: packing applies to SFT data"),
-    (["data.filters.min_prompt_chars=10", "data.filters.max_prompt_chars=5"], "data.filters: min_prompt_chars (10) is above"),
-    (["train.warmup=1.5"], "train: warmup as a fraction must be below 1"),
-    (["run.stages=[prepare, deploy]"], "run.stages.1: must be 'prepare', 'distill'"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.finetuning=qlora", "train.deepspeed.stage=3"], "train: QLoRA with DeepSpeed ZeRO-3 is not supported"),
+        (["train.precision=fp16", "train.use_gpu=false"], "train: precision fp16 needs a GPU"),
+        (
+            ["train.deepspeed.stage=2", "train.deepspeed.offload_params=true"],
+            "train.deepspeed: offload_params needs ZeRO stage 3",
+        ),
+        (["data.split.val=0.5", "data.split.test=0.5"], "data.split: val + test must be below 1"),
+        (["data.generator.rows=10"], "data: give exactly one of `sources`"),
+        (["data.columns.messages=chat"], "data: columns ['messages'] do not belong to kind `prompt_response`"),
+        (["data.kind=preference", "data.packing=true"], "data: packing applies to SFT data"),
+        (
+            ["data.filters.min_prompt_chars=10", "data.filters.max_prompt_chars=5"],
+            "data.filters: min_prompt_chars (10) is above",
+        ),
+        (["train.warmup=1.5"], "train: warmup as a fraction must be below 1"),
+        (["run.stages=[prepare, deploy]"], "run.stages.1: must be 'prepare', 'distill'"),
+    ],
+)
 def test_incompatible_choices_fail_with_reason(overrides, expected):
     found = problems(MINIMAL, overrides)
     assert any(line.startswith(expected) for line in found), found

@@ -74,17 +74,35 @@ def _source(tmp_path, rows=36):
 
 
 def _recipe(tmp_path, model, teacher, **distill):
-    return config.validate({
-        "run": {"name": "dss", "output_dir": str(tmp_path / "runs"), "stages": ["prepare", "distill", "train", "evaluate"]},
-        "model": {"path": model},
-        "data": {"sources": [str(_source(tmp_path))], "columns": {"prompt": "question", "response": "answer"},
-                 "max_seq_length": 256, "split": {"val": 0.1, "test": 0.1}},
-        "distill": {"teacher": teacher, **distill},
-        "train": {"workers": 1, "max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "warmup": 0, "logging_steps": 1,
-                  "checkpoint": {"every_steps": 3, "keep_best": 1}, "lora": {"rank": 4, "dropout": 0.0},
-                  "distill": {"rationale_weight": 1.0}},
-        "evaluate": {"task": "free_text", "max_new_tokens": 6, "batch_size": 4},
-    })
+    return config.validate(
+        {
+            "run": {
+                "name": "dss",
+                "output_dir": str(tmp_path / "runs"),
+                "stages": ["prepare", "distill", "train", "evaluate"],
+            },
+            "model": {"path": model},
+            "data": {
+                "sources": [str(_source(tmp_path))],
+                "columns": {"prompt": "question", "response": "answer"},
+                "max_seq_length": 256,
+                "split": {"val": 0.1, "test": 0.1},
+            },
+            "distill": {"teacher": teacher, **distill},
+            "train": {
+                "workers": 1,
+                "max_steps": 3,
+                "batch_size": 4,
+                "learning_rate": 1e-3,
+                "warmup": 0,
+                "logging_steps": 1,
+                "checkpoint": {"every_steps": 3, "keep_best": 1},
+                "lora": {"rank": 4, "dropout": 0.0},
+                "distill": {"rationale_weight": 1.0},
+            },
+            "evaluate": {"task": "free_text", "max_new_tokens": 6, "batch_size": 4},
+        }
+    )
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -113,8 +131,14 @@ def test_program_teacher_filters_caches_and_trains_both_tasks(tmp_path, tiny_mod
 
     tokenizer = load_tokenizer(tiny_model)
     table = load_split(str(tmp_path / "runs/dss/distill"), "train")
-    texts = {task: tokenizer.decode(ids) for ids, task in zip(table["input_ids"].to_pylist(), table["task"].to_pylist())}
-    assert "[label] " in texts["label"] and "[rationale] " in texts["rationale"] and "So the answer is" not in texts["rationale"]
+    texts = {
+        task: tokenizer.decode(ids) for ids, task in zip(table["input_ids"].to_pylist(), table["task"].to_pylist())
+    }
+    assert (
+        "[label] " in texts["label"]
+        and "[rationale] " in texts["rationale"]
+        and "So the answer is" not in texts["rationale"]
+    )
 
     weighted, _, _ = load_splits(str(tmp_path / "runs/dss/distill"), rationale_weight=0.5)
     assert sorted(set(weighted["loss_weight"])) == [0.5, 1.0] and len(weighted) == table.num_rows
@@ -168,8 +192,15 @@ def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyTeacher)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        teacher = {"backend": "openai", "model": "teacher", "base_url": f"http://127.0.0.1:{server.server_port}/v1",
-                   "max_retries": 3, "backoff_s": 0.01, "concurrency": 4, "batch_size": 16}
+        teacher = {
+            "backend": "openai",
+            "model": "teacher",
+            "base_url": f"http://127.0.0.1:{server.server_port}/v1",
+            "max_retries": 3,
+            "backoff_s": 0.01,
+            "concurrency": 4,
+            "batch_size": 16,
+        }
         recipe = _recipe(tmp_path, tiny_model, teacher)
         n = prepare(recipe)["rows_out"]["train"]
         first = distill(recipe)
@@ -205,14 +236,24 @@ def test_hf_teacher_runs_on_an_actor_pool(tmp_path, tiny_model):
 
 
 def test_distill_section_checks():
-    base = {"data": {"generator": {"name": "multi_step_arithmetic"}}, "run": {"stages": ["prepare", "distill", "train"]}}
+    base = {
+        "data": {"generator": {"name": "multi_step_arithmetic"}},
+        "run": {"stages": ["prepare", "distill", "train"]},
+    }
     config.validate({"data": base["data"]})  # no distill stage: the teacher needs nothing
-    for distill, message in (({"teacher": {"backend": "program"}}, r"distill.teacher.program: required"),
-                             ({"teacher": {"backend": "openai", "model": "m"}}, r"distill.teacher.base_url: required"),
-                             ({"teacher": {"backend": "program", "program": "arithmetic"}, "filter": "self_consistency"},
-                              "samples >= 2"),
-                             ({"teacher": {"backend": "program", "program": "arithmetic"}, "label_prefix": "[x]",
-                               "rationale_prefix": "[x]"}, "must differ")):
+    for distill, message in (
+        ({"teacher": {"backend": "program"}}, r"distill.teacher.program: required"),
+        ({"teacher": {"backend": "openai", "model": "m"}}, r"distill.teacher.base_url: required"),
+        ({"teacher": {"backend": "program", "program": "arithmetic"}, "filter": "self_consistency"}, "samples >= 2"),
+        (
+            {
+                "teacher": {"backend": "program", "program": "arithmetic"},
+                "label_prefix": "[x]",
+                "rationale_prefix": "[x]",
+            },
+            "must differ",
+        ),
+    ):
         with pytest.raises(config.RecipeError, match=message):
             config.validate(base | {"distill": distill})
 
@@ -228,7 +269,9 @@ def test_vllm_teacher_on_a_gpu(tmp_path, tiny_model):
     from raytune_app.data.prepare import prepare
     from raytune_app.distill.run import distill
 
-    recipe = _recipe(tmp_path, tiny_model, {"backend": "vllm", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8})
+    recipe = _recipe(
+        tmp_path, tiny_model, {"backend": "vllm", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8}
+    )
     n = prepare(recipe)["rows_out"]["train"]
     result = distill(recipe)
     assert result["teacher_calls"] == n and sum(result["rejected"].values()) + result["kept_rationales"] == n

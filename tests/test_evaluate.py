@@ -6,8 +6,8 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import TOY_ANSWERS as ANSWERS
+
 from raytune_app import cli, config
 from raytune_app.evaluate.run import EvaluateError, evaluate
 
@@ -20,7 +20,14 @@ def test_base_and_tuned_side_by_side_with_report(toy_run):
     n = summary["examples"]
     assert n > 5
     for name, result in summary["models"].items():
-        for key in ("json_parse_rate", "schema_valid_rate", "field_precision", "field_recall", "field_f1", "exact_match"):
+        for key in (
+            "json_parse_rate",
+            "schema_valid_rate",
+            "field_precision",
+            "field_recall",
+            "field_f1",
+            "exact_match",
+        ):
             assert result[key] is not None and 0.0 <= result[key] <= 1.0, (name, key)
         latency = result["latency"]
         assert 0 < latency["p50_s"] <= latency["p95_s"] <= latency["p99_s"] and latency["tokens_per_second"] > 0
@@ -42,7 +49,9 @@ def test_base_and_tuned_side_by_side_with_report(toy_run):
     # Unchanged models, data and settings: the output is reused, not recomputed.
     stamp = os.path.getmtime(os.path.join(out, "metrics.json"))
     again = evaluate(recipe)
-    assert again["fingerprint"] == summary["fingerprint"] and os.path.getmtime(os.path.join(out, "metrics.json")) == stamp
+    assert (
+        again["fingerprint"] == summary["fingerprint"] and os.path.getmtime(os.path.join(out, "metrics.json")) == stamp
+    )
 
 
 def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
@@ -51,8 +60,10 @@ def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
     batched = evaluate(recipe, force=True)
     single = config.validate(recipe.resolved() | {"evaluate": recipe.resolved()["evaluate"] | {"batch_size": 1}})
     one_by_one = evaluate(single, force=True)
-    read = lambda s: {(r["model"], r["example"]): r["prediction"]  # noqa: E731
-                      for r in pq.read_table(os.path.join(s["output_dir"], "predictions.parquet")).to_pylist()}
+    read = lambda s: {
+        (r["model"], r["example"]): r["prediction"]  # noqa: E731
+        for r in pq.read_table(os.path.join(s["output_dir"], "predictions.parquet")).to_pylist()
+    }
     assert read(batched) == read(one_by_one)
 
 
@@ -60,9 +71,20 @@ def test_data_file_on_the_command_line_prints_metrics_json(toy_run, write_jsonl,
     recipe, root = toy_run
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(json.dumps(recipe.resolved()))
-    extra = write_jsonl("extra.jsonl", [{"q": f"new ticket {i}", "a": ANSWERS[i % 3], "channel": "mail"} for i in range(5)])
-    code = cli.main(["evaluate", "--recipe", str(recipe_file), "--data", str(extra),
-                     "--adapter", os.path.join(recipe.stage_dir("train"), "adapter")])
+    extra = write_jsonl(
+        "extra.jsonl", [{"q": f"new ticket {i}", "a": ANSWERS[i % 3], "channel": "mail"} for i in range(5)]
+    )
+    code = cli.main(
+        [
+            "evaluate",
+            "--recipe",
+            str(recipe_file),
+            "--data",
+            str(extra),
+            "--adapter",
+            os.path.join(recipe.stage_dir("train"), "adapter"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)  # stdout holds the metrics JSON and nothing else
@@ -85,8 +107,14 @@ def test_classification_metrics_with_calibration(toy_run, write_jsonl):
     recipe, _ = toy_run
     rows = [{"q": f"is {i} even?", "a": ["yes", "no"][i % 2]} for i in range(6)]
     data = write_jsonl("yesno.jsonl", rows)
-    ev = {"task": "classification", "labels": ["no", "yes"], "max_new_tokens": 3, "batch_size": 3, "group_column": None,
-          "schema_file": None}
+    ev = {
+        "task": "classification",
+        "labels": ["no", "yes"],
+        "max_new_tokens": 3,
+        "batch_size": 3,
+        "group_column": None,
+        "schema_file": None,
+    }
     classify = config.validate(recipe.resolved() | {"evaluate": recipe.resolved()["evaluate"] | ev})
     summary = evaluate(classify, data_file=str(data))
     for result in summary["models"].values():
@@ -102,7 +130,9 @@ def test_recipe_problems_are_reported_before_any_work(toy_run):
     recipe, _ = toy_run
     resolved = recipe.resolved()
     with pytest.raises(config.RecipeError) as info:
-        config.validate(resolved | {"evaluate": resolved["evaluate"] | {"group_column": "region", "schema_file": "/no/schema.json"}})
+        config.validate(
+            resolved | {"evaluate": resolved["evaluate"] | {"group_column": "region", "schema_file": "/no/schema.json"}}
+        )
     text = str(info.value)
     assert "evaluate.group_column: `region` is not in data.keep_columns" in text
     assert "evaluate.schema_file: no file at /no/schema.json" in text

@@ -59,15 +59,40 @@ def ray_head():
     """(dashboard URL, environment for the ray CLI) of a fresh local Ray head."""
     # A short path: Ray's socket paths live under it and must stay below the OS limit.
     temp_dir = tempfile.mkdtemp(prefix="rtjob-", dir="/tmp")
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
+    ports = {
+        name: _free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # Local clusters turn token authentication on by default in Ray 2.60; the job's `python` must be this
     # interpreter (with the project's dependencies); the job has no network.
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}")
-    command = [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-               "--temp-dir", temp_dir, "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"]
+    command = [
+        str(RAY),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--temp-dir",
+        temp_dir,
+        "--num-cpus",
+        "2",
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+    ]
     command += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
@@ -81,15 +106,29 @@ def ray_head():
 def _toy_recipe(root: Path, model: str, **extra) -> Path:
     """A recipe file over a small learnable set; its run directory is a separate folder standing in for shared storage."""
     source = root / "toy.jsonl"
-    source.write_text("".join(json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": ANSWERS[i % 3]}) + "\n"
-                              for i in range(80)))
+    source.write_text(
+        "".join(json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": ANSWERS[i % 3]}) + "\n" for i in range(80))
+    )
     recipe = {
         "run": {"name": "jobtoy", "output_dir": str(root / "shared" / "runs"), "stages": ["prepare", "train"]},
         "model": {"path": model},
-        "data": {"sources": [str(source)], "columns": {"prompt": "q", "response": "a"}, "max_seq_length": 128,
-                 "split": {"val": 0.15, "test": 0.15}, "tokenizer_actors": 1},
-        "train": {"workers": 1, "max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0, "logging_steps": 2,
-                  "checkpoint": {"every_steps": 4, "keep_best": 1}, "lora": {"rank": 4, "dropout": 0.0}},
+        "data": {
+            "sources": [str(source)],
+            "columns": {"prompt": "q", "response": "a"},
+            "max_seq_length": 128,
+            "split": {"val": 0.15, "test": 0.15},
+            "tokenizer_actors": 1,
+        },
+        "train": {
+            "workers": 1,
+            "max_steps": 4,
+            "batch_size": 4,
+            "learning_rate": 5e-3,
+            "warmup": 0,
+            "logging_steps": 2,
+            "checkpoint": {"every_steps": 4, "keep_best": 1},
+            "lora": {"rank": 4, "dropout": 0.0},
+        },
         "evaluate": {"task": "free_text", "max_new_tokens": 8, "batch_size": 8, "limit": 6},
     }
     for dotted, value in extra.items():
@@ -129,9 +168,28 @@ def test_pipeline_job_then_evaluate_job_on_shared_storage(ray_head, tiny_model, 
 
     # The CLI, exactly as the docs write it: uploads the working directory, streams the logs, waits.
     submitted = subprocess.run(
-        [str(RAY), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml",
-         "--", "python", "jobs/pipeline.py", "--recipe", str(recipe)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            str(RAY),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            "jobs/runtime_env.yaml",
+            "--",
+            "python",
+            "jobs/pipeline.py",
+            "--recipe",
+            str(recipe),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-5000:]
     assert "succeeded" in output and "[run] done: prepare" in output
@@ -170,8 +228,9 @@ def test_invalid_recipe_job_fails_fast_with_the_error_in_ray_job_logs(ray_head, 
     job_id = client.submit_job(entrypoint=f"python jobs/pipeline.py --recipe {recipe}", runtime_env=_runtime_env())
     assert _wait(client, job_id, timeout_s=300) == JobStatus.FAILED
 
-    logs = subprocess.run([str(RAY), "job", "logs", "--address", address, job_id], env=env, capture_output=True,
-                          text=True, timeout=120).stdout
+    logs = subprocess.run(
+        [str(RAY), "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True, timeout=120
+    ).stdout
     assert f"{recipe}: 1 problem(s) in the recipe" in logs
     assert "train.lora.rnak: unknown key; did you mean `rank`?" in logs
     info = client.get_job_info(job_id)

@@ -8,11 +8,23 @@ import pytest
 
 from raytune_app.evaluate import metrics as M
 
-SCHEMA = {"type": "object", "required": ["id", "items"], "additionalProperties": False,
-          "properties": {"id": {"type": "string"},
-                         "items": {"type": "array", "items": {"type": "object", "required": ["p", "q"],
-                                                              "properties": {"p": {"type": "string"}, "q": {"type": "integer"}}}},
-                         "note": {"type": ["string", "null"]}}}
+SCHEMA = {
+    "type": "object",
+    "required": ["id", "items"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "string"},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["p", "q"],
+                "properties": {"p": {"type": "string"}, "q": {"type": "integer"}},
+            },
+        },
+        "note": {"type": ["string", "null"]},
+    },
+}
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 GOLD = json.dumps({"id": "A1", "items": [{"p": "pen", "q": 2}, {"p": "ink", "q": 1}], "note": None})
 
@@ -40,8 +52,14 @@ def test_structured_row_scores_fields_order_free_and_counts_nulls():
     # Same items in the other order and ids in other case/spacing: every leaf matches.
     reordered = json.dumps({"items": [{"p": "ink", "q": 1}, {"p": "pen", "q": 2.0}], "id": "a1 ", "note": None})
     row = M.score_structured(reordered, GOLD, VALIDATOR)
-    assert row == {"parsed": True, "schema_valid": True, "exact_match": False,
-                   "fields_matched": 6, "fields_predicted": 6, "fields_gold": 6}
+    assert row == {
+        "parsed": True,
+        "schema_valid": True,
+        "exact_match": False,
+        "fields_matched": 6,
+        "fields_predicted": 6,
+        "fields_gold": 6,
+    }
     # One wrong quantity, a missing note, an extra key (schema-invalid): 4 of 6 gold leaves matched,
     # 6 leaves predicted (id, 2 products, 2 quantities, extra) -> P 4/6, R 4/6.
     wrong = json.dumps({"id": "A1", "items": [{"p": "pen", "q": 3}, {"p": "ink", "q": 1}], "extra": "x"})
@@ -51,9 +69,11 @@ def test_structured_row_scores_fields_order_free_and_counts_nulls():
 
 
 def test_structured_aggregate_micro_f1_by_hand():
-    rows = [M.score_structured(GOLD, GOLD, VALIDATOR),                                     # 6/6/6
-            M.score_structured('{"id": "A1"}', GOLD, VALIDATOR),                          # 1/1/6, invalid (no items)
-            M.score_structured("not json", GOLD, VALIDATOR)]                              # 0/0/6
+    rows = [
+        M.score_structured(GOLD, GOLD, VALIDATOR),  # 6/6/6
+        M.score_structured('{"id": "A1"}', GOLD, VALIDATOR),  # 1/1/6, invalid (no items)
+        M.score_structured("not json", GOLD, VALIDATOR),
+    ]  # 0/0/6
     result = M.structured(rows, with_schema=True)
     precision, recall = 7 / 7, 7 / 18
     assert result["json_parse_rate"] == pytest.approx(2 / 3, abs=1e-6)

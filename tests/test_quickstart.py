@@ -14,13 +14,21 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.ya
 
 
 def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys):
-    reduced = [f"run.output_dir={tmp_path}", "data.generator.rows=60", "train.max_steps=3", "train.batch_size=2",
-               "train.logging_steps=1", "train.checkpoint.every_steps=3", "evaluate.limit=4",
-               "evaluate.max_new_tokens=24", "evaluate.batch_size=4"]
+    reduced = [
+        f"run.output_dir={tmp_path}",
+        "data.generator.rows=60",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.logging_steps=1",
+        "train.checkpoint.every_steps=3",
+        "evaluate.limit=4",
+        "evaluate.max_new_tokens=24",
+        "evaluate.batch_size=4",
+    ]
     assert cli.main(["run", RECIPE, *reduced]) == 0
     out = capsys.readouterr().out
     # The closing table: base vs tuned, schema-valid rate, field F1, p50 latency; then the report.
-    table = out[out.index("structured metrics on split test (4 examples):"):]
+    table = out[out.index("structured metrics on split test (4 examples):") :]
     assert "schema valid rate" in table and "field f1" in table and "p50 latency (s)" in table
     assert "base" in table and "tuned" in table
     run_dir = os.path.join(tmp_path, "quickstart")
@@ -38,7 +46,10 @@ def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys
     again = capsys.readouterr().out
     assert "models, data and settings unchanged: reusing" in again
     assert "[register] models:/quickstart/1 " in again
-    assert cli.main(["registry", "show", "quickstart", "@champion", "--tracking-uri", f"sqlite:///{run_dir}/mlflow.db"]) == 0
+    assert (
+        cli.main(["registry", "show", "quickstart", "@champion", "--tracking-uri", f"sqlite:///{run_dir}/mlflow.db"])
+        == 0
+    )
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == "1" and shown["tags"]["base_model"] == "bundled:smollm2-135m-instruct"
     assert float(shown["tags"]["eval.schema_valid_rate"]) == metrics["models"]["tuned"]["schema_valid_rate"]

@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
+from conftest import toy_recipe
 from mlflow import MlflowClient
 
-from conftest import toy_recipe
 from raytune_app import cli, config
 from raytune_app.evaluate.run import evaluate
 from raytune_app.registry import store
@@ -16,8 +16,13 @@ from raytune_app.train.run import train
 
 def with_registry(recipe, uri, **evaluate_fields):
     resolved = recipe.resolved()
-    return config.validate(resolved | {"registry": {"tracking_uri": uri, "model_name": "extractor"},
-                                       "evaluate": resolved["evaluate"] | evaluate_fields})
+    return config.validate(
+        resolved
+        | {
+            "registry": {"tracking_uri": uri, "model_name": "extractor"},
+            "evaluate": resolved["evaluate"] | evaluate_fields,
+        }
+    )
 
 
 def read_manifest(recipe):
@@ -43,7 +48,11 @@ def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, ca
     tags = client.get_model_version("extractor", "1").tags
     assert tags["train_fingerprint"] == manifest["fingerprint"] and tags["base_model"] == tiny_model
     assert tags["data_fingerprint"] == manifest["data_fingerprint"] and tags["recipe_hash"] == manifest["recipe_hash"]
-    assert len(tags["data_manifest_sha256"]) == 16 and tags["primary_metric"] == "field_f1" and "eval.schema_valid_rate" in tags
+    assert (
+        len(tags["data_manifest_sha256"]) == 16
+        and tags["primary_metric"] == "field_f1"
+        and "eval.schema_valid_rate" in tags
+    )
 
     # Registering the same weights again finds the version; nothing new is created.
     assert store.register_stage(first)[0]["version"] == "1"
@@ -64,9 +73,16 @@ def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, ca
     capsys.readouterr()  # drop what the stages printed
     assert cli.main(["registry", "list", "--tracking-uri", uri]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed == [{"name": "extractor", "versions": 2, "aliases": {"champion": "1", "challenger": "2"}, "latest": 2}]
+    assert listed == [
+        {"name": "extractor", "versions": 2, "aliases": {"champion": "1", "challenger": "2"}, "latest": 2}
+    ]
     assert cli.main(["registry", "promote", "extractor", "@challenger", "--tracking-uri", uri]) == 0
-    assert json.loads(capsys.readouterr().out) == {"name": "extractor", "alias": "champion", "version": "2", "previous": "1"}
+    assert json.loads(capsys.readouterr().out) == {
+        "name": "extractor",
+        "alias": "champion",
+        "version": "2",
+        "previous": "1",
+    }
     assert cli.main(["registry", "show", "extractor", "@champion", "--tracking-uri", uri]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == "2" and set(shown["aliases"]) == {"champion", "challenger"}
@@ -85,7 +101,10 @@ def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, ca
     # Serving resolves models:/<name>@champion to a local copy of the weights.
     local = store.download(uri, "models:/extractor@champion")
     assert os.path.exists(os.path.join(local, "adapter_config.json"))
-    assert store.version_of(uri, "models:/extractor@champion").version == store.version_of(uri, "models:/extractor/1").version
+    assert (
+        store.version_of(uri, "models:/extractor@champion").version
+        == store.version_of(uri, "models:/extractor/1").version
+    )
     assert str(store.version_of(uri, "models:/extractor").version) == "2"  # no version or alias: the latest
     with pytest.raises(store.RegistryError, match="cannot fetch models:/extractor@nosuch"):
         store.download(uri, "models:/extractor@nosuch")

@@ -24,25 +24,38 @@ def test_normalise_text():
 
 
 def test_prompt_response_example():
-    example = rows.to_example({"q": " Hi ", "a": "Hello\r\n"}, RowSpec(kind="prompt_response", prompt="q", response="a", system_prompt="S"))
-    assert example == {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-                                    {"role": "assistant", "content": "Hello"}]}
+    example = rows.to_example(
+        {"q": " Hi ", "a": "Hello\r\n"}, RowSpec(kind="prompt_response", prompt="q", response="a", system_prompt="S")
+    )
+    assert example == {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+        ]
+    }
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"a": "x"}, ("missing_field", "q")),
-    ({"q": None, "a": "x"}, ("null_field", "q")),
-    ({"q": 3, "a": "x"}, ("wrong_type", "q")),
-    ({"q": "  ", "a": "x"}, ("empty_field", "q")),
-    ({"q": "hi", "a": ["x"]}, ("wrong_type", "a")),
-    ([1, 2], ("not_an_object", None)),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"a": "x"}, ("missing_field", "q")),
+        ({"q": None, "a": "x"}, ("null_field", "q")),
+        ({"q": 3, "a": "x"}, ("wrong_type", "q")),
+        ({"q": "  ", "a": "x"}, ("empty_field", "q")),
+        ({"q": "hi", "a": ["x"]}, ("wrong_type", "a")),
+        ([1, 2], ("not_an_object", None)),
+    ],
+)
 def test_schema_problems(record, expected):
     assert reason(record, SFT) == expected
 
 
 def test_problem_messages_say_what_to_do():
-    with pytest.raises(RowProblem, match=r"no field `q` \(needed as the prompt; the row has: a\); map another column with data.columns.prompt"):
+    with pytest.raises(
+        RowProblem,
+        match=r"no field `q` \(needed as the prompt; the row has: a\); map another column with data.columns.prompt",
+    ):
         rows.to_example({"a": "x"}, SFT)
 
 
@@ -71,14 +84,21 @@ def test_chat_rows():
 def test_preference_rows():
     example = rows.to_example({"prompt": "p", "chosen": "good", "rejected": "bad"}, PREF)
     assert example == {"prompt": [{"role": "user", "content": "p"}], "chosen": "good", "rejected": "bad"}
-    assert reason({"prompt": "p", "chosen": "same", "rejected": "same "}, PREF) == ("chosen_equals_rejected", "rejected")
+    assert reason({"prompt": "p", "chosen": "same", "rejected": "same "}, PREF) == (
+        "chosen_equals_rejected",
+        "rejected",
+    )
     assert reason({"prompt": "p", "chosen": "good"}, PREF) == ("missing_field", "rejected")
     assert reason({"prompt": "", "chosen": "a", "rejected": "b"}, PREF) == ("empty_field", "prompt")
 
 
 def test_kept_columns_are_text():
     spec = RowSpec(kind="prompt_response", keep_columns=("group", "id", "meta"))
-    assert rows.kept_values({"group": "a", "id": 7, "meta": {"k": 1}}, spec) == {"group": "a", "id": "7", "meta": '{"k": 1}'}
+    assert rows.kept_values({"group": "a", "id": 7, "meta": {"k": 1}}, spec) == {
+        "group": "a",
+        "id": "7",
+        "meta": '{"k": 1}',
+    }
     with pytest.raises(RowProblem, match="data.keep_columns"):
         rows.kept_values({"group": "a"}, spec)
 

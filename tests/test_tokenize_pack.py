@@ -16,12 +16,15 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-CHAT = [{"role": "system", "content": "Extract."}, {"role": "user", "content": "order ORD-123456 please"},
-        {"role": "assistant", "content": '{"order_id": "ORD-123456"}'}]
+CHAT = [
+    {"role": "system", "content": "Extract."},
+    {"role": "user", "content": "order ORD-123456 please"},
+    {"role": "assistant", "content": '{"order_id": "ORD-123456"}'},
+]
 
 
 def test_mask_covers_exactly_the_answer_and_end_token(tokenizer):
-    (ids, mask, problem), = tokenize_examples(tokenizer, [CHAT], 512, "drop")
+    ((ids, mask, problem),) = tokenize_examples(tokenizer, [CHAT], 512, "drop")
     assert problem is None and len(ids) == len(mask)
     learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
     assert learned == '{"order_id": "ORD-123456"}<|im_end|>\n'
@@ -29,21 +32,25 @@ def test_mask_covers_exactly_the_answer_and_end_token(tokenizer):
 
 
 def test_multi_turn_masks_every_assistant_turn_only(tokenizer):
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "one"},
-            {"role": "user", "content": "again"}, {"role": "assistant", "content": "two"}]
-    (ids, mask, _), = tokenize_examples(tokenizer, [chat], 512, "drop")
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "two"},
+    ]
+    ((ids, mask, _),) = tokenize_examples(tokenizer, [chat], 512, "drop")
     learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
     assert learned == "one<|im_end|>\ntwo<|im_end|>\n"
 
 
 def test_truncation_policies(tokenizer):
-    (ids, _, _), = tokenize_examples(tokenizer, [CHAT], 512, "drop")
+    ((ids, _, _),) = tokenize_examples(tokenizer, [CHAT], 512, "drop")
     limit = len(ids) - 3
-    (_, _, problem), = tokenize_examples(tokenizer, [CHAT], limit, "drop")
+    ((_, _, problem),) = tokenize_examples(tokenizer, [CHAT], limit, "drop")
     assert problem.reason == "too_long" and f"data.max_seq_length={limit}" in problem.message
-    (cut, cut_mask, problem), = tokenize_examples(tokenizer, [CHAT], limit, "truncate")
+    ((cut, cut_mask, problem),) = tokenize_examples(tokenizer, [CHAT], limit, "truncate")
     assert problem is None and cut == ids[:limit] and len(cut_mask) == limit
-    (_, _, problem), = tokenize_examples(tokenizer, [CHAT], 10, "truncate")
+    ((_, _, problem),) = tokenize_examples(tokenizer, [CHAT], 10, "truncate")
     assert problem.reason == "too_long" and "before the answer starts" in problem.message
 
 
@@ -65,7 +72,9 @@ def test_best_fit_picks_the_tightest_bin():
 
 
 def test_pack_keeps_examples_whole():
-    examples = [{"input_ids": list(range(n)), "completion_mask": [1] * n, "content_hash": f"h{n}"} for n in (5, 3, 4, 2)]
+    examples = [
+        {"input_ids": list(range(n)), "completion_mask": [1] * n, "content_hash": f"h{n}"} for n in (5, 3, 4, 2)
+    ]
     packed = pack(examples, 8)
     assert sum(len(p["seq_lengths"]) for p in packed) == 4
     for p in packed:
@@ -74,7 +83,7 @@ def test_pack_keeps_examples_whole():
         for n in p["seq_lengths"][:-1]:
             starts.append(starts[-1] + n)
         for start, n in zip(starts, p["seq_lengths"]):
-            assert p["input_ids"][start:start + n] == list(range(n))  # each example intact and contiguous
+            assert p["input_ids"][start : start + n] == list(range(n))  # each example intact and contiguous
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer):
@@ -86,7 +95,10 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     chats = [CHAT, [{"role": "user", "content": "refund please"}, {"role": "assistant", "content": "ok"}]]
     tokenized = tokenize_examples(tokenizer, chats, 512, "drop")
-    examples = [{"input_ids": ids, "completion_mask": mask, "content_hash": str(i)} for i, (ids, mask, _) in enumerate(tokenized)]
+    examples = [
+        {"input_ids": ids, "completion_mask": mask, "content_hash": str(i)}
+        for i, (ids, mask, _) in enumerate(tokenized)
+    ]
     (row,) = pack(examples, 512)
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     batch = collate([{k: row[k] for k in ("input_ids", "completion_mask", "seq_lengths")}])
@@ -95,8 +107,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer):
         start = 0
         for length, example in zip(row["seq_lengths"], [examples[i] for i in sorted(range(2))]):
             alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
-            assert torch.allclose(packed[start:start + length], alone, atol=1e-5)
+            assert torch.allclose(packed[start : start + length], alone, atol=1e-5)
             start += length
         # Without the restarting position ids the second example would see the first.
         leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-        assert not torch.allclose(leaky[row["seq_lengths"][0]:], packed[row["seq_lengths"][0]:], atol=1e-3)
+        assert not torch.allclose(leaky[row["seq_lengths"][0] :], packed[row["seq_lengths"][0] :], atol=1e-3)

@@ -33,11 +33,24 @@ def make_recipe(tmp_path, tiny_model, source, **train):
     raw = {
         "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
         "model": {"path": tiny_model},
-        "data": {"sources": [str(source)], "columns": {"prompt": "q", "response": "a"}, "max_seq_length": 128,
-                 "packing": True, "split": {"val": 0.15, "test": 0.05}},
-        "train": {"workers": 2, "max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0,
-                  "logging_steps": 2, "checkpoint": {"every_steps": 4, "keep_best": 1},
-                  "lora": {"rank": 8, "dropout": 0.0}, **train},
+        "data": {
+            "sources": [str(source)],
+            "columns": {"prompt": "q", "response": "a"},
+            "max_seq_length": 128,
+            "packing": True,
+            "split": {"val": 0.15, "test": 0.05},
+        },
+        "train": {
+            "workers": 2,
+            "max_steps": 8,
+            "batch_size": 4,
+            "learning_rate": 5e-3,
+            "warmup": 0,
+            "logging_steps": 2,
+            "checkpoint": {"every_steps": 4, "keep_best": 1},
+            "lora": {"rank": 8, "dropout": 0.0},
+            **train,
+        },
     }
     recipe = config.validate(raw)
     prepare(recipe)
@@ -63,7 +76,13 @@ def test_lora_two_workers_learns_and_writes_everything(tmp_path, tiny_model, toy
     assert manifest["final_eval_loss"] < [h["eval_loss"] for h in history(recipe) if "eval_loss" in h][0]
     assert all(h["tokens_per_second"] > 0 and h["peak_memory_mb"] > 0 for h in history(recipe) if "loss" in h)
     train_dir = recipe.stage_dir("train")
-    for name in ("loss_curve.png", "recipe.yaml", "manifest.json", "adapter/adapter_config.json", "adapter/tokenizer.json"):
+    for name in (
+        "loss_curve.png",
+        "recipe.yaml",
+        "manifest.json",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer.json",
+    ):
         assert os.path.exists(os.path.join(train_dir, name)), name
     checkpoints = [d for d in os.listdir(train_dir) if d.startswith("checkpoint_")]
     assert 1 <= len(checkpoints) <= 2  # best 1 by validation loss, plus the latest
@@ -71,7 +90,9 @@ def test_lora_two_workers_learns_and_writes_everything(tmp_path, tiny_model, toy
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), os.path.join(train_dir, "adapter"))
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), os.path.join(train_dir, "adapter")
+    )
     assert tuned.peft_config["default"].r == 8 and tuned.peft_config["default"].lora_alpha == 32
 
     again = train(recipe)  # finished with the same fingerprint: nothing is retrained
@@ -82,7 +103,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_model, toy_source, monke
     straight = make_recipe(tmp_path / "a", tiny_model, toy_source, workers=1, lora={"rank": 4, "dropout": 0.1})
     train(straight)
 
-    broken = make_recipe(tmp_path / "b", tiny_model, toy_source, workers=1, max_failures=0, lora={"rank": 4, "dropout": 0.1})
+    broken = make_recipe(
+        tmp_path / "b", tiny_model, toy_source, workers=1, max_failures=0, lora={"rank": 4, "dropout": 0.1}
+    )
     monkeypatch.setenv(FAULT_ENV, "5")  # dies after step 5; the last checkpoint is step 4
     with pytest.raises(Exception):
         train(broken)
@@ -120,8 +143,15 @@ def test_resume_needs_something_to_resume_and_refuses_a_changed_recipe(tmp_path,
 
 
 def test_qlora_on_cpu(tmp_path, tiny_model, toy_source):
-    recipe = make_recipe(tmp_path, tiny_model, toy_source, workers=1, max_steps=4, finetuning="qlora",
-                         quantization={"compute_dtype": "float32"})
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model,
+        toy_source,
+        workers=1,
+        max_steps=4,
+        finetuning="qlora",
+        quantization={"compute_dtype": "float32"},
+    )
     manifest = train(recipe)
     assert manifest["global_step"] == 4 and manifest["finetuning"] == "qlora"
     assert os.path.exists(os.path.join(manifest["weights"], "adapter_model.safetensors"))
@@ -149,13 +179,20 @@ def test_invalid_setups_fail_before_workers_start(tmp_path, tiny_model, toy_sour
 
 
 def test_multi_stage_chain_continues_from_the_previous_adapter(tmp_path, tiny_model, toy_source, write_jsonl):
-    style = write_jsonl("style.jsonl", [{"q": f"ticket {i}: reply politely", "a": '{"status": "ok", "tone": "polite"}'}
-                                        for i in range(48)])
+    style = write_jsonl(
+        "style.jsonl",
+        [{"q": f"ticket {i}: reply politely", "a": '{"status": "ok", "tone": "polite"}'} for i in range(48)],
+    )
     recipe = make_recipe(tmp_path, tiny_model, toy_source, workers=1, max_steps=4)
-    recipe = config.validate(recipe.resolved() | {"chain": [
-        {"name": "task", "train": {"max_steps": 4}},
-        {"name": "style", "data": {"sources": [str(style)]}, "train": {"learning_rate": 1e-3}},
-    ]})
+    recipe = config.validate(
+        recipe.resolved()
+        | {
+            "chain": [
+                {"name": "task", "train": {"max_steps": 4}},
+                {"name": "style", "data": {"sources": [str(style)]}, "train": {"learning_rate": 1e-3}},
+            ]
+        }
+    )
     from raytune_app.train.run import train_chain
 
     final = train_chain(recipe)
@@ -174,8 +211,14 @@ def test_multi_stage_chain_continues_from_the_previous_adapter(tmp_path, tiny_mo
 
 
 def test_deepspeed_zero3_two_workers_saves_whole_adapter(tmp_path, tiny_model, toy_source):
-    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_steps=2, deepspeed={"stage": 3},
-                         checkpoint={"every_steps": 2, "keep_best": 1})
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model,
+        toy_source,
+        max_steps=2,
+        deepspeed={"stage": 3},
+        checkpoint={"every_steps": 2, "keep_best": 1},
+    )
     manifest = train(recipe)
     assert manifest["global_step"] == 2
     weights = adapter_weights(recipe)  # gathered from the shards: full-size LoRA matrices

@@ -11,8 +11,8 @@ import os
 
 import pytest
 import yaml
-
 from conftest import toy_recipe
+
 from raytune_app import config
 from raytune_app.cli import main
 from raytune_app.data.prepare import prepare
@@ -31,8 +31,13 @@ def tune_recipe(root, model, **tune_section):
     # One trial at a time: the grid runs (good, 1), (bad, 1), (good, 4), (bad, 4) in that order, so each bad
     # trial reaches its first rung after a good one has recorded there and ASHA's cut is deterministic (with
     # two at once, a bad trial reporting first at a rung has nothing to be compared with).
-    raw["tune"] = {"search_space": SPACE, "algorithm": "grid", "num_samples": 1, "max_concurrent_trials": 1,
-                   "early_stopping": {"grace_period": 2, "reduction_factor": 2}} | tune_section
+    raw["tune"] = {
+        "search_space": SPACE,
+        "algorithm": "grid",
+        "num_samples": 1,
+        "max_concurrent_trials": 1,
+        "early_stopping": {"grace_period": 2, "reduction_factor": 2},
+    } | tune_section
     return config.validate(raw)
 
 
@@ -122,27 +127,55 @@ def test_invalid_search_spaces_are_refused_before_any_trial(tmp_path, tiny_model
     def with_space(space, **extra):
         return raw | {"tune": raw["tune"] | {"search_space": space, "algorithm": "random"} | extra}
 
-    found = problems(with_space({"train.lora.rnak": {"choice": [4, 8]}, "train.learning_rate": {"loguniform": [0, 1e-3]},
-                                 "train.scheduler": {"choice": []}, "train.warmup": {"uniform": [0.2, 0.1]},
-                                 "train.lora.rank": {"choice": [4, "eight"]}, "train.workers": {"choice": [1, 2]},
-                                 "data.max_seq_length": {"choice": [64]}, "train.lora": {"choice": [1]}}))
-    assert any(line.startswith("tune.search_space.train.learning_rate") and "loguniform needs low > 0" in line for line in found)
+    found = problems(
+        with_space(
+            {
+                "train.lora.rnak": {"choice": [4, 8]},
+                "train.learning_rate": {"loguniform": [0, 1e-3]},
+                "train.scheduler": {"choice": []},
+                "train.warmup": {"uniform": [0.2, 0.1]},
+                "train.lora.rank": {"choice": [4, "eight"]},
+                "train.workers": {"choice": [1, 2]},
+                "data.max_seq_length": {"choice": [64]},
+                "train.lora": {"choice": [1]},
+            }
+        )
+    )
+    assert any(
+        line.startswith("tune.search_space.train.learning_rate") and "loguniform needs low > 0" in line
+        for line in found
+    )
     assert any(line.startswith("tune.search_space.train.scheduler") and "choice is empty" in line for line in found)
     assert any(line.startswith("tune.search_space.train.warmup") and "low < high" in line for line in found)
     # Paths and values are checked against the train section only when every spec is well formed.
-    found = problems(with_space({"train.lora.rnak": {"choice": [4, 8]}, "train.lora.rank": {"choice": [4, "eight"]},
-                                 "train.workers": {"choice": [1, 2]}, "data.max_seq_length": {"choice": [64]},
-                                 "train.lora": {"choice": [1]}, "train.scheduler": {"choice": ["cosine", "cosin"]}}))
+    found = problems(
+        with_space(
+            {
+                "train.lora.rnak": {"choice": [4, 8]},
+                "train.lora.rank": {"choice": [4, "eight"]},
+                "train.workers": {"choice": [1, 2]},
+                "data.max_seq_length": {"choice": [64]},
+                "train.lora": {"choice": [1]},
+                "train.scheduler": {"choice": ["cosine", "cosin"]},
+            }
+        )
+    )
     assert "tune.search_space.train.lora.rnak: no such field in the recipe" in "\n".join(found)
     assert any("train.lora.rank: value 'eight' is not valid" in line and "integer" in line for line in found)
     assert any("train.scheduler: value 'cosin' is not valid" in line for line in found)
     assert any("train.workers: cannot be searched" in line for line in found)
     assert any("data.max_seq_length: only fields of `train`" in line for line in found)
     assert any("train.lora: is a section" in line for line in found)
-    assert any("not both" in line for line in problems(with_space({"train.lora.alpha": {"choice": [8]},
-                                                                     "train.lora.alpha_ratio": {"choice": [2]}})))
-    assert any("algorithm grid enumerates" in line for line in problems(
-        with_space({"train.learning_rate": {"loguniform": [1e-5, 1e-3]}}, algorithm="grid")))
+    assert any(
+        "not both" in line
+        for line in problems(
+            with_space({"train.lora.alpha": {"choice": [8]}, "train.lora.alpha_ratio": {"choice": [2]}})
+        )
+    )
+    assert any(
+        "algorithm grid enumerates" in line
+        for line in problems(with_space({"train.learning_rate": {"loguniform": [1e-5, 1e-3]}}, algorithm="grid"))
+    )
     no_budget = raw | {"train": raw["train"] | {"max_steps": None}}
     assert any("set train.max_steps" in line for line in problems(no_budget))
 
@@ -184,12 +217,19 @@ def test_optuna_samples_the_recipe_space_through_ray_tune(tmp_path, tiny_model):
     from raytune_app.tune.settings import apply_sample, typed_space
 
     raw = tune_recipe(tmp_path, tiny_model).resolved()
-    raw["tune"] |= {"algorithm": "optuna", "search_space": {
-        "train.learning_rate": {"loguniform": ["1e-5", "1e-3"]}, "train.lora.rank": {"choice": [4, 8]},
-        "train.warmup": {"randint": [0, 3]}, "train.lora.alpha_ratio": {"choice": [1, 4]}}}
+    raw["tune"] |= {
+        "algorithm": "optuna",
+        "search_space": {
+            "train.learning_rate": {"loguniform": ["1e-5", "1e-3"]},
+            "train.lora.rank": {"choice": [4, 8]},
+            "train.warmup": {"randint": [0, 3]},
+            "train.lora.alpha_ratio": {"choice": [1, 4]},
+        },
+    }
     recipe = config.validate(raw)
-    searcher = OptunaSearch(space=param_space(typed_space(recipe.tune, recipe.train), "optuna"), metric="eval_loss",
-                            mode="min", seed=0)
+    searcher = OptunaSearch(
+        space=param_space(typed_space(recipe.tune, recipe.train), "optuna"), metric="eval_loss", mode="min", seed=0
+    )
     for index in range(8):
         sample = searcher.suggest(f"t{index}")
         assert 1e-5 <= sample["train.learning_rate"] <= 1e-3 and sample["train.lora.rank"] in (4, 8)
@@ -209,14 +249,24 @@ def test_stopped_trials_leave_no_placement_groups_or_cleaner_actors(searched):
     from ray.core.generated import gcs_pb2
 
     def orphaned_groups():
-        tables = [gcs_pb2.PlacementGroupTableData.FromString(raw)
-                  for raw in state._connect_and_get_accessor().get_placement_group_table()]
-        return [t for t in tables if t.state != gcs_pb2.PlacementGroupTableData.REMOVED and t.creator_actor_dead
-                and set(t.creator_actor_id) != {0xFF}]
+        tables = [
+            gcs_pb2.PlacementGroupTableData.FromString(raw)
+            for raw in state._connect_and_get_accessor().get_placement_group_table()
+        ]
+        return [
+            t
+            for t in tables
+            if t.state != gcs_pb2.PlacementGroupTableData.REMOVED
+            and t.creator_actor_dead
+            and set(t.creator_actor_id) != {0xFF}
+        ]
 
     def cleaners():
-        return [a for a in state.actor_table(None).values()
-                if a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"]
+        return [
+            a
+            for a in state.actor_table(None).values()
+            if a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"
+        ]
 
     deadline = time.time() + 20  # the tune driver's last sweep may have come just before a controller died
     while (orphaned_groups() or cleaners()) and time.time() < deadline:

@@ -18,15 +18,25 @@ NAMES = ["Mia", "Tom", "Ana", "Raj", "Lena", "Omar", "Yuki", "Sam", "Ivy", "Noah
 ITEMS = ["shells", "stickers", "apples", "coins", "marbles", "books", "stamps", "cards"]
 # (sentence template, operation); {n} is the operand. Each template is matched back by `solve`.
 STEPS = [
-    ("{who} finds {n} more.", "+"), ("{who} buys {n} more.", "+"), ("A friend gives {who} {n} more.", "+"),
-    ("{who} gives away {n}.", "-"), ("{who} loses {n}.", "-"), ("{who} sells {n}.", "-"),
+    ("{who} finds {n} more.", "+"),
+    ("{who} buys {n} more.", "+"),
+    ("A friend gives {who} {n} more.", "+"),
+    ("{who} gives away {n}.", "-"),
+    ("{who} loses {n}.", "-"),
+    ("{who} sells {n}.", "-"),
     ("{who} ends up with {n} times as many.", "*"),
     ("{who} shares them equally among {n} friends and keeps one share.", "/"),
 ]
-PATTERNS = [(re.compile("^" + re.escape(t).replace(re.escape("{who}"), r"\w+").replace(re.escape("{n}"), r"(\d+)") + "$"), op)
-            for t, op in STEPS]
-VERBS = {"+": "adding {n} gives {a} + {n} = {r}", "-": "taking away {n} leaves {a} - {n} = {r}",
-         "*": "{n} times as many is {a} x {n} = {r}", "/": "one of {n} equal shares is {a} / {n} = {r}"}
+PATTERNS = [
+    (re.compile("^" + re.escape(t).replace(re.escape("{who}"), r"\w+").replace(re.escape("{n}"), r"(\d+)") + "$"), op)
+    for t, op in STEPS
+]
+VERBS = {
+    "+": "adding {n} gives {a} + {n} = {r}",
+    "-": "taking away {n} leaves {a} - {n} = {r}",
+    "*": "{n} times as many is {a} x {n} = {r}",
+    "/": "one of {n} equal shares is {a} / {n} = {r}",
+}
 
 
 def _problem(rng: random.Random) -> tuple[str, int]:

@@ -21,7 +21,15 @@ import json
 import random
 from pathlib import Path
 
-ISSUES = ["late_delivery", "damaged_item", "wrong_item", "missing_item", "refund_request", "address_change", "cancel_order"]
+ISSUES = [
+    "late_delivery",
+    "damaged_item",
+    "wrong_item",
+    "missing_item",
+    "refund_request",
+    "address_change",
+    "cancel_order",
+]
 PRIORITIES = ["low", "normal", "high", "urgent"]
 
 SCHEMA = {
@@ -58,41 +66,150 @@ INSTRUCTION = (
     "Extract the order details from the customer's message. Reply with one JSON object and nothing else, "
     'with exactly these keys: "order_id" (like "ORD-123456", or null), "customer" ({"name", "email" or null}), '
     '"items" (list of {"product", "quantity"}), "issue" (one of ' + ", ".join(ISSUES) + '), "priority" '
-    "(one of low, normal, high, urgent), \"requested_date\" (YYYY-MM-DD the customer wants something by, or null)."
+    '(one of low, normal, high, urgent), "requested_date" (YYYY-MM-DD the customer wants something by, or null).'
 )
 
-FIRST = ["Maria", "James", "Aisha", "Chen", "Olga", "Tom", "Priya", "Lucas", "Fatima", "Kenji", "Sofia", "Daniel",
-         "Amara", "Mateo", "Ingrid", "Ravi", "Zoe", "Omar", "Hannah", "Yuki", "Pedro", "Elena", "Samuel", "Nadia"]
-LAST = ["Lopez", "Smith", "Khan", "Wei", "Petrova", "Becker", "Sharma", "Martin", "Haddad", "Tanaka", "Rossi",
-        "Okafor", "Nguyen", "Larsen", "Silva", "Kowalski", "Dubois", "Moreau", "Jensen", "Costa", "Ahmed", "Park"]
-PRODUCTS = ["USB-C cable", "wireless earbuds", "laptop stand", "mechanical keyboard", "4K monitor", "phone case",
-            "desk lamp", "coffee grinder", "yoga mat", "water bottle", "running shoes", "backpack", "webcam",
-            "HDMI adapter", "office chair", "electric kettle", "bluetooth speaker", "wall charger", "mouse pad",
-            "air purifier", "smart plug", "notebook set", "travel pillow", "blender"]
+FIRST = [
+    "Maria",
+    "James",
+    "Aisha",
+    "Chen",
+    "Olga",
+    "Tom",
+    "Priya",
+    "Lucas",
+    "Fatima",
+    "Kenji",
+    "Sofia",
+    "Daniel",
+    "Amara",
+    "Mateo",
+    "Ingrid",
+    "Ravi",
+    "Zoe",
+    "Omar",
+    "Hannah",
+    "Yuki",
+    "Pedro",
+    "Elena",
+    "Samuel",
+    "Nadia",
+]
+LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Wei",
+    "Petrova",
+    "Becker",
+    "Sharma",
+    "Martin",
+    "Haddad",
+    "Tanaka",
+    "Rossi",
+    "Okafor",
+    "Nguyen",
+    "Larsen",
+    "Silva",
+    "Kowalski",
+    "Dubois",
+    "Moreau",
+    "Jensen",
+    "Costa",
+    "Ahmed",
+    "Park",
+]
+PRODUCTS = [
+    "USB-C cable",
+    "wireless earbuds",
+    "laptop stand",
+    "mechanical keyboard",
+    "4K monitor",
+    "phone case",
+    "desk lamp",
+    "coffee grinder",
+    "yoga mat",
+    "water bottle",
+    "running shoes",
+    "backpack",
+    "webcam",
+    "HDMI adapter",
+    "office chair",
+    "electric kettle",
+    "bluetooth speaker",
+    "wall charger",
+    "mouse pad",
+    "air purifier",
+    "smart plug",
+    "notebook set",
+    "travel pillow",
+    "blender",
+]
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 10: "ten", 12: "twelve"}
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 ISSUE_PHRASES = {
-    "late_delivery": ["my order still hasn't arrived", "the package is over a week late", "the delivery never showed up",
-                      "tracking has said 'in transit' for ages"],
-    "damaged_item": ["it arrived damaged", "the box was crushed and the item is broken", "one of them came cracked",
-                     "it was smashed when I opened it"],
-    "wrong_item": ["you sent the wrong item", "I received something I didn't order", "the item in the box is not what I bought",
-                   "the colour and model are wrong"],
-    "missing_item": ["part of my order is missing", "one item was not in the parcel", "the box only had half of what I paid for",
-                     "something is missing from the delivery"],
+    "late_delivery": [
+        "my order still hasn't arrived",
+        "the package is over a week late",
+        "the delivery never showed up",
+        "tracking has said 'in transit' for ages",
+    ],
+    "damaged_item": [
+        "it arrived damaged",
+        "the box was crushed and the item is broken",
+        "one of them came cracked",
+        "it was smashed when I opened it",
+    ],
+    "wrong_item": [
+        "you sent the wrong item",
+        "I received something I didn't order",
+        "the item in the box is not what I bought",
+        "the colour and model are wrong",
+    ],
+    "missing_item": [
+        "part of my order is missing",
+        "one item was not in the parcel",
+        "the box only had half of what I paid for",
+        "something is missing from the delivery",
+    ],
     "refund_request": ["I'd like a refund", "please refund me", "I want my money back", "can I get a refund for this"],
-    "address_change": ["I need to change the delivery address", "please ship it to my new address instead",
-                       "I moved and need the address updated", "can you redirect the parcel to my office"],
-    "cancel_order": ["please cancel my order", "I want to cancel this order", "I no longer need it, cancel please",
-                     "cancel the order before it ships"],
+    "address_change": [
+        "I need to change the delivery address",
+        "please ship it to my new address instead",
+        "I moved and need the address updated",
+        "can you redirect the parcel to my office",
+    ],
+    "cancel_order": [
+        "please cancel my order",
+        "I want to cancel this order",
+        "I no longer need it, cancel please",
+        "cancel the order before it ships",
+    ],
 }
 PRIORITY_CUES = {
     "low": ["no rush on this", "whenever you get a chance", "not urgent at all", "take your time"],
     "normal": [""],
     "high": ["I'd appreciate a quick answer", "please look at this soon", "this is quite important to me"],
-    "urgent": ["this is URGENT", "I need this sorted ASAP", "urgent please, it's for an event", "please treat this as urgent"],
+    "urgent": [
+        "this is URGENT",
+        "I need this sorted ASAP",
+        "urgent please, it's for an event",
+        "please treat this as urgent",
+    ],
 }
 
 
@@ -127,10 +244,16 @@ def _join(parts: list[str]) -> str:
 def make_example(rng: random.Random, index: int) -> dict:
     """One message and its gold extraction."""
     name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-    email = f"{name.split()[0].lower()}.{name.split()[1].lower()}@{rng.choice(['example.com', 'mail.test', 'inbox.example'])}" if rng.random() < 0.6 else None
+    email = (
+        f"{name.split()[0].lower()}.{name.split()[1].lower()}@{rng.choice(['example.com', 'mail.test', 'inbox.example'])}"
+        if rng.random() < 0.6
+        else None
+    )
     order_id = f"ORD-{rng.randrange(100000, 1000000)}" if rng.random() < 0.8 else None
-    items = [{"product": p, "quantity": rng.choice([1, 1, 1, 2, 2, 3, 4, 5, 6, 10, 12])}
-             for p in rng.sample(PRODUCTS, rng.choice([1, 1, 1, 2, 2, 3]))]
+    items = [
+        {"product": p, "quantity": rng.choice([1, 1, 1, 2, 2, 3, 4, 5, 6, 10, 12])}
+        for p in rng.sample(PRODUCTS, rng.choice([1, 1, 1, 2, 2, 3]))
+    ]
     issue = rng.choice(ISSUES)
     priority = rng.choices(PRIORITIES, weights=[2, 4, 2, 2])[0]
     placed = dt.date(2026, 1, 1) + dt.timedelta(days=rng.randrange(0, 300))
@@ -138,35 +261,68 @@ def make_example(rng: random.Random, index: int) -> dict:
 
     facts = []
     what = _join([_quantity_text(rng, it["quantity"], it["product"]) for it in items])
-    facts.append(rng.choice([f"I ordered {what}", f"My order was for {what}", f"I bought {what} from you",
-                             f"The order contained {what}"]) + (f" on {_date_text(rng, placed)}" if rng.random() < 0.5 else "") + ".")
+    facts.append(
+        rng.choice(
+            [
+                f"I ordered {what}",
+                f"My order was for {what}",
+                f"I bought {what} from you",
+                f"The order contained {what}",
+            ]
+        )
+        + (f" on {_date_text(rng, placed)}" if rng.random() < 0.5 else "")
+        + "."
+    )
     if order_id:
-        facts.append(rng.choice([f"Order number is {order_id}.", f"Ref: {order_id}.", f"(order {order_id})",
-                                 f"It's order {order_id}."]))
+        facts.append(
+            rng.choice(
+                [f"Order number is {order_id}.", f"Ref: {order_id}.", f"(order {order_id})", f"It's order {order_id}."]
+            )
+        )
     if rng.random() < 0.2:  # a second, irrelevant order id: the extraction must not take it
         other = f"ORD-{rng.randrange(100000, 1000000)}"
         facts.append(f"My earlier order {other} was fine, by the way.")
     facts.append(rng.choice(ISSUE_PHRASES[issue]).capitalize() + ".")
     if wanted:
-        facts.append(rng.choice([f"I need it sorted by {_date_text(rng, wanted)}.", f"Please resolve this before {_date_text(rng, wanted)}.",
-                                 f"It has to be done by {_date_text(rng, wanted)} at the latest."]))
+        facts.append(
+            rng.choice(
+                [
+                    f"I need it sorted by {_date_text(rng, wanted)}.",
+                    f"Please resolve this before {_date_text(rng, wanted)}.",
+                    f"It has to be done by {_date_text(rng, wanted)} at the latest.",
+                ]
+            )
+        )
     cue = rng.choice(PRIORITY_CUES[priority])
     if cue:
         facts.append(cue[0].upper() + cue[1:] + ".")
     if rng.random() < 0.25:
-        facts.append(rng.choice([f"You can call me on 0{rng.randrange(7000000000, 7999999999)}.",
-                                 f"This is about ticket #{rng.randrange(10000, 99999)} which nobody answered.",
-                                 f"I've been a customer for {rng.randrange(2, 12)} years."]))
+        facts.append(
+            rng.choice(
+                [
+                    f"You can call me on 0{rng.randrange(7000000000, 7999999999)}.",
+                    f"This is about ticket #{rng.randrange(10000, 99999)} which nobody answered.",
+                    f"I've been a customer for {rng.randrange(2, 12)} years.",
+                ]
+            )
+        )
     body_facts = facts[:1] + rng.sample(facts[1:], len(facts) - 1)
 
     style = rng.choice(["email", "chat", "formal", "terse"])
     contact = f" ({email})" if email and rng.random() < 0.5 else ""
     if style == "email":
-        text = f"Hi there,\n\n{' '.join(body_facts)}\n\nThanks,\n{name}" + (f"\n{email}" if email and not contact else contact)
+        text = f"Hi there,\n\n{' '.join(body_facts)}\n\nThanks,\n{name}" + (
+            f"\n{email}" if email and not contact else contact
+        )
     elif style == "chat":
-        text = f"{rng.choice(['hey', 'hi', 'hello'])}, {name} here{contact}. " + " ".join(f[0].lower() + f[1:] for f in body_facts)
+        text = f"{rng.choice(['hey', 'hi', 'hello'])}, {name} here{contact}. " + " ".join(
+            f[0].lower() + f[1:] for f in body_facts
+        )
     elif style == "formal":
-        text = f"Dear Customer Service,\n\nMy name is {name}{contact}. {' '.join(body_facts)}\n\nKind regards,\n{name}" + (f"\nEmail: {email}" if email and not contact else "")
+        text = (
+            f"Dear Customer Service,\n\nMy name is {name}{contact}. {' '.join(body_facts)}\n\nKind regards,\n{name}"
+            + (f"\nEmail: {email}" if email and not contact else "")
+        )
     else:
         text = f"{name}{contact or (' - ' + email if email else '')}: " + " ".join(body_facts)
     if email and style == "chat" and not contact:
@@ -179,7 +335,12 @@ def make_example(rng: random.Random, index: int) -> dict:
         "priority": priority,
         "requested_date": wanted.isoformat() if wanted else None,
     }
-    return {"id": f"ticket-{index:06d}", "message": text, "extraction": json.dumps(gold, ensure_ascii=False), "style": style}
+    return {
+        "id": f"ticket-{index:06d}",
+        "message": text,
+        "extraction": json.dumps(gold, ensure_ascii=False),
+        "style": style,
+    }
 
 
 def generate(rows: int, seed: int = 0) -> list[dict]:
@@ -196,9 +357,13 @@ def _flawed(rng: random.Random, example: dict) -> str:
     gold = json.loads(example["extraction"])
     flaw = rng.choice(FLAWS)
     if flaw == "prose_after":
-        return example["extraction"] + rng.choice(["\n\nLet me know if you need anything else!",
-                                                   " I hope this helps resolve the issue quickly.",
-                                                   "\n\nNote: the priority was inferred from the tone of the message."])
+        return example["extraction"] + rng.choice(
+            [
+                "\n\nLet me know if you need anything else!",
+                " I hope this helps resolve the issue quickly.",
+                "\n\nNote: the priority was inferred from the tone of the message.",
+            ]
+        )
     if flaw == "wrong_value":
         field = rng.choice(["priority", "issue", "quantity"])
         if field == "priority":
@@ -212,8 +377,10 @@ def _flawed(rng: random.Random, example: dict) -> str:
         del gold[rng.choice(["requested_date", "order_id", "priority"])]
         return json.dumps(gold, ensure_ascii=False)
     if flaw == "prose_reply":
-        return (f"Dear {gold['customer']['name']}, thank you for contacting us. We are sorry to hear about the problem "
-                "with your order and will look into it as soon as possible.")
+        return (
+            f"Dear {gold['customer']['name']}, thank you for contacting us. We are sorry to hear about the problem "
+            "with your order and will look into it as soon as possible."
+        )
     body = json.dumps(gold, ensure_ascii=False)
     return body[:-1] + f', "issue": {json.dumps(rng.choice(ISSUES))}' + "}"  # a key written twice
 

@@ -45,10 +45,12 @@ def pack(examples: list[dict], capacity: int) -> list[dict]:
     packed = []
     for members in bins:
         members = sorted(members)  # keep source order inside a sequence: easier to read, same maths
-        packed.append({
-            "input_ids": [t for i in members for t in examples[i]["input_ids"]],
-            "completion_mask": [m for i in members for m in examples[i]["completion_mask"]],
-            "seq_lengths": [len(examples[i]["input_ids"]) for i in members],
-            "example_hashes": [examples[i]["content_hash"] for i in members],
-        })
+        packed.append(
+            {
+                "input_ids": [t for i in members for t in examples[i]["input_ids"]],
+                "completion_mask": [m for i in members for m in examples[i]["completion_mask"]],
+                "seq_lengths": [len(examples[i]["input_ids"]) for i in members],
+                "example_hashes": [examples[i]["content_hash"] for i in members],
+            }
+        )
     return packed

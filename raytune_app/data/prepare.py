@@ -24,7 +24,7 @@ import functools
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +54,16 @@ EXAMPLE_COLUMNS = {
 def pipeline_schema(kind: str, keep_columns: tuple[str, ...]) -> pa.Schema:
     """Columns of a batch between the validate and tokenise steps (one schema for every batch)."""
     return pa.schema(
-        [("source_file", pa.string()), ("source_row", pa.int64()), ("status", pa.string()), ("field", pa.string()),
-         ("message", pa.string()), ("raw", pa.string()), ("content_hash", pa.string()), ("split", pa.string())]
+        [
+            ("source_file", pa.string()),
+            ("source_row", pa.int64()),
+            ("status", pa.string()),
+            ("field", pa.string()),
+            ("message", pa.string()),
+            ("raw", pa.string()),
+            ("content_hash", pa.string()),
+            ("split", pa.string()),
+        ]
         + [(name, MESSAGES) for name in EXAMPLE_COLUMNS[kind]]
         + [(name, pa.string()) for name in keep_columns]
     )
@@ -64,15 +72,18 @@ def pipeline_schema(kind: str, keep_columns: tuple[str, ...]) -> pa.Schema:
 def _example_columns(example: dict) -> dict:
     if "messages" in example:
         return {"messages": example["messages"]}
-    return {"prompt": example["prompt"], "chosen": [{"role": "assistant", "content": example["chosen"]}],
-            "rejected": [{"role": "assistant", "content": example["rejected"]}]}
+    return {
+        "prompt": example["prompt"],
+        "chosen": [{"role": "assistant", "content": example["chosen"]}],
+        "rejected": [{"role": "assistant", "content": example["rejected"]}],
+    }
 
 
 class RowError(ValueError):
     """A bad row under `data.on_error: fail`: names the file, line and field."""
 
 
-def describe_row(source_file: str, row: int, field: Optional[str], message: str) -> str:
+def describe_row(source_file: str, row: int, field: str | None, message: str) -> str:
     where = "row" if source_file.lower().endswith(".parquet") else "line"
     return f"{source_file}, {where} {row}" + (f", field `{field}`" if field else "") + f": {message}"
 
@@ -85,14 +96,25 @@ def validate_batch(batch: pa.Table, spec: RowSpec, fail_fast: bool) -> pa.Table:
     out = {name: [] for name in schema.names}
     empty = dict.fromkeys(EXAMPLE_COLUMNS[spec.kind] + list(spec.keep_columns))
     for source_file, source_row, raw in zip(*(batch[c].to_pylist() for c in ("_source_file", "_source_row", "_raw"))):
-        row = {"source_file": source_file, "source_row": source_row, "status": "ok", "field": None, "message": None,
-               "raw": None, "content_hash": None, "split": None, **empty}
+        row = {
+            "source_file": source_file,
+            "source_row": source_row,
+            "status": "ok",
+            "field": None,
+            "message": None,
+            "raw": None,
+            "content_hash": None,
+            "split": None,
+            **empty,
+        }
         try:
             record = rowlib.parse_json_line(raw)
             example = rowlib.to_example(record, spec)
             row.update(rowlib.kept_values(record, spec))
             row["content_hash"] = rowlib.content_hash(example)
-            row["split"] = rowlib.assign_split(rowlib.split_key(example), spec.val_fraction, spec.test_fraction, spec.split_salt)
+            row["split"] = rowlib.assign_split(
+                rowlib.split_key(example), spec.val_fraction, spec.test_fraction, spec.split_salt
+            )
             row.update(_example_columns(example))
         except RowProblem as problem:
             if fail_fast:
@@ -134,7 +156,7 @@ class SeenHashes:
     def __init__(self):
         self._owner: dict[str, str] = {}
 
-    def claim(self, hashes: list[str], keys: list[str]) -> list[Optional[str]]:
+    def claim(self, hashes: list[str], keys: list[str]) -> list[str | None]:
         """For each hash, None when this key owns it, else the key of the row that does."""
         owners = [self._owner.setdefault(h, k) for h, k in zip(hashes, keys)]
         return [None if owner == key else owner for owner, key in zip(owners, keys)]
@@ -154,12 +176,16 @@ def dedupe_batch(batch: pa.Table, seen, kind: str) -> pa.Table:
     for i, owner in zip(ok, owners):
         if owner is not None:
             owner_file, owner_line = owner.split("\x00")
-            duplicates[i] = ("duplicate", None, f"same content as {describe_row(owner_file, int(owner_line), None, 'kept')}")
+            duplicates[i] = (
+                "duplicate",
+                None,
+                f"same content as {describe_row(owner_file, int(owner_line), None, 'kept')}",
+            )
     return _reject_examples(batch, duplicates, kind)
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(model_path: str, tokenizer_path: Optional[str], chat_template: Optional[str], trust_remote_code: bool):
+def _tokenizer(model_path: str, tokenizer_path: str | None, chat_template: str | None, trust_remote_code: bool):
     # Cached per worker process: Ray reuses worker processes across tasks, so each loads it once.
     from raytune_app.models import load_tokenizer
 
@@ -191,9 +217,11 @@ def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, tru
                 else:
                     input_ids[i], masks[i], num_tokens[i] = ids, mask, len(ids)
     batch = _reject_examples(batch, rejected, kind)
-    return (batch.append_column("input_ids", pa.array(input_ids, pa.list_(pa.int32())))
-            .append_column("completion_mask", pa.array(masks, pa.list_(pa.int8())))
-            .append_column("num_tokens", pa.array(num_tokens, pa.int32())))
+    return (
+        batch.append_column("input_ids", pa.array(input_ids, pa.list_(pa.int32())))
+        .append_column("completion_mask", pa.array(masks, pa.list_(pa.int8())))
+        .append_column("num_tokens", pa.array(num_tokens, pa.int32()))
+    )
 
 
 def pack_batch(batch: pa.Table, capacity: int) -> pa.Table:
@@ -202,8 +230,9 @@ def pack_batch(batch: pa.Table, capacity: int) -> pa.Table:
 
     is_train = pc.fill_null(pc.and_(pc.equal(batch["status"], "ok"), pc.equal(batch["split"], "train")), False)
     rest = batch.filter(pc.invert(is_train))
-    rest = (rest.append_column("seq_lengths", pa.nulls(rest.num_rows, pa.list_(pa.int32())))
-            .append_column("example_hashes", pa.nulls(rest.num_rows, pa.list_(pa.string()))))
+    rest = rest.append_column("seq_lengths", pa.nulls(rest.num_rows, pa.list_(pa.int32()))).append_column(
+        "example_hashes", pa.nulls(rest.num_rows, pa.list_(pa.string()))
+    )
     train = batch.filter(is_train).select(["input_ids", "completion_mask", "content_hash"]).to_pylist()
     packed = [{"status": "ok", "split": "train", "num_tokens": len(p["input_ids"]), **p} for p in pack(train, capacity)]
     return pa.concat_tables([rest, pa.Table.from_pylist(packed, schema=rest.schema)])
@@ -219,7 +248,9 @@ def _fingerprint(recipe: Recipe, files: list) -> str:
     if recipe.data.generator is not None:
         files = []  # generated input is fully described by the generator settings
     payload = {
-        "format": FORMAT_VERSION, "version": __version__, "files": files,
+        "format": FORMAT_VERSION,
+        "version": __version__,
+        "files": files,
         "data": recipe.data.model_dump(mode="json"),
         "tokenizer": recipe.model.model_dump(mode="json", include={"path", "tokenizer", "chat_template"}),
     }
@@ -244,12 +275,17 @@ def source_paths(recipe: Recipe) -> list[str]:
         return [recipe.resolve_source(s) for s in recipe.data.sources]
     from raytune_app.data import arithmetic, extraction
 
-    generators = {"order_extraction": extraction.generate, "order_extraction_pairs": extraction.preference_pairs,
-                  "multi_step_arithmetic": arithmetic.generate}
+    generators = {
+        "order_extraction": extraction.generate,
+        "order_extraction_pairs": extraction.preference_pairs,
+        "multi_step_arithmetic": arithmetic.generate,
+    }
     gen = recipe.data.generator
     path = storage.absolute(storage.join(recipe.run_dir, "source", f"{gen.name}-{gen.rows}-seed{gen.seed}.jsonl"))
     if not storage.exists(path):
-        storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generators[gen.name](gen.rows, gen.seed)))
+        storage.write_text(
+            path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generators[gen.name](gen.rows, gen.seed))
+        )
     return [path]
 
 
@@ -259,8 +295,12 @@ def _token_stats(lengths: np.ndarray) -> dict:
         return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
     cumulative = np.cumsum(lengths)
     percentile = lambda q: int(np.searchsorted(cumulative, q * count))  # noqa: E731
-    return {"mean": round(float((lengths * np.arange(len(lengths))).sum() / count), 2),
-            "p50": percentile(0.5), "p95": percentile(0.95), "max": int(np.nonzero(lengths)[0].max())}
+    return {
+        "mean": round(float((lengths * np.arange(len(lengths))).sum() / count), 2),
+        "p50": percentile(0.5),
+        "p95": percentile(0.95),
+        "max": int(np.nonzero(lengths)[0].max()),
+    }
 
 
 def _merge_rejects(staging: str) -> int:
@@ -269,7 +309,9 @@ def _merge_rejects(staging: str) -> int:
     for part in storage.list_files(storage.join(staging, "rejected"), ".jsonl"):
         rows.extend(json.loads(line) for line in storage.read_text(part).splitlines())
     rows.sort(key=lambda r: (r["source_file"], r["line"]))
-    storage.write_text(storage.join(staging, "rejected.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    storage.write_text(
+        storage.join(staging, "rejected.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
     storage.remove(storage.join(staging, "rejected"))
     return len(rows)
 
@@ -279,7 +321,7 @@ def _merge_rejects(staging: str) -> int:
 SOURCE_BYTES_PER_BLOCK = 4 << 20
 
 
-def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> "ray.data.Dataset":
+def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> ray.data.Dataset:
     """The lazy Ray Data pipeline from source files to rows ready for PreparedSink."""
     import ray
 
@@ -293,19 +335,32 @@ def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> "ray.dat
     # most one runs per CPU of the cluster.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     blocks = max(cpus, -(-sum(size for _, size, _ in files) // SOURCE_BYTES_PER_BLOCK))
-    ds = ray.data.read_datasource(SourceFiles(sources, fmt=data.format), num_cpus=0, concurrency=min(cpus, len(files)),
-                                  override_num_blocks=blocks)
-    ds = ds.map_batches(validate_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                        fn_kwargs={"spec": RowSpec.from_recipe(data), "fail_fast": data.on_error == "fail"})
+    ds = ray.data.read_datasource(
+        SourceFiles(sources, fmt=data.format), num_cpus=0, concurrency=min(cpus, len(files)), override_num_blocks=blocks
+    )
+    ds = ds.map_batches(
+        validate_batch,
+        batch_format="pyarrow",
+        batch_size=data.batch_size,
+        fn_kwargs={"spec": RowSpec.from_recipe(data), "fail_fast": data.on_error == "fail"},
+    )
     if seen is not None:
-        ds = ds.map_batches(dedupe_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                            fn_kwargs={"seen": seen, "kind": data.kind})
-    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                        fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length,
-                                   "truncation": data.truncation})
+        ds = ds.map_batches(
+            dedupe_batch,
+            batch_format="pyarrow",
+            batch_size=data.batch_size,
+            fn_kwargs={"seen": seen, "kind": data.kind},
+        )
+    ds = ds.map_batches(
+        tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=data.batch_size,
+        fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length, "truncation": data.truncation},
+    )
     if data.packing:
-        ds = ds.map_batches(pack_batch, batch_format="pyarrow", batch_size=data.batch_size,
-                            fn_kwargs={"capacity": data.max_seq_length})
+        ds = ds.map_batches(
+            pack_batch, batch_format="pyarrow", batch_size=data.batch_size, fn_kwargs={"capacity": data.max_seq_length}
+        )
     return ds
 
 
@@ -324,7 +379,9 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
         return previous
 
     # Fail before any Ray work on things that would fail every row: a missing tokenizer or template.
-    tokenizer = _tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code)
+    tokenizer = _tokenizer(
+        recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code
+    )
     staging = f"{out_dir}.incoming-{uuid.uuid4().hex[:8]}"
     started = time.time()
 
@@ -353,8 +410,11 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     for split in SPLITS:
         s = stats["splits"][split]
         splits[split] = {
-            "rows": s["rows"], "examples": s["examples"], "tokens": s["tokens"],
-            "content_hash": f"{s['hash']:032x}", "token_lengths": _token_stats(s["lengths"]),
+            "rows": s["rows"],
+            "examples": s["examples"],
+            "tokens": s["tokens"],
+            "content_hash": f"{s['hash']:032x}",
+            "token_lengths": _token_stats(s["lengths"]),
             "files": [f.rsplit("/", 1)[-1] for f in storage.list_files(storage.join(staging, split), ".parquet")],
         }
     manifest = {
@@ -380,7 +440,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     return manifest
 
 
-def _find_cause(exc: BaseException, kind: type) -> Optional[BaseException]:
+def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
     """The first exception of `kind` in the chain (Ray wraps task errors in its own types)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -409,8 +469,10 @@ def current_manifest(recipe: Recipe) -> dict:
         raise NotPrepared(f"no prepared data at {stage_dir}; run `raytune-app prepare` first")
     manifest = json.loads(storage.read_text(uri))
     if manifest["fingerprint"] != expected_fingerprint(recipe):
-        raise NotPrepared(f"the prepared data in {stage_dir} was made from other data or settings than this recipe's "
-                          "data/model sections; run `raytune-app prepare` (or `raytune-app run`) first")
+        raise NotPrepared(
+            f"the prepared data in {stage_dir} was made from other data or settings than this recipe's "
+            "data/model sections; run `raytune-app prepare` (or `raytune-app run`) first"
+        )
     return manifest
 
 

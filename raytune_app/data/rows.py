@@ -15,7 +15,7 @@ import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
@@ -23,7 +23,7 @@ ROLES = ("system", "user", "assistant")
 class RowProblem(Exception):
     """Why a row cannot be used: a reason code (counted in the manifest), the field and a message."""
 
-    def __init__(self, reason: str, field: Optional[str], message: str):
+    def __init__(self, reason: str, field: str | None, message: str):
         super().__init__(message)
         self.reason = reason
         self.field = field
@@ -40,8 +40,8 @@ class RowSpec:
     messages: str = "messages"
     chosen: str = "chosen"
     rejected: str = "rejected"
-    system: Optional[str] = None
-    system_prompt: Optional[str] = None
+    system: str | None = None
+    system_prompt: str | None = None
     keep_columns: tuple[str, ...] = ()
     min_prompt_chars: int = 1
     max_prompt_chars: int = 20_000
@@ -52,7 +52,7 @@ class RowSpec:
     split_salt: str = ""
 
     @classmethod
-    def from_recipe(cls, data) -> "RowSpec":
+    def from_recipe(cls, data) -> RowSpec:
         """Built from a `config.DataSection`."""
         return cls(
             kind=data.kind,
@@ -88,14 +88,17 @@ def parse_json_line(raw: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise RowProblem("malformed_json", None, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
+        raise RowProblem(
+            "malformed_json", None, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
+        ) from None
 
 
 def _text_field(record: dict, column: str, role: str) -> str:
     if column not in record:
         present = ", ".join(sorted(record)[:8]) or "none"
         raise RowProblem(
-            "missing_field", column,
+            "missing_field",
+            column,
             f"no field `{column}` (needed as the {role}; the row has: {present}); map another column with data.columns.{role}",
         )
     value = record[column]
@@ -111,31 +114,53 @@ def _text_field(record: dict, column: str, role: str) -> str:
 
 def _messages_field(record: dict, column: str) -> list[dict]:
     if column not in record:
-        raise RowProblem("missing_field", column, f"no field `{column}` (a list of {{role, content}} messages); map it with data.columns.messages")
+        raise RowProblem(
+            "missing_field",
+            column,
+            f"no field `{column}` (a list of {{role, content}} messages); map it with data.columns.messages",
+        )
     value = record[column]
     if isinstance(value, str):  # CSV cells and some exports hold the chat as a JSON string
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise RowProblem("wrong_type", column, f"`{column}` must be a list of {{role, content}} messages, got a string that is not JSON") from None
+            raise RowProblem(
+                "wrong_type",
+                column,
+                f"`{column}` must be a list of {{role, content}} messages, got a string that is not JSON",
+            ) from None
     if not isinstance(value, list) or not value:
-        raise RowProblem("wrong_type", column, f"`{column}` must be a non-empty list of {{role, content}} messages, got {type(value).__name__}")
+        raise RowProblem(
+            "wrong_type",
+            column,
+            f"`{column}` must be a non-empty list of {{role, content}} messages, got {type(value).__name__}",
+        )
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise RowProblem("bad_messages", f"{column}[{i}]", f"message {i} must be {{role: system|user|assistant, content: string}}, got {str(message)[:80]}")
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise RowProblem(
+                "bad_messages",
+                f"{column}[{i}]",
+                f"message {i} must be {{role: system|user|assistant, content: string}}, got {str(message)[:80]}",
+            )
         content = normalise_text(message["content"])
         if not content:
             raise RowProblem("empty_field", f"{column}[{i}]", f"message {i} ({message['role']}) is empty")
         messages.append({"role": message["role"], "content": content})
     if messages[-1]["role"] != "assistant":
-        raise RowProblem("bad_messages", column, "the last message must be the assistant's (it is what the model learns to write)")
+        raise RowProblem(
+            "bad_messages", column, "the last message must be the assistant's (it is what the model learns to write)"
+        )
     if not any(m["role"] == "user" for m in messages):
         raise RowProblem("bad_messages", column, "the chat has no user message")
     return messages
 
 
-def _system(record: dict, spec: RowSpec) -> Optional[str]:
+def _system(record: dict, spec: RowSpec) -> str | None:
     if spec.system and record.get(spec.system) is not None:
         return _text_field(record, spec.system, "system prompt")
     return spec.system_prompt
@@ -143,9 +168,13 @@ def _system(record: dict, spec: RowSpec) -> Optional[str]:
 
 def _check_length(text: str, what: str, field: str, low: int, high: int) -> None:
     if len(text) < low:
-        raise RowProblem(f"{what}_too_short", field, f"{what} has {len(text)} characters, below data.filters.min_{what}_chars={low}")
+        raise RowProblem(
+            f"{what}_too_short", field, f"{what} has {len(text)} characters, below data.filters.min_{what}_chars={low}"
+        )
     if len(text) > high:
-        raise RowProblem(f"{what}_too_long", field, f"{what} has {len(text)} characters, above data.filters.max_{what}_chars={high}")
+        raise RowProblem(
+            f"{what}_too_long", field, f"{what} has {len(text)} characters, above data.filters.max_{what}_chars={high}"
+        )
 
 
 def to_example(record: Any, spec: RowSpec) -> dict:
@@ -160,13 +189,17 @@ def to_example(record: Any, spec: RowSpec) -> dict:
                 messages.insert(0, {"role": "system", "content": system})
         prompt_text = "\n".join(m["content"] for m in messages[:-1] if m["role"] != "system")
         _check_length(prompt_text, "prompt", spec.messages, spec.min_prompt_chars, spec.max_prompt_chars)
-        _check_length(messages[-1]["content"], "response", spec.messages, spec.min_response_chars, spec.max_response_chars)
+        _check_length(
+            messages[-1]["content"], "response", spec.messages, spec.min_response_chars, spec.max_response_chars
+        )
         return {"messages": messages}
 
     prompt = _text_field(record, spec.prompt, "prompt")
     _check_length(prompt, "prompt", spec.prompt, spec.min_prompt_chars, spec.max_prompt_chars)
     system = _system(record, spec)
-    prompt_messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    prompt_messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     if spec.kind == "prompt_response":
         response = _text_field(record, spec.response, "response")
         _check_length(response, "response", spec.response, spec.min_response_chars, spec.max_response_chars)
@@ -177,12 +210,16 @@ def to_example(record: Any, spec: RowSpec) -> dict:
         _check_length(chosen, "response", spec.chosen, spec.min_response_chars, spec.max_response_chars)
         _check_length(rejected, "response", spec.rejected, spec.min_response_chars, spec.max_response_chars)
         if chosen == rejected:
-            raise RowProblem("chosen_equals_rejected", spec.rejected, "chosen and rejected are the same text: the pair teaches nothing")
+            raise RowProblem(
+                "chosen_equals_rejected",
+                spec.rejected,
+                "chosen and rejected are the same text: the pair teaches nothing",
+            )
         return {"prompt": prompt_messages, "chosen": chosen, "rejected": rejected}
     raise ValueError(f"unknown data kind {spec.kind!r}")
 
 
-def kept_values(record: dict, spec: RowSpec) -> dict[str, Optional[str]]:
+def kept_values(record: dict, spec: RowSpec) -> dict[str, str | None]:
     """The `data.keep_columns` of a record, as text (JSON for non-strings) so every shard has one schema."""
     out = {}
     for column in spec.keep_columns:

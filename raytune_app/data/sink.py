@@ -55,8 +55,16 @@ class PreparedSink(Datasink):
         return {
             "rows_in": 0,
             "rejected": Counter(),
-            "splits": {s: {"rows": 0, "examples": 0, "tokens": 0, "hash": 0,
-                           "lengths": np.zeros(self.max_seq_length + 1, dtype=np.int64)} for s in SPLITS},
+            "splits": {
+                s: {
+                    "rows": 0,
+                    "examples": 0,
+                    "tokens": 0,
+                    "hash": 0,
+                    "lengths": np.zeros(self.max_seq_length + 1, dtype=np.int64),
+                }
+                for s in SPLITS
+            },
         }
 
     def _count(self, stats: dict, split: str, part: pa.Table, packed: bool) -> None:
@@ -86,10 +94,23 @@ class PreparedSink(Datasink):
                         rejects = fs.open_output_stream(f"{root}/rejected/part-{ctx.task_idx:05d}.jsonl")
                     stats["rows_in"] += len(bad)
                     stats["rejected"].update(row["status"] for row in bad)
-                    rejects.write("".join(json.dumps({
-                        "source_file": r["source_file"], "line": r["source_row"], "reason": r["status"],
-                        "field": r["field"], "message": r["message"], "raw": r["raw"],
-                    }, ensure_ascii=False) + "\n" for r in bad).encode())
+                    rejects.write(
+                        "".join(
+                            json.dumps(
+                                {
+                                    "source_file": r["source_file"],
+                                    "line": r["source_row"],
+                                    "reason": r["status"],
+                                    "field": r["field"],
+                                    "message": r["message"],
+                                    "raw": r["raw"],
+                                },
+                                ensure_ascii=False,
+                            )
+                            + "\n"
+                            for r in bad
+                        ).encode()
+                    )
                 for split in SPLITS:
                     part = table.filter(pc.and_(ok, pc.fill_null(pc.equal(table["split"], split), False)))
                     if part.num_rows == 0:
@@ -99,7 +120,9 @@ class PreparedSink(Datasink):
                     self._count(stats, split, part, packed)
                     if split not in writers:
                         fs.create_dir(f"{root}/{split}", recursive=True)
-                        writers[split] = pq.ParquetWriter(f"{root}/{split}/part-{ctx.task_idx:05d}.parquet", part.schema, filesystem=fs)
+                        writers[split] = pq.ParquetWriter(
+                            f"{root}/{split}/part-{ctx.task_idx:05d}.parquet", part.schema, filesystem=fs
+                        )
                     writers[split].write_table(part)
         finally:
             for writer in writers.values():

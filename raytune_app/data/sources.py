@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -118,7 +118,7 @@ class SourceFiles(FileBasedDatasource):
         super().__init__(paths, **kwargs)
         self._format = fmt
 
-    def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = self._format if self._format != "auto" else format_of(path)
         reader = READERS[fmt]
         rows, raws = [], []

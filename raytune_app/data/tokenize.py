@@ -10,7 +10,6 @@ chat up to that turn (with and without the turn), and tokens whose characters fa
 from __future__ import annotations
 
 import bisect
-from typing import Optional
 
 from raytune_app.data.rows import RowProblem
 
@@ -53,7 +52,7 @@ def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
 
 def tokenize_examples(
     tokenizer, chats: list[list[dict]], max_length: int, truncation: str
-) -> list[tuple[Optional[list[int]], Optional[list[int]], Optional[RowProblem]]]:
+) -> list[tuple[list[int] | None, list[int] | None, RowProblem | None]]:
     """(input_ids, completion_mask, problem) per chat; `problem` set means the example is rejected.
 
     truncation `drop`: longer than max_length is rejected (too_long). `truncate`: the end is cut,
@@ -69,16 +68,29 @@ def tokenize_examples(
             mask[first:last] = [1] * (last - first)
         if len(ids) > max_length:
             if truncation == "drop" or not any(mask[:max_length]):
-                out.append((None, None, RowProblem(
-                    "too_long", None,
-                    f"{len(ids)} tokens, above data.max_seq_length={max_length}"
-                    + ("" if truncation == "drop" else " even before the answer starts")
-                    + "; raise max_seq_length, or set data.truncation: truncate",
-                )))
+                out.append(
+                    (
+                        None,
+                        None,
+                        RowProblem(
+                            "too_long",
+                            None,
+                            f"{len(ids)} tokens, above data.max_seq_length={max_length}"
+                            + ("" if truncation == "drop" else " even before the answer starts")
+                            + "; raise max_seq_length, or set data.truncation: truncate",
+                        ),
+                    )
+                )
                 continue
             ids, mask = ids[:max_length], mask[:max_length]
         if not any(mask):
-            out.append((None, None, RowProblem("no_answer_tokens", None, "the rendered chat has no assistant tokens to learn from")))
+            out.append(
+                (
+                    None,
+                    None,
+                    RowProblem("no_answer_tokens", None, "the rendered chat has no assistant tokens to learn from"),
+                )
+            )
             continue
         out.append((list(ids), mask, None))
     return out

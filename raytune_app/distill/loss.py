@@ -44,7 +44,9 @@ def multitask_trainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("loss_weight", None)
             if weights is None:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
             labels = inputs.pop("labels")
             outputs = model(**{k: v for k, v in inputs.items()}, use_cache=False)
             loss = weighted_lm_loss(outputs.logits, labels, weights)

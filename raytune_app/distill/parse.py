@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Optional
 
-REJECT_REASONS = ("teacher_error", "empty", "no_answer_marker", "empty_rationale", "empty_label", "label_mismatch",
-                  "no_majority")
+REJECT_REASONS = (
+    "teacher_error",
+    "empty",
+    "no_answer_marker",
+    "empty_rationale",
+    "empty_label",
+    "label_mismatch",
+    "no_majority",
+)
 
 
-def parse(text: Optional[str], markers: list[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:
+def parse(text: str | None, markers: list[str]) -> tuple[str | None, str | None, str | None]:
     """(rationale, label, None) for a usable teacher text, else (None, None, reject reason)."""
     if text is None:
         return None, None, "teacher_error"
@@ -30,7 +36,7 @@ def parse(text: Optional[str], markers: list[str]) -> tuple[Optional[str], Optio
         return None, None, "no_answer_marker"  # also a reply cut off before it reached the answer
     at, marker = max(found, key=lambda f: (f[0] + len(f[1]), len(f[1])))
     rationale = text[:at].strip()
-    label = text[at + len(marker):].strip()
+    label = text[at + len(marker) :].strip()
     label = re.split(r"\n", label, maxsplit=1)[0].strip()
     label = label.lstrip(":").strip().rstrip(".").strip().strip("*").strip()
     if not rationale:
@@ -51,7 +57,7 @@ def normalise(label: str) -> str:
         return re.sub(r"\s+", " ", value)
 
 
-def majority(labels: list[str], samples: int, min_agreement: float) -> Optional[str]:
+def majority(labels: list[str], samples: int, min_agreement: float) -> str | None:
     """The (normalised) label that more than `min_agreement` of all `samples` agree on, else None; samples
     that did not parse count as votes for nothing."""
     if not labels:
@@ -60,8 +66,12 @@ def majority(labels: list[str], samples: int, min_agreement: float) -> Optional[
     return top if votes / samples > min_agreement else None
 
 
-def decide(gold: Optional[str], samples: list[tuple[Optional[str], Optional[str], Optional[str]]], policy: str,
-           min_agreement: float) -> tuple[Optional[dict], Optional[str]]:
+def decide(
+    gold: str | None,
+    samples: list[tuple[str | None, str | None, str | None]],
+    policy: str,
+    min_agreement: float,
+) -> tuple[dict | None, str | None]:
     """Which of an input's parsed teacher samples to keep: ({rationale, label}, None) or (None, reason).
 
     `gold`: a sample whose label matches the gold label; `self_consistency`: a sample agreeing with the

@@ -47,8 +47,13 @@ def teacher_identity(recipe: Recipe) -> dict:
     """What makes two teacher outputs interchangeable: backend, model / program / endpoint, prompt, sampling."""
     t, p = recipe.distill.teacher, recipe.distill.prompt
     who = {"program": t.program, "hf": t.model, "vllm": t.model, "openai": f"{t.base_url}|{t.model}"}[t.backend]
-    return {"backend": t.backend, "who": who, "prompt": _hash(p.model_dump()) if t.backend != "program" else None,
-            "temperature": t.temperature, "max_new_tokens": t.max_new_tokens}
+    return {
+        "backend": t.backend,
+        "who": who,
+        "prompt": _hash(p.model_dump()) if t.backend != "program" else None,
+        "temperature": t.temperature,
+        "max_new_tokens": t.max_new_tokens,
+    }
 
 
 def distilled(recipe: Recipe) -> bool:
@@ -85,7 +90,9 @@ class TeacherCache:
         import os
 
         os.makedirs(storage.local_dir(self.folder), exist_ok=True)
-        return open(f"{storage.local_dir(self.folder)}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.jsonl", "a")
+        return open(
+            f"{storage.local_dir(self.folder)}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.jsonl", "a"
+        )
 
 
 def _ask_teacher(recipe: Recipe, requests: list[dict], cache: TeacherCache) -> dict:
@@ -122,26 +129,50 @@ def _inputs(table: pa.Table) -> list[dict]:
 
 
 def _fingerprint(recipe: Recipe, prepared: dict) -> str:
-    return _hash({"format": FORMAT_VERSION, "prepared": prepared["fingerprint"], "distill": recipe.distill.model_dump(mode="json"),
-                  "model": recipe.model.model_dump(mode="json"), "max_seq_length": recipe.data.max_seq_length,
-                  "truncation": recipe.data.truncation})[:32]
+    return _hash(
+        {
+            "format": FORMAT_VERSION,
+            "prepared": prepared["fingerprint"],
+            "distill": recipe.distill.model_dump(mode="json"),
+            "model": recipe.model.model_dump(mode="json"),
+            "max_seq_length": recipe.data.max_seq_length,
+            "truncation": recipe.data.truncation,
+        }
+    )[:32]
 
 
-def _tokenised(tokenizer, chats: list[list[dict]], tasks: list[str], hashes: list[str], max_length: int, truncation: str):
+def _tokenised(
+    tokenizer, chats: list[list[dict]], tasks: list[str], hashes: list[str], max_length: int, truncation: str
+):
     from raytune_app.data.tokenize import tokenize_examples
 
-    kept, dropped = {"input_ids": [], "completion_mask": [], "num_tokens": [], "task": [], "content_hash": []}, Counter()
-    for (ids, mask, problem), task, content_hash in zip(tokenize_examples(tokenizer, chats, max_length, truncation), tasks, hashes):
+    kept, dropped = (
+        {"input_ids": [], "completion_mask": [], "num_tokens": [], "task": [], "content_hash": []},
+        Counter(),
+    )
+    for (ids, mask, problem), task, content_hash in zip(
+        tokenize_examples(tokenizer, chats, max_length, truncation), tasks, hashes
+    ):
         if problem is not None:
             dropped[f"{task}:{problem.reason}"] += 1
             continue
-        for name, value in (("input_ids", ids), ("completion_mask", mask), ("num_tokens", len(ids)), ("task", task),
-                            ("content_hash", content_hash)):
+        for name, value in (
+            ("input_ids", ids),
+            ("completion_mask", mask),
+            ("num_tokens", len(ids)),
+            ("task", task),
+            ("content_hash", content_hash),
+        ):
             kept[name].append(value)
-    table = pa.table({"input_ids": pa.array(kept["input_ids"], pa.list_(pa.int32())),
-                      "completion_mask": pa.array(kept["completion_mask"], pa.list_(pa.int8())),
-                      "num_tokens": pa.array(kept["num_tokens"], pa.int64()), "task": pa.array(kept["task"], pa.string()),
-                      "content_hash": pa.array(kept["content_hash"], pa.string())})
+    table = pa.table(
+        {
+            "input_ids": pa.array(kept["input_ids"], pa.list_(pa.int32())),
+            "completion_mask": pa.array(kept["completion_mask"], pa.list_(pa.int8())),
+            "num_tokens": pa.array(kept["num_tokens"], pa.int64()),
+            "task": pa.array(kept["task"], pa.string()),
+            "content_hash": pa.array(kept["content_hash"], pa.string()),
+        }
+    )
     return table, dropped
 
 
@@ -156,8 +187,10 @@ def current_manifest(recipe: Recipe) -> dict:
         raise NotPrepared(f"no distilled data at {stage_dir}; run `raytune-app distill` first")
     manifest = json.loads(storage.read_text(uri))
     if manifest["fingerprint"] != _fingerprint(recipe, prepared_manifest(recipe)):
-        raise NotPrepared(f"the distilled data in {stage_dir} was made from other data or distill settings; run "
-                          "`raytune-app distill` (or `raytune-app run`) first")
+        raise NotPrepared(
+            f"the distilled data in {stage_dir} was made from other data or distill settings; run "
+            "`raytune-app distill` (or `raytune-app run`) first"
+        )
     return manifest
 
 
@@ -185,12 +218,23 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         raise DistillError("distill.filter gold needs a gold answer on every train row; use self_consistency")
 
     identity = teacher_identity(recipe)
-    requests = [{"key": _hash([identity, row["input"], sample]), "input": row["input"], "sample": sample,
-                 "prompt": _teacher_prompt(recipe, row["input"])} for row in rows for sample in range(cfg.samples)]
+    requests = [
+        {
+            "key": _hash([identity, row["input"], sample]),
+            "input": row["input"],
+            "sample": sample,
+            "prompt": _teacher_prompt(recipe, row["input"]),
+        }
+        for row in rows
+        for sample in range(cfg.samples)
+    ]
     cache = TeacherCache(cfg.cache_dir or storage.join(recipe.run_dir, "distill-cache"))
     todo = [r for r in requests if r["key"] not in cache.entries]
-    print(f"[distill] {len(rows)} inputs x {cfg.samples} sample(s): {len(requests) - len(todo)} cached, {len(todo)} to ask "
-          f"the {cfg.teacher.backend} teacher", flush=True)
+    print(
+        f"[distill] {len(rows)} inputs x {cfg.samples} sample(s): {len(requests) - len(todo)} cached, {len(todo)} to ask "
+        f"the {cfg.teacher.backend} teacher",
+        flush=True,
+    )
     answers = _ask_teacher(recipe, todo, cache) if todo else {}
     errors = Counter(error.split(":")[0] for _, error in answers.values() if error)
 
@@ -206,48 +250,94 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         if kept is None:
             reasons[reason] += 1
             first = requests[i * cfg.samples]["key"]
-            rejected.append({"content_hash": row["content_hash"], "input": row["input"], "gold": row["gold"], "reason": reason,
-                             "teacher_text": cache.entries.get(first, answers.get(first, (None, None))[0])})
+            rejected.append(
+                {
+                    "content_hash": row["content_hash"],
+                    "input": row["input"],
+                    "gold": row["gold"],
+                    "reason": reason,
+                    "teacher_text": cache.entries.get(first, answers.get(first, (None, None))[0]),
+                }
+            )
         else:
-            rationale_chats.append((prefix_last_user(prefix_messages, cfg.rationale_prefix)
-                                    + [{"role": "assistant", "content": kept["rationale"]}], row["content_hash"]))
+            rationale_chats.append(
+                (
+                    prefix_last_user(prefix_messages, cfg.rationale_prefix)
+                    + [{"role": "assistant", "content": kept["rationale"]}],
+                    row["content_hash"],
+                )
+            )
         label = row["gold"] if cfg.label_source == "gold" else (kept or {}).get("label")
         if label is not None:
-            label_chats.append((prefix_last_user(prefix_messages, cfg.label_prefix) + [{"role": "assistant", "content": label}],
-                                row["content_hash"]))
+            label_chats.append(
+                (
+                    prefix_last_user(prefix_messages, cfg.label_prefix) + [{"role": "assistant", "content": label}],
+                    row["content_hash"],
+                )
+            )
 
-    tokenizer = models.load_tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template,
-                                      recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(
+        recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code
+    )
     chats = label_chats + rationale_chats
     tasks = ["label"] * len(label_chats) + ["rationale"] * len(rationale_chats)
-    train, dropped_train = _tokenised(tokenizer, [c for c, _ in chats], tasks, [h for _, h in chats],
-                                      recipe.data.max_seq_length, recipe.data.truncation)
+    train, dropped_train = _tokenised(
+        tokenizer,
+        [c for c, _ in chats],
+        tasks,
+        [h for _, h in chats],
+        recipe.data.max_seq_length,
+        recipe.data.truncation,
+    )
     val_rows = _inputs(load_split(prepare_dir, "val"))
     val_chats = [prefix_last_user(r["messages"][:-1], cfg.label_prefix) + [r["messages"][-1]] for r in val_rows]
-    val, dropped_val = _tokenised(tokenizer, val_chats, ["label"] * len(val_chats), [r["content_hash"] for r in val_rows],
-                                  recipe.data.max_seq_length, recipe.data.truncation)
+    val, dropped_val = _tokenised(
+        tokenizer,
+        val_chats,
+        ["label"] * len(val_chats),
+        [r["content_hash"] for r in val_rows],
+        recipe.data.max_seq_length,
+        recipe.data.truncation,
+    )
 
     staging = f"{out_dir}.staging-{uuid.uuid4().hex[:8]}"
     _write_split(staging, "train", train)
     _write_split(staging, "val", val)
-    storage.write_text(storage.join(staging, "rejected.jsonl"),
-                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+    storage.write_text(
+        storage.join(staging, "rejected.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+    )
     task_counts = Counter(train.column("task").to_pylist())
     manifest = {
-        "stage": "distill", "fingerprint": fingerprint, "version": __version__, "kind": prepared["kind"], "packed": False,
-        "prepared_fingerprint": prepared["fingerprint"], "teacher": identity, "filter": cfg.filter, "samples": cfg.samples,
-        "inputs": len(rows), "kept_rationales": len(rationale_chats), "rejected": dict(sorted(reasons.items())),
+        "stage": "distill",
+        "fingerprint": fingerprint,
+        "version": __version__,
+        "kind": prepared["kind"],
+        "packed": False,
+        "prepared_fingerprint": prepared["fingerprint"],
+        "teacher": identity,
+        "filter": cfg.filter,
+        "samples": cfg.samples,
+        "inputs": len(rows),
+        "kept_rationales": len(rationale_chats),
+        "rejected": dict(sorted(reasons.items())),
         "keep_rate": round(len(rationale_chats) / max(1, len(rows)), 4),
-        "teacher_calls": len(todo), "cache_hits": len(requests) - len(todo), "teacher_errors": dict(errors),
+        "teacher_calls": len(todo),
+        "cache_hits": len(requests) - len(todo),
+        "teacher_errors": dict(errors),
         "dropped_by_tokenizer": dict(dropped_train + dropped_val),
-        "rows_out": {"train": train.num_rows, "val": val.num_rows}, "tasks": dict(task_counts),
-        "seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows_out": {"train": train.num_rows, "val": val.num_rows},
+        "tasks": dict(task_counts),
+        "seconds": round(time.time() - started, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     storage.replace_dir(staging, out_dir)
-    print(f"[distill] kept {len(rationale_chats)}/{len(rows)} rationales ({manifest['keep_rate']:.0%}); rejected "
-          f"{dict(reasons) or 'none'}; {manifest['rows_out']['train']} train examples "
-          f"({task_counts.get('label', 0)} label, {task_counts.get('rationale', 0)} rationale) -> {out_dir}", flush=True)
+    print(
+        f"[distill] kept {len(rationale_chats)}/{len(rows)} rationales ({manifest['keep_rate']:.0%}); rejected "
+        f"{dict(reasons) or 'none'}; {manifest['rows_out']['train']} train examples "
+        f"({task_counts.get('label', 0)} label, {task_counts.get('rationale', 0)} rationale) -> {out_dir}",
+        flush=True,
+    )
     return manifest
 
 

@@ -5,7 +5,7 @@ Plain pydantic; no Ray. Every field documented where it is declared.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -14,24 +14,35 @@ from raytune_app.sections import Section
 
 class TeacherSection(Section):
     backend: Literal["program", "hf", "openai", "vllm"] = Field(
-        "program", description="`program`: a Python function that solves the task (verifiable tasks, offline); `hf`: a "
+        "program",
+        description="`program`: a Python function that solves the task (verifiable tasks, offline); `hf`: a "
         "local transformers model on a Ray Data actor pool; `openai`: any OpenAI-compatible endpoint (vLLM server, "
         "this project's Serve app, a hosted API); `vllm`: Ray Data's vLLM processor (needs vLLM and a GPU).",
     )
-    program: Optional[str] = Field(
-        None, description="backend program: a built-in program (`arithmetic`) or `package.module:function` taking the "
+    program: str | None = Field(
+        None,
+        description="backend program: a built-in program (`arithmetic`) or `package.module:function` taking the "
         "input text and returning the teacher's text (a rationale ending with the answer marker).",
     )
-    model: Optional[str] = Field(
-        None, description="backend hf / vllm: model path, hub id or `bundled:` name; backend openai: the `model` field sent.",
+    model: str | None = Field(
+        None,
+        description="backend hf / vllm: model path, hub id or `bundled:` name; backend openai: the `model` field sent.",
     )
-    base_url: Optional[str] = Field(None, description="backend openai: the API root, e.g. http://127.0.0.1:8000/v1.")
-    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="backend openai: environment variable with the key.")
+    base_url: str | None = Field(None, description="backend openai: the API root, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="backend openai: environment variable with the key."
+    )
     concurrency: int = Field(8, ge=1, description="backend openai: requests in flight per replica.")
-    max_retries: int = Field(4, ge=0, description="backend openai: retries of a request after 429, 5xx, a timeout or a dropped connection.")
-    backoff_s: float = Field(0.5, ge=0, description="backend openai: first retry wait, doubled each retry (Retry-After wins).")
+    max_retries: int = Field(
+        4, ge=0, description="backend openai: retries of a request after 429, 5xx, a timeout or a dropped connection."
+    )
+    backoff_s: float = Field(
+        0.5, ge=0, description="backend openai: first retry wait, doubled each retry (Retry-After wins)."
+    )
     timeout_s: float = Field(60.0, gt=0, description="backend openai: seconds per request.")
-    replicas: int = Field(1, ge=1, description="Teacher replicas (Ray Data actor pool size; for hf one model copy each).")
+    replicas: int = Field(
+        1, ge=1, description="Teacher replicas (Ray Data actor pool size; for hf one model copy each)."
+    )
     batch_size: int = Field(8, ge=1, description="Inputs per teacher batch.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (use > 0 with samples > 1).")
     max_new_tokens: int = Field(256, ge=1, description="Longest teacher reply, in tokens.")
@@ -54,33 +65,48 @@ class DistillSection(Section):
     teacher: TeacherSection = Field(default_factory=TeacherSection, description="Who writes the rationales.")
     prompt: PromptSection = Field(default_factory=PromptSection, description="The teacher's prompt (chat teachers).")
     answer_markers: list[str] = Field(
-        default_factory=lambda: ["So the answer is", "The answer is"], min_length=1,
+        default_factory=lambda: ["So the answer is", "The answer is"],
+        min_length=1,
         description="Phrases that separate rationale from label in the teacher's text (the last occurrence counts).",
     )
-    samples: int = Field(1, ge=1, description="Teacher samples per input (self-consistency needs several, at temperature > 0).")
+    samples: int = Field(
+        1, ge=1, description="Teacher samples per input (self-consistency needs several, at temperature > 0)."
+    )
     filter: Literal["gold", "self_consistency", "none"] = Field(
-        "gold", description="Which rationales to keep: `gold`: the teacher's label matches the gold label; "
+        "gold",
+        description="Which rationales to keep: `gold`: the teacher's label matches the gold label; "
         "`self_consistency`: the label a majority of samples agree on (rows without a gold label); `none`: all parsed.",
     )
-    min_agreement: float = Field(0.5, gt=0, le=1, description="self_consistency: share of samples that must agree (more than).")
-    label_source: Literal["gold", "teacher"] = Field(
-        "gold", description="The `[label]` task's target: the gold label, or the teacher's (for unlabeled inputs).",
+    min_agreement: float = Field(
+        0.5, gt=0, le=1, description="self_consistency: share of samples that must agree (more than)."
     )
-    label_prefix: str = Field("[label] ", description="Prefix of the label task's input (also used at evaluation and serving).")
+    label_source: Literal["gold", "teacher"] = Field(
+        "gold",
+        description="The `[label]` task's target: the gold label, or the teacher's (for unlabeled inputs).",
+    )
+    label_prefix: str = Field(
+        "[label] ", description="Prefix of the label task's input (also used at evaluation and serving)."
+    )
     rationale_prefix: str = Field("[rationale] ", description="Prefix of the rationale task's input.")
     subsample: float = Field(
-        1.0, gt=0, le=1, description="Share of the training inputs used (chosen by content hash, so a smaller share is a "
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the training inputs used (chosen by content hash, so a smaller share is a "
         "subset of a larger one): for data-size experiments at equal inputs across variants.",
     )
-    cache_dir: Optional[str] = Field(
-        None, description="Where teacher outputs are cached (by input, teacher and prompt); left out: <run dir>/distill-cache.",
+    cache_dir: str | None = Field(
+        None,
+        description="Where teacher outputs are cached (by input, teacher and prompt); left out: <run dir>/distill-cache.",
     )
 
     def teacher_problems(self) -> list[str]:
         """What the teacher lacks to run (checked when run.stages has distill; a recipe without it needs none)."""
         t, problems = self.teacher, []
         if t.backend == "program" and not t.program:
-            problems.append("distill.teacher.program: required for backend program (e.g. `arithmetic` or `pkg.module:function`)")
+            problems.append(
+                "distill.teacher.program: required for backend program (e.g. `arithmetic` or `pkg.module:function`)"
+            )
         if t.backend in ("hf", "vllm", "openai") and not t.model:
             problems.append(f"distill.teacher.model: required for backend {t.backend}")
         if t.backend == "openai" and not t.base_url:
@@ -98,6 +124,8 @@ class DistillSection(Section):
 
 class TrainDistillSection(Section):
     rationale_weight: float = Field(
-        1.0, ge=0, description="lambda in L = L_label + lambda * L_rationale when training on distilled data; 0 trains on the "
+        1.0,
+        ge=0,
+        description="lambda in L = L_label + lambda * L_rationale when training on distilled data; 0 trains on the "
         "label task alone (the fair label-only baseline: same inputs, same recipe).",
     )

@@ -19,7 +19,7 @@ import asyncio
 import importlib
 import os
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -33,7 +33,9 @@ class TeacherError(ValueError):
 def resolve_program(ref: str) -> Callable[[str], str]:
     module, name = PROGRAMS[ref] if ref in PROGRAMS else ref.partition(":")[0::2]
     if not name:
-        raise TeacherError(f"distill.teacher.program {ref!r}: give a built-in ({', '.join(PROGRAMS)}) or `package.module:function`")
+        raise TeacherError(
+            f"distill.teacher.program {ref!r}: give a built-in ({', '.join(PROGRAMS)}) or `package.module:function`"
+        )
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
@@ -50,13 +52,17 @@ def run_program(batch: pa.Table, program: str) -> pa.Table:
         except Exception as exc:  # a row the program cannot solve is a rejected row, not a failed run
             texts.append(None)
             errors.append(f"{type(exc).__name__}: {exc}")
-    return batch.append_column("teacher_text", pa.array(texts, pa.string())).append_column("teacher_error", pa.array(errors, pa.string()))
+    return batch.append_column("teacher_text", pa.array(texts, pa.string())).append_column(
+        "teacher_error", pa.array(errors, pa.string())
+    )
 
 
 def _from_prediction(batch: pa.Table) -> pa.Table:
     texts = batch.column("prediction")
     batch = batch.drop_columns(["prediction", "new_tokens", "latency_s", "batch_start", "batch_end"])
-    return batch.append_column("teacher_text", texts).append_column("teacher_error", pa.nulls(batch.num_rows, pa.string()))
+    return batch.append_column("teacher_text", texts).append_column(
+        "teacher_error", pa.nulls(batch.num_rows, pa.string())
+    )
 
 
 class OpenAITeacher:
@@ -64,8 +70,18 @@ class OpenAITeacher:
 
     RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None, concurrency: int, max_retries: int,
-                 backoff_s: float, timeout_s: float, temperature: float, max_new_tokens: int):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None,
+        concurrency: int,
+        max_retries: int,
+        backoff_s: float,
+        timeout_s: float,
+        temperature: float,
+        max_new_tokens: int,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.concurrency, self.max_retries = model, concurrency, max_retries
         self.backoff_s, self.timeout_s = backoff_s, timeout_s
@@ -82,8 +98,12 @@ class OpenAITeacher:
                 await asyncio.sleep(self._wait(attempt, error))
             async with semaphore:
                 try:
-                    response = await http.post(self.url, json={"model": self.model, "messages": messages, **self.sampling},
-                                               headers=self.headers, timeout=self.timeout_s)
+                    response = await http.post(
+                        self.url,
+                        json={"model": self.model, "messages": messages, **self.sampling},
+                        headers=self.headers,
+                        timeout=self.timeout_s,
+                    )
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     error = (None, f"{type(exc).__name__}")
                     continue
@@ -105,7 +125,9 @@ class OpenAITeacher:
                 return min(float(retry_after), 60.0)
             except ValueError:
                 pass
-        return self.backoff_s * 2 ** (attempt - 1) * (1 + 0.1 * random.random())  # jitter: replicas do not retry in step
+        return (
+            self.backoff_s * 2 ** (attempt - 1) * (1 + 0.1 * random.random())
+        )  # jitter: replicas do not retry in step
 
     async def _all(self, prompts):
         import httpx
@@ -117,9 +139,11 @@ class OpenAITeacher:
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = asyncio.run(self._all(batch.column("prompt").to_pylist()))
         texts, errors, attempts = zip(*results) if results else ((), (), ())
-        return (batch.append_column("teacher_text", pa.array(list(texts), pa.string()))
-                .append_column("teacher_error", pa.array(list(errors), pa.string()))
-                .append_column("teacher_attempts", pa.array(list(attempts), pa.int64())))
+        return (
+            batch.append_column("teacher_text", pa.array(list(texts), pa.string()))
+            .append_column("teacher_error", pa.array(list(errors), pa.string()))
+            .append_column("teacher_attempts", pa.array(list(attempts), pa.int64()))
+        )
 
 
 def teach(ds, cfg, threads: int | None = None):
@@ -129,21 +153,47 @@ def teach(ds, cfg, threads: int | None = None):
     t = cfg.teacher
     if t.backend == "program":
         resolve_program(t.program)  # fail here, before any task starts
-        return ds.map_batches(run_program, fn_kwargs={"program": t.program}, batch_size=t.batch_size, batch_format="pyarrow")
+        return ds.map_batches(
+            run_program, fn_kwargs={"program": t.program}, batch_size=t.batch_size, batch_format="pyarrow"
+        )
     if t.backend == "hf":
         from raytune_app.evaluate.generation import Generator
 
-        generated = ds.map_batches(Generator, fn_constructor_kwargs={
-            "model": {"path": t.model}, "weights": None, "max_new_tokens": t.max_new_tokens, "temperature": t.temperature,
-            "dtype": "fp32", "threads": threads}, compute=ray.data.ActorPoolStrategy(size=t.replicas),
-            batch_size=t.batch_size, batch_format="pyarrow", num_cpus=0.5)
+        generated = ds.map_batches(
+            Generator,
+            fn_constructor_kwargs={
+                "model": {"path": t.model},
+                "weights": None,
+                "max_new_tokens": t.max_new_tokens,
+                "temperature": t.temperature,
+                "dtype": "fp32",
+                "threads": threads,
+            },
+            compute=ray.data.ActorPoolStrategy(size=t.replicas),
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            num_cpus=0.5,
+        )
         return generated.map_batches(_from_prediction, batch_format="pyarrow")
     if t.backend == "openai":
-        return ds.map_batches(OpenAITeacher, fn_constructor_kwargs={
-            "base_url": t.base_url, "model": t.model, "api_key_env": t.api_key_env, "concurrency": t.concurrency,
-            "max_retries": t.max_retries, "backoff_s": t.backoff_s, "timeout_s": t.timeout_s,
-            "temperature": t.temperature, "max_new_tokens": t.max_new_tokens},
-            compute=ray.data.ActorPoolStrategy(size=t.replicas), batch_size=t.batch_size, batch_format="pyarrow", num_cpus=0.25)
+        return ds.map_batches(
+            OpenAITeacher,
+            fn_constructor_kwargs={
+                "base_url": t.base_url,
+                "model": t.model,
+                "api_key_env": t.api_key_env,
+                "concurrency": t.concurrency,
+                "max_retries": t.max_retries,
+                "backoff_s": t.backoff_s,
+                "timeout_s": t.timeout_s,
+                "temperature": t.temperature,
+                "max_new_tokens": t.max_new_tokens,
+            },
+            compute=ray.data.ActorPoolStrategy(size=t.replicas),
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            num_cpus=0.25,
+        )
     return _vllm(ds, t)
 
 
@@ -151,16 +201,22 @@ def _vllm(ds, t):
     try:
         import vllm  # noqa: F401
     except ImportError:
-        raise TeacherError("distill.teacher.backend vllm needs vLLM and a GPU (pip install vllm on a GPU node); use hf or "
-                           "openai elsewhere") from None
+        raise TeacherError(
+            "distill.teacher.backend vllm needs vLLM and a GPU (pip install vllm on a GPU node); use hf or "
+            "openai elsewhere"
+        ) from None
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     processor = build_processor(
-        vLLMEngineProcessorConfig(model_source=t.model, concurrency=t.replicas, batch_size=t.batch_size,
-                                  engine_kwargs={"max_model_len": 4096}),
-        preprocess=lambda row: dict(row, messages=row["prompt"],
-                                    sampling_params={"temperature": t.temperature, "max_tokens": t.max_new_tokens}),
-        postprocess=lambda row: {k: row[k] for k in ("key", "input", "sample")} | {"teacher_text": row.get("generated_text"),
-                                                                                    "teacher_error": None},
+        vLLMEngineProcessorConfig(
+            model_source=t.model, concurrency=t.replicas, batch_size=t.batch_size, engine_kwargs={"max_model_len": 4096}
+        ),
+        preprocess=lambda row: dict(
+            row, messages=row["prompt"], sampling_params={"temperature": t.temperature, "max_tokens": t.max_new_tokens}
+        ),
+        postprocess=lambda row: (
+            {k: row[k] for k in ("key", "input", "sample")}
+            | {"teacher_text": row.get("generated_text"), "teacher_error": None}
+        ),
     )
     return processor(ds)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 import pyarrow as pa
 
 from raytune_app import storage
 
 
-def load_model(model: dict, weights: Optional[str], device: str, dtype: str):
+def load_model(model: dict, weights: str | None, device: str, dtype: str):
     """(model, tokenizer) in eval mode: the base, a full fine-tune (`weights` holds a model), or the
     base with a LoRA adapter merged in (`weights` holds adapter_config.json)."""
     import torch
@@ -33,8 +32,9 @@ def load_model(model: dict, weights: Optional[str], device: str, dtype: str):
     from raytune_app import models
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    tokenizer = models.load_tokenizer(model["path"], model.get("tokenizer"), model.get("chat_template"),
-                                      model.get("trust_remote_code", False))
+    tokenizer = models.load_tokenizer(
+        model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)
+    )
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     local = storage.local_dir(weights) if weights else None
     is_adapter = local is not None and os.path.exists(os.path.join(local, "adapter_config.json"))
@@ -42,7 +42,9 @@ def load_model(model: dict, weights: Optional[str], device: str, dtype: str):
     # Weights load in fp32 and run under autocast for bf16 on CPU (no bf16 matmul kernels for every
     # op); on a GPU they load in the inference dtype directly.
     load_dtype = torch_dtype if device != "cpu" else torch.float32
-    net = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype, trust_remote_code=model.get("trust_remote_code", False))
+    net = AutoModelForCausalLM.from_pretrained(
+        source, dtype=load_dtype, trust_remote_code=model.get("trust_remote_code", False)
+    )
     if is_adapter:
         from peft import PeftModel
 
@@ -54,9 +56,17 @@ def load_model(model: dict, weights: Optional[str], device: str, dtype: str):
 class Generator:
     """One model replica. Constructed by Ray Data once per actor; called once per batch."""
 
-    def __init__(self, model: dict, weights: Optional[str], max_new_tokens: int, temperature: float = 0.0,
-                 dtype: str = "fp32", threads: Optional[int] = None, labels: Optional[list[str]] = None,
-                 prompt_prefix: str = ""):
+    def __init__(
+        self,
+        model: dict,
+        weights: str | None,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        dtype: str = "fp32",
+        threads: int | None = None,
+        labels: list[str] | None = None,
+        prompt_prefix: str = "",
+    ):
         import torch
 
         if threads:
@@ -90,13 +100,20 @@ class Generator:
             for messages in batch.column("prompt").to_pylist()
         ]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        )
         start = time.time()
         with torch.inference_mode(), self._autocast():
-            output = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids,
-                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
+            output = self.model.generate(
+                **encoded,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
         end = time.time()
-        generated = output[:, encoded["input_ids"].shape[1]:].cpu()
+        generated = output[:, encoded["input_ids"].shape[1] :].cpu()
         texts, counts = [], []
         for row in generated.tolist():
             # Tokens up to and including the first stop token are the reply; the rest is padding.
@@ -104,9 +121,13 @@ class Generator:
             counts.append(length)
             texts.append(self.tokenizer.decode(row[:length], skip_special_tokens=True).strip())
         n = len(texts)
-        columns = {"prediction": pa.array(texts, pa.string()), "new_tokens": pa.array(counts, pa.int64()),
-                   "latency_s": pa.array([end - start] * n, pa.float64()),
-                   "batch_start": pa.array([start] * n, pa.float64()), "batch_end": pa.array([end] * n, pa.float64())}
+        columns = {
+            "prediction": pa.array(texts, pa.string()),
+            "new_tokens": pa.array(counts, pa.int64()),
+            "latency_s": pa.array([end - start] * n, pa.float64()),
+            "batch_start": pa.array([start] * n, pa.float64()),
+            "batch_end": pa.array([end] * n, pa.float64()),
+        }
         if self.labels:
             columns["label_probs"] = pa.array(self.label_probabilities(prompts), pa.list_(pa.float64()))
         for name, values in columns.items():
@@ -135,7 +156,7 @@ class Generator:
             with torch.inference_mode(), self._autocast():
                 logits = self.model(input_ids=input_ids, attention_mask=attention).logits.float()
             # The label occupies the last len(label_ids) positions; each is predicted one step earlier.
-            log_probs = torch.log_softmax(logits[:, -len(label_ids) - 1:-1], dim=-1)
-            targets = input_ids[:, -len(label_ids):].unsqueeze(-1)
+            log_probs = torch.log_softmax(logits[:, -len(label_ids) - 1 : -1], dim=-1)
+            targets = input_ids[:, -len(label_ids) :].unsqueeze(-1)
             scores[:, j] = log_probs.gather(-1, targets).squeeze(-1).sum(-1).cpu()
         return torch.softmax(scores, dim=-1).tolist()

@@ -18,7 +18,8 @@ import json
 import re
 import string
 from collections import Counter
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ import numpy as np
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
 
 
-def _rate(count: float, total: int) -> Optional[float]:
+def _rate(count: float, total: int) -> float | None:
     return round(count / total, 6) if total else None
 
 
@@ -146,13 +147,24 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
             continue
         accuracy, confidence, share = hit[mask].mean(), conf[mask].mean(), mask.mean()
         ece += share * abs(accuracy - confidence)
-        table.append({"low": b / bins, "high": (b + 1) / bins, "count": int(mask.sum()),
-                      "accuracy": round(float(accuracy), 6), "confidence": round(float(confidence), 6)})
+        table.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": int(mask.sum()),
+                "accuracy": round(float(accuracy), 6),
+                "confidence": round(float(confidence), 6),
+            }
+        )
     return {"ece": round(float(ece), 6), "bins": table}
 
 
-def classification(predictions: Sequence[str], golds: Sequence[str], labels: Sequence[str],
-                   probabilities: Optional[Sequence[Sequence[float]]] = None) -> dict:
+def classification(
+    predictions: Sequence[str],
+    golds: Sequence[str],
+    labels: Sequence[str],
+    probabilities: Sequence[Sequence[float]] | None = None,
+) -> dict:
     """Accuracy, macro-F1 and MCC of predicted labels; ECE from the label probabilities when given.
 
     `predictions` are labels (or OTHER for a reply that names none); `probabilities[i][j]` is the
@@ -164,8 +176,17 @@ def classification(predictions: Sequence[str], golds: Sequence[str], labels: Seq
     n = len(predictions)
     labels = list(labels)
     columns = labels + ([OTHER] if OTHER in predictions else [])
-    out = {"examples": n, "labels": labels, "accuracy": None, "macro_f1": None, "mcc": None, "ece": None,
-           "valid_label_rate": None, "confusion_matrix": {"labels": columns, "rows": []}, "calibration": []}
+    out = {
+        "examples": n,
+        "labels": labels,
+        "accuracy": None,
+        "macro_f1": None,
+        "mcc": None,
+        "ece": None,
+        "valid_label_rate": None,
+        "confusion_matrix": {"labels": columns, "rows": []},
+        "calibration": [],
+    }
     if n == 0:
         return out
     out["accuracy"] = _rate(sum(p == g for p, g in zip(predictions, golds)), n)
@@ -184,7 +205,7 @@ def classification(predictions: Sequence[str], golds: Sequence[str], labels: Seq
     return out
 
 
-def per_class_recall(predictions: Sequence[str], golds: Sequence[str]) -> Optional[float]:
+def per_class_recall(predictions: Sequence[str], golds: Sequence[str]) -> float | None:
     """Mean over the gold classes present of the share of their examples predicted right (macro recall)."""
     classes = sorted(set(golds))
     if not classes:
@@ -242,13 +263,15 @@ def latency(seconds: Sequence[float], new_tokens: Sequence[int], wall_seconds: f
         return {"p50_s": None, "p95_s": None, "p99_s": None, "tokens_per_second": None, "examples_per_second": None}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     return {
-        "p50_s": round(float(p50), 4), "p95_s": round(float(p95), 4), "p99_s": round(float(p99), 4),
+        "p50_s": round(float(p50), 4),
+        "p95_s": round(float(p95), 4),
+        "p99_s": round(float(p99), 4),
         "tokens_per_second": round(float(np.sum(new_tokens)) / wall_seconds, 2) if wall_seconds > 0 else None,
         "examples_per_second": round(values.size / wall_seconds, 4) if wall_seconds > 0 else None,
     }
 
 
-def group_gap(groups: Sequence[Optional[str]], recall_of: "callable") -> dict:
+def group_gap(groups: Sequence[str | None], recall_of: callable) -> dict:
     """Recall per group and the largest difference between two groups.
 
     `recall_of(indices)` computes the task's recall over those example indices (field recall for
@@ -264,5 +287,9 @@ def group_gap(groups: Sequence[Optional[str]], recall_of: "callable") -> dict:
     if len(recalls) < 2:
         return {"per_group": per_group, "gap": None, "worst_group": None, "best_group": None}
     worst, best = min(recalls, key=recalls.get), max(recalls, key=recalls.get)
-    return {"per_group": per_group, "gap": round(recalls[best] - recalls[worst], 6),
-            "worst_group": worst, "best_group": best}
+    return {
+        "per_group": per_group,
+        "gap": round(recalls[best] - recalls[worst], 6),
+        "worst_group": worst,
+        "best_group": best,
+    }

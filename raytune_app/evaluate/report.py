@@ -16,7 +16,14 @@ from raytune_app import storage
 from raytune_app.config import Recipe
 
 RATE_METRICS = {
-    "structured": ["json_parse_rate", "schema_valid_rate", "field_precision", "field_recall", "field_f1", "exact_match"],
+    "structured": [
+        "json_parse_rate",
+        "schema_valid_rate",
+        "field_precision",
+        "field_recall",
+        "field_f1",
+        "exact_match",
+    ],
     "classification": ["accuracy", "macro_f1", "mcc", "valid_label_rate"],
     "free_text": ["exact_match", "normalised_match"],
 }
@@ -73,8 +80,12 @@ def calibration_diagram(summary: dict, uri: str) -> None:
     for name, result in summary["models"].items():
         bins = result.get("calibration") or []
         if bins:
-            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                    label=f"{name} (ECE {result['ece']:.3f})")
+            ax.plot(
+                [b["confidence"] for b in bins],
+                [b["accuracy"] for b in bins],
+                marker="o",
+                label=f"{name} (ECE {result['ece']:.3f})",
+            )
     ax.set_xlabel("confidence (probability of the chosen label)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
@@ -107,11 +118,26 @@ def _examples(predictions, names: list[str], count: int) -> list[str]:
     by_example: dict[str, dict] = {}
     for row in rows:
         by_example.setdefault(row["example"], {"row": row, "replies": {}})["replies"][row["model"]] = row["prediction"]
-    lines = ["## Examples", "", f"The first {min(count, len(by_example))} examples, each model's reply as generated.", ""]
+    lines = [
+        "## Examples",
+        "",
+        f"The first {min(count, len(by_example))} examples, each model's reply as generated.",
+        "",
+    ]
     for i, entry in enumerate(list(by_example.values())[:count], start=1):
         prompt = entry["row"]["prompt"][-1]["content"] if entry["row"]["prompt"] else ""
-        lines += [f"### Example {i}", "", "Prompt (last turn):", "", _quote(prompt), "", "Reference:", "",
-                  _quote(entry["row"]["gold"]), ""]
+        lines += [
+            f"### Example {i}",
+            "",
+            "Prompt (last turn):",
+            "",
+            _quote(prompt),
+            "",
+            "Reference:",
+            "",
+            _quote(entry["row"]["gold"]),
+            "",
+        ]
         for name in names:
             lines += [f"`{name}`:", "", _quote(entry["replies"].get(name, "")), ""]
     return lines
@@ -135,33 +161,63 @@ def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str) -
     task, names = summary["task"], list(summary["models"])
     metric_bars(summary, storage.join(out_dir, "metrics.png"))
     fs, path = storage.filesystem(storage.join(out_dir, "predictions.parquet"))
-    predictions = pq.read_table(path, filesystem=fs, columns=["model", "example", "prompt", "gold", "prediction", "latency_s"])
+    predictions = pq.read_table(
+        path, filesystem=fs, columns=["model", "example", "prompt", "gold", "prediction", "latency_s"]
+    )
     latencies = {n: [] for n in names}
     for model, seconds in zip(predictions.column("model").to_pylist(), predictions.column("latency_s").to_pylist()):
         latencies[model].append(seconds)
     latency_plot(latencies, storage.join(out_dir, "latency.png"))
 
     ev = recipe.evaluate
-    decoding = (f"greedy decoding up to {ev.max_new_tokens} new tokens" if ev.temperature == 0
-                else f"sampling at temperature {ev.temperature}, up to {ev.max_new_tokens} new tokens")
-    lines = [f"# Evaluation of `{recipe.run.name}`", "",
-             f"Task **{task}** on {summary['data']} ({summary['examples']} examples); base model "
-             f"`{summary['base_model']}`; {decoding}. Created {summary['created']}.", "", "## Metrics", ""]
-    lines += _table(["metric", *names], [[k, *(summary["models"][n].get(k) for n in names)] for k in TABLE_METRICS[task]])
+    decoding = (
+        f"greedy decoding up to {ev.max_new_tokens} new tokens"
+        if ev.temperature == 0
+        else f"sampling at temperature {ev.temperature}, up to {ev.max_new_tokens} new tokens"
+    )
+    lines = [
+        f"# Evaluation of `{recipe.run.name}`",
+        "",
+        f"Task **{task}** on {summary['data']} ({summary['examples']} examples); base model "
+        f"`{summary['base_model']}`; {decoding}. Created {summary['created']}.",
+        "",
+        "## Metrics",
+        "",
+    ]
+    lines += _table(
+        ["metric", *names], [[k, *(summary["models"][n].get(k) for n in names)] for k in TABLE_METRICS[task]]
+    )
     lines += ["", "![metrics](metrics.png)", ""]
     if storage.exists(loss_curve):
         storage.write_bytes(storage.join(out_dir, "loss_curve.png"), storage.read_bytes(loss_curve))
         lines += ["## Training", "", "![loss curve](loss_curve.png)", ""]
     lines += ["## Latency", "", "An example's latency is the time of the batched `generate` call it was part of.", ""]
-    lines += _table(["model", "p50 s", "p95 s", "p99 s", "tokens/s", "examples/s"],
-                    [[n, *(summary["models"][n]["latency"][k] for k in ("p50_s", "p95_s", "p99_s", "tokens_per_second",
-                                                                      "examples_per_second"))] for n in names])
+    lines += _table(
+        ["model", "p50 s", "p95 s", "p99 s", "tokens/s", "examples/s"],
+        [
+            [
+                n,
+                *(
+                    summary["models"][n]["latency"][k]
+                    for k in ("p50_s", "p95_s", "p99_s", "tokens_per_second", "examples_per_second")
+                ),
+            ]
+            for n in names
+        ],
+    )
     lines += ["", "![latency](latency.png)", ""]
     if any("groups" in summary["models"][n] for n in names):
         column = next(summary["models"][n]["groups"]["column"] for n in names if "groups" in summary["models"][n])
         groups = sorted({g for n in names for g in summary["models"][n].get("groups", {}).get("per_group", {})})
-        lines += [f"## Per group (`{column}`)", "", "Recall within each group and the largest gap between two groups.", ""]
-        rows = [[g, *(summary["models"][n]["groups"]["per_group"].get(g, {}).get("recall") for n in names)] for g in groups]
+        lines += [
+            f"## Per group (`{column}`)",
+            "",
+            "Recall within each group and the largest gap between two groups.",
+            "",
+        ]
+        rows = [
+            [g, *(summary["models"][n]["groups"]["per_group"].get(g, {}).get("recall") for n in names)] for g in groups
+        ]
         rows.append(["**gap**", *(summary["models"][n]["groups"]["gap"] for n in names)])
         lines += _table(["group", *names], rows) + [""]
     if task == "classification":
@@ -170,8 +226,10 @@ def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str) -
         for n in names:
             matrix = summary["models"][n]["confusion_matrix"]
             lines += [f"Confusion matrix of `{n}` (rows: gold, columns: predicted)", ""]
-            lines += _table(["gold \\ predicted", *matrix["labels"]],
-                            [[label, *row] for label, row in zip(summary["labels"], matrix["rows"])]) + [""]
+            lines += _table(
+                ["gold \\ predicted", *matrix["labels"]],
+                [[label, *row] for label, row in zip(summary["labels"], matrix["rows"])],
+            ) + [""]
     lines += _examples(predictions, names, EXAMPLES_SHOWN)
     target = storage.join(out_dir, "report.md")
     storage.write_text(target, "\n".join(lines) + "\n")

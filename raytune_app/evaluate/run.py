@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import pyarrow as pa
 
@@ -49,14 +49,14 @@ class Candidate:
     """A model to evaluate: a name for the report, its weights (None: the base) and what identifies them."""
 
     name: str
-    weights: Optional[str]
+    weights: str | None
     identity: str
 
 
 # ----------------------------------------------------------------------------------- inputs
 
 
-def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]:
+def candidates(recipe: Recipe, adapter: str | None = None) -> list[Candidate]:
     """Base model (if asked) plus the trained weights: `adapter`, else every chain step, else the train run."""
     out = [Candidate("base", None, recipe.model.path)] if recipe.evaluate.include_base else []
     if adapter is not None and adapter.startswith("models:/"):
@@ -65,8 +65,13 @@ def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]
         # Identified by the version's training fingerprint, so an alias that has not moved is not
         # evaluated again (the download itself lands in a fresh folder every time).
         version = store.version_of(recipe, adapter)
-        return out + [Candidate(adapter.split("/", 1)[1].strip("/"), store.download(recipe, adapter),
-                                version.tags.get("train_fingerprint") or f"{version.name}/{version.version}")]
+        return out + [
+            Candidate(
+                adapter.split("/", 1)[1].strip("/"),
+                store.download(recipe, adapter),
+                version.tags.get("train_fingerprint") or f"{version.name}/{version.version}",
+            )
+        ]
     if adapter is not None:
         if not storage.exists(adapter):
             raise EvaluateError(f"--adapter {adapter}: no such folder")
@@ -79,22 +84,29 @@ def candidates(recipe: Recipe, adapter: Optional[str] = None) -> list[Candidate]
     if trained is not None:
         out.append(Candidate("tuned", trained["weights"], trained["fingerprint"]))
     if not out:
-        raise EvaluateError("nothing to evaluate: evaluate.include_base is false and there are no trained weights "
-                            f"in {recipe.stage_dir('train')}; run `raytune-app train` first or pass --adapter")
+        raise EvaluateError(
+            "nothing to evaluate: evaluate.include_base is false and there are no trained weights "
+            f"in {recipe.stage_dir('train')}; run `raytune-app train` first or pass --adapter"
+        )
     return out
 
 
 def _example_table(prompts: list, golds: list, groups: list, ids: list, files: list, rows: list) -> pa.Table:
     from raytune_app.data.prepare import MESSAGES
 
-    return pa.table({
-        "example": pa.array(ids, pa.string()), "prompt": pa.array(prompts, MESSAGES), "gold": pa.array(golds, pa.string()),
-        "group": pa.array(groups, pa.string()), "source_file": pa.array(files, pa.string()),
-        "source_row": pa.array(rows, pa.int64()),
-    })
+    return pa.table(
+        {
+            "example": pa.array(ids, pa.string()),
+            "prompt": pa.array(prompts, MESSAGES),
+            "gold": pa.array(golds, pa.string()),
+            "group": pa.array(groups, pa.string()),
+            "source_file": pa.array(files, pa.string()),
+            "source_row": pa.array(rows, pa.int64()),
+        }
+    )
 
 
-def prepared_examples(recipe: Recipe, split: Optional[str] = None) -> tuple[pa.Table, str]:
+def prepared_examples(recipe: Recipe, split: str | None = None) -> tuple[pa.Table, str]:
     """A split of the prepared data (default: evaluate.split), and what identifies it."""
     from raytune_app.data.prepare import current_manifest, load_split
 
@@ -105,14 +117,20 @@ def prepared_examples(recipe: Recipe, split: Optional[str] = None) -> tuple[pa.T
     split = split or recipe.evaluate.split
     table = load_split(stage_dir, split)
     if table.num_rows == 0:
-        raise EvaluateError(f"the prepared `{split}` split is empty; set data.split.{split} above 0 or choose another "
-                            "evaluate.split")
+        raise EvaluateError(
+            f"the prepared `{split}` split is empty; set data.split.{split} above 0 or choose another evaluate.split"
+        )
     messages = table.column("messages").to_pylist()
     group = recipe.evaluate.group_column
     groups = table.column(group).to_pylist() if group else [None] * table.num_rows
-    examples = _example_table([m[:-1] for m in messages], [m[-1]["content"] for m in messages], groups,
-                              table.column("content_hash").to_pylist(), table.column("source_file").to_pylist(),
-                              table.column("source_row").to_pylist())
+    examples = _example_table(
+        [m[:-1] for m in messages],
+        [m[-1]["content"] for m in messages],
+        groups,
+        table.column("content_hash").to_pylist(),
+        table.column("source_file").to_pylist(),
+        table.column("source_row").to_pylist(),
+    )
     return examples, f"prepared:{manifest['fingerprint']}:{split}"
 
 
@@ -129,7 +147,9 @@ def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
     if not storage.exists(uri):
         raise EvaluateError(f"--data {path}: no such file")
     if recipe.data.kind == "preference":
-        raise EvaluateError("--data: evaluation needs prompt_response or chat rows; the recipe's data.kind is preference")
+        raise EvaluateError(
+            "--data: evaluation needs prompt_response or chat rows; the recipe's data.kind is preference"
+        )
     group = recipe.evaluate.group_column
     spec = rowlib.RowSpec.from_recipe(recipe.data.model_copy(update={"keep_columns": [group] if group else []}))
     prompts, golds, groups, ids, lines, problems = [], [], [], [], [], []
@@ -150,7 +170,10 @@ def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
         shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise RowError(f"{len(problems)} bad row(s) in {uri} (data.on_error: fail):\n  {shown}")
     if not prompts:
-        raise EvaluateError(f"--data {path}: no usable rows" + (f" ({len(problems)} rejected, first: {problems[0]})" if problems else ""))
+        raise EvaluateError(
+            f"--data {path}: no usable rows"
+            + (f" ({len(problems)} rejected, first: {problems[0]})" if problems else "")
+        )
     if problems:
         print(f"[evaluate] {len(problems)} row(s) of {uri} left out; first: {problems[0]}", flush=True)
     identity = json.dumps(storage.file_fingerprint(uri), default=str)
@@ -211,7 +234,7 @@ def _precision(recipe: Recipe, use_gpu: bool) -> str:
     return precision
 
 
-def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: Optional[list[str]]) -> pa.Table:
+def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: list[str] | None) -> pa.Table:
     """Predictions of one model for every example, with timings: a Ray Data actor pool of replicas."""
     import ray
 
@@ -222,29 +245,38 @@ def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: O
     # Longest prompts first, one block per batch: batches hold prompts of similar length (little
     # padding), the biggest batch runs first (an out-of-memory shows at once), and every replica of
     # the pool gets blocks to work on.
-    order = sorted(range(examples.num_rows),
-                   key=lambda i: -sum(len(m["content"]) for m in examples.column("prompt")[i].as_py()))
+    order = sorted(
+        range(examples.num_rows), key=lambda i: -sum(len(m["content"]) for m in examples.column("prompt")[i].as_py())
+    )
     ordered = examples.take(order)
     blocks = [ordered.slice(i, ev.batch_size) for i in range(0, ordered.num_rows, ev.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
         Generator,
         fn_constructor_kwargs={
             "model": recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"}),
-            "weights": candidate.weights, "max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature,
-            "dtype": _precision(recipe, use_gpu), "threads": None if use_gpu else cpus, "labels": labels,
+            "weights": candidate.weights,
+            "max_new_tokens": ev.max_new_tokens,
+            "temperature": ev.temperature,
+            "dtype": _precision(recipe, use_gpu),
+            "threads": None if use_gpu else cpus,
+            "labels": labels,
             # A distilled student answers its label task when asked with the label prefix; the base is asked plainly.
-            "prompt_prefix": recipe.distill.label_prefix if "distill" in recipe.run.stages and candidate.weights else "",
+            "prompt_prefix": recipe.distill.label_prefix
+            if "distill" in recipe.run.stages and candidate.weights
+            else "",
         },
         compute=ray.data.ActorPoolStrategy(size=replicas),
-        batch_size=ev.batch_size, batch_format="pyarrow",
-        num_cpus=cpus, num_gpus=1 if use_gpu else 0,
+        batch_size=ev.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cpus,
+        num_gpus=1 if use_gpu else 0,
     )
     table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     index = {e: i for i, e in enumerate(examples.column("example").to_pylist())}
     return table.take(sorted(range(table.num_rows), key=lambda i: index[table.column("example")[i].as_py()]))
 
 
-def score(task: str, table: pa.Table, validator, labels: Optional[list[str]]) -> tuple[dict, dict, Callable]:
+def score(task: str, table: pa.Table, validator, labels: list[str] | None) -> tuple[dict, dict, Callable]:
     """(task metrics, row-level columns, recall over a subset of rows) for one model's predictions."""
     predictions = table.column("prediction").to_pylist()
     golds = table.column("gold").to_pylist()
@@ -272,13 +304,21 @@ def _columns(rows: list[dict]) -> dict:
 
 
 def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], labels) -> str:
-    payload = {"format": FORMAT_VERSION, "version": __version__, "data": data_identity, "labels": labels,
-               "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"replicas", "batch_size"}),
-               "model": recipe.model.model_dump(mode="json"), "candidates": [(c.name, c.identity) for c in models]}
+    payload = {
+        "format": FORMAT_VERSION,
+        "version": __version__,
+        "data": data_identity,
+        "labels": labels,
+        "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"replicas", "batch_size"}),
+        "model": recipe.model.model_dump(mode="json"),
+        "candidates": [(c.name, c.identity) for c in models],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate(recipe: Recipe, data_file: Optional[str] = None, adapter: Optional[str] = None, force: bool = False) -> dict:
+def evaluate(
+    recipe: Recipe, data_file: str | None = None, adapter: str | None = None, force: bool = False
+) -> dict:
     """Run the evaluate stage; returns metrics.json's content."""
     from raytune_app.evaluate.report import write_report
 
@@ -298,30 +338,41 @@ def evaluate(recipe: Recipe, data_file: Optional[str] = None, adapter: Optional[
     if ev.task == "structured":
         bad = next((g for g in examples.column("gold").to_pylist() if not M.parse_json(g)[0]), None)
         if bad is not None:
-            raise EvaluateError(f"task structured: a gold answer is not JSON ({bad[:80]!r}); "
-                                "use evaluate.task free_text for text answers")
+            raise EvaluateError(
+                f"task structured: a gold answer is not JSON ({bad[:80]!r}); "
+                "use evaluate.task free_text for text answers"
+            )
 
     out_dir = storage.absolute(recipe.stage_dir("evaluate"))
     if data_file:  # beside the stage's own output, one folder per scored file
-        out_dir = storage.join(storage.absolute(recipe.run_dir), "evaluate-files",
-                               f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}")
+        out_dir = storage.join(
+            storage.absolute(recipe.run_dir),
+            "evaluate-files",
+            f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}",
+        )
     fingerprint = _fingerprint(recipe, data_identity, models, labels)
     previous = None if force else storage.unchanged(storage.join(out_dir, "metrics.json"), fingerprint)
     if previous is not None:
         say(f"models, data and settings unchanged: reusing {out_dir}")
         return {**previous, "output_dir": out_dir}
 
-    say(f"{examples.num_rows} examples ({data_file or 'split ' + ev.split}); models: "
-        + ", ".join(f"{c.name} ({c.weights or recipe.model.path})" for c in models))
+    say(
+        f"{examples.num_rows} examples ({data_file or 'split ' + ev.split}); models: "
+        + ", ".join(f"{c.name} ({c.weights or recipe.model.path})" for c in models)
+    )
     results, tables = {}, []
     for candidate in models:
         began = time.time()
         table = generate(examples, candidate, recipe, labels)
         task_metrics, row_columns, recall_of = score(ev.task, table, validator, labels)
         wall = max(table.column("batch_end").to_pylist()) - min(table.column("batch_start").to_pylist())
-        result = {"weights": candidate.weights, "identity": candidate.identity, **task_metrics,
-                  "latency": M.latency(table.column("latency_s").to_pylist(), table.column("new_tokens").to_pylist(), wall),
-                  "seconds": round(time.time() - began, 1)}
+        result = {
+            "weights": candidate.weights,
+            "identity": candidate.identity,
+            **task_metrics,
+            "latency": M.latency(table.column("latency_s").to_pylist(), table.column("new_tokens").to_pylist(), wall),
+            "seconds": round(time.time() - began, 1),
+        }
         if ev.group_column:
             result["groups"] = {"column": ev.group_column, **M.group_gap(table.column("group").to_pylist(), recall_of)}
         results[candidate.name] = result
@@ -329,19 +380,34 @@ def evaluate(recipe: Recipe, data_file: Optional[str] = None, adapter: Optional[
             table = table.append_column(name, pa.array(values))
         tables.append(table.append_column("model", pa.array([candidate.name] * table.num_rows, pa.string())))
         shown = ", ".join(f"{k} {_fmt(result.get(k))}" for k in HEADLINE[ev.task])
-        say(f"{candidate.name}: {shown}, p50 latency {_fmt(result['latency']['p50_s'])} s "
-            f"({result['seconds']} s incl. model load)")
+        say(
+            f"{candidate.name}: {shown}, p50 latency {_fmt(result['latency']['p50_s'])} s "
+            f"({result['seconds']} s incl. model load)"
+        )
 
     summary = {
-        "stage": "evaluate", "fingerprint": fingerprint, "task": ev.task, "primary_metric": PRIMARY[ev.task],
-        "data": data_file or f"split {ev.split}", "examples": examples.num_rows, "labels": labels,
-        "base_model": recipe.model.path, "models": results,
+        "stage": "evaluate",
+        "fingerprint": fingerprint,
+        "task": ev.task,
+        "primary_metric": PRIMARY[ev.task],
+        "data": data_file or f"split {ev.split}",
+        "examples": examples.num_rows,
+        "labels": labels,
+        "base_model": recipe.model.path,
+        "models": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     staging = f"{out_dir}.incoming-{int(time.time() * 1000)}"
     try:
-        _write_predictions(pa.concat_tables(tables, promote_options="permissive"), storage.join(staging, "predictions.parquet"))
-        write_report(summary, recipe, staging, loss_curve=storage.join(storage.absolute(recipe.stage_dir("train")), "loss_curve.png"))
+        _write_predictions(
+            pa.concat_tables(tables, promote_options="permissive"), storage.join(staging, "predictions.parquet")
+        )
+        write_report(
+            summary,
+            recipe,
+            staging,
+            loss_curve=storage.join(storage.absolute(recipe.stage_dir("train")), "loss_curve.png"),
+        )
         storage.write_text(storage.join(staging, "metrics.json"), json.dumps(summary, indent=2) + "\n")
     except BaseException:
         storage.remove(staging)
@@ -369,7 +435,10 @@ def _fmt(value) -> str:
 def comparison_table(summary: dict) -> str:
     """The short base-vs-tuned table printed at the end of a run (one column per model)."""
     task = summary["task"]
-    rows = [(key.replace("_", " "), [summary["models"][m].get(key) for m in summary["models"]]) for key in HEADLINE[task][:2]]
+    rows = [
+        (key.replace("_", " "), [summary["models"][m].get(key) for m in summary["models"]])
+        for key in HEADLINE[task][:2]
+    ]
     rows.append(("p50 latency (s)", [summary["models"][m]["latency"]["p50_s"] for m in summary["models"]]))
     names = list(summary["models"])
     width = max(len(r[0]) for r in rows) + 2

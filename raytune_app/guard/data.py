@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Optional
 
 from raytune_app import storage
 from raytune_app.config import Recipe
@@ -50,8 +49,9 @@ def _records(uri: str):
             yield number, None
 
 
-def read_labelled(path: str, text_field: str = "text", label_field: str = "label",
-                  attack_type_field: Optional[str] = "attack_type") -> list[dict]:
+def read_labelled(
+    path: str, text_field: str = "text", label_field: str = "label", attack_type_field: str | None = "attack_type"
+) -> list[dict]:
     """Every row of a labelled JSONL / CSV / Parquet file, checked; the first bad row raises GuardDataError."""
     from raytune_app.data.prepare import describe_row
 
@@ -66,13 +66,21 @@ def read_labelled(path: str, text_field: str = "text", label_field: str = "label
         text = record.get(text_field)
         if not isinstance(text, str) or not text.strip():
             have = ", ".join(sorted(record)) or "nothing"
-            raise GuardDataError(f"{where(text_field)}: missing or empty text (the row has: {have}); "
-                                 "point --text-field / guard.text_field at the prompt column")
+            raise GuardDataError(
+                f"{where(text_field)}: missing or empty text (the row has: {have}); "
+                "point --text-field / guard.text_field at the prompt column"
+            )
         if record.get(label_field) is None:
             raise GuardDataError(f"{where(label_field)}: missing label; every row needs 1 (attack) or 0 (benign)")
         kind = record.get(attack_type_field) if attack_type_field else None
-        rows.append({"text": text, "label": _label(record[label_field], where(label_field)),
-                     "attack_type": None if kind is None else str(kind), "source": os.path.basename(uri)})
+        rows.append(
+            {
+                "text": text,
+                "label": _label(record[label_field], where(label_field)),
+                "attack_type": None if kind is None else str(kind),
+                "source": os.path.basename(uri),
+            }
+        )
     if not rows:
         raise GuardDataError(f"{path}: no rows")
     return rows
@@ -94,8 +102,11 @@ def training_rows(recipe: Recipe) -> list[dict]:
     from raytune_app.guard import authored
 
     cfg = recipe.guard
-    rows = (authored.generate(cfg.authored_rows, seed=recipe.run.seed, ordinary_share=cfg.authored_ordinary_share)
-            if cfg.authored_rows else [])
+    rows = (
+        authored.generate(cfg.authored_rows, seed=recipe.run.seed, ordinary_share=cfg.authored_ordinary_share)
+        if cfg.authored_rows
+        else []
+    )
     if cfg.include_bastioncorpus:
         rows += bastioncorpus_rows()
     for source in cfg.sources:
@@ -112,6 +123,7 @@ def training_rows(recipe: Recipe) -> list[dict]:
 
 def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, val) by a hash of the text: stable when rows are added or reordered."""
+
     def bucket(text: str) -> float:
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
 

@@ -10,7 +10,7 @@ target, so the shipped guard blocks as many attacks as that budget of false alar
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,12 +28,16 @@ def threshold_for_fpr(scores: Sequence[float], labels: Sequence[int], target_fpr
     return float(np.nextafter(benign[allowed], np.inf))
 
 
-def _rate(count: float, total: int) -> Optional[float]:
+def _rate(count: float, total: int) -> float | None:
     return round(float(count) / total, 6) if total else None
 
 
-def detection_metrics(scores: Sequence[float], labels: Sequence[int], threshold: float,
-                      attack_types: Optional[Sequence[Optional[str]]] = None) -> dict:
+def detection_metrics(
+    scores: Sequence[float],
+    labels: Sequence[int],
+    threshold: float,
+    attack_types: Sequence[str | None] | None = None,
+) -> dict:
     """AUC, TPR at 1% FPR, and the confusion-based rates at the shipped threshold."""
     from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
@@ -42,7 +46,10 @@ def detection_metrics(scores: Sequence[float], labels: Sequence[int], threshold:
     attacks, benign = labels == 1, labels == 0
     both_classes = attacks.any() and benign.any()
     out = {
-        "n": int(labels.size), "attacks": int(attacks.sum()), "benign": int(benign.sum()), "threshold": round(float(threshold), 6),
+        "n": int(labels.size),
+        "attacks": int(attacks.sum()),
+        "benign": int(benign.sum()),
+        "threshold": round(float(threshold), 6),
         "auc": round(float(roc_auc_score(labels, scores)), 6) if both_classes else None,
         "tpr_at_fpr_1pct": None,
         "tpr": _rate((blocked & attacks).sum(), int(attacks.sum())),
@@ -59,11 +66,15 @@ def detection_metrics(scores: Sequence[float], labels: Sequence[int], threshold:
         for kind, label, hit in zip(attack_types, labels, blocked):
             if label == 1 and kind is not None:
                 per_type.setdefault(str(kind), []).append(bool(hit))
-        out["recall_by_attack_type"] = {k: {"n": len(v), "recall": _rate(sum(v), len(v))} for k, v in sorted(per_type.items())}
+        out["recall_by_attack_type"] = {
+            k: {"n": len(v), "recall": _rate(sum(v), len(v))} for k, v in sorted(per_type.items())
+        }
         alarms: dict[str, list[bool]] = {}  # the benign side: which kinds of benign prompt raise false alarms
         for kind, label, hit in zip(attack_types, labels, blocked):
             if label == 0 and kind is not None:
                 alarms.setdefault(str(kind), []).append(bool(hit))
         if alarms:
-            out["fpr_by_benign_type"] = {k: {"n": len(v), "fpr": _rate(sum(v), len(v))} for k, v in sorted(alarms.items())}
+            out["fpr_by_benign_type"] = {
+                k: {"n": len(v), "fpr": _rate(sum(v), len(v))} for k, v in sorted(alarms.items())
+            }
     return out

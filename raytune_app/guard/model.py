@@ -36,13 +36,24 @@ def _worker(config: dict) -> None:
     train_rows = config["train"]
 
     def batches(rows, shuffle: bool, seed: int):
-        order = (torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle
-                 else list(range(len(rows))))
+        order = (
+            torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+            if shuffle
+            else list(range(len(rows)))
+        )
         for i in range(0, len(order), config["batch_size"]):
-            chunk = [rows[j] for j in order[i:i + config["batch_size"]]]
-            encoded = tokenizer([r["text"] for r in chunk], truncation=True, max_length=config["max_length"],
-                                padding=True, return_tensors="pt")
-            yield encoded.to(ray.train.torch.get_device()), torch.tensor([r["label"] for r in chunk], device=ray.train.torch.get_device())
+            chunk = [rows[j] for j in order[i : i + config["batch_size"]]]
+            encoded = tokenizer(
+                [r["text"] for r in chunk],
+                truncation=True,
+                max_length=config["max_length"],
+                padding=True,
+                return_tensors="pt",
+            )
+            yield (
+                encoded.to(ray.train.torch.get_device()),
+                torch.tensor([r["label"] for r in chunk], device=ray.train.torch.get_device()),
+            )
 
     steps = config["epochs"] * -(-len(train_rows) // config["batch_size"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
@@ -58,8 +69,11 @@ def _worker(config: dict) -> None:
             optimizer.zero_grad()
             step += 1
             if step % 20 == 0 or step == steps:
-                print(f"[guard] step {step}/{steps}  loss {loss.item():.4f}  "
-                      f"ETA {(time.time() - began) / step * (steps - step) / 60:.1f} min", flush=True)
+                print(
+                    f"[guard] step {step}/{steps}  loss {loss.item():.4f}  "
+                    f"ETA {(time.time() - began) / step * (steps - step) / 60:.1f} min",
+                    flush=True,
+                )
     # The validation rows are scored by the driver afterwards, with the precision that ships (guard.inference).
     if ray.train.get_context().get_world_rank() == 0:
         unwrapped = model.module if hasattr(model, "module") else model
@@ -90,11 +104,22 @@ def train_guard(recipe: Recipe) -> dict:
     print(f"[guard] {len(train_rows)} train / {len(val_rows)} validation rows; base {cfg.base}", flush=True)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"base": models.resolve(cfg.base), "train": train_rows, "val": val_rows, "seed": recipe.run.seed,
-                           "epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
-                           "max_length": cfg.max_length, "model_dir": model_dir},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)))}),
+        train_loop_config={
+            "base": models.resolve(cfg.base),
+            "train": train_rows,
+            "val": val_rows,
+            "seed": recipe.run.seed,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "learning_rate": cfg.learning_rate,
+            "max_length": cfg.max_length,
+            "model_dir": model_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=1,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)))},
+        ),
         run_config=RunConfig(name="guard", storage_path=f"{out_dir}/ray"),
     )
     trainer.fit()
@@ -106,9 +131,13 @@ def train_guard(recipe: Recipe) -> dict:
     labels = [r["label"] for r in val_rows]
     threshold = threshold_for_fpr(scores, labels, cfg.target_fpr)
     summary = {
-        "base": cfg.base, "threshold": threshold, "target_fpr": cfg.target_fpr, "max_length": cfg.max_length,
+        "base": cfg.base,
+        "threshold": threshold,
+        "target_fpr": cfg.target_fpr,
+        "max_length": cfg.max_length,
         "inference": cfg.inference,
-        "train_rows": len(train_rows), "val_rows": len(val_rows),
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
         "sources": sorted({r["source"] for r in rows}),
         "validation": detection_metrics(scores, labels, threshold, [r["attack_type"] for r in val_rows]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -117,10 +146,16 @@ def train_guard(recipe: Recipe) -> dict:
     from raytune_app.registry.store import register_guard
 
     version = register_guard(recipe, out_dir, summary)
-    print(f"[guard] registered models:/{version['name']}/{version['version']} (champion: version {version['champion']}) "
-          f"in {version['tracking_uri']}", flush=True)
-    print(f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC {summary['validation']['auc']}, "
-          f"TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; saved to {out_dir}", flush=True)
+    print(
+        f"[guard] registered models:/{version['name']}/{version['version']} (champion: version {version['champion']}) "
+        f"in {version['tracking_uri']}",
+        flush=True,
+    )
+    print(
+        f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC {summary['validation']['auc']}, "
+        f"TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; saved to {out_dir}",
+        flush=True,
+    )
     return summary
 
 
@@ -148,9 +183,11 @@ class Guard:
         self.max_length = info["max_length"]
 
     @classmethod
-    def load(cls, folder: str, threads: int | None = None, precision: str | None = None) -> "Guard":
+    def load(cls, folder: str, threads: int | None = None, precision: str | None = None) -> Guard:
         if not storage.exists(storage.join(folder, "guard.json")):
-            raise FileNotFoundError(f"no trained guard at {folder} (guard.json missing); run `raytune-app guard train` first")
+            raise FileNotFoundError(
+                f"no trained guard at {folder} (guard.json missing); run `raytune-app guard train` first"
+            )
         return cls(folder, threads, precision)
 
     def scores(self, texts: list[str]) -> list[float]:
@@ -181,7 +218,9 @@ def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size:
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            encoded = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            encoded = tokenizer(
+                texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            )
             out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
     return out
 
@@ -222,5 +261,8 @@ def evaluate_guard(guard: Guard, rows: list[dict]) -> dict:
     types = [r["attack_type"] for r in rows]
     result = detection_metrics(scores, [r["label"] for r in rows], guard.threshold, types if any(types) else None)
     p50, p99 = np.percentile(latencies, [50, 99])
-    return result | {"latency_ms_p50": round(float(p50), 3), "latency_ms_p99": round(float(p99), 3),
-                     "precision": guard.precision}
+    return result | {
+        "latency_ms_p50": round(float(p50), 3),
+        "latency_ms_p99": round(float(p99), 3),
+        "precision": guard.precision,
+    }

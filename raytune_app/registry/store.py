@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import time
-from typing import Optional
 
 from raytune_app import storage
 from raytune_app.config import Recipe
@@ -43,8 +42,10 @@ def tracking_uri(recipe: Recipe) -> str:
         return recipe.registry.tracking_uri
     run_dir = storage.absolute(recipe.run_dir)
     if "://" in run_dir:
-        raise RegistryError(f"run.output_dir is remote ({run_dir}): a SQLite store cannot live there; set "
-                            "registry.tracking_uri to an MLflow tracking server")
+        raise RegistryError(
+            f"run.output_dir is remote ({run_dir}): a SQLite store cannot live there; set "
+            "registry.tracking_uri to an MLflow tracking server"
+        )
     os.makedirs(run_dir, exist_ok=True)
     return f"sqlite:///{run_dir}/mlflow.db"
 
@@ -86,8 +87,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _runs_with(mlflow_client, experiment_id: str, tag: str, value: str) -> list:
-    return mlflow_client.search_runs([experiment_id], filter_string=f"tags.{tag} = '{value}'",
-                                     order_by=["attributes.start_time DESC"])
+    return mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.{tag} = '{value}'", order_by=["attributes.start_time DESC"]
+    )
 
 
 def log_train_run(recipe: Recipe, manifest: dict) -> str:
@@ -100,26 +102,44 @@ def log_train_run(recipe: Recipe, manifest: dict) -> str:
         if run.info.status == "FINISHED":
             return run.info.run_id
     train_dir = manifest["weights"].rsplit("/", 1)[0]  # weights sit in <train dir>/adapter (or /model)
-    tags = {"stage": "train", "train_fingerprint": manifest["fingerprint"], "base_model": manifest["base_model"],
-            "data_fingerprint": manifest["data_fingerprint"], "recipe_hash": manifest["recipe_hash"],
-            "parent_fingerprint": manifest.get("parent_fingerprint") or "", "mlflow.runName": f"train-{manifest['fingerprint']}"}
+    tags = {
+        "stage": "train",
+        "train_fingerprint": manifest["fingerprint"],
+        "base_model": manifest["base_model"],
+        "data_fingerprint": manifest["data_fingerprint"],
+        "recipe_hash": manifest["recipe_hash"],
+        "parent_fingerprint": manifest.get("parent_fingerprint") or "",
+        "mlflow.runName": f"train-{manifest['fingerprint']}",
+    }
     run = mlflow_client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
     try:
-        params = _flatten({"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
-                           "data": recipe.data.model_dump(mode="json", exclude={"system_prompt"})})
+        params = _flatten(
+            {
+                "model": recipe.model.model_dump(mode="json"),
+                "train": recipe.train.model_dump(mode="json"),
+                "data": recipe.data.model_dump(mode="json", exclude={"system_prompt"}),
+            }
+        )
         params = [Param(k, str(v)[:6000]) for k, v in params.items()]
         history_uri = storage.join(train_dir, "metrics.jsonl")
-        history = [json.loads(line) for line in storage.read_text(history_uri).splitlines()] if storage.exists(history_uri) else []
+        history = (
+            [json.loads(line) for line in storage.read_text(history_uri).splitlines()]
+            if storage.exists(history_uri)
+            else []
+        )
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), now, int(entry["step"])) for entry in history
-                   for key, value in entry.items()
-                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        metrics = [
+            Metric(key, float(value), now, int(entry["step"]))
+            for entry in history
+            for key, value in entry.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
         # MLflow takes at most 1000 metrics and 100 params per batch call.
         for i in range(0, len(params), 100):
-            mlflow_client.log_batch(run_id, params=params[i:i + 100])
+            mlflow_client.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), 1000):
-            mlflow_client.log_batch(run_id, metrics=metrics[i:i + 1000])
+            mlflow_client.log_batch(run_id, metrics=metrics[i : i + 1000])
         mlflow_client.log_batch(run_id, tags=[RunTag("global_step", str(manifest["global_step"]))])
         mlflow_client.log_artifacts(run_id, storage.local_dir(manifest["weights"]), "weights")
         for name in ("loss_curve.png", "recipe.yaml", "manifest.json", "metrics.jsonl"):
@@ -133,7 +153,7 @@ def log_train_run(recipe: Recipe, manifest: dict) -> str:
     return run_id
 
 
-def _log_artifact_file(mlflow_client, run_id: str, uri: str, artifact_path: Optional[str] = None) -> None:
+def _log_artifact_file(mlflow_client, run_id: str, uri: str, artifact_path: str | None = None) -> None:
     import tempfile
 
     if "://" not in uri:
@@ -154,12 +174,12 @@ def _history(mlflow_client, name: str, alias: str) -> list[str]:
     return json.loads(model.tags.get(f"alias_history.{alias}", "[]"))
 
 
-def _current(mlflow_client, name: str, alias: str) -> Optional[str]:
+def _current(mlflow_client, name: str, alias: str) -> str | None:
     version = mlflow_client.get_registered_model(name).aliases.get(alias)  # an int in MLflow's answer
     return None if version is None else str(version)
 
 
-def set_alias(mlflow_client, name: str, alias: str, version: str) -> Optional[str]:
+def set_alias(mlflow_client, name: str, alias: str, version: str) -> str | None:
     """Point `alias` at `version`, recording the move; returns the version it pointed at before."""
     before = _current(mlflow_client, name, alias)
     if before == str(version):
@@ -189,34 +209,61 @@ def _ensure_registered_model(mlflow_client, name: str, description: str) -> None
         mlflow_client.create_registered_model(name, description=description)
 
 
-def register(recipe: Recipe, manifest: dict, evaluation: Optional[dict] = None, candidate: str = "tuned") -> dict:
+def register(recipe: Recipe, manifest: dict, evaluation: dict | None = None, candidate: str = "tuned") -> dict:
     """Register the trained weights of `manifest` as a model version (or find the existing one),
     attach lineage and evaluation metrics, and move the aliases. Returns a summary of the version."""
     name = model_name(recipe)
     mlflow_client = client(tracking_uri(recipe))
     run_id = log_train_run(recipe, manifest)
-    _ensure_registered_model(mlflow_client, name, f"Adapters trained by the recipe run `{recipe.run.name}` on {recipe.model.path}.")
+    _ensure_registered_model(
+        mlflow_client, name, f"Adapters trained by the recipe run `{recipe.run.name}` on {recipe.model.path}."
+    )
     version = _version_for(mlflow_client, name, manifest["fingerprint"])
     if version is None:
-        parent = _version_for(mlflow_client, name, manifest["parent_fingerprint"]) if manifest.get("parent_fingerprint") else None
-        tags = {"train_fingerprint": manifest["fingerprint"], "base_model": manifest["base_model"],
-                "data_fingerprint": manifest["data_fingerprint"], "data_manifest_sha256": _manifest_hash(recipe),
-                "recipe_hash": manifest["recipe_hash"], "method": manifest["method"], "finetuning": manifest["finetuning"],
-                "parent_fingerprint": manifest.get("parent_fingerprint") or "",
-                "parent_version": parent.version if parent else "", "global_step": str(manifest["global_step"]),
-                "final_eval_loss": str(manifest.get("final_eval_loss"))}
+        parent = (
+            _version_for(mlflow_client, name, manifest["parent_fingerprint"])
+            if manifest.get("parent_fingerprint")
+            else None
+        )
+        tags = {
+            "train_fingerprint": manifest["fingerprint"],
+            "base_model": manifest["base_model"],
+            "data_fingerprint": manifest["data_fingerprint"],
+            "data_manifest_sha256": _manifest_hash(recipe),
+            "recipe_hash": manifest["recipe_hash"],
+            "method": manifest["method"],
+            "finetuning": manifest["finetuning"],
+            "parent_fingerprint": manifest.get("parent_fingerprint") or "",
+            "parent_version": parent.version if parent else "",
+            "global_step": str(manifest["global_step"]),
+            "final_eval_loss": str(manifest.get("final_eval_loss")),
+        }
         source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/weights"
-        version = mlflow_client.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                                     description=f"{manifest['finetuning']} {manifest['method']} of "
-                                                                 f"{manifest['base_model']}, step {manifest['global_step']}")
+        version = mlflow_client.create_model_version(
+            name,
+            source=source,
+            run_id=run_id,
+            tags=tags,
+            description=f"{manifest['finetuning']} {manifest['method']} of "
+            f"{manifest['base_model']}, step {manifest['global_step']}",
+        )
     number = str(version.version)
     primary = None
     if evaluation is not None and candidate in evaluation["models"]:
         scores = evaluation["models"][candidate]
         primary = scores.get(evaluation["primary_metric"])
         mlflow_client.set_model_version_tag(name, number, "primary_metric", evaluation["primary_metric"])
-        for key in ("schema_valid_rate", "json_parse_rate", "field_f1", "exact_match", "accuracy", "macro_f1", "mcc",
-                    "ece", "normalised_match"):
+        for key in (
+            "schema_valid_rate",
+            "json_parse_rate",
+            "field_f1",
+            "exact_match",
+            "accuracy",
+            "macro_f1",
+            "mcc",
+            "ece",
+            "normalised_match",
+        ):
             if scores.get(key) is not None:
                 mlflow_client.set_model_version_tag(name, number, f"eval.{key}", str(scores[key]))
                 mlflow_client.log_metric(run_id, f"eval_{key}", float(scores[key]))
@@ -225,8 +272,15 @@ def register(recipe: Recipe, manifest: dict, evaluation: Optional[dict] = None, 
     promoted = _should_promote(mlflow_client, name, number, recipe.registry.promote)
     if promoted:
         set_alias(mlflow_client, name, CHAMPION, number)
-    return {"name": name, "version": number, "run_id": run_id, "tracking_uri": tracking_uri(recipe),
-            "primary_metric": primary, "champion": _current(mlflow_client, name, CHAMPION), "promoted": promoted}
+    return {
+        "name": name,
+        "version": number,
+        "run_id": run_id,
+        "tracking_uri": tracking_uri(recipe),
+        "primary_metric": primary,
+        "champion": _current(mlflow_client, name, CHAMPION),
+        "promoted": promoted,
+    }
 
 
 def register_guard(recipe: Recipe, folder: str, summary: dict) -> dict:
@@ -238,28 +292,53 @@ def register_guard(recipe: Recipe, folder: str, summary: dict) -> dict:
     name = recipe.guard.registered_name
     uri = tracking_uri(recipe)
     mlflow_client = client(uri)
-    run = mlflow_client.create_run(_experiment_id(mlflow_client, recipe), tags={"stage": "guard", "mlflow.runName": f"guard-{name}"})
+    run = mlflow_client.create_run(
+        _experiment_id(mlflow_client, recipe), tags={"stage": "guard", "mlflow.runName": f"guard-{name}"}
+    )
     run_id = run.info.run_id
-    validation = {k: v for k, v in summary["validation"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    validation = {
+        k: v for k, v in summary["validation"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     now = int(time.time() * 1000)
-    mlflow_client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in _flatten(recipe.guard.model_dump(mode="json")).items()],
-                            metrics=[Metric(f"val_{k}", float(v), now, 0) for k, v in validation.items()])
+    mlflow_client.log_batch(
+        run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in _flatten(recipe.guard.model_dump(mode="json")).items()],
+        metrics=[Metric(f"val_{k}", float(v), now, 0) for k, v in validation.items()],
+    )
     mlflow_client.log_artifacts(run_id, storage.local_dir(storage.join(folder, "model")), "guard/model")
     _log_artifact_file(mlflow_client, run_id, storage.join(folder, "guard.json"), "guard")
     mlflow_client.set_terminated(run_id, "FINISHED")
-    _ensure_registered_model(mlflow_client, name, "Prompt-injection / jailbreak guard classifiers (raytune-app guard train).")
-    tags = {"base_model": summary["base"], "threshold": str(summary["threshold"]), "target_fpr": str(summary["target_fpr"]),
-            "sources": ",".join(summary["sources"]), "primary_metric": "tpr",
-            **{f"eval.{k}": str(v) for k, v in validation.items()}}
-    version = mlflow_client.create_model_version(name, source=f"{mlflow_client.get_run(run_id).info.artifact_uri}/guard",
-                                                 run_id=run_id, tags=tags, description=f"guard on {summary['base']}")
+    _ensure_registered_model(
+        mlflow_client, name, "Prompt-injection / jailbreak guard classifiers (raytune-app guard train)."
+    )
+    tags = {
+        "base_model": summary["base"],
+        "threshold": str(summary["threshold"]),
+        "target_fpr": str(summary["target_fpr"]),
+        "sources": ",".join(summary["sources"]),
+        "primary_metric": "tpr",
+        **{f"eval.{k}": str(v) for k, v in validation.items()},
+    }
+    version = mlflow_client.create_model_version(
+        name,
+        source=f"{mlflow_client.get_run(run_id).info.artifact_uri}/guard",
+        run_id=run_id,
+        tags=tags,
+        description=f"guard on {summary['base']}",
+    )
     number = str(version.version)
     set_alias(mlflow_client, name, CHALLENGER, number)
     promoted = _should_promote(mlflow_client, name, number, recipe.registry.promote)
     if promoted:
         set_alias(mlflow_client, name, CHAMPION, number)
-    return {"name": name, "version": number, "run_id": run_id, "tracking_uri": uri,
-            "champion": _current(mlflow_client, name, CHAMPION), "promoted": promoted}
+    return {
+        "name": name,
+        "version": number,
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "champion": _current(mlflow_client, name, CHAMPION),
+        "promoted": promoted,
+    }
 
 
 def register_stage(recipe: Recipe) -> list[dict]:
@@ -268,7 +347,10 @@ def register_stage(recipe: Recipe) -> list[dict]:
     run_dir = storage.absolute(recipe.run_dir)
     if recipe.chain:
         chain = json.loads(storage.read_text(storage.join(run_dir, "chain.json")))
-        runs = [(step["step"], storage.join(run_dir, "chain", step["step"], "train", "manifest.json")) for step in chain["chain"]]
+        runs = [
+            (step["step"], storage.join(run_dir, "chain", step["step"], "train", "manifest.json"))
+            for step in chain["chain"]
+        ]
     else:
         runs = [("tuned", storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))]
     evaluation_uri = storage.join(storage.absolute(recipe.stage_dir("evaluate")), "metrics.json")
@@ -276,7 +358,9 @@ def register_stage(recipe: Recipe) -> list[dict]:
     out = []
     for candidate, manifest_uri in runs:
         if not storage.exists(manifest_uri):
-            raise RegistryError(f"no finished training run at {manifest_uri.rsplit('/', 1)[0]}; run `raytune-app train` first")
+            raise RegistryError(
+                f"no finished training run at {manifest_uri.rsplit('/', 1)[0]}; run `raytune-app train` first"
+            )
         manifest = json.loads(storage.read_text(manifest_uri))
         scores = (evaluation or {}).get("models", {}).get(candidate, {})
         # Metrics count only when they were measured on these very weights.
@@ -285,7 +369,7 @@ def register_stage(recipe: Recipe) -> list[dict]:
     return out
 
 
-def _score(mlflow_client, name: str, version: str) -> Optional[float]:
+def _score(mlflow_client, name: str, version: str) -> float | None:
     tags = mlflow_client.get_model_version(name, version).tags
     value = tags.get(f"eval.{tags.get('primary_metric')}")
     return float(value) if value not in (None, "None") else None
@@ -311,12 +395,18 @@ def list_models(uri: str) -> list[dict]:
     out = []
     for model in mlflow_client.search_registered_models():
         versions = mlflow_client.search_model_versions(f"name = '{model.name}'")
-        out.append({"name": model.name, "versions": len(versions), "aliases": {a: str(v) for a, v in model.aliases.items()},
-                    "latest": max((int(v.version) for v in versions), default=None)})
+        out.append(
+            {
+                "name": model.name,
+                "versions": len(versions),
+                "aliases": {a: str(v) for a, v in model.aliases.items()},
+                "latest": max((int(v.version) for v in versions), default=None),
+            }
+        )
     return out
 
 
-def resolve_version(mlflow_client, name: str, ref: Optional[str]):
+def resolve_version(mlflow_client, name: str, ref: str | None):
     """A ModelVersion from a version number, `@alias`, or None (the latest)."""
     from mlflow.exceptions import MlflowException
 
@@ -336,13 +426,19 @@ def resolve_version(mlflow_client, name: str, ref: Optional[str]):
         raise RegistryError(f"no version {ref} of model `{name}`: {exc.message.splitlines()[0]}") from None
 
 
-def show(uri: str, name: str, ref: Optional[str] = None) -> dict:
+def show(uri: str, name: str, ref: str | None = None) -> dict:
     mlflow_client = client(uri)
     version = resolve_version(mlflow_client, name, ref)
     model = mlflow_client.get_registered_model(name)
-    return {"name": name, "version": str(version.version), "aliases": [a for a, v in model.aliases.items() if str(v) == str(version.version)],
-            "source": version.source, "run_id": version.run_id, "description": version.description,
-            "tags": dict(sorted(version.tags.items()))}
+    return {
+        "name": name,
+        "version": str(version.version),
+        "aliases": [a for a, v in model.aliases.items() if str(v) == str(version.version)],
+        "source": version.source,
+        "run_id": version.run_id,
+        "description": version.description,
+        "tags": dict(sorted(version.tags.items())),
+    }
 
 
 def promote(uri: str, name: str, ref: str, alias: str = CHAMPION) -> dict:
@@ -375,7 +471,7 @@ def version_of(recipe_or_uri, model_uri: str):
     return resolve_version(client(uri), name, f"@{alias}" if at else (number or None))
 
 
-def download(recipe_or_uri, model_uri: str, dst: Optional[str] = None) -> str:
+def download(recipe_or_uri, model_uri: str, dst: str | None = None) -> str:
     """A local folder with the weights of `models:/<name>/<version>` or `models:/<name>@<alias>`."""
     import tempfile
 
@@ -385,7 +481,9 @@ def download(recipe_or_uri, model_uri: str, dst: Optional[str] = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst or tempfile.mkdtemp(prefix="raytune-model-"))
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=dst or tempfile.mkdtemp(prefix="raytune-model-")
+        )
     except Exception as exc:  # MlflowException and the store's own errors: say which URI failed
         raise RegistryError(f"cannot fetch {model_uri} from {uri}: {str(exc).splitlines()[0]}") from None
 

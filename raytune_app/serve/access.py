@@ -10,10 +10,9 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
-from typing import Optional
 
 
-def load_keys(env_name: Optional[str], file: Optional[str]) -> list[str]:
+def load_keys(env_name: str | None, file: str | None) -> list[str]:
     keys = []
     if env_name and os.environ.get(env_name):
         keys += [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
@@ -29,7 +28,7 @@ def key_id(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def check(authorization: Optional[str], keys: list[str]) -> Optional[str]:
+def check(authorization: str | None, keys: list[str]) -> str | None:
     """The key id of a valid `Authorization: Bearer <key>` header; None when the API is open.
     Raises PermissionError (with the reason) for a missing or wrong key."""
     if not keys:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 from raytune_app import config, storage
 from raytune_app.serve.engine import BASE
@@ -50,15 +49,18 @@ def _resolve_adapter(tracking_uri: str, ref: str, field: str) -> dict:
         except store.RegistryError as exc:
             raise ServePlanError(f"serve.{field}: {ref} is not in the registry at {tracking_uri}: {exc}") from None
         label = f"{version.name}/{version.version}"
-        return {"ref": f"models:/{label}", "label": label,
-                "registry": {"tracking_uri": tracking_uri, "name": version.name, "version": str(version.version)}}
+        return {
+            "ref": f"models:/{label}",
+            "label": label,
+            "registry": {"tracking_uri": tracking_uri, "name": version.name, "version": str(version.version)},
+        }
     local = storage.local_dir(ref) if "://" in ref else ref
     if not os.path.exists(os.path.join(local, "adapter_config.json")):
         raise ServePlanError(f"serve.{field}: no LoRA adapter at {ref} (adapter_config.json missing)")
     return {"ref": ref, "label": os.path.basename(os.path.normpath(ref)) or ref, "registry": None}
 
 
-def _default_or_given(tracking_uri: str, given: Optional[str], default: str, field: str) -> Optional[dict]:
+def _default_or_given(tracking_uri: str, given: str | None, default: str, field: str) -> dict | None:
     """The given reference (which must exist), or the default registry alias (which may not exist yet)."""
     if given is not None:
         return _resolve_adapter(tracking_uri, given, field)
@@ -76,7 +78,7 @@ def guard_tracking_uri(recipe: config.Recipe) -> str:
     return f"sqlite:///{storage.absolute(recipe.run.output_dir).rstrip('/')}/guard/mlflow.db"
 
 
-def _guard_spec(recipe: config.Recipe) -> Optional[dict]:
+def _guard_spec(recipe: config.Recipe) -> dict | None:
     cfg = recipe.serve.guard
     if cfg.mode == "off":
         return None
@@ -87,15 +89,23 @@ def _guard_spec(recipe: config.Recipe) -> Optional[dict]:
         try:
             found = store.version_of(uri, ref)
         except store.RegistryError as exc:
-            raise GuardMissing(f"serve.guard.model: {ref} is not in {uri} ({exc}). Train one with `raytune-app guard train "
-                                 f"--recipe recipes/guard.yaml`, point serve.guard.model at a guard folder, or set "
-                                 f"serve.guard.mode: off") from None
+            raise GuardMissing(
+                f"serve.guard.model: {ref} is not in {uri} ({exc}). Train one with `raytune-app guard train "
+                f"--recipe recipes/guard.yaml`, point serve.guard.model at a guard folder, or set "
+                f"serve.guard.mode: off"
+            ) from None
         version = f"{found.name}/{found.version}"
         ref = f"models:/{version}"
     elif not storage.exists(storage.join(ref, "guard.json")):
         raise GuardMissing(f"serve.guard.model: no trained guard at {ref} (guard.json missing)")
-    return {"model": ref, "version": version, "tracking_uri": uri, "threshold": cfg.threshold,
-            "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+    return {
+        "model": ref,
+        "version": version,
+        "tracking_uri": uri,
+        "threshold": cfg.threshold,
+        "max_batch_size": cfg.max_batch_size,
+        "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+    }
 
 
 def plan(recipe: config.Recipe) -> dict:
@@ -116,7 +126,11 @@ def plan(recipe: config.Recipe) -> dict:
     if s.champion != "base":
         champion = _default_or_given(uri, s.champion, f"models:/{registered}@champion", "champion")
         if champion is None:
-            logger.warning("serving the bare base model %s: nothing is registered as %s@champion yet", recipe.model.path, registered)
+            logger.warning(
+                "serving the bare base model %s: nothing is registered as %s@champion yet",
+                recipe.model.path,
+                registered,
+            )
         else:
             champion_key = "champion"
             adapters[champion_key], versions[champion_key] = champion["ref"], champion["label"]
@@ -134,22 +148,50 @@ def plan(recipe: config.Recipe) -> dict:
         adapters[key], versions[key] = resolved["ref"], resolved["label"]
         routes[name] = key
 
-    context = getattr(AutoConfig.from_pretrained(models.resolve(recipe.model.path),
-                                                 trust_remote_code=recipe.model.trust_remote_code), "max_position_embeddings", 2048)
-    llm = {"name": "llm", "model": model, "adapters": adapters, "tracking_uri": uri, "precision": s.precision,
-           "threads": s.threads, "max_batch_size": s.batching.max_batch_size,
-           "batch_wait_timeout_s": s.batching.batch_wait_timeout_s, "max_loaded_adapters": s.max_loaded_adapters}
+    context = getattr(
+        AutoConfig.from_pretrained(models.resolve(recipe.model.path), trust_remote_code=recipe.model.trust_remote_code),
+        "max_position_embeddings",
+        2048,
+    )
+    llm = {
+        "name": "llm",
+        "model": model,
+        "adapters": adapters,
+        "tracking_uri": uri,
+        "precision": s.precision,
+        "threads": s.threads,
+        "max_batch_size": s.batching.max_batch_size,
+        "batch_wait_timeout_s": s.batching.batch_wait_timeout_s,
+        "max_loaded_adapters": s.max_loaded_adapters,
+    }
     backup = None
     if s.backup is not None:
         backup_model = model if s.backup == "base" else {"path": s.backup}
         backup = llm | {"name": "backup", "model": backup_model, "adapters": {}}
-    router = {"name": served, "routes": routes, "champion": champion_key, "challenger": challenger_key, "versions": versions,
-              "challenger_registry": challenger_registry, "canary_percent": s.router.canary_percent, "shadow": s.router.shadow,
-              "seed": s.router.seed, "drift": s.router.drift.model_dump(), "timeout_s": s.limits.timeout_s,
-              "guard_mode": s.guard.mode, "pricing": {k: v.model_dump() for k, v in s.pricing.items()}}
-    ingress = {"models": sorted(routes), "model": model, "limits": s.limits.model_dump(), "context_length": context,
-               "max_prompt_tokens": s.limits.max_prompt_tokens, "api_keys_env": s.access.api_keys_env,
-               "api_keys_file": recipe.resolve_source(s.access.api_keys_file) if s.access.api_keys_file else None}
+    router = {
+        "name": served,
+        "routes": routes,
+        "champion": champion_key,
+        "challenger": challenger_key,
+        "versions": versions,
+        "challenger_registry": challenger_registry,
+        "canary_percent": s.router.canary_percent,
+        "shadow": s.router.shadow,
+        "seed": s.router.seed,
+        "drift": s.router.drift.model_dump(),
+        "timeout_s": s.limits.timeout_s,
+        "guard_mode": s.guard.mode,
+        "pricing": {k: v.model_dump() for k, v in s.pricing.items()},
+    }
+    ingress = {
+        "models": sorted(routes),
+        "model": model,
+        "limits": s.limits.model_dump(),
+        "context_length": context,
+        "max_prompt_tokens": s.limits.max_prompt_tokens,
+        "api_keys_env": s.access.api_keys_env,
+        "api_keys_file": recipe.resolve_source(s.access.api_keys_file) if s.access.api_keys_file else None,
+    }
     return {"llm": llm, "backup": backup, "guard": _guard_spec(recipe), "router": router, "ingress": ingress}
 
 
@@ -174,7 +216,7 @@ def _options(recipe: config.Recipe, name: str) -> dict:
     return options
 
 
-def build(recipe: config.Recipe, spec: Optional[dict] = None):
+def build(recipe: config.Recipe, spec: dict | None = None):
     """The bound application (nothing starts until Serve runs it); `spec`: an already made plan."""
     from raytune_app.serve.guard_scorer import GuardScorer
     from raytune_app.serve.ingress import Ingress
@@ -196,7 +238,7 @@ def build_app(args: dict):
     return build(config.load(args["recipe"], list(args.get("overrides") or [])))
 
 
-def run(recipe: config.Recipe, blocking: bool = False, spec: Optional[dict] = None) -> str:
+def run(recipe: config.Recipe, blocking: bool = False, spec: dict | None = None) -> str:
     """Start the app on the current (or a new local) Ray; returns the base URL."""
     import ray
     from ray import serve

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from statistics import fmean
-from typing import Optional
 
 
 class DriftMonitor:
@@ -36,7 +35,7 @@ class DriftMonitor:
         self.length_ratio.append(len(challenger_reply) / max(1, len(champion_reply)))
 
     @property
-    def mean_kl(self) -> Optional[float]:
+    def mean_kl(self) -> float | None:
         return fmean(self.kl) if self.kl else None
 
     @property
@@ -51,6 +50,14 @@ class DriftMonitor:
         def mean(values):
             return round(fmean(values), 6) if values else None
 
-        return {"threshold": self.threshold, "window": self.kl.maxlen, "samples": len(self.kl), "measured_total": self.measured,
-                "mean_kl": mean(self.kl), "top1_agreement": mean(self.agreement), "shadow_compared": len(self.same_reply),
-                "shadow_identical_rate": mean(self.same_reply), "shadow_length_ratio": mean(self.length_ratio)}
+        return {
+            "threshold": self.threshold,
+            "window": self.kl.maxlen,
+            "samples": len(self.kl),
+            "measured_total": self.measured,
+            "mean_kl": mean(self.kl),
+            "top1_agreement": mean(self.agreement),
+            "shadow_compared": len(self.same_reply),
+            "shadow_identical_rate": mean(self.same_reply),
+            "shadow_length_ratio": mean(self.length_ratio),
+        }

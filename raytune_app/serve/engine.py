@@ -17,8 +17,8 @@ their own small matrices. No Ray here; the Serve deployment wraps it (raytune_ap
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from raytune_app import models, storage
 
@@ -45,7 +45,7 @@ class TextStream:
         self.tokenizer, self.stop_ids, self.stop, self.max_tokens = tokenizer, stop_ids, stop, max_tokens
         self.ids: list[int] = []
         self.sent = ""
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: str | None = None
 
     @property
     def done(self) -> bool:
@@ -79,8 +79,8 @@ class TextStream:
                 return ""  # a multi-byte character is not complete yet
             # Keep back the longest tail that is the start of a stop string.
             hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
-        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+            text = text[: len(text) - hold]
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
         self.sent += delta
         return delta
 
@@ -88,7 +88,7 @@ class TextStream:
 class Engine:
     """A base model with named LoRA adapters, generating for mixed batches."""
 
-    def __init__(self, model: dict, dtype: str = "fp32", threads: Optional[int] = None):
+    def __init__(self, model: dict, dtype: str = "fp32", threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -96,14 +96,19 @@ class Engine:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.tokenizer = models.load_tokenizer(model["path"], model.get("tokenizer"), model.get("chat_template"),
-                                               model.get("trust_remote_code", False))
+        self.tokenizer = models.load_tokenizer(
+            model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)
+        )
         self.tokenizer.padding_side = "left"
         # On CPU weights stay fp32 (bf16 matmuls are not faster on every CPU); on a GPU they load in `dtype`.
         load_dtype = self.dtype if self.device != "cpu" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            models.resolve(model["path"]), dtype=load_dtype, trust_remote_code=model.get("trust_remote_code", False)
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                models.resolve(model["path"]), dtype=load_dtype, trust_remote_code=model.get("trust_remote_code", False)
+            )
+            .to(self.device)
+            .eval()
+        )
         self.adapters: dict[str, str] = {}  # name -> folder
         stops = {self.tokenizer.eos_token_id}
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -160,8 +165,9 @@ class Engine:
 
     # --------------------------------------------------------------------------------- generation
 
-    def generate(self, rows: list[Row], on_step: Callable[[list[int]], None],
-                 finished: Optional[Callable[[], list[bool]]] = None) -> None:
+    def generate(
+        self, rows: list[Row], on_step: Callable[[list[int]], None], finished: Callable[[], list[bool]] | None = None
+    ) -> None:
         """Generate for every row; `on_step` receives the new token of each row after every decoding
         step. `finished()` (optional) tells which rows the caller has ended (a stop string), so that a
         batch whose rows are all ended stops early."""
@@ -172,8 +178,9 @@ class Engine:
         width = max(len(r.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
-        attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
-                                 device=self.device)
+        attention = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device
+        )
         limits = torch.tensor([r.max_tokens for r in rows], device=self.device)
 
         class Streamer(BaseStreamer):
@@ -199,13 +206,25 @@ class Engine:
         options = dict(do_sample=False)
         if sampling:
             # Each row's own temperature / top-p is applied by RowSampling; neutralise the model's defaults.
-            options = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                           logits_processor=LogitsProcessorList([RowSampling(rows)]))
+            options = dict(
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                logits_processor=LogitsProcessorList([RowSampling(rows)]),
+            )
         with torch.inference_mode(), self._autocast():
-            self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=int(limits.max()),
-                                eos_token_id=sorted(self.stop_ids), pad_token_id=pad, streamer=Streamer(),
-                                stopping_criteria=StoppingCriteriaList([RowLimits()]),
-                                **options, **self._adapter_kwargs([r.adapter for r in rows]))
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=int(limits.max()),
+                eos_token_id=sorted(self.stop_ids),
+                pad_token_id=pad,
+                streamer=Streamer(),
+                stopping_criteria=StoppingCriteriaList([RowLimits()]),
+                **options,
+                **self._adapter_kwargs([r.adapter for r in rows]),
+            )
 
     def _autocast(self):
         import torch

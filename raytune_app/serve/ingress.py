@@ -16,7 +16,6 @@ the guard score.
 import json
 import logging
 import time
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,8 +31,11 @@ app = FastAPI(title="raytune-app", description="OpenAI-compatible serving of fin
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     # Unknown paths and wrong methods answer in the OpenAI error shape too.
-    error = protocol.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found"
-                              if exc.status_code == 404 else "method_not_allowed")
+    error = protocol.APIError(
+        exc.status_code,
+        f"{request.method} {request.url.path}: {exc.detail}",
+        code="not_found" if exc.status_code == 404 else "method_not_allowed",
+    )
     return JSONResponse(error.body(), status_code=exc.status_code)
 
 
@@ -42,8 +44,11 @@ def _sse(payload: dict) -> str:
 
 
 def _headers(meta: dict) -> dict:
-    headers = {"x-raytune-served-by": str(meta["served_by"]), "x-raytune-failover": str(meta["failover"]).lower(),
-               "x-raytune-route": meta["route"]}
+    headers = {
+        "x-raytune-served-by": str(meta["served_by"]),
+        "x-raytune-failover": str(meta["failover"]).lower(),
+        "x-raytune-route": meta["route"],
+    }
     if meta.get("guard_score") is not None:
         headers["x-raytune-guard-score"] = f"{meta['guard_score']:.6f}"
     return headers
@@ -57,14 +62,20 @@ class Ingress:
 
         self.spec, self.router = spec, router
         self.keys = access.load_keys(spec["api_keys_env"], spec["api_keys_file"])
-        self.tokenizer = models.load_tokenizer(spec["model"]["path"], spec["model"].get("tokenizer"),
-                                               spec["model"].get("chat_template"), spec["model"].get("trust_remote_code", False))
+        self.tokenizer = models.load_tokenizer(
+            spec["model"]["path"],
+            spec["model"].get("tokenizer"),
+            spec["model"].get("chat_template"),
+            spec["model"].get("trust_remote_code", False),
+        )
         self.created = int(time.time())
-        logger.info("ingress ready: models %s, API keys %s", spec["models"], "required" if self.keys else "not required")
+        logger.info(
+            "ingress ready: models %s, API keys %s", spec["models"], "required" if self.keys else "not required"
+        )
 
     # --------------------------------------------------------------------------------- helpers
 
-    async def _authorise(self, request: Request) -> Optional[str]:
+    async def _authorise(self, request: Request) -> str | None:
         try:
             return access.check(request.headers.get("authorization"), self.keys)
         except PermissionError as exc:
@@ -81,9 +92,13 @@ class Ingress:
         limit = self.spec["max_prompt_tokens"] or (self.spec["context_length"] - request["max_tokens"])
         count = self._prompt_tokens(request)
         if count > limit:
-            raise protocol.APIError(400, f"This model's maximum prompt length is {limit} tokens with max_tokens="
-                                         f"{request['max_tokens']}; the prompt has {count}. Shorten it or lower max_tokens.",
-                                    param="messages" if request["kind"] == "chat" else "prompt", code="context_length_exceeded")
+            raise protocol.APIError(
+                400,
+                f"This model's maximum prompt length is {limit} tokens with max_tokens="
+                f"{request['max_tokens']}; the prompt has {count}. Shorten it or lower max_tokens.",
+                param="messages" if request["kind"] == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
         request["max_prompt_tokens"] = limit
 
     async def _serve(self, request: Request, parse):
@@ -93,7 +108,9 @@ class Ingress:
             try:
                 body = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise protocol.APIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+                raise protocol.APIError(
+                    400, f"the request body is not valid JSON ({exc})", code="invalid_json"
+                ) from None
             parsed = parse(body, self.spec["limits"])
             model = parsed["model"]
             self._check_length(parsed)
@@ -111,11 +128,15 @@ class Ingress:
             return JSONResponse(exc.body(), status_code=exc.status)
         except Exception as exc:  # never a traceback to the client; the log has it
             logger.exception("request failed")
-            error = protocol.APIError(500, f"internal error ({type(exc).__name__}); the server log has the details",
-                                      type="server_error", code="internal_error")
+            error = protocol.APIError(
+                500,
+                f"internal error ({type(exc).__name__}); the server log has the details",
+                type="server_error",
+                code="internal_error",
+            )
             return JSONResponse(error.body(), status_code=500)
 
-    async def _stream(self, request: dict, key: Optional[str]):
+    async def _stream(self, request: dict, key: str | None):
         events = self.router.options(stream=True).stream.remote(request, key)
         head = await events.__anext__()
         if "error" in head:
@@ -139,8 +160,11 @@ class Ingress:
                             yield encode(usage_chunk(request, response_id, created, event))
             except Exception as exc:
                 logger.exception("stream failed")
-                yield encode(error(500, f"the stream failed ({type(exc).__name__})", type="server_error",
-                                   code="internal_error").body())
+                yield encode(
+                    error(
+                        500, f"the stream failed ({type(exc).__name__})", type="server_error", code="internal_error"
+                    ).body()
+                )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_headers(head["meta"]))
@@ -166,8 +190,13 @@ class Ingress:
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         async def models():
-            return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created, "owned_by": "raytune-app"}
-                                               for m in self.spec["models"]]}
+            return {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": self.created, "owned_by": "raytune-app"}
+                    for m in self.spec["models"]
+                ],
+            }
 
         return await self._keyed(request, models)
 

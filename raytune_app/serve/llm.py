@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Optional
 
 from ray import serve
 
@@ -41,7 +40,7 @@ class PromptError(ValueError):
 class _LoadedAdapter:
     """What the multiplexed loader caches: eviction calls __del__, which unloads the adapter."""
 
-    def __init__(self, server: "LLMServer", key: str):
+    def __init__(self, server: LLMServer, key: str):
         self.server, self.key = server, key
         self.generation = server.loads[key]
 
@@ -66,14 +65,16 @@ class LLMServer:
         self.batch_sizes: Counter = Counter()
         self._decode.set_max_batch_size(spec["max_batch_size"])
         self._decode.set_batch_wait_timeout_s(spec["batch_wait_timeout_s"])
+
         # A plain function, not the bound method: Serve's multiplexing keeps its cache on the decorated object.
         async def load(key: str) -> _LoadedAdapter:
             return await self._load_adapter(key)
 
         self._load = serve.multiplexed(max_num_models_per_replica=spec["max_loaded_adapters"])(load)
         # Serve's metrics add the deployment / replica / app tags themselves.
-        self.batch_histogram = Histogram("raytune_batch_size", description="Requests per LLM forward batch.",
-                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.batch_histogram = Histogram(
+            "raytune_batch_size", description="Requests per LLM forward batch.", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
 
     # ------------------------------------------------------------------------------- adapters
 
@@ -119,11 +120,18 @@ class LLMServer:
             ids = self.engine.text_ids(payload["prompt"])
         limit = payload.get("max_prompt_tokens") or (self.engine.context_length - payload["max_tokens"])
         if len(ids) > limit:
-            raise PromptError(f"the prompt is {len(ids)} tokens; this model takes at most {limit} with "
-                              f"max_tokens={payload['max_tokens']}")
-        return Row(prompt_ids=ids, adapter=adapter, max_tokens=payload["max_tokens"],
-                   temperature=payload.get("temperature", 0.0), top_p=payload.get("top_p", 1.0),
-                   stop=payload.get("stop") or [])
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens; this model takes at most {limit} with "
+                f"max_tokens={payload['max_tokens']}"
+            )
+        return Row(
+            prompt_ids=ids,
+            adapter=adapter,
+            max_tokens=payload["max_tokens"],
+            temperature=payload.get("temperature", 0.0),
+            top_p=payload.get("top_p", 1.0),
+            stop=payload.get("stop") or [],
+        )
 
     async def stream(self, payload: dict):
         """Events for one request, as the batch it joined decodes."""
@@ -153,8 +161,11 @@ class LLMServer:
             try:
                 self._ensure_loaded(sorted({r.adapter for r in rows}))
                 with self.lock:
-                    self.engine.generate(rows, lambda tokens: loop.call_soon_threadsafe(steps.put_nowait, tokens),
-                                         finished=lambda: [s.done for s in streams])
+                    self.engine.generate(
+                        rows,
+                        lambda tokens: loop.call_soon_threadsafe(steps.put_nowait, tokens),
+                        finished=lambda: [s.done for s in streams],
+                    )
                 loop.call_soon_threadsafe(steps.put_nowait, None)
             except BaseException as exc:  # handed to the event loop, raised there for every request in the batch
                 loop.call_soon_threadsafe(steps.put_nowait, exc)
@@ -183,15 +194,23 @@ class LLMServer:
                 break
         await worker
         if not all(ended):  # generation ended without a stop token for some rows (the context is full)
-            yield [StopIteration if done else self._final(rows[i], streams[i], "", len(rows), "length")
-                   for i, done in enumerate(ended)]
+            yield [
+                StopIteration if done else self._final(rows[i], streams[i], "", len(rows), "length")
+                for i, done in enumerate(ended)
+            ]
         yield [StopIteration] * len(rows)
 
     @staticmethod
-    def _final(row: Row, stream, delta: str, batch_size: int, reason: Optional[str] = None) -> dict:
-        return {"delta": delta, "finish_reason": reason or stream.finish_reason, "prompt_tokens": len(row.prompt_ids),
-                "completion_tokens": len(stream.ids), "prompt_ids": row.prompt_ids, "completion_ids": stream.ids,
-                "batch_size": batch_size}
+    def _final(row: Row, stream, delta: str, batch_size: int, reason: str | None = None) -> dict:
+        return {
+            "delta": delta,
+            "finish_reason": reason or stream.finish_reason,
+            "prompt_tokens": len(row.prompt_ids),
+            "completion_tokens": len(stream.ids),
+            "prompt_ids": row.prompt_ids,
+            "completion_ids": stream.ids,
+            "batch_size": batch_size,
+        }
 
     # ---------------------------------------------------------------------------------- drift
 
@@ -208,6 +227,10 @@ class LLMServer:
         return await asyncio.get_running_loop().run_in_executor(None, measure)
 
     async def info(self) -> dict:
-        return {"name": self.spec["name"], "model": self.spec["model"]["path"], "adapters_loaded": sorted(self.engine.adapters),
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "max_batch_size": self.spec["max_batch_size"]}
+        return {
+            "name": self.spec["name"],
+            "model": self.spec["model"]["path"],
+            "adapters_loaded": sorted(self.engine.adapters),
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "max_batch_size": self.spec["max_batch_size"],
+        }

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None, extra: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.extra = extra or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}}
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}
+        }
 
 
 def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
@@ -32,8 +42,9 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise APIError(400, f"`{name}` must be {what} from {low} to {high}; got {value!r}", param=name,
-                       code="invalid_value")
+        raise APIError(
+            400, f"`{name}` must be {what} from {low} to {high}; got {value!r}", param=name, code="invalid_value"
+        )
     return value
 
 
@@ -44,7 +55,9 @@ def _stop(body: dict) -> list[str]:
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "`stop` must be a non-empty string or a list of up to 4 of them", param="stop", code="invalid_value")
+        raise APIError(
+            400, "`stop` must be a non-empty string or a list of up to 4 of them", param="stop", code="invalid_value"
+        )
     return stop
 
 
@@ -56,14 +69,22 @@ def _content(message: dict, index: int) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"messages[{index}].content: only text parts are supported", param=f"messages[{index}].content",
-                               code="invalid_value")
+                raise APIError(
+                    400,
+                    f"messages[{index}].content: only text parts are supported",
+                    param=f"messages[{index}].content",
+                    code="invalid_value",
+                )
             texts.append(part["text"])
         return "".join(texts)
     if content is None and message.get("role") == "assistant":
         return ""
-    raise APIError(400, f"messages[{index}].content must be a string or a list of text parts", param=f"messages[{index}].content",
-                   code="invalid_value")
+    raise APIError(
+        400,
+        f"messages[{index}].content must be a string or a list of text parts",
+        param=f"messages[{index}].content",
+        code="invalid_value",
+    )
 
 
 def _common(body: Any, limits: dict) -> dict:
@@ -71,7 +92,12 @@ def _common(body: Any, limits: dict) -> dict:
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise APIError(400, "`model` is required: one of the ids GET /v1/models lists", param="model", code="missing_required_parameter")
+        raise APIError(
+            400,
+            "`model` is required: one of the ids GET /v1/models lists",
+            param="model",
+            code="missing_required_parameter",
+        )
     n = _number(body, "n", 1, 1, 1, integer=True)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -82,11 +108,17 @@ def _common(body: Any, limits: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "`stream_options` must be an object", param="stream_options", code="invalid_value")
-    return {"model": model, "n": n, "max_tokens": max_tokens, "stream": stream,
-            "include_usage": bool(options.get("include_usage", False)),
-            "temperature": float(_number(body, "temperature", limits["default_temperature"], 0, 2)),
-            "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0)), "stop": _stop(body),
-            "user": body.get("user") if isinstance(body.get("user"), str) else None}
+    return {
+        "model": model,
+        "n": n,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "include_usage": bool(options.get("include_usage", False)),
+        "temperature": float(_number(body, "temperature", limits["default_temperature"], 0, 2)),
+        "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0)),
+        "stop": _stop(body),
+        "user": body.get("user") if isinstance(body.get("user"), str) else None,
+    }
 
 
 def parse_chat(body: Any, limits: dict) -> dict:
@@ -94,11 +126,21 @@ def parse_chat(body: Any, limits: dict) -> dict:
     request = _common(body, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise APIError(400, "`messages` must be a non-empty list of {role, content}", param="messages", code="missing_required_parameter")
+        raise APIError(
+            400,
+            "`messages` must be a non-empty list of {role, content}",
+            param="messages",
+            code="missing_required_parameter",
+        )
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise APIError(400, f"messages[{i}].role must be one of {sorted(ROLES)}", param=f"messages[{i}].role", code="invalid_value")
+            raise APIError(
+                400,
+                f"messages[{i}].role must be one of {sorted(ROLES)}",
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
         role = "system" if message["role"] == "developer" else message["role"]
         clean.append({"role": role, "content": _content(message, i)})
     if request["top_p"] == 0.0:
@@ -113,7 +155,9 @@ def parse_completion(body: Any, limits: dict) -> dict:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "`prompt` must be a non-empty string (one prompt per request)", param="prompt", code="invalid_value")
+        raise APIError(
+            400, "`prompt` must be a non-empty string (one prompt per request)", param="prompt", code="invalid_value"
+        )
     if request["top_p"] == 0.0:
         request["top_p"] = 1e-6
     return {**request, "kind": "completion", "prompt": prompt}
@@ -134,33 +178,69 @@ def new_id(kind: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def reply(request: dict, result: dict, response_id: str) -> dict:
     """The non-streaming body from the model's final result."""
-    base = {"id": response_id, "created": int(time.time()), "model": request["model"],
-            "usage": usage(result["prompt_tokens"], result["completion_tokens"])}
+    base = {
+        "id": response_id,
+        "created": int(time.time()),
+        "model": request["model"],
+        "usage": usage(result["prompt_tokens"], result["completion_tokens"]),
+    }
     if request["kind"] == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]}, "logprobs": None,
-                  "finish_reason": result["finish_reason"]}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result["text"]},
+            "logprobs": None,
+            "finish_reason": result["finish_reason"],
+        }
         return {**base, "object": "chat.completion", "choices": [choice]}
     choice = {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": result["finish_reason"]}
     return {**base, "object": "text_completion", "choices": [choice]}
 
 
-def chunk(request: dict, response_id: str, created: int, delta: Optional[str], finish_reason: Optional[str] = None,
-          first: bool = False) -> dict:
+def chunk(
+    request: dict,
+    response_id: str,
+    created: int,
+    delta: str | None,
+    finish_reason: str | None = None,
+    first: bool = False,
+) -> dict:
     """One streamed chunk (`delta` None with a finish reason: the closing chunk)."""
     if request["kind"] == "chat":
         piece = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
         choice = {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish_reason}
-        return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": request["model"], "choices": [choice]}
+        return {
+            "id": response_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": request["model"],
+            "choices": [choice],
+        }
     choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-    return {"id": response_id, "object": "text_completion", "created": created, "model": request["model"], "choices": [choice]}
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": request["model"],
+        "choices": [choice],
+    }
 
 
 def usage_chunk(request: dict, response_id: str, created: int, result: dict) -> dict:
     kind = "chat.completion.chunk" if request["kind"] == "chat" else "text_completion"
-    return {"id": response_id, "object": kind, "created": created, "model": request["model"], "choices": [],
-            "usage": usage(result["prompt_tokens"], result["completion_tokens"])}
+    return {
+        "id": response_id,
+        "object": kind,
+        "created": created,
+        "model": request["model"],
+        "choices": [],
+        "usage": usage(result["prompt_tokens"], result["completion_tokens"]),
+    }

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import random
 import time
-from typing import Optional
 
 from ray import serve
 
@@ -33,10 +32,16 @@ logger = logging.getLogger("ray.serve")
 ROUTED = "__routed__"
 
 
-def _refusal(status: int, message: str, code: str, param: Optional[str] = None, **extra) -> dict:
+def _refusal(status: int, message: str, code: str, param: str | None = None, **extra) -> dict:
     """A reply the ingress sends as it is: the status and the OpenAI error body (protocol.APIError's shape)."""
-    error = APIError(status, message, type="invalid_request_error" if status < 500 else "server_error", param=param,
-                     code=code, extra=extra)
+    error = APIError(
+        status,
+        message,
+        type="invalid_request_error" if status < 500 else "server_error",
+        param=param,
+        code=code,
+        extra=extra,
+    )
     return {"error": {"status": status, "body": error.body()}}
 
 
@@ -55,7 +60,7 @@ class Router:
 
     # -------------------------------------------------------------------------------- policy
 
-    async def _screen(self, text: str, key: Optional[str]) -> tuple[Optional[dict], Optional[float]]:
+    async def _screen(self, text: str, key: str | None) -> tuple[dict | None, float | None]:
         """The guard's verdict: (refusal or None, score)."""
         mode = self.spec["guard_mode"]
         if self.guard is None or mode == "off":
@@ -65,16 +70,26 @@ class Router:
         decision = "passed"
         if verdict["attack"]:
             decision = "blocked" if mode == "enforce" else "flagged"
-            logger.warning("guard %s a request: score %.4f >= threshold %.4f (key %s)", decision, verdict["score"],
-                           verdict["threshold"], key or "-")
+            logger.warning(
+                "guard %s a request: score %.4f >= threshold %.4f (key %s)",
+                decision,
+                verdict["score"],
+                verdict["threshold"],
+                key or "-",
+            )
         self.stats.guard(decision, time.perf_counter() - began)
         if decision == "blocked":
-            return _refusal(400, f"The prompt was refused by the guard: it scored {verdict['score']:.3f}, at or above the "
-                                 f"threshold {verdict['threshold']:.3f} for prompt injection / jailbreak.",
-                            "prompt_refused", "messages", guard_score=verdict["score"]), verdict["score"]
+            return _refusal(
+                400,
+                f"The prompt was refused by the guard: it scored {verdict['score']:.3f}, at or above the "
+                f"threshold {verdict['threshold']:.3f} for prompt injection / jailbreak.",
+                "prompt_refused",
+                "messages",
+                guard_score=verdict["score"],
+            ), verdict["score"]
         return None, verdict["score"]
 
-    def _target(self, model: str) -> Optional[tuple[str, str]]:
+    def _target(self, model: str) -> tuple[str, str] | None:
         """(adapter key, route label) for a requested model id; None when the id is unknown."""
         key = self.spec["routes"].get(model)
         if key is None:
@@ -85,11 +100,15 @@ class Router:
             return self.spec["challenger"], "challenger"
         return self.spec["champion"], "champion"
 
-    async def _begin(self, request: dict, key: Optional[str]):
+    async def _begin(self, request: dict, key: str | None):
         if request["model"] not in self.spec["routes"]:
             known = ", ".join(sorted(self.spec["routes"]))
-            return _refusal(404, f"The model `{request['model']}` does not exist here; served models: {known}.",
-                            "model_not_found", "model"), None
+            return _refusal(
+                404,
+                f"The model `{request['model']}` does not exist here; served models: {known}.",
+                "model_not_found",
+                "model",
+            ), None
         refusal, score = await self._screen(request["guard_text"], key)
         if refusal:
             return refusal, None
@@ -103,7 +122,7 @@ class Router:
 
     # ------------------------------------------------------------------------------- serving
 
-    async def complete(self, request: dict, key: Optional[str] = None) -> dict:
+    async def complete(self, request: dict, key: str | None = None) -> dict:
         began = time.perf_counter()
         refusal, plan = await self._begin(request, key)
         if refusal:
@@ -122,7 +141,7 @@ class Router:
         self._after(request, plan, result, failover, began, None, key)
         return result | {"meta": self._meta(plan, failover)}
 
-    async def stream(self, request: dict, key: Optional[str] = None):
+    async def stream(self, request: dict, key: str | None = None):
         """Yields the meta (or a refusal) first, then the model's events."""
         began = time.perf_counter()
         refusal, plan = await self._begin(request, key)
@@ -137,8 +156,11 @@ class Router:
             events.cancel()
             if self.backup is None:
                 self.stats.error(request["model"], type(exc).__name__)
-                yield _refusal(503, f"The model failed before answering ({type(exc).__name__}) and no backup is configured.",
-                               "model_unavailable")
+                yield _refusal(
+                    503,
+                    f"The model failed before answering ({type(exc).__name__}) and no backup is configured.",
+                    "model_unavailable",
+                )
                 return
             logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
             failover = True
@@ -158,23 +180,39 @@ class Router:
     async def _failover(self, payload: dict, exc: Exception, model: str) -> dict:
         self.stats.error(model, "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
         if self.backup is None:
-            return _refusal(503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable")
+            return _refusal(
+                503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable"
+            )
         logger.warning("primary failed on adapter %s (%s); the backup answers", payload["adapter"], _describe(exc))
         try:
             return await self.backup.generate.remote(payload | {"adapter": BASE})
         except Exception as backup_exc:
             self.stats.error(model, "backup_" + type(backup_exc).__name__)
-            return _refusal(503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable")
+            return _refusal(
+                503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
+            )
 
     def _meta(self, plan: dict, failover: bool) -> dict:
-        return {"served_by": self._served_name(plan["payload"]["adapter"], failover), "failover": failover,
-                "route": plan["route"], "guard_score": plan["guard_score"]}
+        return {
+            "served_by": self._served_name(plan["payload"]["adapter"], failover),
+            "failover": failover,
+            "route": plan["route"],
+            "guard_score": plan["guard_score"],
+        }
 
     def _after(self, request, plan, result, failover, began, ttft, key) -> None:
         """Count the answered request, then shadow and measure drift in the background."""
         adapter = plan["payload"]["adapter"]
-        self.stats.request(request["model"], self._served_name(adapter, failover), result["prompt_tokens"],
-                           result["completion_tokens"], time.perf_counter() - began, ttft, failover, key)
+        self.stats.request(
+            request["model"],
+            self._served_name(adapter, failover),
+            result["prompt_tokens"],
+            result["completion_tokens"],
+            time.perf_counter() - began,
+            ttft,
+            failover,
+            key,
+        )
         challenger = self.spec["challenger"]
         if failover or not challenger or plan["route"] == "direct" or not (self.shadow or self.canary > 0):
             return
@@ -202,7 +240,8 @@ class Router:
         try:
             challenger = self.spec["challenger"]
             measured = await self.primary.options(multiplexed_model_id=challenger).divergence.remote(
-                prompt_ids, reply_ids, self.spec["champion"], challenger)
+                prompt_ids, reply_ids, self.spec["champion"], challenger
+            )
         except Exception as exc:
             logger.warning("drift measurement failed: %s", _describe(exc))
             return
@@ -214,15 +253,28 @@ class Router:
         challenger = self.spec["versions"].get(self.spec["challenger"], self.spec["challenger"])
         self.canary, self.shadow = 0.0, False
         reason = f"mean KL {summary['mean_kl']:.4f} > {summary['threshold']} over {summary['samples']} requests"
-        event = {"time": time.time(), "event": "rollback", "challenger": challenger, "reason": reason, "drift": summary,
-                 "registry": None}
+        event = {
+            "time": time.time(),
+            "event": "rollback",
+            "challenger": challenger,
+            "reason": reason,
+            "drift": summary,
+            "registry": None,
+        }
         registry = self.spec.get("challenger_registry")
         if registry and self.spec["drift"]["rollback"]:
             from raytune_app.registry import store
 
             try:
                 event["registry"] = await asyncio.get_running_loop().run_in_executor(
-                    None, store.retire, registry["tracking_uri"], registry["name"], "challenger", registry["version"], reason)
+                    None,
+                    store.retire,
+                    registry["tracking_uri"],
+                    registry["name"],
+                    "challenger",
+                    registry["version"],
+                    reason,
+                )
             except Exception as exc:
                 event["registry"] = {"moved": False, "why": _describe(exc)}
         self.events.append(event)
@@ -240,11 +292,20 @@ class Router:
         primary = await self.primary.info.remote()
         guard = await self.guard.info.remote() if self.guard is not None else None
         return self.stats.summary() | {
-            "routing": {"name": self.spec["name"], "champion": self._served_name(self.spec["champion"], False),
-                        "challenger": self._served_name(self.spec["challenger"], False) if self.spec["challenger"] else None,
-                        "canary_percent": self.canary, "shadow": self.shadow, "backup": self.backup is not None},
-            "drift": self.monitor.summary(), "events": self.events, "llm": primary,
-            "guard_model": guard, "guard_mode": self.spec["guard_mode"] if guard else "off"}
+            "routing": {
+                "name": self.spec["name"],
+                "champion": self._served_name(self.spec["champion"], False),
+                "challenger": self._served_name(self.spec["challenger"], False) if self.spec["challenger"] else None,
+                "canary_percent": self.canary,
+                "shadow": self.shadow,
+                "backup": self.backup is not None,
+            },
+            "drift": self.monitor.summary(),
+            "events": self.events,
+            "llm": primary,
+            "guard_model": guard,
+            "guard_mode": self.spec["guard_mode"] if guard else "off",
+        }
 
 
 def _describe(exc: BaseException) -> str:

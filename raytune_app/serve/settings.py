@@ -8,7 +8,7 @@ serves the same weights. Plain pydantic; no Ray.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -18,9 +18,13 @@ DEPLOYMENTS = ("ingress", "router", "guard", "llm", "backup")
 
 
 class BatchingSection(Section):
-    max_batch_size: int = Field(8, ge=1, description="Most requests one forward pass serves (`@serve.batch`); 1 turns batching off.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Most requests one forward pass serves (`@serve.batch`); 1 turns batching off."
+    )
     batch_wait_timeout_s: float = Field(
-        0.1, ge=0, description="How long a replica waits for a batch to fill before it starts with what it has: longer "
+        0.1,
+        ge=0,
+        description="How long a replica waits for a batch to fill before it starts with what it has: longer "
         "fills batches (throughput), shorter answers a lone request sooner. On a 2-core CPU 0.15 s gave full batches of "
         "16 and 4x the unbatched throughput where 0.02 s gave batches of 2-3 (benchmarks/serve_load.py); on a GPU ~0.01.",
     )
@@ -30,34 +34,47 @@ class LimitsSection(Section):
     default_max_tokens: int = Field(256, ge=1, description="Completion tokens when a request does not set max_tokens.")
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for (400 above it).")
     default_temperature: float = Field(
-        1.0, ge=0, le=2, description="Temperature when a request does not set one (OpenAI's default is 1.0; 0 is greedy, "
+        1.0,
+        ge=0,
+        le=2,
+        description="Temperature when a request does not set one (OpenAI's default is 1.0; 0 is greedy, "
         "better for extraction models).",
     )
-    max_prompt_tokens: Optional[int] = Field(
-        None, ge=1, description="Longest prompt accepted, in tokens (400 above it); left out: the model's context length "
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Longest prompt accepted, in tokens (400 above it); left out: the model's context length "
         "minus max_tokens.",
     )
     timeout_s: float = Field(
-        120.0, gt=0, description="Seconds the primary model has for a request before it counts as failed (and the backup "
+        120.0,
+        gt=0,
+        description="Seconds the primary model has for a request before it counts as failed (and the backup "
         "answers, when there is one).",
     )
 
 
 class GuardServeSection(Section):
     mode: Literal["enforce", "monitor", "off"] = Field(
-        "enforce", description="`enforce`: prompts scored at or above the threshold are refused (HTTP 400) and never reach "
+        "enforce",
+        description="`enforce`: prompts scored at or above the threshold are refused (HTTP 400) and never reach "
         "a model; `monitor`: scored, logged and counted, but served; `off`: no guard deployment.",
     )
     model: str = Field(
-        "models:/guard@champion", description="The trained guard (`raytune-app guard train`): a registry URI or a "
+        "models:/guard@champion",
+        description="The trained guard (`raytune-app guard train`): a registry URI or a "
         "folder holding guard.json and model/.",
     )
-    tracking_uri: Optional[str] = Field(
-        None, description="MLflow store the guard is registered in; left out: where `raytune-app guard train` with "
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow store the guard is registered in; left out: where `raytune-app guard train` with "
         "recipes/guard.yaml registers it (sqlite:///<run.output_dir>/guard/mlflow.db).",
     )
-    threshold: Optional[float] = Field(
-        None, ge=0, le=1, description="Score at or above which a prompt is an attack; left out: the threshold the guard "
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Score at or above which a prompt is an attack; left out: the threshold the guard "
         "was trained with (chosen for its target false-positive rate).",
     )
     max_batch_size: int = Field(16, ge=1, description="Prompts the guard scores in one forward pass.")
@@ -66,13 +83,17 @@ class GuardServeSection(Section):
 
 class DriftSection(Section):
     threshold: float = Field(
-        0.08, gt=0, description="Mean KL divergence (champion || challenger, next-token distributions over served "
+        0.08,
+        gt=0,
+        description="Mean KL divergence (champion || challenger, next-token distributions over served "
         "replies) above which the challenger is rolled back.",
     )
     window: int = Field(64, ge=1, description="Requests in the sliding window the mean is taken over.")
     min_samples: int = Field(8, ge=1, description="Requests measured before the monitor may roll back.")
     sample_rate: float = Field(1.0, gt=0, le=1, description="Share of requests whose divergence is measured.")
-    rollback: bool = Field(True, description="Roll the challenger back when drift passes the threshold (else only log).")
+    rollback: bool = Field(
+        True, description="Roll the challenger back when drift passes the threshold (else only log)."
+    )
 
 
 class RouterSection(Section):
@@ -80,7 +101,8 @@ class RouterSection(Section):
         0.0, ge=0, le=100, description="Share of requests to the served name that the challenger answers (0: none)."
     )
     shadow: bool = Field(
-        False, description="Send the challenger a copy of every champion request; its answer is compared and measured, "
+        False,
+        description="Send the challenger a copy of every champion request; its answer is compared and measured, "
         "never returned.",
     )
     seed: int = Field(0, description="Seed of the canary draw (reproducible splits).")
@@ -88,11 +110,14 @@ class RouterSection(Section):
 
 
 class AccessSection(Section):
-    api_keys_env: Optional[str] = Field(
-        "RAYTUNE_API_KEYS", description="Environment variable holding accepted API keys (comma-separated). Unset or empty, "
+    api_keys_env: str | None = Field(
+        "RAYTUNE_API_KEYS",
+        description="Environment variable holding accepted API keys (comma-separated). Unset or empty, "
         "and no file: the API is open.",
     )
-    api_keys_file: Optional[str] = Field(None, description="File with one accepted API key per line (a mounted secret).")
+    api_keys_file: str | None = Field(
+        None, description="File with one accepted API key per line (a mounted secret)."
+    )
 
 
 class PriceSection(Section):
@@ -103,7 +128,9 @@ class PriceSection(Section):
 class AutoscalingSection(Section):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 lets the deployment scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
-    target_ongoing_requests: float = Field(4.0, gt=0, description="Requests in flight per replica the autoscaler aims at.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Requests in flight per replica the autoscaler aims at."
+    )
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -113,11 +140,13 @@ class AutoscalingSection(Section):
 
 
 class DeploymentSection(Section):
-    num_replicas: Optional[int] = Field(None, ge=1, description="Fixed replica count (use either this or autoscaling).")
-    autoscaling: Optional[AutoscalingSection] = Field(None, description="Replica bounds and the load target.")
-    num_cpus: Optional[float] = Field(None, ge=0, description="CPUs each replica reserves.")
-    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs each replica reserves (1 for an LLM replica on a GPU node).")
-    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Requests a replica accepts at once.")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (use either this or autoscaling).")
+    autoscaling: AutoscalingSection | None = Field(None, description="Replica bounds and the load target.")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs each replica reserves.")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs each replica reserves (1 for an LLM replica on a GPU node)."
+    )
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica accepts at once.")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -129,43 +158,58 @@ class DeploymentSection(Section):
 class ServeSection(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (`0.0.0.0` on a cluster).")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the app.")
-    name: Optional[str] = Field(
-        None, pattern=r"^[A-Za-z0-9_.:-]+$", description="Model id clients send in `model` for the routed model "
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Model id clients send in `model` for the routed model "
         "(champion, with the challenger's canary share); left out: the registered model name.",
     )
     backend: Literal["transformers"] = Field(
-        "transformers", description="Generation backend: `transformers` (CPU or GPU, dynamic batching, multi-LoRA). A vLLM "
+        "transformers",
+        description="Generation backend: `transformers` (CPU or GPU, dynamic batching, multi-LoRA). A vLLM "
         "backend (Ray Serve LLM, GPU only) is planned, not built yet.",
     )
-    champion: Optional[str] = Field(
-        None, description="Adapter the routed name serves; left out: `models:/<registered name>@champion` of this recipe's "
+    champion: str | None = Field(
+        None,
+        description="Adapter the routed name serves; left out: `models:/<registered name>@champion` of this recipe's "
         "registry, or the bare base model when nothing is registered yet. `base` forces the bare base model.",
     )
-    challenger: Optional[str] = Field(
-        None, description="Adapter receiving canary / shadow traffic; left out: `models:/<registered name>@challenger` when "
+    challenger: str | None = Field(
+        None,
+        description="Adapter receiving canary / shadow traffic; left out: `models:/<registered name>@challenger` when "
         "router.canary_percent > 0 or router.shadow, and only if it differs from the champion.",
     )
     adapters: dict[str, str] = Field(
-        default_factory=dict, description="More LoRA adapters of the same base, served by name (`model: <name>`), loaded on "
+        default_factory=dict,
+        description="More LoRA adapters of the same base, served by name (`model: <name>`), loaded on "
         "first use and evicted least-recently-used: name -> registry URI or folder.",
     )
-    max_loaded_adapters: int = Field(4, ge=1, description="Adapters a replica keeps loaded at once (LRU eviction beyond).")
-    backup: Optional[str] = Field(
-        "base", description="Model answering when the primary fails or times out: `base` (the bare base model, its own "
+    max_loaded_adapters: int = Field(
+        4, ge=1, description="Adapters a replica keeps loaded at once (LRU eviction beyond)."
+    )
+    backup: str | None = Field(
+        "base",
+        description="Model answering when the primary fails or times out: `base` (the bare base model, its own "
         "replica), a model path, or null for no failover.",
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference dtype (weights stay fp32 on CPU; autocast).")
-    threads: Optional[int] = Field(None, ge=1, description="Torch threads per LLM replica; left out: torch's default.")
-    batching: BatchingSection = Field(default_factory=BatchingSection, description="Dynamic batching of the LLM replicas.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Inference dtype (weights stay fp32 on CPU; autocast)."
+    )
+    threads: int | None = Field(None, ge=1, description="Torch threads per LLM replica; left out: torch's default.")
+    batching: BatchingSection = Field(
+        default_factory=BatchingSection, description="Dynamic batching of the LLM replicas."
+    )
     limits: LimitsSection = Field(default_factory=LimitsSection, description="Request limits and the failover timeout.")
     guard: GuardServeSection = Field(default_factory=GuardServeSection, description="The guard classifier in front.")
     router: RouterSection = Field(default_factory=RouterSection, description="Canary, shadow and drift rollback.")
     access: AccessSection = Field(default_factory=AccessSection, description="API keys.")
     pricing: dict[str, PriceSection] = Field(
-        default_factory=dict, description="Price per served model id (`*` for any other), for the cost metric.",
+        default_factory=dict,
+        description="Price per served model id (`*` for any other), for the cost metric.",
     )
     deployments: dict[str, DeploymentSection] = Field(
-        default_factory=dict, description=f"Replicas and resources per deployment ({', '.join(DEPLOYMENTS)}); a serve "
+        default_factory=dict,
+        description=f"Replicas and resources per deployment ({', '.join(DEPLOYMENTS)}); a serve "
         "config's `deployments:` list can override them again.",
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict, deque
-from typing import Optional
 
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
@@ -45,8 +44,17 @@ class Stats:
     def price(self, model: str) -> dict:
         return self.pricing.get(model) or self.pricing.get("*") or {"prompt_per_1k": 0.0, "completion_per_1k": 0.0}
 
-    def request(self, model: str, served_by: str, prompt_tokens: int, completion_tokens: int, latency_s: float,
-                ttft_s: Optional[float], failover: bool, key: Optional[str]) -> None:
+    def request(
+        self,
+        model: str,
+        served_by: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_s: float,
+        ttft_s: float | None,
+        failover: bool,
+        key: str | None,
+    ) -> None:
         price = self.price(model)
         cost = prompt_tokens / 1000 * price["prompt_per_1k"] + completion_tokens / 1000 * price["completion_per_1k"]
         self.requests[(model, "ok")] += 1
@@ -61,7 +69,9 @@ class Stats:
         if key:
             self.by_key[key] += 1
         if self.prometheus:
-            self.prometheus.request(model, served_by, prompt_tokens, completion_tokens, cost, latency_s, ttft_s, failover, key)
+            self.prometheus.request(
+                model, served_by, prompt_tokens, completion_tokens, cost, latency_s, ttft_s, failover, key
+            )
 
     def error(self, model: str, kind: str) -> None:
         self.requests[(model, "error")] += 1
@@ -86,14 +96,29 @@ class Stats:
         models = sorted({m for m, _ in self.requests} | set(self.tokens))
         return {
             "uptime_s": round(time.time() - self.started, 1),
-            "models": {m: {"requests": self.requests[(m, "ok")], "errors": self.requests[(m, "error")],
-                           "prompt_tokens": self.tokens[m]["prompt"], "completion_tokens": self.tokens[m]["completion"],
-                           "cost": round(self.cost[m], 6), "latency_s": _percentiles(self.latency[m]),
-                           "ttft_s": _percentiles(self.ttft[m])} for m in models},
-            "served_by": dict(self.served_by), "failovers": self.failovers, "errors": dict(self.errors),
-            "guard": {**dict(self.guard_decisions), "latency_ms": {k: (None if v is None else round(v * 1000, 3))
-                                                                   for k, v in _percentiles(self.guard_latency).items()}},
-            "auth_failures": self.auth_failures, "requests_by_key": dict(self.by_key),
+            "models": {
+                m: {
+                    "requests": self.requests[(m, "ok")],
+                    "errors": self.requests[(m, "error")],
+                    "prompt_tokens": self.tokens[m]["prompt"],
+                    "completion_tokens": self.tokens[m]["completion"],
+                    "cost": round(self.cost[m], 6),
+                    "latency_s": _percentiles(self.latency[m]),
+                    "ttft_s": _percentiles(self.ttft[m]),
+                }
+                for m in models
+            },
+            "served_by": dict(self.served_by),
+            "failovers": self.failovers,
+            "errors": dict(self.errors),
+            "guard": {
+                **dict(self.guard_decisions),
+                "latency_ms": {
+                    k: (None if v is None else round(v * 1000, 3)) for k, v in _percentiles(self.guard_latency).items()
+                },
+            },
+            "auth_failures": self.auth_failures,
+            "requests_by_key": dict(self.by_key),
         }
 
 
@@ -107,14 +132,22 @@ class _Prometheus:
         self.requests = RayCounter("raytune_requests_total", "Answered requests.", tag_keys=("model", "served_by"))
         self.tokens = RayCounter("raytune_tokens_total", "Tokens in and out.", tag_keys=("model", "direction"))
         self.cost = RayCounter("raytune_cost_total", "Estimated cost (serve.pricing).", tag_keys=("model",))
-        self.latency = Histogram("raytune_request_latency_seconds", "Time to the whole reply.", LATENCY_BOUNDARIES, tag_keys=("model",))
-        self.ttft = Histogram("raytune_time_to_first_token_seconds", "Time to the first streamed token.", LATENCY_BOUNDARIES,
-                              tag_keys=("model",))
+        self.latency = Histogram(
+            "raytune_request_latency_seconds", "Time to the whole reply.", LATENCY_BOUNDARIES, tag_keys=("model",)
+        )
+        self.ttft = Histogram(
+            "raytune_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            LATENCY_BOUNDARIES,
+            tag_keys=("model",),
+        )
         self.failovers = RayCounter("raytune_failovers_total", "Requests the backup answered.", tag_keys=("model",))
         self.errors = RayCounter("raytune_errors_total", "Failed requests.", tag_keys=("model", "kind"))
         self.guard = RayCounter("raytune_guard_decisions_total", "Guard decisions.", tag_keys=("decision",))
         self.guard_latency = Histogram("raytune_guard_latency_seconds", "Guard scoring time.", LATENCY_BOUNDARIES)
-        self.auth_failures = RayCounter("raytune_auth_failures_total", "Requests refused for a missing or wrong API key.")
+        self.auth_failures = RayCounter(
+            "raytune_auth_failures_total", "Requests refused for a missing or wrong API key."
+        )
         self.by_key = RayCounter("raytune_requests_by_key_total", "Requests per API key id.", tag_keys=("key",))
 
     def request(self, model, served_by, prompt_tokens, completion_tokens, cost, latency_s, ttft_s, failover, key):

@@ -33,8 +33,12 @@ def deepspeed_config(ds: DeepSpeedSection, use_gpu: bool, base_dir: str | None =
         zero.update(reduce_scatter=True, allgather_partitions=True)
     if ds.stage == 3:
         # Save whole (gathered) weights so the saved adapter/model loads without DeepSpeed.
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold="auto",
-                    stage3_prefetch_bucket_size="auto", reduce_bucket_size="auto")
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            stage3_param_persistence_threshold="auto",
+            stage3_prefetch_bucket_size="auto",
+            reduce_bucket_size="auto",
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
@@ -48,8 +52,16 @@ def deepspeed_config(ds: DeepSpeedSection, use_gpu: bool, base_dir: str | None =
         "fp16": {"enabled": "auto"},
         # torch's AdamW: DeepSpeed's fused Adam would be compiled at first use (needs CUDA and a compiler).
         # With optimizer offload DeepSpeed requires its CPU Adam, which it compiles once on first use.
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                   "weight_decay": "auto", "torch_adam": not ds.offload_optimizer}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": "auto",
+                "betas": "auto",
+                "eps": "auto",
+                "weight_decay": "auto",
+                "torch_adam": not ds.offload_optimizer,
+            },
+        },
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }

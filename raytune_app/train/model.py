@@ -8,8 +8,6 @@ No Ray here: runs inside each Ray Train worker, and in tests directly.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from raytune_app import models
@@ -31,8 +29,9 @@ def lora_config(train: TrainSection):
     )
 
 
-def load_for_training(model: ModelSection, train: TrainSection, device: torch.device,
-                      parent_adapter: Optional[str] = None):
+def load_for_training(
+    model: ModelSection, train: TrainSection, device: torch.device, parent_adapter: str | None = None
+):
     """The model, ready for a trainer: trainable parameters set, cache off."""
     from transformers import AutoModelForCausalLM
 
@@ -49,7 +48,9 @@ def load_for_training(model: ModelSection, train: TrainSection, device: torch.de
 
         quant = train.quantization
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
         )
         kwargs["device_map"] = {"": device}

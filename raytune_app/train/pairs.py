@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Optional
 
 import pyarrow as pa
 
@@ -34,13 +33,17 @@ PASSES = {"structured": "exact_match", "free_text": "normalised_match", "classif
 
 
 def _fingerprint(recipe: Recipe, weights_identity: str, data_identity: str, settings: PairsSection) -> str:
-    payload = {"weights": weights_identity, "data": data_identity, "pairs": settings.model_dump(mode="json"),
-               "model": recipe.model.model_dump(mode="json"),
-               "generation": recipe.evaluate.model_dump(mode="json", include={"task", "max_new_tokens", "labels"})}
+    payload = {
+        "weights": weights_identity,
+        "data": data_identity,
+        "pairs": settings.model_dump(mode="json"),
+        "model": recipe.model.model_dump(mode="json"),
+        "generation": recipe.evaluate.model_dump(mode="json", include={"task", "max_new_tokens", "labels"}),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _prompt_parts(messages: list[dict]) -> tuple[Optional[str], str]:
+def _prompt_parts(messages: list[dict]) -> tuple[str | None, str]:
     """(system, last user message) of a prompt; earlier turns of a multi-turn chat are not kept."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
     user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
@@ -53,8 +56,18 @@ def select_pairs(rows: list[dict], settings: PairsSection) -> tuple[list[dict], 
     by_example: dict[str, list[dict]] = {}
     for row in rows:
         by_example.setdefault(row["example"], []).append(row)
-    pairs, counts = [], {"prompts": len(by_example), "answers": len(rows), "passing": 0, "failing": 0,
-                         "empty_answers": 0, "pairs": 0, "prompts_with_pairs": 0}
+    pairs, counts = (
+        [],
+        {
+            "prompts": len(by_example),
+            "answers": len(rows),
+            "passing": 0,
+            "failing": 0,
+            "empty_answers": 0,
+            "pairs": 0,
+            "prompts_with_pairs": 0,
+        },
+    )
     for example, answers in by_example.items():
         passing = [a for a in answers if a["passes"]]
         counts["passing"] += len(passing)
@@ -77,16 +90,25 @@ def select_pairs(rows: list[dict], settings: PairsSection) -> tuple[list[dict], 
         if settings.chosen == "passing_sample" and passing:
             chosen, reason = passing[0]["prediction"].strip(), "passing_sample"
         system, user = _prompt_parts(answers[0]["prompt"])
-        for rejected in failing[:settings.max_pairs_per_prompt]:
-            pairs.append({"prompt": user, "system": system, "chosen": chosen, "rejected": rejected,
-                          "example": example, "chosen_from": reason})
+        for rejected in failing[: settings.max_pairs_per_prompt]:
+            pairs.append(
+                {
+                    "prompt": user,
+                    "system": system,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "example": example,
+                    "chosen_from": reason,
+                }
+            )
         counts["prompts_with_pairs"] += 1
     counts["pairs"] = len(pairs)
     return pairs, counts
 
 
-def build_pairs(recipe: Recipe, weights: Optional[str], weights_identity: str, settings: PairsSection,
-                out_dir: str) -> dict:
+def build_pairs(
+    recipe: Recipe, weights: str | None, weights_identity: str, settings: PairsSection, out_dir: str
+) -> dict:
     """Answer `recipe`'s prepared `settings.split` with `weights` (None: the base model), write the
     pairs to `<out_dir>/pairs.jsonl`; returns the counts (also written to `<out_dir>/pairs.json`)."""
     from raytune_app.evaluate import run as ev_run
@@ -109,30 +131,54 @@ def build_pairs(recipe: Recipe, weights: Optional[str], weights_identity: str, s
     # Several samples per prompt: each copy of an example gets its own id (the generator keys rows by it).
     temperature = settings.temperature if settings.samples > 1 else 0.0
     ids = examples.column("example").to_pylist()
-    copies = [examples.set_column(examples.column_names.index("example"), "example",
-                                  pa.array([f"{e}#{k}" for e in ids], pa.string())) for k in range(settings.samples)]
+    copies = [
+        examples.set_column(
+            examples.column_names.index("example"), "example", pa.array([f"{e}#{k}" for e in ids], pa.string())
+        )
+        for k in range(settings.samples)
+    ]
     asked = pa.concat_tables(copies)
     generating = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"temperature": temperature})})
-    say(f"{examples.num_rows} prompts of the `{settings.split}` split x {settings.samples} answer(s) "
-        f"(temperature {temperature}) from {weights or recipe.model.path}")
+    say(
+        f"{examples.num_rows} prompts of the `{settings.split}` split x {settings.samples} answer(s) "
+        f"(temperature {temperature}) from {weights or recipe.model.path}"
+    )
     began = time.time()
     table = ev_run.generate(asked, ev_run.Candidate("pairs", weights, weights_identity), generating, labels)
     _, columns, _ = ev_run.score(recipe.evaluate.task, table, validator, labels)
     passes = columns[PASSES[recipe.evaluate.task]]
-    rows = [{"example": e.rsplit("#", 1)[0], "prompt": p, "gold": g, "prediction": pred, "passes": bool(ok)}
-            for e, p, g, pred, ok in zip(table.column("example").to_pylist(), table.column("prompt").to_pylist(),
-                                         table.column("gold").to_pylist(), table.column("prediction").to_pylist(), passes)]
+    rows = [
+        {"example": e.rsplit("#", 1)[0], "prompt": p, "gold": g, "prediction": pred, "passes": bool(ok)}
+        for e, p, g, pred, ok in zip(
+            table.column("example").to_pylist(),
+            table.column("prompt").to_pylist(),
+            table.column("gold").to_pylist(),
+            table.column("prediction").to_pylist(),
+            passes,
+        )
+    ]
     pairs, counts = select_pairs(rows, settings)
     if not pairs:
-        raise PairsError(f"the model passed every one of the {counts['answers']} answers (or wrote nothing): no pairs "
-                         f"to learn from; sample more (pairs.samples, pairs.temperature) or skip the DPO step")
+        raise PairsError(
+            f"the model passed every one of the {counts['answers']} answers (or wrote nothing): no pairs "
+            f"to learn from; sample more (pairs.samples, pairs.temperature) or skip the DPO step"
+        )
     storage.write_text(out_file, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    manifest = {"stage": "pairs", "fingerprint": fingerprint, "weights": weights, "split": settings.split,
-                **counts, "pass_rate": round(counts["passing"] / counts["answers"], 6), "pairs_file": out_file,
-                "seconds": round(time.time() - began, 1)}
+    manifest = {
+        "stage": "pairs",
+        "fingerprint": fingerprint,
+        "weights": weights,
+        "split": settings.split,
+        **counts,
+        "pass_rate": round(counts["passing"] / counts["answers"], 6),
+        "pairs_file": out_file,
+        "seconds": round(time.time() - began, 1),
+    }
     storage.write_text(manifest_uri, json.dumps(manifest, indent=2) + "\n")
-    say(f"{counts['pairs']} pairs from {counts['prompts_with_pairs']} of {counts['prompts']} prompts "
-        f"(pass rate {manifest['pass_rate']:.3f}) -> {out_file}")
+    say(
+        f"{counts['pairs']} pairs from {counts['prompts_with_pairs']} of {counts['prompts']} prompts "
+        f"(pass rate {manifest['pass_rate']:.3f}) -> {out_file}"
+    )
     return manifest
 
 

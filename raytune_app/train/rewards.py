@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from raytune_app.evaluate import metrics as M
 
@@ -64,7 +65,7 @@ def field_f1(prompts, completions, reference: Sequence[str] = (), **_) -> list[f
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def final_answer(text: str, marker: str = "####") -> Optional[str]:
+def final_answer(text: str, marker: str = "####") -> str | None:
     """What follows the last `marker` (the whole text when the reference has no marker), normalised:
     a number becomes its canonical form (1,000.0 -> 1000), other text is lower-cased and trimmed."""
     if marker in text:
@@ -109,8 +110,10 @@ def load_user_function(path: str) -> Callable:
     try:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise RewardError(f"reward `{path}`: cannot import it ({exc}); check the module is on PYTHONPATH "
-                          "(on a cluster: in the job's working_dir or runtime_env)") from None
+        raise RewardError(
+            f"reward `{path}`: cannot import it ({exc}); check the module is on PYTHONPATH "
+            "(on a cluster: in the job's working_dir or runtime_env)"
+        ) from None
     if not callable(function):
         raise RewardError(f"reward `{path}` is not a function")
     return function
@@ -136,7 +139,9 @@ def build(specs: Sequence, validator=None) -> tuple[list[Callable], list[float]]
             functions.append(_named(json_valid, name))
         elif name == "json_schema":
             schema_file = args.pop("schema_file", None)
-            functions.append(_named(json_schema, name, validator=_validator_from(schema_file) if schema_file else validator))
+            functions.append(
+                _named(json_schema, name, validator=_validator_from(schema_file) if schema_file else validator)
+            )
         elif name == "field_f1":
             functions.append(_named(field_f1, name))
         elif name == "exact_answer":
@@ -167,8 +172,14 @@ def problems(specs: Sequence) -> list[str]:
     for index, spec in enumerate(specs):
         where = f"train.grpo.rewards.{index}"
         if spec.function in BUILT_IN:
-            allowed = {"json_valid": set(), "json_schema": {"schema_file"}, "field_f1": set(), "exact_answer": {"marker"},
-                       "length_penalty": {"max_chars", "per_char"}, "format": {"pattern"}}[spec.function]
+            allowed = {
+                "json_valid": set(),
+                "json_schema": {"schema_file"},
+                "field_f1": set(),
+                "exact_answer": {"marker"},
+                "length_penalty": {"max_chars", "per_char"},
+                "format": {"pattern"},
+            }[spec.function]
             unknown = set(spec.args) - allowed
             if unknown:
                 out.append(f"{where}.args: {spec.function} takes {sorted(allowed) or 'no args'}, got {sorted(unknown)}")

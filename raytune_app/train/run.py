@@ -23,7 +23,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from raytune_app import config as recipe_config
 from raytune_app import storage
@@ -34,15 +33,19 @@ class TrainError(ValueError):
     """A training run that cannot start; the message says why and what to do."""
 
 
-def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: Optional[dict] = None) -> str:
+def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: dict | None = None) -> str:
     """Identifies a training run: what it trains from (model, parent adapter's run, data) and how."""
     # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
     # fingerprints of runs made before that setting existed.
     # The same holds for the settings of the methods not in use (dpo, grpo).
     exclude = ({"distill"} if "distill" not in recipe.run.stages else set()) | ({"dpo", "grpo"} - {recipe.train.method})
-    payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json", exclude=exclude),
-               "seed": recipe.run.seed, "data": prepare_manifest["fingerprint"],
-               "parent": parent["fingerprint"] if parent else None}
+    payload = {
+        "model": recipe.model.model_dump(mode="json"),
+        "train": recipe.train.model_dump(mode="json", exclude=exclude),
+        "seed": recipe.run.seed,
+        "data": prepare_manifest["fingerprint"],
+        "parent": parent["fingerprint"] if parent else None,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -62,12 +65,16 @@ def check_resources(recipe: Recipe) -> tuple[bool, int]:
     train = recipe.train
     use_gpu = gpus > 0 if train.use_gpu == "auto" else train.use_gpu
     if use_gpu and gpus < train.workers:
-        raise TrainError(f"train.workers={train.workers} needs {train.workers} GPUs, the cluster has {gpus}; "
-                         "lower train.workers, or start the GPU worker group first")
+        raise TrainError(
+            f"train.workers={train.workers} needs {train.workers} GPUs, the cluster has {gpus}; "
+            "lower train.workers, or start the GPU worker group first"
+        )
     if not use_gpu and train.precision == "fp16":
         raise TrainError("train.precision fp16 needs a GPU and this cluster has none; use fp32 or bf16")
     if not use_gpu and cpus < train.workers:
-        raise TrainError(f"train.workers={train.workers} needs {train.workers} CPUs, the cluster has {cpus}; lower train.workers")
+        raise TrainError(
+            f"train.workers={train.workers} needs {train.workers} CPUs, the cluster has {cpus}; lower train.workers"
+        )
     # On CPU each worker gets an even share of the cores (Ray sets its torch thread count from it).
     return use_gpu, max(1, cpus // train.workers) if not use_gpu else 1
 
@@ -87,7 +94,7 @@ def _worker_recipe(recipe: Recipe) -> dict:
     return resolved
 
 
-def _task_schema(recipe: Recipe) -> Optional[dict]:
+def _task_schema(recipe: Recipe) -> dict | None:
     """The task's JSON Schema (evaluate.schema_file or the data generator's), for the json_schema reward."""
     from raytune_app.evaluate.run import load_schema
 
@@ -130,7 +137,7 @@ def _loss_curve(history: list[dict], target: str) -> None:
     storage.write_bytes(target, buffer.getvalue())
 
 
-def _log_to_mlflow(recipe: Recipe, manifest: dict) -> Optional[str]:
+def _log_to_mlflow(recipe: Recipe, manifest: dict) -> str | None:
     """Track the finished run in MLflow. A tracking store that cannot be reached must not cost the
     trained weights: the failure is reported and the register stage logs the run later."""
     from raytune_app.registry import store
@@ -138,16 +145,29 @@ def _log_to_mlflow(recipe: Recipe, manifest: dict) -> Optional[str]:
     try:
         run_id = store.log_train_run(recipe, manifest)
     except Exception as exc:  # any store or network failure; the weights are already saved
-        print(f"[train] warning: could not log the run to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-              "`raytune-app run` or the register stage will log it later", flush=True)
+        print(
+            f"[train] warning: could not log the run to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "`raytune-app run` or the register stage will log it later",
+            flush=True,
+        )
         return None
     print(f"[train] tracked in MLflow: run {run_id} at {store.tracking_uri(recipe)}", flush=True)
     return run_id
 
 
-def build_trainer(recipe: Recipe, *, out_dir: str, prepared_dir: str, fingerprint: str, use_gpu: bool,
-                  cpus_per_worker: float, parent_adapter: Optional[str] = None, storage_path: Optional[str] = None,
-                  callbacks: Optional[list] = None, worker_key: Optional[str] = None):
+def build_trainer(
+    recipe: Recipe,
+    *,
+    out_dir: str,
+    prepared_dir: str,
+    fingerprint: str,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    parent_adapter: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+    worker_key: str | None = None,
+):
     """The TorchTrainer of one training run: its workers run `worker.train_worker` and write the
     weights and history into `out_dir`; Ray Train keeps checkpoints in <storage_path>/train (default:
     the run directory), where a later fit with the same storage resumes from. The train stage fits it
@@ -164,27 +184,46 @@ def build_trainer(recipe: Recipe, *, out_dir: str, prepared_dir: str, fingerprin
     return TorchTrainer(
         train_worker,
         train_loop_config={
-            "recipe": _worker_recipe(recipe), "prepared_dir": prepared_dir, "out_dir": out_dir, "use_gpu": use_gpu,
-            "fingerprint": worker_key or fingerprint, "parent_adapter": parent_adapter,
+            "recipe": _worker_recipe(recipe),
+            "prepared_dir": prepared_dir,
+            "out_dir": out_dir,
+            "use_gpu": use_gpu,
+            "fingerprint": worker_key or fingerprint,
+            "parent_adapter": parent_adapter,
             "fault_at_step": os.environ.get(FAULT_ENV),
             "recipe_dir": str(Path(recipe.source_path).parent) if recipe.source_path else None,
             "task_schema": _task_schema(recipe) if method == "grpo" else None,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_cfg.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
+        ),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=storage_path or storage.absolute(recipe.run_dir),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_cfg.checkpoint.keep_best,
-                                                         checkpoint_score_attribute=score,
-                                                         checkpoint_score_order=order),
+            name="train",
+            storage_path=storage_path or storage.absolute(recipe.run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=train_cfg.checkpoint.keep_best,
+                checkpoint_score_attribute=score,
+                checkpoint_score_order=order,
+            ),
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             callbacks=callbacks,
         ),
     )
 
 
-def write_manifest(recipe: Recipe, out_dir: str, result, *, fingerprint: str, prepared: dict, parent: Optional[dict],
-                   use_gpu: bool, began: float) -> dict:
+def write_manifest(
+    recipe: Recipe,
+    out_dir: str,
+    result,
+    *,
+    fingerprint: str,
+    prepared: dict,
+    parent: dict | None,
+    use_gpu: bool,
+    began: float,
+) -> dict:
     """After a fit: the loss curve and `manifest.json` in `out_dir` (which marks the run finished)."""
     train_cfg = recipe.train
     current, parent_adapter = fingerprint, (parent["weights"] if parent else None)
@@ -206,8 +245,11 @@ def write_manifest(recipe: Recipe, out_dir: str, result, *, fingerprint: str, pr
         "final_eval_loss": summary["final_eval"].get("eval_loss"),
         # What the method itself optimises, on the validation split: DPO's reward margin and pair
         # accuracy (policy vs reference), GRPO's mean reward.
-        "final_eval": {key: value for key, value in summary["final_eval"].items()
-                       if key.startswith(("eval_rewards/", "eval_reward"))},
+        "final_eval": {
+            key: value
+            for key, value in summary["final_eval"].items()
+            if key.startswith(("eval_rewards/", "eval_reward"))
+        },
         "tokens_seen": summary["tokens_seen"],
         "trainable_parameters": summary["trainable_parameters"],
         "weights": storage.join(out_dir, "adapter" if train_cfg.finetuning != "full" else "model"),
@@ -239,15 +281,19 @@ def training_data(recipe: Recipe) -> tuple[str, dict]:
         raise TrainError(str(exc)) from None
     method = recipe.train.method
     if (prepared["kind"] == "preference") != (method == "dpo"):
-        raise TrainError(f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
-                         "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind")
+        raise TrainError(
+            f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
+            "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind"
+        )
     if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
-        raise TrainError(f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
-                         "validation examples; training needs both (check data.split and rejected.jsonl)")
+        raise TrainError(
+            f"the prepared data has {prepared['rows_out']['train']} train and {prepared['rows_out']['val']} "
+            "validation examples; training needs both (check data.split and rejected.jsonl)"
+        )
     return prepared_dir, prepared
 
 
-def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: Optional[dict] = None) -> dict:
+def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: dict | None = None) -> dict:
     """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
     one continues (a previous chain step)."""
     prepared_dir, prepared = training_data(recipe)
@@ -263,12 +309,16 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
         print_(f"--restart: the earlier run was moved to {aside}")
         finished = started = None
     if finished is not None and finished["fingerprint"] == current:
-        print_(f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})")
+        print_(
+            f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})"
+        )
         return finished
     if started is not None and started["fingerprint"] != current:
         if resume:
-            raise TrainError(f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
-                             f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run")
+            raise TrainError(
+                f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
+                f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run"
+            )
         aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"recipe or data changed: the earlier run was moved to {aside}")
         started = None
@@ -277,24 +327,41 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: O
     if started is not None:
         print_(f"continuing the interrupted run in {out_dir}")
     else:
-        storage.write_text(storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()}))
+        storage.write_text(
+            storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()})
+        )
     recipe_config.save_resolved(recipe, out_dir)
 
-    trainer = build_trainer(recipe, out_dir=out_dir, prepared_dir=prepared_dir, fingerprint=current, use_gpu=use_gpu,
-                            cpus_per_worker=cpus_per_worker, parent_adapter=parent_adapter)
-    print_(f"{recipe.train.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
-           f"{recipe.train.finetuning} on {recipe.model.path}; {_examples_used(recipe, prepared)} train examples")
+    trainer = build_trainer(
+        recipe,
+        out_dir=out_dir,
+        prepared_dir=prepared_dir,
+        fingerprint=current,
+        use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker,
+        parent_adapter=parent_adapter,
+    )
+    print_(
+        f"{recipe.train.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
+        f"{recipe.train.finetuning} on {recipe.model.path}; {_examples_used(recipe, prepared)} train examples"
+    )
     began = time.time()
     result = trainer.fit()
-    manifest = write_manifest(recipe, out_dir, result, fingerprint=current, prepared=prepared, parent=parent,
-                              use_gpu=use_gpu, began=began)
+    manifest = write_manifest(
+        recipe, out_dir, result, fingerprint=current, prepared=prepared, parent=parent, use_gpu=use_gpu, began=began
+    )
     manifest["mlflow_run_id"] = _log_to_mlflow(recipe, manifest)
     storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
-    measured = {"validation loss": manifest["final_eval_loss"], "reward margin": manifest["final_eval"].get("eval_rewards/margins"),
-                "mean reward": manifest["final_eval"].get("eval_reward")}
-    print_(f"done: step {manifest['global_step']}, "
-           + ", ".join(f"{name} {value:.4f}" for name, value in measured.items() if value is not None)
-           + f"; weights in {manifest['weights']}")
+    measured = {
+        "validation loss": manifest["final_eval_loss"],
+        "reward margin": manifest["final_eval"].get("eval_rewards/margins"),
+        "mean reward": manifest["final_eval"].get("eval_reward"),
+    }
+    print_(
+        f"done: step {manifest['global_step']}, "
+        + ", ".join(f"{name} {value:.4f}" for name, value in measured.items() if value is not None)
+        + f"; weights in {manifest['weights']}"
+    )
     return manifest
 
 
@@ -306,18 +373,35 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
     parent, steps = None, []
     for index, step in enumerate(recipe.chain):
         step_recipe = recipe.chain_step(index)
-        print(f"[train] chain step {index + 1}/{len(recipe.chain)}: {step.name}"
-              + (f" (from {parent['weights']})" if parent else f" (from {recipe.model.path})"), flush=True)
+        print(
+            f"[train] chain step {index + 1}/{len(recipe.chain)}: {step.name}"
+            + (f" (from {parent['weights']})" if parent else f" (from {recipe.model.path})"),
+            flush=True,
+        )
         if step.pairs is not None:  # this step learns from the previous step's mistakes
             from raytune_app.train.pairs import build_pairs
 
-            build_pairs(recipe.chain_step(index - 1), parent["weights"], parent["fingerprint"], step.pairs,
-                        recipe.pairs_dir(index))
+            build_pairs(
+                recipe.chain_step(index - 1),
+                parent["weights"],
+                parent["fingerprint"],
+                step.pairs,
+                recipe.pairs_dir(index),
+            )
         prepare(step_recipe)
         parent = train(step_recipe, resume=resume, restart=restart, parent=parent)
-        steps.append({"step": step.name, "fingerprint": parent["fingerprint"], "weights": parent["weights"],
-                      "parent_fingerprint": parent["parent_fingerprint"], "final_eval_loss": parent["final_eval_loss"],
-                      "global_step": parent["global_step"]})
+        steps.append(
+            {
+                "step": step.name,
+                "fingerprint": parent["fingerprint"],
+                "weights": parent["weights"],
+                "parent_fingerprint": parent["parent_fingerprint"],
+                "final_eval_loss": parent["final_eval_loss"],
+                "global_step": parent["global_step"],
+            }
+        )
     lineage = {"stage": "train", "chain": steps, "weights": parent["weights"], "fingerprint": parent["fingerprint"]}
-    storage.write_text(storage.join(storage.absolute(recipe.run_dir), "chain.json"), json.dumps(lineage, indent=2) + "\n")
+    storage.write_text(
+        storage.join(storage.absolute(recipe.run_dir), "chain.json"), json.dumps(lineage, indent=2) + "\n"
+    )
     return parent | {"chain": steps}

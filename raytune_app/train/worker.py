@@ -154,19 +154,24 @@ def load_splits(prepared_dir: str, rationale_weight: float = 1.0):
         if "task" in table.column_names and not weighted:
             table = table.filter(pc.equal(table["task"], "label"))
         # Labels are the tokens to learn: the assistant's (completion_mask 1); the rest is -100, ignored.
-        labels = [[t if m else -100 for t, m in zip(ids, mask)]
-                  for ids, mask in zip(table["input_ids"].to_pylist(), table["completion_mask"].to_pylist())]
+        labels = [
+            [t if m else -100 for t, m in zip(ids, mask)]
+            for ids, mask in zip(table["input_ids"].to_pylist(), table["completion_mask"].to_pylist())
+        ]
         columns = {"input_ids": table["input_ids"], "labels": pa.array(labels, pa.list_(pa.int32()))}
         if "seq_lengths" in table.column_names:
             columns["seq_lengths"] = table["seq_lengths"]
         else:
             columns["length"] = table["num_tokens"]  # for length-grouped batching of unpacked data
         if weighted:
-            columns["loss_weight"] = pa.array([1.0 if t == "label" else rationale_weight for t in table["task"].to_pylist()],
-                                              pa.float32())
+            columns["loss_weight"] = pa.array(
+                [1.0 if t == "label" else rationale_weight for t in table["task"].to_pylist()], pa.float32()
+            )
         # The prepare manifest already identifies the split's content; giving it as the fingerprint
         # spares datasets from hashing the whole table (slow, and noisy on the console).
-        return datasets.Dataset(pa.table(columns), fingerprint=f"{manifest['fingerprint']}-{split}-labels-{rationale_weight}")
+        return datasets.Dataset(
+            pa.table(columns), fingerprint=f"{manifest['fingerprint']}-{split}-labels-{rationale_weight}"
+        )
 
     train = as_dataset("train")
     return train, as_dataset("val"), "seq_lengths" in train.column_names
@@ -193,8 +198,9 @@ def load_prompt_splits(prepared_dir: str, eval_prompts: int):
 
     def as_dataset(split: str, limit=None) -> datasets.Dataset:
         messages = load_split(prepared_dir, split).column("messages").to_pylist()[:limit]
-        return datasets.Dataset.from_dict({"prompt": [m[:-1] for m in messages],
-                                           "reference": [m[-1]["content"] for m in messages]})
+        return datasets.Dataset.from_dict(
+            {"prompt": [m[:-1] for m in messages], "reference": [m[-1]["content"] for m in messages]}
+        )
 
     return as_dataset("train"), as_dataset("val", eval_prompts)
 
@@ -224,15 +230,20 @@ def _progress_callback():
             # The trainer filed a copy of `logs` in its history before calling us; that history is what
             # checkpoints carry across a resume, so the additions go there too.
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(tokens_per_second=logs["tokens_per_second"], peak_memory_mb=logs["peak_memory_mb"])
+                state.log_history[-1].update(
+                    tokens_per_second=logs["tokens_per_second"], peak_memory_mb=logs["peak_memory_mb"]
+                )
             if state.is_world_process_zero:
                 steps_left = state.max_steps - state.global_step
                 per_step = (now - then) / max(state.global_step - step_then, 1)
                 # DPO's reward margin and GRPO's mean reward say more about progress than the loss does.
                 extra = "".join(f"  {label} {logs[key]:.3f}" for key, label in PROGRESS_EXTRAS if key in logs)
-                print(f"[train] step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}{extra}  "
-                      f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:.0f} tok/s  "
-                      f"ETA {steps_left * per_step / 60:.1f} min", flush=True)
+                print(
+                    f"[train] step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}{extra}  "
+                    f"lr {logs.get('learning_rate', 0):.2e}  {logs['tokens_per_second']:.0f} tok/s  "
+                    f"ETA {steps_left * per_step / 60:.1f} min",
+                    flush=True,
+                )
 
     return Progress()
 
@@ -278,26 +289,37 @@ def train_worker(config: dict) -> None:
     use_gpu = config["use_gpu"]
     set_seed(recipe.run.seed)
 
-    tokenizer = models.load_tokenizer(recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template,
-                                      recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(
+        recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code
+    )
     device = ray.train.torch.get_device()
     model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.get("parent_adapter"))
-    ds_config = deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
+    ds_config = (
+        deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
+    )
     # One scratch folder per node and run, shared by the workers on it: DeepSpeed writes each rank's
     # optimizer shard beside the others, and the checkpoint handed to Ray Train must hold them all.
     scratch = os.path.join(tempfile.gettempdir(), "raytune_app", config["fingerprint"])
 
     callbacks = [RayTrainReportCallback(), _progress_callback()]
     if config.get("fault_at_step"):
-        callbacks.append(_fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"])))
+        callbacks.append(
+            _fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"]))
+        )
     method, packed = recipe.train.method, False
     if method == "sft":
         train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
         args = training_arguments(recipe, scratch, use_gpu, packed=packed, ds_config=ds_config)
         multitask = "loss_weight" in train_set.column_names  # distilled data: label + weighted rationale tasks
         trainer_class = multitask_trainer(SFTTrainer) if multitask else SFTTrainer
-        trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                                processing_class=tokenizer, callbacks=callbacks)
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
         if multitask:
             trainer.data_collator = KeepWeights(trainer.data_collator)
     elif method == "dpo":
@@ -306,8 +328,14 @@ def train_worker(config: dict) -> None:
         # No ref_model: with LoRA, TRL scores the reference with a frozen copy of the starting adapter
         # (the base itself for a fresh adapter), so the base weights are held once.
         train_set, val_set = load_preference_splits(config["prepared_dir"])
-        trainer = DPOTrainer(model=model, args=dpo_arguments(recipe, scratch, use_gpu, ds_config),
-                             train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks)
+        trainer = DPOTrainer(
+            model=model,
+            args=dpo_arguments(recipe, scratch, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     elif method == "grpo":
         import jsonschema
         from trl import GRPOTrainer
@@ -318,9 +346,15 @@ def train_worker(config: dict) -> None:
         validator = jsonschema.validators.validator_for(schema)(schema) if schema else None
         reward_funcs, weights = rewards.build(recipe.train.grpo.rewards, validator)
         train_set, val_set = load_prompt_splits(config["prepared_dir"], recipe.train.grpo.eval_prompts)
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs,
-                              args=grpo_arguments(recipe, scratch, use_gpu, ds_config, weights),
-                              train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer, callbacks=callbacks)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=grpo_arguments(recipe, scratch, use_gpu, ds_config, weights),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     else:
         raise ValueError(f"unknown train.method {method!r}")
     # Our progress line replaces the trainer's raw dict printout (its console logger without tqdm).
@@ -350,9 +384,14 @@ def train_worker(config: dict) -> None:
             target = storage.join(config["out_dir"], "adapter" if recipe.train.finetuning != "full" else "model")
             storage.upload_dir(staging, target)
             history = [dict(entry) for entry in trainer.state.log_history]
-            summary = {"global_step": trainer.state.global_step, "final_eval": final_eval,
-                       "tokens_seen": trainer.state.num_input_tokens_seen, "packed": packed,
-                       "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-            storage.write_text(storage.join(config["out_dir"], "metrics.jsonl"),
-                               "".join(json.dumps(entry) + "\n" for entry in history))
+            summary = {
+                "global_step": trainer.state.global_step,
+                "final_eval": final_eval,
+                "tokens_seen": trainer.state.num_input_tokens_seen,
+                "packed": packed,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            }
+            storage.write_text(
+                storage.join(config["out_dir"], "metrics.jsonl"), "".join(json.dumps(entry) + "\n" for entry in history)
+            )
             storage.write_text(storage.join(config["out_dir"], "worker_summary.json"), json.dumps(summary, indent=2))

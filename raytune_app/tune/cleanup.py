@@ -48,8 +48,13 @@ def _sweep(min_interval_s: float) -> int:
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         info = gcs_pb2.PlacementGroupTableData.FromString(raw)
         created_by_actor = bool(info.creator_actor_id) and set(info.creator_actor_id) != set(_NIL_ACTOR)
-        if (info.state != gcs_pb2.PlacementGroupTableData.REMOVED and not info.is_detached and created_by_actor
-                and info.creator_actor_dead and not info.creator_job_dead):
+        if (
+            info.state != gcs_pb2.PlacementGroupTableData.REMOVED
+            and not info.is_detached
+            and created_by_actor
+            and info.creator_actor_dead
+            and not info.creator_job_dead
+        ):
             ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
             removed += 1
     _end_orphaned_cleaners(state)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Optional
 
 import yaml
 
@@ -48,21 +47,29 @@ def trial_rows(results, recipe: Recipe, space: dict, trials_dir: str) -> list[di
         else:
             status = "stopped early"
         config = {path: result.config.get(path) for path in space}
-        rows.append({
-            "trial_id": trial_id, "config": config, "status": status, "stopped_early": status == "stopped early",
-            "final_metric": None if final is None else float(final),
-            "best_metric": better(v for _, v in history[metric]) if history[metric] else None,
-            "steps": steps, "wall_s": round(float(last.get("time_total_s") or 0.0), 1),
-            "history": history, "dir": storage.join(trials_dir, trial_id),
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "config": config,
+                "status": status,
+                "stopped_early": status == "stopped early",
+                "final_metric": None if final is None else float(final),
+                "best_metric": better(v for _, v in history[metric]) if history[metric] else None,
+                "steps": steps,
+                "wall_s": round(float(last.get("time_total_s") or 0.0), 1),
+                "history": history,
+                "dir": storage.join(trials_dir, trial_id),
+            }
+        )
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
-def pick_best(rows: list[dict], mode: str) -> Optional[dict]:
+def pick_best(rows: list[dict], mode: str) -> dict | None:
     """The best trial by its final metric among those that ran to the end (their weights exist and the
     best recipe reproduces them); any trial with a metric when none did."""
-    pool = [r for r in rows if r["status"] == "completed" and r["final_metric"] is not None] or \
-           [r for r in rows if r["final_metric"] is not None]
+    pool = [r for r in rows if r["status"] == "completed" and r["final_metric"] is not None] or [
+        r for r in rows if r["final_metric"] is not None
+    ]
     if not pool:
         return None
     return (min if mode == "min" else max)(pool, key=lambda r: r["final_metric"])
@@ -78,20 +85,35 @@ def table(rows: list[dict], recipe: Recipe, space: dict) -> str:
     """A Markdown table of the trials (also printed to the console)."""
     metric = recipe.tune.metric
     names = [p.removeprefix("train.") for p in space]
-    head = ["trial", *names, *(["lora.alpha"] if ALPHA_RATIO in space else []), f"final {metric}", f"best {metric}",
-            "steps", "stopped early", "status", "wall s"]
+    head = [
+        "trial",
+        *names,
+        *(["lora.alpha"] if ALPHA_RATIO in space else []),
+        f"final {metric}",
+        f"best {metric}",
+        "steps",
+        "stopped early",
+        "status",
+        "wall s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["trial_id"], *(_cell(r["config"][p]) for p in space)]
         if ALPHA_RATIO in space:
             cells.append(_cell(_alpha(r, recipe)))
-        cells += [_cell(r["final_metric"]), _cell(r["best_metric"]), f"{r['steps']}/{recipe.train.max_steps}",
-                  "yes" if r["stopped_early"] else "no", r["status"], _cell(r["wall_s"])]
+        cells += [
+            _cell(r["final_metric"]),
+            _cell(r["best_metric"]),
+            f"{r['steps']}/{recipe.train.max_steps}",
+            "yes" if r["stopped_early"] else "no",
+            r["status"],
+            _cell(r["wall_s"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _alpha(row: dict, recipe: Recipe) -> Optional[float]:
+def _alpha(row: dict, recipe: Recipe) -> float | None:
     ratio = row["config"].get(ALPHA_RATIO)
     rank = row["config"].get("train.lora.rank", recipe.train.lora.rank)
     return None if ratio is None else float(ratio) * int(rank)
@@ -108,8 +130,9 @@ def plot(rows: list[dict], recipe: Recipe, space: dict, target: str) -> None:
     axes_for = list(space) + (["train.lora.alpha"] if ALPHA_RATIO in space else [])
     count = len(axes_for) + 1
     columns = min(count, 3)
-    fig, axes = plt.subplots(math.ceil(count / columns), columns, figsize=(4.2 * columns, 3.4 * math.ceil(count / columns)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        math.ceil(count / columns), columns, figsize=(4.2 * columns, 3.4 * math.ceil(count / columns)), squeeze=False
+    )
     flat = list(axes.flat)
     styles = {"completed": ("o", "tab:blue"), "stopped early": ("x", "tab:red"), "failed": ("s", "tab:gray")}
     scored = [r for r in rows if r["final_metric"] is not None]
@@ -119,13 +142,17 @@ def plot(rows: list[dict], recipe: Recipe, space: dict, target: str) -> None:
         labels = sorted({str(v) for v in values}) if not numeric else []
         for r, v in zip(scored, values):
             marker, color = styles[r["status"]]
-            ax.scatter(v if numeric else labels.index(str(v)), r["final_metric"], marker=marker, color=color,
-                       label=r["status"])
+            ax.scatter(
+                v if numeric else labels.index(str(v)), r["final_metric"], marker=marker, color=color, label=r["status"]
+            )
         if not numeric:
             ax.set_xticks(range(len(labels)), labels)
         elif space.get(path) is not None and space[path].kind == "loguniform":
             ax.set_xscale("log")
-        ax.set_xlabel(path.removeprefix("train.") + (" (= ratio x rank)" if path == "train.lora.alpha" and ALPHA_RATIO in space else ""))
+        ax.set_xlabel(
+            path.removeprefix("train.")
+            + (" (= ratio x rank)" if path == "train.lora.alpha" and ALPHA_RATIO in space else "")
+        )
         ax.set_ylabel(f"{metric} at the last report")
         ax.grid(alpha=0.3)
         handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
@@ -177,31 +204,47 @@ def finish(recipe: Recipe, rows: list[dict], space: dict, out_dir: str, fingerpr
 
     best = pick_best(rows, recipe.tune.mode)
     if best is None:
-        raise ValueError(f"no trial reported {recipe.tune.metric}; see the trial errors under {out_dir}/search "
-                         "(check tune.metric: trials report eval_loss and the trainer's other eval_* metrics)")
+        raise ValueError(
+            f"no trial reported {recipe.tune.metric}; see the trial errors under {out_dir}/search "
+            "(check tune.metric: trials report eval_loss and the trainer's other eval_* metrics)"
+        )
     text = table(rows, recipe, space)
     print(text, flush=True)
-    storage.write_text(storage.join(out_dir, "trials.md"), f"# Trials of `{recipe.run.name}` ({recipe.tune.algorithm}, "
-                       f"metric {recipe.tune.metric}, {recipe.tune.mode})\n\n{text}\n")
+    storage.write_text(
+        storage.join(out_dir, "trials.md"),
+        f"# Trials of `{recipe.run.name}` ({recipe.tune.algorithm}, "
+        f"metric {recipe.tune.metric}, {recipe.tune.mode})\n\n{text}\n",
+    )
     storage.write_text(storage.join(out_dir, "trials.json"), json.dumps(rows, indent=2) + "\n")
     plot(rows, recipe, space, storage.join(out_dir, "tune_plot.png"))
     best_path = storage.join(out_dir, "best_recipe.yaml")
-    header = (f"# The best trial ({best['trial_id']}, {recipe.tune.metric} {best['final_metric']:.6g}) of the search "
-              f"in {out_dir}.\n# raytune-app run --recipe {best_path}\n")
+    header = (
+        f"# The best trial ({best['trial_id']}, {recipe.tune.metric} {best['final_metric']:.6g}) of the search "
+        f"in {out_dir}.\n# raytune-app run --recipe {best_path}\n"
+    )
     storage.write_text(best_path, header + yaml.safe_dump(best_recipe(recipe, best), sort_keys=False))
     recipe_config.load(best_path)  # it must validate as written
 
     budget = len(rows) * recipe.train.max_steps
     total = sum(r["steps"] for r in rows)
     summary = {
-        "stage": "tune", "fingerprint": fingerprint, "metric": recipe.tune.metric, "mode": recipe.tune.mode,
-        "algorithm": recipe.tune.algorithm, "asha": recipe.tune.early_stopping.asha, "trials": len(rows),
-        "stopped_early": sum(r["stopped_early"] for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
+        "stage": "tune",
+        "fingerprint": fingerprint,
+        "metric": recipe.tune.metric,
+        "mode": recipe.tune.mode,
+        "algorithm": recipe.tune.algorithm,
+        "asha": recipe.tune.early_stopping.asha,
+        "trials": len(rows),
+        "stopped_early": sum(r["stopped_early"] for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
         "steps": {"total": total, "budget": budget, "saved_fraction": round(1 - total / budget, 4) if budget else 0.0},
         "best": {k: best[k] for k in ("trial_id", "config", "final_metric", "best_metric", "steps", "status", "dir")},
-        "best_recipe": best_path, "best_weights": storage.join(best["dir"], "adapter" if recipe.train.finetuning != "full" else "model")
-        if best["status"] == "completed" else None,
-        "table": storage.join(out_dir, "trials.md"), "plot": storage.join(out_dir, "tune_plot.png"),
+        "best_recipe": best_path,
+        "best_weights": storage.join(best["dir"], "adapter" if recipe.train.finetuning != "full" else "model")
+        if best["status"] == "completed"
+        else None,
+        "table": storage.join(out_dir, "trials.md"),
+        "plot": storage.join(out_dir, "tune_plot.png"),
         "seconds_this_session": round(seconds, 1),
     }
     summary.update(tracking.log_search(recipe, rows, best, summary, out_dir))

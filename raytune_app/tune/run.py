@@ -31,7 +31,6 @@ import math
 import os
 import signal
 import time
-from typing import Optional
 
 from raytune_app import config as recipe_config
 from raytune_app import storage
@@ -52,9 +51,13 @@ class TuneError(ValueError):
 
 def fingerprint(recipe: Recipe, prepared: dict) -> str:
     """Identifies a search: what its trials train from and how, and how the search runs."""
-    payload = {"model": recipe.model.model_dump(mode="json"), "train": recipe.train.model_dump(mode="json"),
-               "tune": recipe.tune.model_dump(mode="json", exclude={"register_best"}), "seed": recipe.run.seed,
-               "data": prepared["fingerprint"]}
+    payload = {
+        "model": recipe.model.model_dump(mode="json"),
+        "train": recipe.train.model_dump(mode="json"),
+        "tune": recipe.tune.model_dump(mode="json", exclude={"register_best"}),
+        "seed": recipe.run.seed,
+        "data": prepared["fingerprint"],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,23 +72,32 @@ def plan_resources(recipe: Recipe) -> dict:
     use_gpu = gpus > 0 if recipe.train.use_gpu == "auto" else recipe.train.use_gpu
     if use_gpu:
         if gpus < workers:
-            raise TuneError(f"one trial needs {workers} GPUs (train.workers={workers}, one GPU each) and the cluster has "
-                            f"{gpus}: no trial could ever start; lower train.workers or add GPU nodes")
+            raise TuneError(
+                f"one trial needs {workers} GPUs (train.workers={workers}, one GPU each) and the cluster has "
+                f"{gpus}: no trial could ever start; lower train.workers or add GPU nodes"
+            )
         fits = gpus // workers
     else:
         if recipe.train.precision == "fp16":
             raise TuneError("train.precision fp16 needs a GPU and this cluster has none; use fp32 or bf16")
     need_cpus = workers * per_worker
     if need_cpus > cpus:
-        raise TuneError(f"one trial needs {need_cpus:g} CPUs (train.workers={workers} x tune.cpus_per_worker={per_worker:g}) "
-                        f"and the cluster has {cpus:g}: no trial could ever start; lower train.workers or "
-                        "tune.cpus_per_worker")
+        raise TuneError(
+            f"one trial needs {need_cpus:g} CPUs (train.workers={workers} x tune.cpus_per_worker={per_worker:g}) "
+            f"and the cluster has {cpus:g}: no trial could ever start; lower train.workers or "
+            "tune.cpus_per_worker"
+        )
     cpu_fits = int(cpus // need_cpus)
     fits = min(fits, cpu_fits) if use_gpu else cpu_fits
     wanted = recipe.tune.max_concurrent_trials
     concurrent = fits if wanted == "auto" else min(wanted, fits)
-    return {"use_gpu": use_gpu, "cpus_per_worker": per_worker, "concurrent": concurrent, "fits": fits,
-            "per_trial": f"{workers} worker(s) x {'1 GPU + ' if use_gpu else ''}{per_worker:g} CPU"}
+    return {
+        "use_gpu": use_gpu,
+        "cpus_per_worker": per_worker,
+        "concurrent": concurrent,
+        "fits": fits,
+        "per_trial": f"{workers} worker(s) x {'1 GPU + ' if use_gpu else ''}{per_worker:g} CPU",
+    }
 
 
 def param_space(space: dict[str, ParamSpec], algorithm: str) -> dict:
@@ -106,7 +118,7 @@ def param_space(space: dict[str, ParamSpec], algorithm: str) -> dict:
     return out
 
 
-def trial_recipe(base: dict, sample: dict, source_path: Optional[str] = None) -> Recipe:
+def trial_recipe(base: dict, sample: dict, source_path: str | None = None) -> Recipe:
     """The recipe one trial trains: the recipe with `sample` (path -> value) applied to `train`."""
     raw = dict(base)
     raw["train"] = apply_sample(base["train"], sample)
@@ -135,9 +147,8 @@ def run_trial(sample: dict, context: dict) -> None:
     checkpoint. Runs in a Tune trial actor; the Train workers it starts take the trial's resources."""
     import ray.tune
 
-    from raytune_app.train.run import build_trainer
+    from raytune_app.train.run import build_trainer, write_manifest
     from raytune_app.train.run import fingerprint as train_fingerprint
-    from raytune_app.train.run import write_manifest
 
     trial_id = ray.tune.get_context().get_trial_id()
     recipe = trial_recipe(context["recipe"], sample, context["source_path"])
@@ -149,13 +160,29 @@ def run_trial(sample: dict, context: dict) -> None:
     storage.write_text(attempts, earlier + json.dumps({"started": time.time(), "fingerprint": current}) + "\n")
     if not earlier:
         recipe_config.save_resolved(recipe, out_dir)
-    trainer = build_trainer(recipe, out_dir=out_dir, prepared_dir=context["prepared_dir"], fingerprint=current,
-                            use_gpu=context["use_gpu"], cpus_per_worker=context["cpus_per_worker"], storage_path=out_dir,
-                            callbacks=[_report_callback(recipe.train.max_steps)], worker_key=f"{current}-{trial_id}")
+    trainer = build_trainer(
+        recipe,
+        out_dir=out_dir,
+        prepared_dir=context["prepared_dir"],
+        fingerprint=current,
+        use_gpu=context["use_gpu"],
+        cpus_per_worker=context["cpus_per_worker"],
+        storage_path=out_dir,
+        callbacks=[_report_callback(recipe.train.max_steps)],
+        worker_key=f"{current}-{trial_id}",
+    )
     began = time.time()
     result = trainer.fit()
-    write_manifest(recipe, out_dir, result, fingerprint=current, prepared=context["prepared"], parent=None,
-                   use_gpu=context["use_gpu"], began=began)
+    write_manifest(
+        recipe,
+        out_dir,
+        result,
+        fingerprint=current,
+        prepared=context["prepared"],
+        parent=None,
+        use_gpu=context["use_gpu"],
+        began=began,
+    )
     ray.tune.report({key: value for key, value in result.metrics.items() if isinstance(value, (int, float, str))})
 
 
@@ -188,16 +215,22 @@ def _progress_callback(recipe: Recipe, space: dict, total: int, ended_file: str)
             how = "ran to the end" if step is not None and step >= max_steps else "stopped early by ASHA"
             self.ended += 1
             _record_end(ended_file, trial.trial_id, "completed" if how == "ran to the end" else "stopped")
-            print(f"[tune] trial {trial.trial_id} {how} at step {step}/{max_steps}: {metric} {_short(value)}, "
-                  f"{result.get('time_total_s', 0):.0f} s ({self._settings(trial)}) "
-                  f"[{self.ended} ended this session, {total} in all]", flush=True)
+            print(
+                f"[tune] trial {trial.trial_id} {how} at step {step}/{max_steps}: {metric} {_short(value)}, "
+                f"{result.get('time_total_s', 0):.0f} s ({self._settings(trial)}) "
+                f"[{self.ended} ended this session, {total} in all]",
+                flush=True,
+            )
             self._maybe_interrupt()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.ended += 1
             _record_end(ended_file, trial.trial_id, "failed")
-            print(f"[tune] trial {trial.trial_id} failed ({self._settings(trial)}); its error is in "
-                  f"{trial.path or 'the trial folder'}", flush=True)
+            print(
+                f"[tune] trial {trial.trial_id} failed ({self._settings(trial)}); its error is in "
+                f"{trial.path or 'the trial folder'}",
+                flush=True,
+            )
             self._maybe_interrupt()
 
         def _maybe_interrupt(self):
@@ -250,11 +283,18 @@ def _scheduler(recipe: Recipe):
         return FIFOScheduler()
     # Time is counted in optimizer steps (reported with every checkpoint), not in reports: a trial
     # restarted from a checkpoint keeps its place.
-    return ASHAScheduler(time_attr="step", max_t=recipe.train.max_steps, reduction_factor=stopping.reduction_factor,
-                         grace_period=stopping.grace_period or recipe.train.checkpoint.every_steps, brackets=1)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=recipe.train.max_steps,
+        reduction_factor=stopping.reduction_factor,
+        grace_period=stopping.grace_period or recipe.train.checkpoint.every_steps,
+        brackets=1,
+    )
 
 
-def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bool, print_) -> tuple[Optional[dict], bool]:
+def _state(
+    out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bool, print_
+) -> tuple[dict | None, bool]:
     """(finished summary or None, whether to restore) after moving a stale search aside."""
     finished = storage.read_json(storage.join(out_dir, "summary.json"))
     started = storage.read_json(storage.join(out_dir, "search.json"))
@@ -266,8 +306,10 @@ def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bo
         return finished, False
     if started is not None and started["fingerprint"] != current:
         if resume:
-            raise TuneError(f"cannot resume: the recipe or the prepared data changed since the search in {out_dir} "
-                            f"started (fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new search")
+            raise TuneError(
+                f"cannot resume: the recipe or the prepared data changed since the search in {out_dir} "
+                f"started (fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new search"
+            )
         aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"recipe or data changed: the earlier search was moved to {aside}")
         started = None
@@ -276,7 +318,9 @@ def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bo
     if started is None and resume:
         raise TuneError(f"nothing to resume in {out_dir}; drop --resume to start the search")
     if started is None:
-        storage.write_text(storage.join(out_dir, "search.json"), json.dumps({"fingerprint": current, "started": time.time()}))
+        storage.write_text(
+            storage.join(out_dir, "search.json"), json.dumps({"fingerprint": current, "started": time.time()})
+        )
     return None, started is not None
 
 
@@ -289,7 +333,9 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
 
     print_ = lambda text: print(f"[tune] {text}", flush=True)  # noqa: E731
     if not recipe.tune.search_space:
-        raise TuneError("tune.search_space is empty: name the train fields to search (see recipes/tune_quickstart.yaml)")
+        raise TuneError(
+            "tune.search_space is empty: name the train fields to search (see recipes/tune_quickstart.yaml)"
+        )
     if recipe.train.method != "sft":
         raise TuneError(f"train.method {recipe.train.method}: the tune stage searches sft runs so far")
     try:
@@ -302,41 +348,70 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     current = fingerprint(recipe, prepared)
     finished, restoring = _state(out_dir, recipe, current, resume, restart, print_)
     if finished is not None:
-        print_(f"already finished with this recipe and data; nothing to do. Best: {finished['best']['trial_id']} "
-               f"({recipe.tune.metric} {finished['best']['final_metric']:.4f}); recipe {finished['best_recipe']}")
+        print_(
+            f"already finished with this recipe and data; nothing to do. Best: {finished['best']['trial_id']} "
+            f"({recipe.tune.metric} {finished['best']['final_metric']:.4f}); recipe {finished['best_recipe']}"
+        )
         return finished
 
-    total = recipe.tune.num_samples * (math.prod(len(s.choice) for s in space.values()) if recipe.tune.algorithm == "grid" else 1)
-    context = {"recipe": recipe.resolved(), "source_path": recipe.source_path, "prepared": prepared,
-               "prepared_dir": prepared_dir, "trials_dir": storage.join(out_dir, "trials"), "use_gpu": plan["use_gpu"],
-               "cpus_per_worker": plan["cpus_per_worker"]}
+    total = recipe.tune.num_samples * (
+        math.prod(len(s.choice) for s in space.values()) if recipe.tune.algorithm == "grid" else 1
+    )
+    context = {
+        "recipe": recipe.resolved(),
+        "source_path": recipe.source_path,
+        "prepared": prepared,
+        "prepared_dir": prepared_dir,
+        "trials_dir": storage.join(out_dir, "trials"),
+        "use_gpu": plan["use_gpu"],
+        "cpus_per_worker": plan["cpus_per_worker"],
+    }
     # The trial function only waits on its Train workers, which hold the trial's CPUs / GPUs; it takes
     # no CPU itself (else two 1-CPU trials could not run on 2 cores), so max_concurrent_trials decides
     # how many run. Tune needs some resource in a trial's request: a little memory, which it does use.
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, context=context),
-                                        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(run_trial, context=context), {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    )
     ended_file = storage.join(out_dir, "ended.json")
     progress = _progress_callback(recipe, space, total, ended_file)
     experiment = storage.join(out_dir, "search")
     restoring = restoring and ray_tune.Tuner.can_restore(experiment)
     if restoring:
-        print_(f"resuming the interrupted search in {experiment}: finished trials are kept, running ones continue "
-               "from their latest checkpoint")
-        tuner = ray_tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=param_space(space, recipe.tune.algorithm))
+        print_(
+            f"resuming the interrupted search in {experiment}: finished trials are kept, running ones continue "
+            "from their latest checkpoint"
+        )
+        tuner = ray_tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=param_space(space, recipe.tune.algorithm),
+        )
     else:
         tuner = ray_tune.Tuner(
             trainable,
             param_space=param_space(space, recipe.tune.algorithm),
-            tune_config=ray_tune.TuneConfig(metric=recipe.tune.metric, mode=recipe.tune.mode,
-                                            search_alg=_search_algorithm(recipe, plan["concurrent"]),
-                                            scheduler=_scheduler(recipe), num_samples=recipe.tune.num_samples),
-            run_config=ray_tune.RunConfig(name="search", storage_path=out_dir, callbacks=[progress], verbose=0,
-                                          failure_config=ray_tune.FailureConfig(max_failures=0)),
+            tune_config=ray_tune.TuneConfig(
+                metric=recipe.tune.metric,
+                mode=recipe.tune.mode,
+                search_alg=_search_algorithm(recipe, plan["concurrent"]),
+                scheduler=_scheduler(recipe),
+                num_samples=recipe.tune.num_samples,
+            ),
+            run_config=ray_tune.RunConfig(
+                name="search",
+                storage_path=out_dir,
+                callbacks=[progress],
+                verbose=0,
+                failure_config=ray_tune.FailureConfig(max_failures=0),
+            ),
         )
-    print_(f"{total} trial(s) of {', '.join(space)} ({recipe.tune.algorithm}"
-           f"{', ASHA' if recipe.tune.early_stopping.asha else ''}); {plan['concurrent']} at a time, each "
-           f"{plan['per_trial']}; budget {recipe.train.max_steps} steps per trial")
+    print_(
+        f"{total} trial(s) of {', '.join(space)} ({recipe.tune.algorithm}"
+        f"{', ASHA' if recipe.tune.early_stopping.asha else ''}); {plan['concurrent']} at a time, each "
+        f"{plan['per_trial']}; budget {recipe.train.max_steps} steps per trial"
+    )
     if not restoring:
         storage.remove(ended_file)  # left by a search that stopped before Tune saved its state
     release_orphaned_placement_groups()  # left by an earlier search this driver interrupted
@@ -346,16 +421,27 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     ended = storage.read_json(ended_file) or {}
     if len(ended) < total:
         unfinished = sorted(set(_started_trials(context["trials_dir"])) - set(ended))
-        print_(f"interrupted with {len(unfinished)} trial(s) unfinished; the state is saved: run the stage again "
-               f"(or `raytune-app tune --recipe ... --resume`) to continue from {experiment}")
-        return {"stage": "tune", "fingerprint": current, "interrupted": True, "unfinished": unfinished,
-                "ended": sorted(ended)}
+        print_(
+            f"interrupted with {len(unfinished)} trial(s) unfinished; the state is saved: run the stage again "
+            f"(or `raytune-app tune --recipe ... --resume`) to continue from {experiment}"
+        )
+        return {
+            "stage": "tune",
+            "fingerprint": current,
+            "interrupted": True,
+            "unfinished": unfinished,
+            "ended": sorted(ended),
+        }
     rows = report.trial_rows(results, recipe, space, context["trials_dir"])
     summary = report.finish(recipe, rows, space, out_dir, current, seconds=time.time() - began)
-    print_(f"done: best trial {summary['best']['trial_id']} ({recipe.tune.metric} {summary['best']['final_metric']:.4f}, "
-           f"{summary['steps']['total']} trial-steps of {summary['steps']['budget']} budgeted); "
-           f"best recipe {summary['best_recipe']}"
-           + (f"; adapter models:/{summary['registered']['name']}/{summary['registered']['version']}"
-              if summary.get("registered") else ""))
+    print_(
+        f"done: best trial {summary['best']['trial_id']} ({recipe.tune.metric} {summary['best']['final_metric']:.4f}, "
+        f"{summary['steps']['total']} trial-steps of {summary['steps']['budget']} budgeted); "
+        f"best recipe {summary['best_recipe']}"
+        + (
+            f"; adapter models:/{summary['registered']['name']}/{summary['registered']['version']}"
+            if summary.get("registered")
+            else ""
+        )
+    )
     return summary
-

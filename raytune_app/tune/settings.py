@@ -17,7 +17,7 @@ or bound against the train section's own validation before any trial starts. Pla
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -43,14 +43,14 @@ FIXED = {
 class ParamSpec(Section):
     """How one field is sampled: exactly one of the keys."""
 
-    choice: Optional[list[Any]] = Field(
+    choice: list[Any] | None = Field(
         None, description="Pick one of these values (random and optuna sample them; grid tries every one)."
     )
-    uniform: Optional[tuple[float, float]] = Field(None, description="A float drawn uniformly from [low, high].")
-    loguniform: Optional[tuple[float, float]] = Field(
+    uniform: tuple[float, float] | None = Field(None, description="A float drawn uniformly from [low, high].")
+    loguniform: tuple[float, float] | None = Field(
         None, description="A float drawn uniformly in log space from [low, high] (learning rates); low must be above 0."
     )
-    randint: Optional[tuple[int, int]] = Field(None, description="An integer from low to high, both included.")
+    randint: tuple[int, int] | None = Field(None, description="An integer from low to high, both included.")
 
     @model_validator(mode="after")
     def _one(self):
@@ -81,15 +81,20 @@ class ParamSpec(Section):
 
 class EarlyStoppingSection(Section):
     asha: bool = Field(
-        True, description="Stop trials early with ASHA (asynchronous successive halving): at each rung only the best "
+        True,
+        description="Stop trials early with ASHA (asynchronous successive halving): at each rung only the best "
         "1/reduction_factor of the trials that reached it continue. Off: every trial runs train.max_steps.",
     )
-    grace_period: Optional[int] = Field(
-        None, gt=0, description="Optimizer steps every trial runs before it can be stopped (the first rung); left out: "
+    grace_period: int | None = Field(
+        None,
+        gt=0,
+        description="Optimizer steps every trial runs before it can be stopped (the first rung); left out: "
         "train.checkpoint.every_steps (the first report).",
     )
     reduction_factor: float = Field(
-        3.0, gt=1, description="Rung spacing and the share kept: rungs at grace_period x factor^k steps, and a trial "
+        3.0,
+        gt=1,
+        description="Rung spacing and the share kept: rungs at grace_period x factor^k steps, and a trial "
         "continues past a rung when it is in the best 1/factor of the trials that reached it.",
     )
 
@@ -103,7 +108,8 @@ class TuneSection(Section):
         "left out keep the recipe's value.",
     )
     algorithm: Literal["random", "grid", "optuna"] = Field(
-        "random", description="`random`: independent samples (seeded); `grid`: every combination of the `choice` "
+        "random",
+        description="`random`: independent samples (seeded); `grid`: every combination of the `choice` "
         "values, num_samples times; `optuna`: Optuna's TPE sampler through Ray Tune, which proposes each trial from the "
         "results so far.",
     )
@@ -111,7 +117,8 @@ class TuneSection(Section):
         8, gt=0, description="Trials to run (for `grid`: how many times the whole grid runs, usually 1)."
     )
     metric: str = Field(
-        "eval_loss", pattern=r"^eval_[A-Za-z0-9_]+$",
+        "eval_loss",
+        pattern=r"^eval_[A-Za-z0-9_]+$",
         description="Validation metric reported at each checkpoint that trials are compared on: eval_loss, or another "
         "eval_* metric the trainer reports (eval_mean_token_accuracy with mode max).",
     )
@@ -119,17 +126,21 @@ class TuneSection(Section):
     early_stopping: EarlyStoppingSection = Field(
         default_factory=EarlyStoppingSection, description="ASHA early stopping on `metric`, in optimizer steps."
     )
-    max_concurrent_trials: Union[int, Literal["auto"]] = Field(
-        "auto", description="Trials running at once; `auto`: as many as the cluster fits (each trial is train.workers "
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        "auto",
+        description="Trials running at once; `auto`: as many as the cluster fits (each trial is train.workers "
         "workers x one GPU, or x cpus_per_worker CPUs). A number above what fits is lowered to it.",
     )
     cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs each trial worker takes (torch uses that many threads); on a GPU cluster each worker "
+        1.0,
+        gt=0,
+        description="CPUs each trial worker takes (torch uses that many threads); on a GPU cluster each worker "
         "also takes one GPU.",
     )
-    seed: Optional[int] = Field(None, description="Seed of the search algorithm; left out: run.seed.")
+    seed: int | None = Field(None, description="Seed of the search algorithm; left out: run.seed.")
     register_best: bool = Field(
-        True, description="Register the best trial's adapter in the MLflow model registry (every trial is logged as a "
+        True,
+        description="Register the best trial's adapter in the MLflow model registry (every trial is logged as a "
         "run either way).",
     )
 
@@ -142,8 +153,10 @@ class TuneSection(Section):
         if self.algorithm == "grid":
             ranged = [path for path, spec in self.search_space.items() if spec.kind != "choice"]
             if ranged:
-                raise ValueError(f"algorithm grid enumerates `choice` values; {ranged} are ranges: give them as choice, "
-                                 "or use algorithm random / optuna")
+                raise ValueError(
+                    f"algorithm grid enumerates `choice` values; {ranged} are ranges: give them as choice, "
+                    "or use algorithm random / optuna"
+                )
         return self
 
 
@@ -155,8 +168,14 @@ def _field_at(cls: type[BaseModel], parts: list[str]):
             return None
         info = cls.model_fields[part]
         annotation = info.annotation
-        nested = next((c for c in [annotation, *getattr(annotation, "__args__", ())]
-                       if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        nested = next(
+            (
+                c
+                for c in [annotation, *getattr(annotation, "__args__", ())]
+                if isinstance(c, type) and issubclass(c, BaseModel)
+            ),
+            None,
+        )
         if index < len(parts) - 1:
             cls = nested
         elif nested is not None:
@@ -193,23 +212,31 @@ def search_problems(tune: TuneSection, train: BaseModel, has_chain: bool = False
     problems = []
     where = "tune.search_space"
     if has_chain:
-        problems.append("tune: a search tunes one training run; this recipe has a `chain` (tune a step as its own recipe)")
+        problems.append(
+            "tune: a search tunes one training run; this recipe has a `chain` (tune a step as its own recipe)"
+        )
     if train.max_steps is None:
         problems.append("tune: trials need a fixed budget: set train.max_steps (ASHA divides it into rungs)")
     elif train.max_steps % train.checkpoint.every_steps:
-        problems.append(f"tune: train.max_steps ({train.max_steps}) must be a multiple of train.checkpoint.every_steps "
-                        f"({train.checkpoint.every_steps}): trials report at each checkpoint, and the last report must "
-                        "be the finished model")
+        problems.append(
+            f"tune: train.max_steps ({train.max_steps}) must be a multiple of train.checkpoint.every_steps "
+            f"({train.checkpoint.every_steps}): trials report at each checkpoint, and the last report must "
+            "be the finished model"
+        )
     grace = tune.early_stopping.grace_period
     if tune.early_stopping.asha and grace is not None and train.max_steps is not None and grace >= train.max_steps:
-        problems.append(f"tune.early_stopping.grace_period ({grace}) must be below train.max_steps ({train.max_steps}), "
-                        "or no trial could ever be stopped early")
+        problems.append(
+            f"tune.early_stopping.grace_period ({grace}) must be below train.max_steps ({train.max_steps}), "
+            "or no trial could ever be stopped early"
+        )
     base = train.model_dump(mode="json")
     cls = type(train)
     for path, spec in tune.search_space.items():
         if not path.startswith("train."):
-            problems.append(f"{where}.{path}: only fields of `train` can be searched (e.g. train.learning_rate); "
-                            "data and model changes need their own prepare")
+            problems.append(
+                f"{where}.{path}: only fields of `train` can be searched (e.g. train.learning_rate); "
+                "data and model changes need their own prepare"
+            )
             continue
         if path in FIXED:
             problems.append(f"{where}.{path}: cannot be searched: {FIXED[path]}")
@@ -222,8 +249,10 @@ def search_problems(tune: TuneSection, train: BaseModel, has_chain: bool = False
         field = _field_at(cls, path.split(".")[1:])
         if field is None:
             owner = path.rsplit(".", 1)[0]
-            problems.append(f"{where}.{path}: no such field in the recipe (check the spelling; "
-                            f"`raytune-app validate --explain` lists the fields of {owner})")
+            problems.append(
+                f"{where}.{path}: no such field in the recipe (check the spelling; "
+                f"`raytune-app validate --explain` lists the fields of {owner})"
+            )
             continue
         if field == "section":
             problems.append(f"{where}.{path}: is a section; search one of its fields (e.g. {path}.<field>)")
@@ -232,8 +261,9 @@ def search_problems(tune: TuneSection, train: BaseModel, has_chain: bool = False
             try:
                 cls.model_validate(apply_sample(base, {path: value}))
             except ValidationError as exc:  # say which value and why, in the recipe's words
-                reason = "; ".join(e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-                                   for e in exc.errors())
+                reason = "; ".join(
+                    e["msg"].replace("Input should be", "must be").replace("Value error, ", "") for e in exc.errors()
+                )
                 problems.append(f"{where}.{path}: value {value!r} is not valid for {path}: {reason}")
     return problems
 

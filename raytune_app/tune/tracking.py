@@ -34,8 +34,13 @@ def _trial_run(mlflow_client, experiment_id: str, recipe: Recipe, row: dict, fin
     from raytune_app.tune.run import trial_recipe
 
     key = f"{fingerprint}/{row['trial_id']}"
-    tags = [RunTag("tune_trial", key), RunTag("mlflow.parentRunId", parent), RunTag("tune_status", row["status"]),
-            RunTag("stopped_early", str(row["stopped_early"]).lower()), RunTag("steps_run", str(row["steps"]))]
+    tags = [
+        RunTag("tune_trial", key),
+        RunTag("mlflow.parentRunId", parent),
+        RunTag("tune_status", row["status"]),
+        RunTag("stopped_early", str(row["stopped_early"]).lower()),
+        RunTag("steps_run", str(row["steps"])),
+    ]
     if row["status"] == "completed":
         manifest = json.loads(storage.read_text(storage.join(row["dir"], "manifest.json")))
         run_id = store.log_train_run(trial_recipe(recipe.resolved(), row["config"], recipe.source_path), manifest)
@@ -44,14 +49,16 @@ def _trial_run(mlflow_client, experiment_id: str, recipe: Recipe, row: dict, fin
     existing = _find(mlflow_client, experiment_id, "tune_trial", key)
     if existing:
         return existing
-    run = mlflow_client.create_run(experiment_id, tags={"stage": "tune-trial", "mlflow.runName": f"trial-{row['trial_id']}"})
+    run = mlflow_client.create_run(
+        experiment_id, tags={"stage": "tune-trial", "mlflow.runName": f"trial-{row['trial_id']}"}
+    )
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     params = [Param(path, json.dumps(value)) for path, value in row["config"].items()]
     metrics = [Metric(name, value, now, step) for name, points in row["history"].items() for step, value in points]
     mlflow_client.log_batch(run_id, params=params, tags=tags)
     for i in range(0, len(metrics), 1000):
-        mlflow_client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        mlflow_client.log_batch(run_id, metrics=metrics[i : i + 1000])
     mlflow_client.set_terminated(run_id, "FAILED" if row["status"] == "failed" else "KILLED")
     return run_id
 
@@ -70,27 +77,45 @@ def log_search(recipe: Recipe, rows: list[dict], best: dict, summary: dict, out_
         fingerprint = summary["fingerprint"]
         parent = _find(mlflow_client, experiment_id, "tune_fingerprint", fingerprint)
         if parent is None:
-            parent = mlflow_client.create_run(experiment_id, tags={"stage": "tune", "tune_fingerprint": fingerprint,
-                                                                   "mlflow.runName": f"tune-{fingerprint}"}).info.run_id
+            parent = mlflow_client.create_run(
+                experiment_id,
+                tags={"stage": "tune", "tune_fingerprint": fingerprint, "mlflow.runName": f"tune-{fingerprint}"},
+            ).info.run_id
             now = int(time.time() * 1000)
-            params = [Param(k, str(v)[:6000]) for k, v in store._flatten({"tune": recipe.tune.model_dump(mode="json")}).items()]
-            mlflow_client.log_batch(parent, params=params, metrics=[
-                Metric(f"best_{recipe.tune.metric}", float(best["final_metric"]), now, 0),
-                Metric("trial_steps", float(summary["steps"]["total"]), now, 0),
-                Metric("trials_stopped_early", float(summary["stopped_early"]), now, 0)])
+            params = [
+                Param(k, str(v)[:6000])
+                for k, v in store._flatten({"tune": recipe.tune.model_dump(mode="json")}).items()
+            ]
+            mlflow_client.log_batch(
+                parent,
+                params=params,
+                metrics=[
+                    Metric(f"best_{recipe.tune.metric}", float(best["final_metric"]), now, 0),
+                    Metric("trial_steps", float(summary["steps"]["total"]), now, 0),
+                    Metric("trials_stopped_early", float(summary["stopped_early"]), now, 0),
+                ],
+            )
             for name in ("trials.md", "trials.json", "tune_plot.png", "best_recipe.yaml"):
                 store._log_artifact_file(mlflow_client, parent, storage.join(out_dir, name))
             mlflow_client.set_terminated(parent, "FINISHED")
-        runs = {row["trial_id"]: _trial_run(mlflow_client, experiment_id, recipe, row, fingerprint, parent) for row in rows}
+        runs = {
+            row["trial_id"]: _trial_run(mlflow_client, experiment_id, recipe, row, fingerprint, parent) for row in rows
+        }
         out = {"mlflow": {"tracking_uri": uri, "search_run_id": parent, "trial_run_ids": runs}}
         if recipe.tune.register_best and best["status"] == "completed":
             manifest = json.loads(storage.read_text(storage.join(best["dir"], "manifest.json")))
             version = store.register(trial_recipe(recipe.resolved(), best["config"], recipe.source_path), manifest)
             out["registered"] = {"name": version["name"], "version": version["version"], "run_id": version["run_id"]}
-            print(f"[tune] best adapter registered: models:/{version['name']}/{version['version']} (alias challenger"
-                  f"{', champion' if version['promoted'] else ''}) in {uri}", flush=True)
+            print(
+                f"[tune] best adapter registered: models:/{version['name']}/{version['version']} (alias challenger"
+                f"{', champion' if version['promoted'] else ''}) in {uri}",
+                flush=True,
+            )
         return out
     except Exception as exc:  # any store or network failure; the search results are on disk
-        print(f"[tune] warning: could not log the search to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-              f"the results are in {out_dir}", flush=True)
+        print(
+            f"[tune] warning: could not log the search to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"the results are in {out_dir}",
+            flush=True,
+        )
         return {"mlflow": None}
