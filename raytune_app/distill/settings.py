@@ -29,9 +29,7 @@ class TeacherSection(Section):
         description="backend hf / vllm: model path, hub id or `bundled:` name; backend openai: the `model` field sent.",
     )
     base_url: str | None = Field(None, description="backend openai: the API root, e.g. http://127.0.0.1:8000/v1.")
-    api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="backend openai: environment variable with the key."
-    )
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="backend openai: environment variable with the key.")
     concurrency: int = Field(8, ge=1, description="backend openai: requests in flight per replica.")
     max_retries: int = Field(
         4, ge=0, description="backend openai: retries of a request after 429, 5xx, a timeout or a dropped connection."

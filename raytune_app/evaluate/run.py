@@ -316,9 +316,7 @@ def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], la
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate(
-    recipe: Recipe, data_file: str | None = None, adapter: str | None = None, force: bool = False
-) -> dict:
+def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None = None, force: bool = False) -> dict:
     """Run the evaluate stage; returns metrics.json's content."""
     from raytune_app.evaluate.report import write_report
 

@@ -115,9 +115,7 @@ class AccessSection(Section):
         description="Environment variable holding accepted API keys (comma-separated). Unset or empty, "
         "and no file: the API is open.",
     )
-    api_keys_file: str | None = Field(
-        None, description="File with one accepted API key per line (a mounted secret)."
-    )
+    api_keys_file: str | None = Field(None, description="File with one accepted API key per line (a mounted secret).")
 
 
 class PriceSection(Section):

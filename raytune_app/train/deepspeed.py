@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raytune_app.config import DeepSpeedSection
+from raytune_app.train.settings import DeepSpeedSection
 
 
 def deepspeed_config(ds: DeepSpeedSection, use_gpu: bool, base_dir: str | None = None) -> dict:

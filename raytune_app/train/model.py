@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from raytune_app import models
-from raytune_app.config import ModelSection, TrainSection
+from raytune_app.config import ModelSection
+from raytune_app.train.settings import TrainSection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

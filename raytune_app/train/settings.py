@@ -1,4 +1,5 @@
-"""The recipe's `train.dpo`, `train.grpo` and a chain step's `pairs` sections (preference and RL training).
+"""The recipe's `train` section: method, fine-tuning (LoRA / QLoRA / full), DeepSpeed, schedule, checkpoints,
+and its `train.dpo`, `train.grpo` and a chain step's `pairs` sections (preference and RL training).
 
 Plain pydantic; no Ray. Every field documented where it is declared. The trainers that read them are
 TRL's DPOTrainer and GRPOTrainer (raytune_app/train/worker.py); reward functions: raytune_app/train/rewards.py.
@@ -10,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from raytune_app.distill.settings import TrainDistillSection
 from raytune_app.sections import Section
 
 # Loss types of TRL's DPOTrainer that need nothing beyond the pair itself (no unpaired data, no extra model).
@@ -130,3 +132,111 @@ class PairsSection(Section):
     )
     max_pairs_per_prompt: int = Field(1, ge=1, description="Failing answers kept per prompt (distinct texts).")
     limit: int | None = Field(None, gt=0, description="Answer only the first N prompts of the split.")
+
+
+class LoraSection(Section):
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; when left out it is 4 x rank (a prior that Ray Tune can search around)."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: `all-linear` or a list of module names (q_proj, v_proj ...).",
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 4.0 * self.rank
+
+
+class QuantSection(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type (QLoRA uses nf4).")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype of the matmuls on dequantised 4-bit weights."
+    )
+
+
+class DeepSpeedSection(Section):
+    stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 off, 1 optimizer, 2 + gradients, 3 + parameters sharded."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    config_file: str | None = Field(
+        None, description="A DeepSpeed JSON to use as is instead of the one generated from these fields."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"offload_params needs ZeRO stage 3, got stage {self.stage}")
+        return self
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(50, gt=0, description="Save a checkpoint (and evaluate) every N optimizer steps.")
+    keep_best: int = Field(2, gt=0, description="Keep the best K checkpoints by validation loss.")
+
+
+class TrainSection(Section):
+    method: Literal["sft", "dpo", "grpo"] = Field(
+        "sft",
+        description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
+        "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat data "
+        "with reward functions (train.grpo.rewards).",
+    )
+    finetuning: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="Which weights train: all (`full`), LoRA adapters, or LoRA over a 4-bit base (`qlora`)."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (finetuning lora/qlora).")
+    quantization: QuantSection = Field(default_factory=QuantSection, description="4-bit settings (finetuning qlora).")
+    deepspeed: DeepSpeedSection | None = Field(None, description="DeepSpeed ZeRO; left out means plain DDP.")
+    workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="Workers take a GPU each; `auto`: when the cluster has GPUs."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Sequences per worker per micro-step.")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup: int | float = Field(
+        0.03, ge=0, description="Warm-up: an int is a number of steps, a float below 1 a fraction of all steps."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    checkpoint: CheckpointSection = Field(
+        default_factory=CheckpointSection, description="Checkpointing and evaluation cadence."
+    )
+    logging_steps: int = Field(5, gt=0, description="Log train loss, tokens/s and memory every N steps.")
+    max_failures: int = Field(
+        1,
+        ge=0,
+        description="Times Ray Train restarts the workers after a failure, resuming from the latest checkpoint.",
+    )
+    distill: TrainDistillSection = Field(
+        default_factory=TrainDistillSection,
+        description="Multi-task training on distilled data (run.stages has distill).",
+    )
+    dpo: DpoSection = Field(default_factory=DpoSection, description="DPO settings (method dpo).")
+    grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO settings (method grpo).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.warmup, float) and self.warmup >= 1:
+            raise ValueError(f"warmup as a fraction must be below 1, got {self.warmup} (write an int for steps)")
+        if self.finetuning == "qlora" and self.deepspeed is not None and self.deepspeed.stage == 3:
+            raise ValueError(
+                "QLoRA with DeepSpeed ZeRO-3 is not supported here: 4-bit weights cannot be "
+                "partitioned by ZeRO-3 with this bitsandbytes/deepspeed; use stage 2"
+            )
+        if self.precision == "fp16" and self.use_gpu is False:
+            raise ValueError("precision fp16 needs a GPU (use_gpu is false); use fp32 or bf16 on CPU")
+        return self

@@ -292,9 +292,7 @@ def _scheduler(recipe: Recipe):
     )
 
 
-def _state(
-    out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bool, print_
-) -> tuple[dict | None, bool]:
+def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bool, print_) -> tuple[dict | None, bool]:
     """(finished summary or None, whether to restore) after moving a stale search aside."""
     finished = storage.read_json(storage.join(out_dir, "summary.json"))
     started = storage.read_json(storage.join(out_dir, "search.json"))

