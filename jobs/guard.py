@@ -10,7 +10,7 @@ serving looks for it (models:/guard@champion in /mnt/shared/raytune/runs/guard/m
 
 import sys
 
-from raytune_app.cluster import run_job
+from raytune_app.cli import run_job
 
 if __name__ == "__main__":
     sys.exit(run_job("guard", sys.argv[1:]))

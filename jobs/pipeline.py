@@ -10,7 +10,7 @@ work, exit code 2, with every problem in `ray job logs`.
 
 import sys
 
-from raytune_app.cluster import run_job
+from raytune_app.cli import run_job
 
 if __name__ == "__main__":
     sys.exit(run_job("run", sys.argv[1:]))

@@ -9,7 +9,7 @@ and writes to the recipe's run.output_dir, which on a cluster is shared storage 
 
 import sys
 
-from raytune_app.cluster import run_job
+from raytune_app.cli import run_job
 
 if __name__ == "__main__":
     sys.exit(run_job("train", sys.argv[1:]))

@@ -20,17 +20,21 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 
-from raytune_app import config
+from raytune_app import cluster, config
+from raytune_app.errors import EXIT_BAD_RECIPE, EXIT_BUG, user_error
 
-EXIT_BAD_RECIPE = 2
-EXIT_BAD_DATA = 4
+# What an unexpected error (a bug, not a mistake in the recipe or data) adds below its traceback.
+BUG_HINT = (
+    "raytune-app stopped on an unexpected error (the traceback above): this is likely a bug in raytune_app, "
+    "not in your recipe or data. Please report it with the traceback, the command and the resolved recipe "
+    "(<run dir>/recipe.yaml)."
+)
 
 
 def ensure_ray(recipe: config.Recipe | None = None, command: str | None = None) -> None:
     # One helper for the CLI and the Ray job entrypoints (jobs/*.py): raytune_app/cluster.py.
-    from raytune_app import cluster
-
     cluster.connect(recipe, command)
 
 
@@ -504,23 +508,32 @@ def _run_all(recipe: config.Recipe) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`raytune-app ARGV`: the exit code. A mistake the user can fix (errors.RaytuneError, also when raised
+    inside a Ray worker) is printed as its message alone, with its exit code (2: recipe, 4: data, 1: cluster);
+    anything else keeps its traceback, with a request to report it (exit 70)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "registry":
-            return _registry(args)
-        if args.command == "guard":
-            return _guard(args)
-        if args.command == "validate" and args.explain and not (args.recipe_opt or args.recipe_file):
-            print("\n".join(config.explain()))
-            return 0
-        recipe = config.load(_recipe_path(args), args.overrides)
-    except config.RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_RECIPE
-    except (ValueError, FileNotFoundError) as exc:  # registry and guard data / model errors
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_DATA
+        return _command(args)
+    except Exception as exc:
+        found = user_error(exc)
+        if found is not None:
+            print(f"error: {found}", file=sys.stderr)
+            return found.exit_code
+        traceback.print_exc()
+        print(f"error: {BUG_HINT}", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _command(args) -> int:
+    if args.command == "registry":
+        return _registry(args)
+    if args.command == "guard":
+        return _guard(args)
+    if args.command == "validate" and args.explain and not (args.recipe_opt or args.recipe_file):
+        print("\n".join(config.explain()))
+        return 0
+    recipe = config.load(_recipe_path(args), args.overrides)
 
     if args.command == "validate":
         if args.explain:
@@ -543,49 +556,53 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_BAD_RECIPE
 
-    from raytune_app.cluster import NoCluster
-    from raytune_app.data.prepare import RowError
     from raytune_app.evaluate.run import evaluate
-    from raytune_app.train.run import TrainError
-    from raytune_app.tune.run import TuneError
 
-    try:
-        if args.command == "evaluate" and args.data:
-            # The metrics JSON is the only thing on stdout, so it can be piped; progress goes to stderr.
-            with contextlib.redirect_stdout(sys.stderr):
-                _start(recipe)
-                ensure_ray(recipe, args.command)
-                summary = evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
-                _show_evaluation(summary)
-            print(json.dumps(summary, indent=2))
-            return 0
-        _start(recipe)
-        ensure_ray(recipe, args.command)
-        if args.command == "prepare":
-            _prepare(recipe, force=args.force)
-        elif args.command == "distill":
-            _distill(recipe, force=args.force)
-        elif args.command == "train":
-            _train(recipe, resume=args.resume, restart=args.restart)
-        elif args.command == "tune":
-            _tune(recipe, resume=args.resume, restart=args.restart)
-        elif args.command == "evaluate":
-            _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
-        elif args.command == "register":
-            _register(recipe)
-        elif args.command == "pairs":
-            _pairs(recipe, args)
-        elif args.command == "serve":
-            _serve(recipe, block=not args.no_block)
-        else:
-            _run_all(recipe)
+    if args.command == "evaluate" and args.data:
+        # The metrics JSON is the only thing on stdout, so it can be piped; progress goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            _start(recipe)
+            ensure_ray(recipe, args.command)
+            summary = evaluate(recipe, data_file=args.data, adapter=args.adapter, force=args.force)
+            _show_evaluation(summary)
+        print(json.dumps(summary, indent=2))
         return 0
-    except (RowError, TrainError, TuneError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_DATA
-    except NoCluster as exc:  # no cluster to join, or not the GPUs the stage needs (raytune_app/cluster.py)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    _start(recipe)
+    ensure_ray(recipe, args.command)
+    if args.command == "prepare":
+        _prepare(recipe, force=args.force)
+    elif args.command == "distill":
+        _distill(recipe, force=args.force)
+    elif args.command == "train":
+        _train(recipe, resume=args.resume, restart=args.restart)
+    elif args.command == "tune":
+        _tune(recipe, resume=args.resume, restart=args.restart)
+    elif args.command == "evaluate":
+        _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
+    elif args.command == "register":
+        _register(recipe)
+    elif args.command == "pairs":
+        _pairs(recipe, args)
+    elif args.command == "serve":
+        _serve(recipe, block=not args.no_block)
+    else:
+        _run_all(recipe)
+    return 0
+
+
+def run_job(command: str, argv: list[str] | None = None) -> int:
+    """What each jobs/<stage>.py runs: `raytune-app <command> ARGV` joined to the existing cluster.
+
+    The arguments are the CLI's (`--recipe FILE`, `key.sub=value` overrides, stage flags); the exit code
+    is the CLI's (2: invalid recipe, reported before any Ray work; 4: bad data; 1: no cluster), so
+    `ray job status` shows FAILED with the reason in `ray job logs`. A job entrypoint never starts a
+    local Ray: it joins the job's cluster (raytune_app/cluster.py).
+    """
+    cluster.join_only()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    where = "inside a Ray job" if cluster.in_ray_job() else "joining the running cluster"
+    print(f"[raytune-app] job entrypoint: raytune-app {command} {' '.join(argv)} ({where})", flush=True)
+    return main([command, *argv])
 
 
 if __name__ == "__main__":

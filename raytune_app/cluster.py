@@ -7,7 +7,7 @@ Inside `ray job submit` the job supervisor sets RAY_ADDRESS (the cluster's GCS a
 RAY_JOB_CONFIG_JSON_ENV_VAR for the driver, so a bare `ray.init()` joins that cluster. An entrypoint
 started by hand (`python jobs/train.py` on a head node) joins the running cluster with
 `address="auto"` and fails with a clear message when there is none: a job entrypoint never starts a
-second, local Ray. `run_job` then runs the same `raytune-app` command the CLI runs (same parser, same
+second, local Ray. `cli.run_job` then runs the same `raytune-app` command the CLI runs (same parser, same
 validation before any Ray work, same exit codes), so there is no second implementation of a stage.
 
 On a joined cluster whose GPU worker group autoscales from zero, a recipe that says its workers take
@@ -18,13 +18,14 @@ they are up, since the stages size themselves by the GPUs the cluster has when t
 from __future__ import annotations
 
 import os
-import sys
 
-# Set by run_job: this process is a job entrypoint, which must join an existing cluster.
+from raytune_app.errors import ClusterError
+
+# Set by join_only (cli.run_job): this process is a job entrypoint, which must join an existing cluster.
 _JOIN_ONLY = False
 
 
-class NoCluster(RuntimeError):
+class NoCluster(ClusterError):
     """A job entrypoint found no running Ray cluster to join."""
 
 
@@ -142,22 +143,8 @@ def wait_for_gpus(wanted: int, timeout_s: float | None = None) -> None:
         request_resources(bundles=[])
 
 
-def run_job(command: str, argv: list[str] | None = None) -> int:
-    """What each jobs/<stage>.py runs: `raytune-app <command> ARGV` joined to the existing cluster.
-
-    The arguments are the CLI's (`--recipe FILE`, `key.sub=value` overrides, stage flags); the exit code
-    is the CLI's (2: invalid recipe, reported before any Ray work; 4: bad data), so `ray job status`
-    shows FAILED with the reason in `ray job logs`.
-    """
+def join_only() -> None:
+    """Make this process a job entrypoint: `connect` joins an existing cluster and never starts one
+    (called by cli.run_job, which each jobs/<stage>.py runs)."""
     global _JOIN_ONLY
-    from raytune_app import cli
-
     _JOIN_ONLY = True
-    argv = list(sys.argv[1:] if argv is None else argv)
-    where = "inside a Ray job" if in_ray_job() else "joining the running cluster"
-    print(f"[raytune-app] job entrypoint: raytune-app {command} {' '.join(argv)} ({where})", flush=True)
-    try:
-        return cli.main([command, *argv])
-    except NoCluster as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1

@@ -30,7 +30,8 @@ from raytune_app.distill.settings import DistillSection
 from raytune_app.evaluate.settings import EvaluateSection
 from raytune_app.guard.settings import GuardSection
 from raytune_app.registry.settings import RegistrySection
-from raytune_app.sections import RecipeError, Section  # noqa: F401  (RecipeError is part of this module's API)
+from raytune_app.errors import RecipeError  # noqa: F401  (part of this module's API: config.RecipeError)
+from raytune_app.sections import Section
 from raytune_app.serve.settings import ServeSection
 from raytune_app.train.settings import PairsSection, TrainSection
 from raytune_app.tune.settings import TuneSection, search_problems

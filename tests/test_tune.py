@@ -192,7 +192,10 @@ def test_a_trial_that_can_never_fit_fails_before_anything_starts(ray_local, tmp_
     raw = tune_recipe(tmp_path, tiny_model).resolved()
     too_big = config.validate(raw | {"train": raw["train"] | {"workers": 3}})
     prepare(too_big)
-    with pytest.raises(TuneError, match=r"one trial needs 3 CPUs .* the cluster has 2: no trial could ever start"):
+    with pytest.raises(
+        TuneError,
+        match=r"one trial can never start: train.workers=3 x tune.cpus_per_worker=1 needs 3 CPUs, the cluster has 2",
+    ):
         tune(too_big)
     assert not os.path.exists(too_big.stage_dir("tune"))
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import bisect
 
+from raytune_app.errors import DataError
+
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` grouped into bins whose sums stay within `capacity`.
@@ -20,7 +22,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     Every length must be at most `capacity` (prepare drops or truncates longer examples first).
     """
     if any(length > capacity for length in lengths):
-        raise ValueError(f"an example of {max(lengths)} tokens cannot be packed into sequences of {capacity}")
+        raise DataError(f"an example of {max(lengths)} tokens cannot be packed into sequences of {capacity}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     # Open bins as (room left, bin number), kept sorted so the tightest fit is a bisect away.

@@ -34,6 +34,7 @@ from raytune_app.config import Recipe
 from raytune_app.data import rows as rowlib
 from raytune_app.data.packing import pack
 from raytune_app.data.rows import RowProblem, RowSpec
+from raytune_app.errors import DataError, MissingInput
 
 if TYPE_CHECKING:
     import ray.data
@@ -79,7 +80,7 @@ def _example_columns(example: dict) -> dict:
     }
 
 
-class RowError(ValueError):
+class RowError(DataError):
     """A bad row under `data.on_error: fail`: names the file, line and field."""
 
 
@@ -452,7 +453,7 @@ def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
     return None
 
 
-class NotPrepared(ValueError):
+class NotPrepared(DataError):
     """The prepared data is missing, or was made from other data settings than the recipe's."""
 
 
@@ -482,6 +483,6 @@ def load_split(stage_dir: str, split: str) -> pa.Table:
 
     files = storage.list_files(storage.join(stage_dir, split), ".parquet")
     if not files:
-        raise FileNotFoundError(f"no prepared `{split}` split under {stage_dir}; run `raytune-app prepare` first")
+        raise MissingInput(f"no prepared `{split}` split under {stage_dir}; run `raytune-app prepare` first")
     fs, _ = storage.filesystem(files[0])
     return pa.concat_tables([pq.read_table(storage.filesystem(f)[1], filesystem=fs) for f in files])

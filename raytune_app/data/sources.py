@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from raytune_app.errors import DataError
+
 ROWS_PER_BLOCK = 4096
 SOURCE_SCHEMA = pa.schema([("_source_file", pa.string()), ("_source_row", pa.int64()), ("_raw", pa.string())])
 EXTENSIONS = {
@@ -35,7 +37,7 @@ def format_of(path: str) -> str:
     for fmt, extensions in EXTENSIONS.items():
         if any(lowered.endswith("." + ext) for ext in extensions):
             return fmt
-    raise ValueError(f"{path}: cannot tell the format from the extension; set data.format to jsonl, parquet or csv")
+    raise DataError(f"{path}: cannot tell the format from the extension; set data.format to jsonl, parquet or csv")
 
 
 def _block(path: str, rows: list[int], raws: list[str]) -> pa.Table:

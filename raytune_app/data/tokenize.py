@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 
 from raytune_app.data.rows import RowProblem
+from raytune_app.errors import DataError
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -30,7 +31,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         through = text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             # A template that rewrites earlier turns (some strip past reasoning) breaks the span logic.
-            raise ValueError(
+            raise DataError(
                 "the chat template does not render a chat as a prefix of its continuation; set "
                 "model.chat_template to a template that does (e.g. ChatML)"
             )

@@ -2,12 +2,16 @@
 
 Pure functions (no Ray), unit-tested on well-formed, malformed and truncated outputs. Teachers are
 asked to end with an answer marker ("So the answer is 42."); the last marker in the text splits it.
+Also the task prefix of a distilled student's prompts (`prefix_last_user`), which the distill stage
+writes and evaluation (raytune_app/evaluate/generation.py) applies: kept here, below both.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+
+from raytune_app.errors import DataError
 
 REJECT_REASONS = (
     "teacher_error",
@@ -82,7 +86,7 @@ def decide(
         return None, Counter(reasons).most_common(1)[0][0]
     if policy == "gold":
         if gold is None:
-            raise ValueError("filter gold needs a gold label for every row; use self_consistency for unlabeled data")
+            raise DataError("filter gold needs a gold label for every row; use self_consistency for unlabeled data")
         for rationale, label in parsed:
             if normalise(label) == normalise(gold):
                 return {"rationale": rationale, "label": label}, None
@@ -95,3 +99,11 @@ def decide(
         return {"rationale": rationale, "label": label}, None
     rationale, label = parsed[0]
     return {"rationale": rationale, "label": label}, None
+
+
+def prefix_last_user(messages: list[dict], prefix: str) -> list[dict]:
+    """A copy of the chat with `prefix` before the last user message (the task prefix of a distilled student)."""
+    out = [dict(m) for m in messages]
+    last = max(i for i, m in enumerate(out) if m["role"] == "user")
+    out[last]["content"] = prefix + out[last]["content"]
+    return out

@@ -31,11 +31,13 @@ import pyarrow as pa
 from raytune_app import __version__, storage
 from raytune_app.config import Recipe
 from raytune_app.distill import parse
+from raytune_app.distill.parse import prefix_last_user
+from raytune_app.errors import DataError
 
 FORMAT_VERSION = 1
 
 
-class DistillError(ValueError):
+class DistillError(DataError):
     """A distill run that cannot go on; the message says why and what to do."""
 
 
@@ -339,14 +341,6 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         flush=True,
     )
     return manifest
-
-
-def prefix_last_user(messages: list[dict], prefix: str) -> list[dict]:
-    """A copy of the chat with `prefix` before the last user message (the task prefix of a distilled student)."""
-    out = [dict(m) for m in messages]
-    last = max(i for i, m in enumerate(out) if m["role"] == "user")
-    out[last]["content"] = prefix + out[last]["content"]
-    return out
 
 
 def _write_split(staging: str, split: str, table: pa.Table) -> None:

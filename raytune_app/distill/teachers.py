@@ -23,10 +23,12 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
+from raytune_app.errors import DataError
+
 PROGRAMS = {"arithmetic": ("raytune_app.data.arithmetic", "solve")}
 
 
-class TeacherError(ValueError):
+class TeacherError(DataError):
     """A teacher that cannot be used as configured; the message says what to change."""
 
 

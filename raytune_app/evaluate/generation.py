@@ -135,7 +135,7 @@ class Generator:
         return batch
 
     def _prefixed(self, messages: list[dict]) -> list[dict]:
-        from raytune_app.distill.run import prefix_last_user
+        from raytune_app.distill.parse import prefix_last_user
 
         return prefix_last_user(messages, self.prompt_prefix) if self.prompt_prefix else messages
 

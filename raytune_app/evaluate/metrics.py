@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from raytune_app.errors import DataError
+
 # A reply wrapped in a Markdown code fence (```json ... ```) still counts as parsed: chat models do it
 # by habit and every JSON consumer strips the fence first. Anything else around the object does not.
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
@@ -78,7 +80,7 @@ def score_structured(prediction: str, gold: str, validator=None) -> dict:
     parsed, value = parse_json(prediction)
     gold_ok, gold_value = parse_json(gold)
     if not gold_ok:
-        raise ValueError(f"the gold answer is not JSON: {gold[:80]!r}; structured evaluation needs JSON answers")
+        raise DataError(f"the gold answer is not JSON: {gold[:80]!r}; structured evaluation needs JSON answers")
     predicted = leaf_fields(value) if parsed else Counter()
     expected = leaf_fields(gold_value)
     matched = sum((predicted & expected).values())

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from raytune_app import __version__, storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 from raytune_app.evaluate import metrics as M
 
 # The numbers the end-of-run table shows, and the one the registry compares versions by.
@@ -40,7 +41,7 @@ PRIMARY = {"structured": "field_f1", "classification": "macro_f1", "free_text": 
 FORMAT_VERSION = 2  # bumped when the output changes shape, so a re-run rewrites it
 
 
-class EvaluateError(ValueError):
+class EvaluateError(DataError):
     """An evaluation that cannot start; the message says why and what to do."""
 
 

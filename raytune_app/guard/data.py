@@ -15,12 +15,13 @@ import os
 
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 
 ATTACK_WORDS = {"1", "true", "attack", "malicious", "injection", "jailbreak", "unsafe"}
 BENIGN_WORDS = {"0", "false", "benign", "safe"}
 
 
-class GuardDataError(ValueError):
+class GuardDataError(DataError):
     """Labelled data the guard cannot use; the message names the file, row and field."""
 
 

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from raytune_app.errors import DataError
+
 
 def threshold_for_fpr(scores: Sequence[float], labels: Sequence[int], target_fpr: float) -> float:
     """The smallest threshold t (block when score >= t) whose FPR on these benign rows is <= target."""
     scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
     benign = np.sort(scores[labels == 0])[::-1]
     if benign.size == 0:
-        raise ValueError("choosing a threshold for a false-positive rate needs benign (label 0) validation rows")
+        raise DataError("choosing a threshold for a false-positive rate needs benign (label 0) validation rows")
     allowed = int(np.floor(target_fpr * benign.size))  # benign rows that may score at or above t
     if allowed >= benign.size:
         return float(benign[-1])

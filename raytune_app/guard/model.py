@@ -20,6 +20,7 @@ import time
 
 from raytune_app import models, storage
 from raytune_app.config import Recipe
+from raytune_app.errors import MissingInput
 
 
 def _worker(config: dict) -> None:
@@ -185,7 +186,7 @@ class Guard:
     @classmethod
     def load(cls, folder: str, threads: int | None = None, precision: str | None = None) -> Guard:
         if not storage.exists(storage.join(folder, "guard.json")):
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"no trained guard at {folder} (guard.json missing); run `raytune-app guard train` first"
             )
         return cls(folder, threads, precision)

@@ -29,11 +29,12 @@ import time
 
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-class RegistryError(ValueError):
+class RegistryError(DataError):
     """A registry request that cannot be done; the message says why and what to do."""
 
 

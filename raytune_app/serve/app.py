@@ -16,6 +16,7 @@ import logging
 import os
 
 from raytune_app import config, storage
+from raytune_app.errors import DataError
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.router import ROUTED
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPUS = {"llm": 1.0, "backup": 0.5, "guard": 0.25, "router": 0.0, "ingress": 0.25}
 
 
-class ServePlanError(ValueError):
+class ServePlanError(DataError):
     """Something the serve section names is not there; the message says what and what to do."""
 
 

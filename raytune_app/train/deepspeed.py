@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raytune_app.errors import DataError, MissingInput
 from raytune_app.train.settings import DeepSpeedSection
 
 
@@ -24,9 +25,9 @@ def deepspeed_config(ds: DeepSpeedSection, use_gpu: bool, base_dir: str | None =
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"train.deepspeed.config_file: {path} not found") from None
+            raise MissingInput(f"train.deepspeed.config_file: {path} not found") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"train.deepspeed.config_file: {path} is not valid JSON ({exc})") from None
+            raise DataError(f"train.deepspeed.config_file: {path} is not valid JSON ({exc})") from None
 
     zero: dict = {"stage": ds.stage, "contiguous_gradients": True, "overlap_comm": use_gpu}
     if ds.stage >= 2:

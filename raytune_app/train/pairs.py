@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 from raytune_app.train.settings import PairsSection
 
 # The row-level column of evaluate.run.score that says an answer is right, by evaluate.task.
@@ -182,5 +183,5 @@ def build_pairs(
     return manifest
 
 
-class PairsError(ValueError):
+class PairsError(DataError):
     """Pairs that cannot be made; says why and what to do."""

@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from raytune_app.errors import DataError
 from raytune_app.evaluate import metrics as M
 
 BUILT_IN = ("json_valid", "json_schema", "field_f1", "exact_answer", "length_penalty", "format")
@@ -98,7 +99,7 @@ def format_match(prompts, completions, pattern: str = ".*", **_) -> list[float]:
     return [1.0 if compiled.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
 
 
-class RewardError(ValueError):
+class RewardError(DataError):
     """A reward in the recipe that cannot be used; says which and what to do."""
 
 

@@ -25,12 +25,17 @@ import time
 from pathlib import Path
 
 from raytune_app import config as recipe_config
-from raytune_app import storage
+from raytune_app import resources, runstate, storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 
 
-class TrainError(ValueError):
+class TrainError(DataError):
     """A training run that cannot start; the message says why and what to do."""
+
+
+# run.json is written before the workers start, manifest.json once the weights are saved (runstate.py).
+RUN_RECORDS = runstate.RunRecords(started="run.json", finished="manifest.json", noun="run", start_hint="start training")
 
 
 def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: dict | None = None) -> str:
@@ -56,27 +61,16 @@ def _examples_used(recipe: Recipe, prepared: dict) -> int:
     return prepared["rows_out"]["train"]
 
 
-def check_resources(recipe: Recipe) -> tuple[bool, int]:
-    """(use_gpu, CPUs per worker) for this cluster, or TrainError when the workers can never fit."""
+def check_resources(recipe: Recipe) -> tuple[bool, float]:
+    """(use_gpu, CPUs per worker) for this cluster (raytune_app/resources.py), or TrainError when the
+    workers can never fit."""
     import ray
 
     total = ray.cluster_resources()
-    gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
-    train = recipe.train
-    use_gpu = gpus > 0 if train.use_gpu == "auto" else train.use_gpu
-    if use_gpu and gpus < train.workers:
-        raise TrainError(
-            f"train.workers={train.workers} needs {train.workers} GPUs, the cluster has {gpus}; "
-            "lower train.workers, or start the GPU worker group first"
-        )
-    if not use_gpu and train.precision == "fp16":
-        raise TrainError("train.precision fp16 needs a GPU and this cluster has none; use fp32 or bf16")
-    if not use_gpu and cpus < train.workers:
-        raise TrainError(
-            f"train.workers={train.workers} needs {train.workers} CPUs, the cluster has {cpus}; lower train.workers"
-        )
-    # On CPU each worker gets an even share of the cores (Ray sets its torch thread count from it).
-    return use_gpu, max(1, cpus // train.workers) if not use_gpu else 1
+    plan = resources.plan_workers(recipe.train, int(total.get("GPU", 0)), int(total.get("CPU", 0)))
+    if plan.problems:
+        raise TrainError("; ".join(plan.problems))
+    return plan.use_gpu, plan.cpus_per_worker
 
 
 # The validation number that ranks checkpoints (Ray Train keeps the best K): the loss for SFT and DPO,
@@ -302,34 +296,15 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
     current = fingerprint(recipe, prepared, parent)
     parent_adapter = parent["weights"] if parent else None
-    finished = storage.read_json(storage.join(out_dir, "manifest.json"))
-    started = storage.read_json(storage.join(out_dir, "run.json"))
-    if restart and started is not None:
-        aside = storage.move_aside(out_dir, started["fingerprint"])
-        print_(f"--restart: the earlier run was moved to {aside}")
-        finished = started = None
-    if finished is not None and finished["fingerprint"] == current:
+    state = runstate.decide(out_dir, current, RUN_RECORDS, resume=resume, restart=restart, error=TrainError, log=print_)
+    if state.finished is not None:
         print_(
-            f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})"
+            f"already finished at step {state.finished['global_step']} with this recipe and data; nothing to do "
+            f"({out_dir})"
         )
-        return finished
-    if started is not None and started["fingerprint"] != current:
-        if resume:
-            raise TrainError(
-                f"cannot resume: the recipe or the prepared data changed since the run in {out_dir} started "
-                f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new run"
-            )
-        aside = storage.move_aside(out_dir, started["fingerprint"])
-        print_(f"recipe or data changed: the earlier run was moved to {aside}")
-        started = None
-    if started is None and resume:
-        raise TrainError(f"nothing to resume in {out_dir}; drop --resume to start training")
-    if started is not None:
+        return state.finished
+    if state.resuming:
         print_(f"continuing the interrupted run in {out_dir}")
-    else:
-        storage.write_text(
-            storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()})
-        )
     recipe_config.save_resolved(recipe, out_dir)
 
     trainer = build_trainer(

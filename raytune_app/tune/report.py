@@ -19,7 +19,9 @@ import yaml
 
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 from raytune_app.tune.settings import ALPHA_RATIO
+from raytune_app.tune.trials import trial_recipe
 
 
 def trial_rows(results, recipe: Recipe, space: dict, trials_dir: str) -> list[dict]:
@@ -178,7 +180,6 @@ def plot(rows: list[dict], recipe: Recipe, space: dict, target: str) -> None:
 def best_recipe(recipe: Recipe, best: dict) -> dict:
     """The recipe with the best trial's train section, ready to run from any folder: paths made
     absolute, the tune stage and section left out (running it trains the winner, it does not search)."""
-    from raytune_app.tune.run import trial_recipe
 
     winner = trial_recipe(recipe.resolved(), best["config"], recipe.source_path)
     raw = winner.resolved()
@@ -204,7 +205,7 @@ def finish(recipe: Recipe, rows: list[dict], space: dict, out_dir: str, fingerpr
 
     best = pick_best(rows, recipe.tune.mode)
     if best is None:
-        raise ValueError(
+        raise DataError(
             f"no trial reported {recipe.tune.metric}; see the trial errors under {out_dir}/search "
             "(check tune.metric: trials report eval_loss and the trainer's other eval_* metrics)"
         )

@@ -33,10 +33,12 @@ import signal
 import time
 
 from raytune_app import config as recipe_config
-from raytune_app import storage
+from raytune_app import resources, runstate, storage
 from raytune_app.config import Recipe
+from raytune_app.errors import DataError
 from raytune_app.tune.cleanup import release_orphaned_placement_groups
-from raytune_app.tune.settings import ParamSpec, apply_sample, typed_space
+from raytune_app.tune.settings import ParamSpec, typed_space
+from raytune_app.tune.trials import trial_recipe
 
 # Fault drill: with this variable set to N, the driver interrupts itself (SIGINT, as Ctrl-C does)
 # once N trials have ended in this session. Used by the resume test; handy to rehearse a restore.
@@ -45,8 +47,18 @@ INTERRUPT_ENV = "RAYTUNE_APP_TUNE_INTERRUPT_AFTER"
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved for each trial's driver function (it holds no model)
 
 
-class TuneError(ValueError):
+class TuneError(DataError):
     """A search that cannot start; the message says why and what to do."""
+
+
+# search.json is written before any trial starts, summary.json once the results are (runstate.py).
+SEARCH_RECORDS = runstate.RunRecords(
+    started="search.json",
+    finished="summary.json",
+    noun="search",
+    start_hint="start the search",
+    finished_on_resume="refuse",
+)
 
 
 def fingerprint(recipe: Recipe, prepared: dict) -> str:
@@ -62,41 +74,27 @@ def fingerprint(recipe: Recipe, prepared: dict) -> str:
 
 
 def plan_resources(recipe: Recipe) -> dict:
-    """Per-trial resources and how many trials run at once on this cluster; TuneError when a single
-    trial can never fit."""
+    """Per-trial resources (raytune_app/resources.py) and how many trials run at once on this cluster;
+    TuneError when a single trial can never fit."""
     import ray
 
     total = ray.cluster_resources()
     gpus, cpus = int(total.get("GPU", 0)), float(total.get("CPU", 0))
     workers, per_worker = recipe.train.workers, recipe.tune.cpus_per_worker
-    use_gpu = gpus > 0 if recipe.train.use_gpu == "auto" else recipe.train.use_gpu
-    if use_gpu:
-        if gpus < workers:
-            raise TuneError(
-                f"one trial needs {workers} GPUs (train.workers={workers}, one GPU each) and the cluster has "
-                f"{gpus}: no trial could ever start; lower train.workers or add GPU nodes"
-            )
-        fits = gpus // workers
-    else:
-        if recipe.train.precision == "fp16":
-            raise TuneError("train.precision fp16 needs a GPU and this cluster has none; use fp32 or bf16")
-    need_cpus = workers * per_worker
-    if need_cpus > cpus:
-        raise TuneError(
-            f"one trial needs {need_cpus:g} CPUs (train.workers={workers} x tune.cpus_per_worker={per_worker:g}) "
-            f"and the cluster has {cpus:g}: no trial could ever start; lower train.workers or "
-            "tune.cpus_per_worker"
-        )
-    cpu_fits = int(cpus // need_cpus)
-    fits = min(fits, cpu_fits) if use_gpu else cpu_fits
+    plan = resources.plan_workers(recipe.train, gpus, cpus, cpus_per_worker=per_worker)
+    if plan.problems:
+        raise TuneError(f"one trial can never start: {'; '.join(plan.problems)}")
+    fits = int(cpus // (workers * per_worker))
+    if plan.use_gpu:
+        fits = min(fits, gpus // workers)
     wanted = recipe.tune.max_concurrent_trials
     concurrent = fits if wanted == "auto" else min(wanted, fits)
     return {
-        "use_gpu": use_gpu,
+        "use_gpu": plan.use_gpu,
         "cpus_per_worker": per_worker,
         "concurrent": concurrent,
         "fits": fits,
-        "per_trial": f"{workers} worker(s) x {'1 GPU + ' if use_gpu else ''}{per_worker:g} CPU",
+        "per_trial": f"{workers} worker(s) x {'1 GPU + ' if plan.use_gpu else ''}{per_worker:g} CPU",
     }
 
 
@@ -116,15 +114,6 @@ def param_space(space: dict[str, ParamSpec], algorithm: str) -> dict:
             low, high = spec.randint
             out[path] = tune.randint(low, high + 1)  # Ray's upper bound is exclusive; the recipe's is not
     return out
-
-
-def trial_recipe(base: dict, sample: dict, source_path: str | None = None) -> Recipe:
-    """The recipe one trial trains: the recipe with `sample` (path -> value) applied to `train`."""
-    raw = dict(base)
-    raw["train"] = apply_sample(base["train"], sample)
-    recipe = Recipe.model_validate(raw)
-    recipe.source_path = source_path
-    return recipe
 
 
 def _report_callback(last_step: int):
@@ -292,36 +281,6 @@ def _scheduler(recipe: Recipe):
     )
 
 
-def _state(out_dir: str, recipe: Recipe, current: str, resume: bool, restart: bool, print_) -> tuple[dict | None, bool]:
-    """(finished summary or None, whether to restore) after moving a stale search aside."""
-    finished = storage.read_json(storage.join(out_dir, "summary.json"))
-    started = storage.read_json(storage.join(out_dir, "search.json"))
-    if restart and started is not None:
-        aside = storage.move_aside(out_dir, started["fingerprint"])
-        print_(f"--restart: the earlier search was moved to {aside}")
-        finished = started = None
-    if finished is not None and finished["fingerprint"] == current and not resume:
-        return finished, False
-    if started is not None and started["fingerprint"] != current:
-        if resume:
-            raise TuneError(
-                f"cannot resume: the recipe or the prepared data changed since the search in {out_dir} "
-                f"started (fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new search"
-            )
-        aside = storage.move_aside(out_dir, started["fingerprint"])
-        print_(f"recipe or data changed: the earlier search was moved to {aside}")
-        started = None
-    if finished is not None and finished["fingerprint"] == current:
-        raise TuneError(f"nothing to resume: the search in {out_dir} is finished; drop --resume to see its results")
-    if started is None and resume:
-        raise TuneError(f"nothing to resume in {out_dir}; drop --resume to start the search")
-    if started is None:
-        storage.write_text(
-            storage.join(out_dir, "search.json"), json.dumps({"fingerprint": current, "started": time.time()})
-        )
-    return None, started is not None
-
-
 def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     """Run the tune stage; returns its summary (best trial, where the best recipe and adapter are)."""
     from ray import tune as ray_tune
@@ -344,7 +303,10 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     plan = plan_resources(recipe)  # before anything is written
     out_dir = storage.absolute(recipe.stage_dir("tune"))
     current = fingerprint(recipe, prepared)
-    finished, restoring = _state(out_dir, recipe, current, resume, restart, print_)
+    state = runstate.decide(
+        out_dir, current, SEARCH_RECORDS, resume=resume, restart=restart, error=TuneError, log=print_
+    )
+    finished, restoring = state.finished, state.resuming
     if finished is not None:
         print_(
             f"already finished with this recipe and data; nothing to do. Best: {finished['best']['trial_id']} "

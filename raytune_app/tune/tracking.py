@@ -18,6 +18,7 @@ import time
 
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.tune.trials import trial_recipe
 
 
 def _find(mlflow_client, experiment_id: str, tag: str, value: str):
@@ -31,7 +32,6 @@ def _trial_run(mlflow_client, experiment_id: str, recipe: Recipe, row: dict, fin
     from mlflow.entities import Metric, Param, RunTag
 
     from raytune_app.registry import store
-    from raytune_app.tune.run import trial_recipe
 
     key = f"{fingerprint}/{row['trial_id']}"
     tags = [
@@ -68,7 +68,6 @@ def log_search(recipe: Recipe, rows: list[dict], best: dict, summary: dict, out_
     from mlflow.entities import Metric, Param
 
     from raytune_app.registry import store
-    from raytune_app.tune.run import trial_recipe
 
     try:
         uri = store.tracking_uri(recipe)

@@ -1,0 +1,92 @@
+"""What to do with an earlier run in a stage's folder: reuse it, continue it, or move it aside.
+
+The train stage (runs/<name>/train/) and the tune stage (runs/<name>/tune/) keep the same two
+records: a *start* record written before any work (`run.json` / `search.json`) and a *finished*
+record written last (`manifest.json` / `summary.json`), each holding the run's fingerprint (a hash
+of the recipe sections and the data it ran on). `decide` reads them and:
+
+    --restart, earlier run there       move it aside (`<folder>.previous-<fingerprint>-<time>/`), start anew
+    finished, same fingerprint         reuse it (with --resume: reuse it, or refuse, as the stage says)
+    started, other fingerprint         move it aside (with --resume: refuse, the recipe or data changed)
+    started, same fingerprint          continue it (from its latest checkpoint)
+    nothing there                      start (with --resume: refuse, nothing to resume)
+
+An earlier run is never overwritten. Pure file logic through raytune_app/storage.py (local paths
+and s3:// / gs:// alike); no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from raytune_app import storage
+from raytune_app.errors import DataError
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """The record files of one stage, and the words its messages use."""
+
+    started: str  # e.g. "run.json": written before any work
+    finished: str  # e.g. "manifest.json": written last
+    noun: str  # "run", "search"
+    start_hint: str  # what dropping --resume does: "start training", "start the search"
+    # A finished run with --resume: "reuse" it (the train stage: a chain resumes its later steps) or
+    # "refuse" (the tune stage: --resume on a finished search is a mistake worth naming).
+    finished_on_resume: Literal["reuse", "refuse"] = "reuse"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The outcome of `decide`: `finished` is the finished run's record to reuse (nothing to run), else
+    `resuming` says whether an interrupted run continues (True) or a new one starts (False)."""
+
+    finished: dict | None
+    resuming: bool
+
+
+def decide(
+    out_dir: str,
+    current: str,
+    records: RunRecords,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    error: type[DataError] = DataError,
+    log: Callable[[str], None] = print,
+) -> RunState:
+    """Settle the earlier run in `out_dir` against the fingerprint `current` (see the module docstring).
+    Raises `error` (the stage's own error class) when --resume cannot be honoured; writes the start record
+    of a new run; moves stale runs aside and says so through `log`."""
+    noun = records.noun
+    finished = storage.read_json(storage.join(out_dir, records.finished))
+    started = storage.read_json(storage.join(out_dir, records.started))
+    if restart and started is not None:
+        aside = storage.move_aside(out_dir, started["fingerprint"])
+        log(f"--restart: the earlier {noun} was moved to {aside}")
+        finished = started = None
+    same_finished = finished is not None and finished["fingerprint"] == current
+    if same_finished and (not resume or records.finished_on_resume == "reuse"):
+        return RunState(finished=finished, resuming=False)
+    if started is not None and started["fingerprint"] != current:
+        if resume:
+            raise error(
+                f"cannot resume: the recipe or the prepared data changed since the {noun} in {out_dir} started "
+                f"(fingerprint {started['fingerprint']}, now {current}); drop --resume to start a new {noun}"
+            )
+        aside = storage.move_aside(out_dir, started["fingerprint"])
+        log(f"recipe or data changed: the earlier {noun} was moved to {aside}")
+        started = None
+    if same_finished:  # and resume, which this stage refuses for a finished run
+        raise error(f"nothing to resume: the {noun} in {out_dir} is finished; drop --resume to see its results")
+    if started is None and resume:
+        raise error(f"nothing to resume in {out_dir}; drop --resume to {records.start_hint}")
+    if started is None:
+        storage.write_text(
+            storage.join(out_dir, records.started), json.dumps({"fingerprint": current, "started": time.time()})
+        )
+    return RunState(finished=None, resuming=started is not None)
