@@ -43,10 +43,13 @@ class RunRecords:
 @dataclass(frozen=True)
 class RunState:
     """The outcome of `decide`: `finished` is the finished run's record to reuse (nothing to run), else
-    `resuming` says whether an interrupted run continues (True) or a new one starts (False)."""
+    `resuming` says whether an interrupted run continues (True) or a new one starts (False). `how` and
+    `why` say the same in words for the run's summary: reused / resumed / recomputed, and the reason."""
 
     finished: dict | None
     resuming: bool
+    how: Literal["reused", "resumed", "recomputed"] = "recomputed"
+    why: str = ""
 
 
 def decide(
@@ -58,10 +61,13 @@ def decide(
     restart: bool = False,
     error: type[DataError] = DataError,
     log: Callable[[str], None] = print,
+    damaged: Callable[[dict], str | None] | None = None,
 ) -> RunState:
     """Settle the earlier run in `out_dir` against the fingerprint `current` (see the module docstring).
     Raises `error` (the stage's own error class) when --resume cannot be honoured; writes the start record
-    of a new run; moves stale runs aside and says so through `log`."""
+    of a new run; moves stale runs aside and says so through `log`. `damaged(finished record)` may name a
+    problem with a finished run's output (weights cut short by a crash): such a run is continued from its
+    latest checkpoint instead of reused."""
     noun = records.noun
     finished = storage.read_json(storage.join(out_dir, records.finished))
     started = storage.read_json(storage.join(out_dir, records.started))
@@ -70,8 +76,17 @@ def decide(
         log(f"--restart: the earlier {noun} was moved to {aside}")
         finished = started = None
     same_finished = finished is not None and finished["fingerprint"] == current
+    if same_finished and damaged is not None:
+        problem = damaged(finished)
+        if problem is not None:
+            log(f"{problem}: continuing the {noun} from its latest checkpoint to make its output again")
+            storage.remove(storage.join(out_dir, records.finished))
+            started, finished, same_finished = started or {"fingerprint": current}, None, False
     if same_finished and (not resume or records.finished_on_resume == "reuse"):
-        return RunState(finished=finished, resuming=False)
+        return RunState(finished=finished, resuming=False, how="reused")
+    if started is None and finished is not None:  # the start record lost: the finished one says whose run it is
+        started = {"fingerprint": finished["fingerprint"]}
+    moved = False
     if started is not None and started["fingerprint"] != current:
         if resume:
             raise error(
@@ -80,13 +95,15 @@ def decide(
             )
         aside = storage.move_aside(out_dir, started["fingerprint"])
         log(f"recipe or data changed: the earlier {noun} was moved to {aside}")
-        started = None
+        started, moved = None, True
     if same_finished:  # and resume, which this stage refuses for a finished run
         raise error(f"nothing to resume: the {noun} in {out_dir} is finished; drop --resume to see its results")
     if started is None and resume:
         raise error(f"nothing to resume in {out_dir}; drop --resume to {records.start_hint}")
-    if started is None:
-        storage.write_text(
-            storage.join(out_dir, records.started), json.dumps({"fingerprint": current, "started": time.time()})
-        )
-    return RunState(finished=None, resuming=started is not None)
+    if started is not None:
+        return RunState(finished=None, resuming=True, how="resumed", why="from its latest checkpoint")
+    storage.write_text(
+        storage.join(out_dir, records.started), json.dumps({"fingerprint": current, "started": time.time()})
+    )
+    why = "--restart" if restart else ("recipe or data changed" if moved else f"no earlier {noun}")
+    return RunState(finished=None, resuming=False, how="recomputed", why=why)

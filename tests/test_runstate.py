@@ -38,7 +38,8 @@ def asides(tmp_path):
 def test_a_new_run_writes_its_start_record(tmp_path):
     out = tmp_path / "train"
     state, said = decide(out)
-    assert state == runstate.RunState(finished=None, resuming=False) and said == []
+    assert state == runstate.RunState(finished=None, resuming=False, how="recomputed", why="no earlier run")
+    assert said == []
     assert json.loads((out / "run.json").read_text())["fingerprint"] == "new"
 
 
@@ -54,7 +55,7 @@ def test_an_interrupted_run_with_the_same_fingerprint_continues(tmp_path):
     started(out, "new")
     for resume in (False, True):
         state, said = decide(out, resume=resume)
-        assert state.resuming and state.finished is None and said == []
+        assert state.resuming and state.finished is None and state.how == "resumed" and said == []
 
 
 def test_a_finished_run_is_reused_and_train_reuses_it_under_resume_too(tmp_path):
@@ -62,7 +63,7 @@ def test_a_finished_run_is_reused_and_train_reuses_it_under_resume_too(tmp_path)
     finished(out, "new")
     for resume in (False, True):  # a chain resumed with --resume passes its finished steps
         state, _ = decide(out, resume=resume)
-        assert state.finished["global_step"] == 8 and not state.resuming
+        assert state.finished["global_step"] == 8 and not state.resuming and state.how == "reused"
 
 
 def test_tune_refuses_resume_on_a_finished_search(tmp_path):
@@ -83,7 +84,12 @@ def test_a_changed_recipe_moves_the_earlier_run_aside_or_refuses_resume(tmp_path
         decide(out, resume=True)
     assert asides(tmp_path) == []  # refusing touches nothing
     state, said = decide(out)
-    assert not state.resuming and len(asides(tmp_path)) == 1 and asides(tmp_path)[0].startswith("train.previous-old-")
+    assert (
+        not state.resuming
+        and state.why == "recipe or data changed"
+        and len(asides(tmp_path)) == 1
+        and asides(tmp_path)[0].startswith("train.previous-old-")
+    )
     assert said == [f"recipe or data changed: the earlier run was moved to {tmp_path / asides(tmp_path)[0]}"]
     assert json.loads((out / "run.json").read_text())["fingerprint"] == "new"
 
@@ -92,8 +98,29 @@ def test_restart_moves_even_a_finished_run_aside(tmp_path):
     out = tmp_path / "tune"
     finished(out, "new", SEARCH_RECORDS)
     state, said = decide(out, records=SEARCH_RECORDS, error=TuneError, restart=True)
-    assert state == runstate.RunState(finished=None, resuming=False)
+    assert state == runstate.RunState(finished=None, resuming=False, how="recomputed", why="--restart")
     assert said[0].startswith("--restart: the earlier search was moved to ")
     moved = tmp_path / asides(tmp_path)[0]
     assert os.path.exists(moved / "summary.json")  # never overwritten
     assert sorted(os.listdir(out)) == ["search.json"]
+
+
+def test_a_finished_run_with_damaged_output_is_continued_not_reused(tmp_path):
+    out = tmp_path / "train"
+    finished(out, "new")
+    state, said = decide(out, damaged=lambda record: "adapter_model.safetensors is cut short")
+    assert state.resuming and state.how == "resumed"
+    assert said == [
+        "adapter_model.safetensors is cut short: continuing the run from its latest checkpoint to make its output again"
+    ]
+    assert not (out / "manifest.json").exists()
+    state, _ = decide(out, damaged=lambda record: None)  # the rerun is then an ordinary interrupted run
+    assert state.resuming
+
+
+def test_a_lost_start_record_is_read_from_the_finished_one(tmp_path):
+    out = tmp_path / "train"
+    finished(out, "old")
+    (out / "run.json").unlink()
+    state, said = decide(out)
+    assert not state.resuming and said[0].startswith("recipe or data changed: the earlier run was moved to")
