@@ -80,8 +80,8 @@ def main() -> None:
             print(f"[dss-experiment] {name}: {tuned['normalised_match']}", file=sys.stderr, flush=True)
 
     print(
-        f"\nmulti-step arithmetic, SmolLM2-135M-Instruct student, {args.epochs} epochs; answer accuracy on the test split "
-        f"({results[0][5]} problems); base model (asked plainly): {base}\n"
+        f"\nmulti-step arithmetic, SmolLM2-135M-Instruct student, {args.epochs} epochs; answer accuracy on the "
+        f"test split ({results[0][5]} problems); base model (asked plainly): {base}\n"
     )
     print(f"{'share':>6}{'inputs':>8}{'variant':>15}{'train rows':>12}{'accuracy':>10}{'minutes':>9}")
     for fraction, weight, inputs, tasks, accuracy, _, seconds in results:

@@ -154,7 +154,8 @@ def main() -> None:
         f"max_new_tokens {args.max_new_tokens}; median of {args.repeats}"
     )
     print(
-        f"{'setup':<34} {'examples/s':>10} {'tokens/s':>9} {'ratio':>6} {'peak GiB':>8} {'same replies':>12}   per run ex/s"
+        f"{'setup':<34} {'examples/s':>10} {'tokens/s':>9} {'ratio':>6} {'peak GiB':>8} {'same replies':>12}   per "
+        f"run ex/s"
     )
     for _, _, label in sides:
         runs = results[label]

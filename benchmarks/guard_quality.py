@@ -1,8 +1,9 @@
 """Guard quality on a public set nobody here wrote: our fine-tuned encoder vs TF-IDF + logistic regression,
 and the guard's int8 CPU path vs its float32 model (quality and batch-1 latency, interleaved).
 
-    .venv/bin/python benchmarks/guard_quality.py [--recipe recipes/guard.yaml] [--data ../shared/data/promptshield/val.jsonl]
-        [--repeats 3] [--threads N] [--in-domain ../shared/data/promptshield/train.jsonl]
+    .venv/bin/python benchmarks/guard_quality.py [--recipe recipes/guard.yaml]
+        [--data ../shared/data/promptshield/val.jsonl] [--repeats 3] [--threads N]
+        [--in-domain ../shared/data/promptshield/train.jsonl]
 
 Both classifiers learn from the same rows (the guard recipe's training set: authored + bastioncorpus)
 with the same hash split, and both get their threshold on the same validation rows for the same
@@ -171,7 +172,8 @@ def main() -> None:
         f"on {len(val_rows)} validation rows; latency: median of {args.repeats} interleaved passes"
     )
     print(
-        f"{'classifier':<42} {'AUC':>6} {'TPR@1%FPR':>9} {'FPR':>7} {'TPR':>6} {'attack success':>14} {'p50 ms':>7} {'p99 ms':>7}"
+        f"{'classifier':<42} {'AUC':>6} {'TPR@1%FPR':>9} {'FPR':>7} {'TPR':>6} {'attack success':>14} "
+        f"{'p50 ms':>7} {'p99 ms':>7}"
     )
     for name, r in results.items():
         print(

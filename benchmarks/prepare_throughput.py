@@ -139,7 +139,7 @@ def run_datasets(source: str, out: str) -> dict:
     ds = ds.filter(first_copy)
     rows_out = 0
     for split in ("train", "val", "test"):
-        part = ds.filter(lambda row: row["split"] == split)
+        part = ds.filter(lambda row, split=split: row["split"] == split)
         part.to_parquet(os.path.join(out, f"{split}.parquet"))
         rows_out += len(part)
     return {"seconds": time.time() - started, "startup": 0.0, "rows_out": rows_out}
@@ -170,10 +170,12 @@ def main() -> None:
 
     resolve(MODEL)  # convert the bundled model once, outside every timed run
     print(
-        f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; python {sys.version.split()[0]}"
+        f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; python "
+        f"{sys.version.split()[0]}"
     )
     print(
-        f"{'rows':>8} {'pipeline':<22} {'rows/s':>9} {'peak GiB':>9} {'ratio':>6}   (median of {args.repeats}; per-run rows/s)"
+        f"{'rows':>8} {'pipeline':<22} {'rows/s':>9} {'peak GiB':>9} {'ratio':>6}   (median of {args.repeats}; "
+        f"per-run rows/s)"
     )
     with tempfile.TemporaryDirectory() as work:
         for rows in args.rows:

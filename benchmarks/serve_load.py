@@ -177,7 +177,8 @@ def main() -> None:
         sides["batched, guard off"] = measure_side("batched, guard off", 16, False, args, out)
     base = sides["unbatched (max batch 1)"]["levels"]
     print(
-        f"\nSmolLM2-135M-Instruct on {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, medians of {args.repeats} runs\n"
+        f"\nSmolLM2-135M-Instruct on {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, medians of "
+        f"{args.repeats} runs\n"
     )
     print(f"{'side':<26}{'clients':>8}{'tokens/s':>10}{'x base':>8}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}")
     for name, side in sides.items():
@@ -193,11 +194,13 @@ def main() -> None:
             sides["batched, guard off"]["levels"][args.concurrency[0]],
         )
         print(
-            f"\nguard call, measured by the router (batched side): p50 {sides['batched (max batch 16)']['guard_ms']['p50']} ms, "
+            f"\nguard call, measured by the router (batched side): p50 "
+            f"{sides['batched (max batch 16)']['guard_ms']['p50']} ms, "
             f"p99 {sides['batched (max batch 16)']['guard_ms']['p99']} ms"
         )
         print(
-            f"end-to-end at {args.concurrency[0]} client(s), guard on - off: p50 {1000 * (on['p50_s'] - off['p50_s']):+.1f} ms, "
+            f"end-to-end at {args.concurrency[0]} client(s), guard on - off: p50 "
+            f"{1000 * (on['p50_s'] - off['p50_s']):+.1f} ms, "
             f"p99 {1000 * (on['p99_s'] - off['p99_s']):+.1f} ms"
         )
     print("batch sizes seen (batched side):", json.dumps(sides["batched (max batch 16)"]["batch_sizes"]))

@@ -181,13 +181,15 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(
-        f"{'setup':<26} {'examples':>8} {'real tokens':>11} {'tokens/s':>9} {'val loss':>9} {'peak GiB':>9} {'wall s':>7}"
+        f"{'setup':<26} {'examples':>8} {'real tokens':>11} {'tokens/s':>9} {'val loss':>9} {'peak GiB':>9} "
+        f"{'wall s':>7}"
     )
     for side, label in sides:
         runs = results[side]
         print(
             f"{label:<26} {runs[0]['examples']:>8} {runs[0]['tokens']:>11} {speed[side]:>9.1f} "
-            f"{statistics.median(r['eval_loss'] for r in runs):>9.4f} {statistics.median(r['peak_gib'] for r in runs):>9.2f} "
+            f"{statistics.median(r['eval_loss'] for r in runs):>9.4f} "
+            f"{statistics.median(r['peak_gib'] for r in runs):>9.2f} "
             f"{statistics.median(r['wall_seconds'] for r in runs):>7.0f}   tokens/s per run: "
             + ", ".join(f"{r['tokens'] / r['train_seconds']:.0f}" for r in runs)
         )

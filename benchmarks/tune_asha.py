@@ -134,11 +134,12 @@ def main() -> None:
     full, asha = results["full"], results["asha"]
     print(
         f"search: {args.trials} trials, random (seed 0) over {', '.join(SPACE)}; budget {args.steps} steps per trial, "
-        f"a report every {args.every}; ASHA grace {args.grace}, factor {args.factor:g}; tiny Llama (hidden 64, 2 layers), "
-        "1 worker x 1 CPU per trial, 2 at a time"
+        f"a report every {args.every}; ASHA grace {args.grace}, factor {args.factor:g}; tiny Llama "
+        "(hidden 64, 2 layers), 1 worker x 1 CPU per trial, 2 at a time"
     )
     print(
-        f"{'search':<28}{'trial-steps':>12}{'compute':>9}{'best eval_loss':>16}{'vs full':>9}{'stopped':>9}{'wall s':>8}"
+        f"{'search':<28}{'trial-steps':>12}{'compute':>9}{'best eval_loss':>16}{'vs full':>9}{'stopped':>9}"
+        f"{'wall s':>8}"
     )
     for name, r in (("every trial to the end", full), ("ASHA (ours)", asha)):
         print(

@@ -1,4 +1,5 @@
-"""Ray job entrypoint: the serve stage (start the OpenAI-compatible app on Ray Serve; the job ends once it is up and the app keeps running).
+"""Ray job entrypoint: the serve stage (start the OpenAI-compatible app on Ray Serve; the job ends once it is
+up and the app keeps running).
 
     ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
         -- python jobs/serve.py --recipe recipes/gpu-qlora-sft.yaml --no-block [key.sub=value ...]

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(
                 "--precision",
                 choices=["int8", "float32"],
-                help="score with this precision instead of the one guard.json names (its threshold was chosen for that one)",
+                help="score with this precision instead of the one guard.json names (its threshold was chosen for "
+                "that one)",
             )
         if action == "eval":
             g.add_argument("--data", required=True, metavar="FILE", help="labelled JSONL or Parquet file")
@@ -539,7 +540,8 @@ def _command(args) -> int:
         if args.explain:
             print("\n".join(config.explain()))
         print(
-            f"{recipe.source_path or 'recipe'}: valid; stages {', '.join(recipe.run.stages)}; run directory {recipe.run_dir}"
+            f"{recipe.source_path or 'recipe'}: valid; stages {', '.join(recipe.run.stages)}; run directory "
+            f"{recipe.run_dir}"
         )
         if args.gpus is not None or args.cluster:
             return _fits(recipe, args)

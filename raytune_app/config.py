@@ -27,10 +27,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from raytune_app.data.settings import DataSection
 from raytune_app.distill.settings import DistillSection
+from raytune_app.errors import RecipeError  # noqa: F401  (part of this module's API: config.RecipeError)
 from raytune_app.evaluate.settings import EvaluateSection
 from raytune_app.guard.settings import GuardSection
 from raytune_app.registry.settings import RegistrySection
-from raytune_app.errors import RecipeError  # noqa: F401  (part of this module's API: config.RecipeError)
 from raytune_app.sections import Section
 from raytune_app.serve.settings import ServeSection
 from raytune_app.train.settings import PairsSection, TrainSection
@@ -106,7 +106,8 @@ class ChainStep(Section):
         None,
         description="Make this step's data from the previous step's mistakes: the previous step's model answers "
         "the prompts of its own prepared data, and every failing answer becomes a preference pair (chosen: the "
-        "reference, rejected: the model's answer). For a `dpo` step after an `sft` step (SFT -> evaluate -> DPO in one recipe).",
+        "reference, rejected: the model's answer). For a `dpo` step after an `sft` step (SFT -> evaluate -> DPO in "
+        "one recipe).",
     )
 
 
@@ -164,8 +165,9 @@ class Recipe(Section):
                 "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
                 "keep_columns": [],
                 "packing": False,
-                # The pairs come from one split of the previous step's data: they are re-split with another salt
-                # (with the same one every prompt would fall where it fell before, none into val), none held out for test.
+                # The pairs come from one split of the previous step's data: they are re-split with another
+                # salt (with the same one every prompt would fall where it fell before, none into val), none
+                # held out for test.
                 "split": merged["data"].get("split", {}) | {"test": 0.0, "salt": f"pairs:{step.name}"},
             }
         recipe = Recipe.model_validate(merged)

@@ -60,10 +60,11 @@ def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
     batched = evaluate(recipe, force=True)
     single = config.validate(recipe.resolved() | {"evaluate": recipe.resolved()["evaluate"] | {"batch_size": 1}})
     one_by_one = evaluate(single, force=True)
-    read = lambda s: {
-        (r["model"], r["example"]): r["prediction"]  # noqa: E731
-        for r in pq.read_table(os.path.join(s["output_dir"], "predictions.parquet")).to_pylist()
-    }
+
+    def read(summary):
+        table = pq.read_table(os.path.join(summary["output_dir"], "predictions.parquet"))
+        return {(r["model"], r["example"]): r["prediction"] for r in table.to_pylist()}
+
     assert read(batched) == read(one_by_one)
 
 

@@ -104,7 +104,8 @@ def ray_head():
 
 
 def _toy_recipe(root: Path, model: str, **extra) -> Path:
-    """A recipe file over a small learnable set; its run directory is a separate folder standing in for shared storage."""
+    """A recipe file over a small learnable set; its run directory is a separate folder standing in for shared
+    storage."""
     source = root / "toy.jsonl"
     source.write_text(
         "".join(json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": ANSWERS[i % 3]}) + "\n" for i in range(80))

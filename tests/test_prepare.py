@@ -51,7 +51,10 @@ def all_hashes(stage_dir):
     return out
 
 
-def expected_hash(record, spec=rows.RowSpec(kind="prompt_response", prompt="q", response="a")):
+QA = rows.RowSpec(kind="prompt_response", prompt="q", response="a")
+
+
+def expected_hash(record, spec=QA):
     return rows.content_hash(rows.to_example(record, spec))
 
 

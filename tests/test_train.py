@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import ray.train
 import torch
 
 from raytune_app import config
@@ -107,7 +108,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_model, toy_source, monke
         tmp_path / "b", tiny_model, toy_source, workers=1, max_failures=0, lora={"rank": 4, "dropout": 0.1}
     )
     monkeypatch.setenv(FAULT_ENV, "5")  # dies after step 5; the last checkpoint is step 4
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):
         train(broken)
     monkeypatch.delenv(FAULT_ENV)
     assert not os.path.exists(os.path.join(broken.stage_dir("train"), "manifest.json"))
@@ -134,7 +135,7 @@ def test_resume_needs_something_to_resume_and_refuses_a_changed_recipe(tmp_path,
     with pytest.raises(TrainError, match="nothing to resume"):
         train(recipe, resume=True)
     monkeypatch.setenv(FAULT_ENV, "2")
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):
         train(recipe)
     monkeypatch.delenv(FAULT_ENV)
     changed = config.validate(recipe.resolved() | {"train": recipe.resolved()["train"] | {"learning_rate": 1e-3}})

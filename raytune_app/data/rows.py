@@ -99,7 +99,8 @@ def _text_field(record: dict, column: str, role: str) -> str:
         raise RowProblem(
             "missing_field",
             column,
-            f"no field `{column}` (needed as the {role}; the row has: {present}); map another column with data.columns.{role}",
+            f"no field `{column}` (needed as the {role}; the row has: {present}); map another column with "
+            f"data.columns.{role}",
         )
     value = record[column]
     if value is None:

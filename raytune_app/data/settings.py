@@ -86,7 +86,8 @@ class FiltersSection(Section):
             )
         if self.min_response_chars > self.max_response_chars:
             raise ValueError(
-                f"min_response_chars ({self.min_response_chars}) is above max_response_chars ({self.max_response_chars})"
+                f"min_response_chars ({self.min_response_chars}) is above max_response_chars "
+                f"({self.max_response_chars})"
             )
         return self
 

@@ -61,7 +61,7 @@ def tokenize_examples(
     """
     rendered = [assistant_spans(tokenizer, chat) for chat in chats]
     out = []
-    for (text, spans), (ids, starts) in zip(rendered, _encode(tokenizer, [text for text, _ in rendered])):
+    for (_, spans), (ids, starts) in zip(rendered, _encode(tokenizer, [text for text, _ in rendered])):
         # Token start offsets only grow, so each span is a contiguous run of tokens found by bisection.
         mask = [0] * len(ids)
         for start, end in spans:

@@ -233,8 +233,8 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     cache = TeacherCache(cfg.cache_dir or storage.join(recipe.run_dir, "distill-cache"))
     todo = [r for r in requests if r["key"] not in cache.entries]
     print(
-        f"[distill] {len(rows)} inputs x {cfg.samples} sample(s): {len(requests) - len(todo)} cached, {len(todo)} to ask "
-        f"the {cfg.teacher.backend} teacher",
+        f"[distill] {len(rows)} inputs x {cfg.samples} sample(s): {len(requests) - len(todo)} cached, {len(todo)} "
+        f"to ask the {cfg.teacher.backend} teacher",
         flush=True,
     )
     answers = _ask_teacher(recipe, todo, cache) if todo else {}

@@ -95,7 +95,8 @@ class DistillSection(Section):
     )
     cache_dir: str | None = Field(
         None,
-        description="Where teacher outputs are cached (by input, teacher and prompt); left out: <run dir>/distill-cache.",
+        description="Where teacher outputs are cached (by input, teacher and prompt); left out: "
+        "<run dir>/distill-cache.",
     )
 
     def teacher_problems(self) -> list[str]:

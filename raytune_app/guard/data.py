@@ -61,7 +61,7 @@ def read_labelled(
         raise GuardDataError(f"{path}: no such file")
     rows = []
     for number, record in _records(uri):
-        where = lambda field: describe_row(uri, number, field, "").rstrip(": ")  # noqa: E731
+        where = lambda field, number=number: describe_row(uri, number, field, "").rstrip(": ")  # noqa: E731
         if not isinstance(record, dict):
             raise GuardDataError(f"{where(None)}: not a JSON object; fix or remove the line")
         text = record.get(text_field)

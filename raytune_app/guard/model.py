@@ -9,8 +9,9 @@ Training is one Ray Train `TorchTrainer` (one worker per GPU where there are GPU
 worker using all its cores): a sequence classifier with two labels on top of the encoder, AdamW
 with linear decay. Then the driver scores the held-out rows with the model exactly as it will serve
 (`guard.inference`: int8 dynamic quantisation of the Linear layers by default, the fast CPU path)
-and chooses the threshold on those scores for `guard.target_fpr`. guard.json keeps the threshold, the validation metrics and where the data
-came from, beside the saved model; the folder is then registered in MLflow (registry.store.register_guard).
+and chooses the threshold on those scores for `guard.target_fpr`. guard.json keeps the threshold, the
+validation metrics and where the data came from, beside the saved model; the folder is then registered
+in MLflow (registry.store.register_guard).
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ def train_guard(recipe: Recipe) -> dict:
         flush=True,
     )
     print(
-        f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC {summary['validation']['auc']}, "
-        f"TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; saved to {out_dir}",
+        f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC "
+        f"{summary['validation']['auc']}, TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; "
+        f"saved to {out_dir}",
         flush=True,
     )
     return summary

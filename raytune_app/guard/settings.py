@@ -39,7 +39,8 @@ class GuardSection(Section):
         ge=0,
         le=1,
         description="Share of the authored benign rows that are everyday requests (the rest are hard "
-        "look-alikes); the threshold's false-positive rate is measured on this mix, so it should resemble real traffic.",
+        "look-alikes); the threshold's false-positive rate is measured on this mix, so it should resemble real "
+        "traffic.",
     )
     include_bastioncorpus: bool = Field(True, description="Add the 181 labelled rows of the bastioncorpus package.")
     val_fraction: float = Field(

@@ -184,8 +184,8 @@ class TrainSection(Section):
     method: Literal["sft", "dpo", "grpo"] = Field(
         "sft",
         description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
-        "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat data "
-        "with reward functions (train.grpo.rewards).",
+        "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat "
+        "data with reward functions (train.grpo.rewards).",
     )
     finetuning: Literal["full", "lora", "qlora"] = Field(
         "lora", description="Which weights train: all (`full`), LoRA adapters, or LoRA over a 4-bit base (`qlora`)."

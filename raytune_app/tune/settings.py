@@ -110,8 +110,8 @@ class TuneSection(Section):
     algorithm: Literal["random", "grid", "optuna"] = Field(
         "random",
         description="`random`: independent samples (seeded); `grid`: every combination of the `choice` "
-        "values, num_samples times; `optuna`: Optuna's TPE sampler through Ray Tune, which proposes each trial from the "
-        "results so far.",
+        "values, num_samples times; `optuna`: Optuna's TPE sampler through Ray Tune, which proposes each trial "
+        "from the results so far.",
     )
     num_samples: int = Field(
         8, gt=0, description="Trials to run (for `grid`: how many times the whole grid runs, usually 1)."
