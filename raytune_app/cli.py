@@ -336,12 +336,13 @@ def _registry(args) -> int:
     if args.recipe_opt:
         uri = store.tracking_uri(config.load(args.recipe_opt))
     else:
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
         if not uri:
             print(
                 "error: say which registry: --recipe FILE, --tracking-uri URI or $MLFLOW_TRACKING_URI", file=sys.stderr
             )
             return EXIT_BAD_RECIPE
+    result: dict | list[dict]
     if args.action == "list":
         result = store.list_models(uri)
     elif args.action == "show":

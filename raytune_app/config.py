@@ -55,7 +55,7 @@ class RunSection(Section):
         "so that any node can read earlier stages and resume.",
     )
     stages: list[Literal["prepare", "distill", "train", "tune", "evaluate", "register", "serve"]] = Field(
-        default_factory=lambda: ["prepare", "train", "evaluate", "register"],
+        default_factory=lambda: ["prepare", "train", "evaluate", "register"],  # type: ignore[arg-type]
         min_length=1,
         description="Stages `raytune-app run` executes, in this order. A stage whose inputs and config are "
         "unchanged since its last run is skipped.",
@@ -241,7 +241,7 @@ def _section_class_at(loc: tuple) -> type[BaseModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
-def _describe(error: dict, overridden: set[str]) -> str:
+def _describe(error: Any, overridden: set[str]) -> str:
     loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
     path = ".".join(str(p) for p in loc) or "(top level)"
     origin = " (from the command line)" if path in overridden else ""

@@ -59,7 +59,9 @@ def user_error(exc: BaseException) -> RaytuneError | None:
     """The RaytuneError behind `exc`, also when it was raised inside a Ray task, actor or Train worker
     (Ray wraps it, sometimes twice: RayTaskError, TrainingFailedError); None when there is none."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        exc = current
         seen.add(id(exc))
         if isinstance(exc, RaytuneError):
             cause = getattr(exc, "cause", None)  # Ray's RayTaskError subclasses the cause's class
@@ -71,5 +73,5 @@ def user_error(exc: BaseException) -> RaytuneError | None:
                 if found is not None:
                     return found
         cause = getattr(exc, "cause", None)
-        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+        current = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
     return None

@@ -224,7 +224,7 @@ def groups(document: dict) -> list[Group]:
         "RayCluster": spec,
         "RayJob": spec.get("rayClusterSpec"),
         "RayService": spec.get("rayClusterConfig"),
-    }.get(kind)
+    }.get(str(kind))
     if cluster is None:
         raise ValueError(
             f"not a Ray cluster launcher config nor a KubeRay RayCluster / RayJob / RayService (kind {kind!r})"

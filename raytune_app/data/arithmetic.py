@@ -71,7 +71,8 @@ def _problem(rng: random.Random) -> tuple[str, int]:
 
 def generate(rows: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    out, seen = [], set()
+    out: list[dict] = []
+    seen: set[str] = set()
     while len(out) < rows:
         question, answer = _problem(rng)
         if question in seen:

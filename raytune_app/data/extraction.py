@@ -250,7 +250,7 @@ def make_example(rng: random.Random, index: int) -> dict:
         domain = rng.choice(["example.com", "mail.test", "inbox.example"])
         email = f"{name.split()[0].lower()}.{name.split()[1].lower()}@{domain}"
     order_id = f"ORD-{rng.randrange(100000, 1000000)}" if rng.random() < 0.8 else None
-    items = [
+    items: list[dict] = [
         {"product": p, "quantity": rng.choice([1, 1, 1, 2, 2, 3, 4, 5, 6, 10, 12])}
         for p in rng.sample(PRODUCTS, rng.choice([1, 1, 1, 2, 2, 3]))
     ]

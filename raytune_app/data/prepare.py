@@ -94,7 +94,7 @@ def describe_row(source_file: str, row: int, field: str | None, message: str) ->
 
 def validate_batch(batch: pa.Table, spec: RowSpec, fail_fast: bool) -> pa.Table:
     schema = pipeline_schema(spec.kind, spec.keep_columns)
-    out = {name: [] for name in schema.names}
+    out: dict[str, list] = {name: [] for name in schema.names}
     empty = dict.fromkeys(EXAMPLE_COLUMNS[spec.kind] + list(spec.keep_columns))
     for source_file, source_row, raw in zip(*(batch[c].to_pylist() for c in ("_source_file", "_source_row", "_raw"))):
         row = {
@@ -201,7 +201,7 @@ def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, tru
     input_ids: list = [None] * batch.num_rows
     masks: list = [None] * batch.num_rows
     num_tokens: list = [None] * batch.num_rows
-    rejected = {}
+    rejected: dict[int, tuple[str, str | None, str]] = {}
     if ok:
         picked = batch.take(ok)
         if kind == "preference":
@@ -215,7 +215,7 @@ def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, tru
             for i, (ids, mask, problem) in zip(ok, results):
                 if problem is not None:
                     rejected[i] = (problem.reason, problem.field, problem.message)
-                else:
+                elif ids is not None:
                     input_ids[i], masks[i], num_tokens[i] = ids, mask, len(ids)
     batch = _reject_examples(batch, rejected, kind)
     return (
@@ -306,7 +306,7 @@ def _token_stats(lengths: np.ndarray) -> dict:
 
 def _merge_rejects(staging: str) -> int:
     """Concatenate the rejected part files into rejected.jsonl, ordered by file and line."""
-    rows = []
+    rows: list[dict] = []
     for part in storage.list_files(storage.join(staging, "rejected"), ".jsonl"):
         rows.extend(json.loads(line) for line in storage.read_text(part).splitlines())
     rows.sort(key=lambda r: (r["source_file"], r["line"]))
@@ -405,7 +405,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
         if seen is not None:
             ray.kill(seen)
 
-    stats = sink.stats
+    stats: dict = sink.stats or {}
     rejected_rows = _merge_rejects(staging)
     splits = {}
     for split in SPLITS:
@@ -441,7 +441,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     return manifest
 
 
-def _find_cause(exc: BaseException, kind: type) -> BaseException | None:
+def _find_cause(exc: BaseException | None, kind: type) -> BaseException | None:
     """The first exception of `kind` in the chain (Ray wraps task errors in its own types)."""
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -60,7 +60,7 @@ def tokenize_examples(
     as long as at least one answer token remains after the prompt.
     """
     rendered = [assistant_spans(tokenizer, chat) for chat in chats]
-    out = []
+    out: list[tuple[list[int] | None, list[int] | None, RowProblem | None]] = []
     for (_, spans), (ids, starts) in zip(rendered, _encode(tokenizer, [text for text, _ in rendered])):
         # Token start offsets only grow, so each span is a contiguous run of tokens found by bisection.
         mask = [0] * len(ids)

@@ -40,7 +40,7 @@ class KeepWeights:
 def multitask_trainer(base):
     """A subclass of TRL's trainer class `base` whose loss honours `loss_weight` when a batch carries it."""
 
-    class MultiTaskTrainer(base):
+    class MultiTaskTrainer(base):  # type: ignore[valid-type,misc]  # the base is chosen at run time
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("loss_weight", None)
             if weights is None:

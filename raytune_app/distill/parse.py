@@ -80,7 +80,7 @@ def decide(
 
     `gold`: a sample whose label matches the gold label; `self_consistency`: a sample agreeing with the
     majority label; `none`: the first parsed sample."""
-    parsed = [(r, label) for r, label, reason in samples if reason is None]
+    parsed = [(r, label) for r, label, reason in samples if reason is None and r is not None and label is not None]
     if not parsed:
         reasons = [reason for _, _, reason in samples]
         return None, Counter(reasons).most_common(1)[0][0]

@@ -148,15 +148,13 @@ def _tokenised(
 ):
     from raytune_app.data.tokenize import tokenize_examples
 
-    kept, dropped = (
-        {"input_ids": [], "completion_mask": [], "num_tokens": [], "task": [], "content_hash": []},
-        Counter(),
-    )
+    kept: dict[str, list] = {"input_ids": [], "completion_mask": [], "num_tokens": [], "task": [], "content_hash": []}
+    dropped: Counter[str] = Counter()
     for (ids, mask, problem), task, content_hash in zip(
         tokenize_examples(tokenizer, chats, max_length, truncation), tasks, hashes
     ):
-        if problem is not None:
-            dropped[f"{task}:{problem.reason}"] += 1
+        if problem is not None or ids is None:
+            dropped[f"{task}:{problem.reason if problem else 'no_tokens'}"] += 1
             continue
         for name, value in (
             ("input_ids", ids),
@@ -240,7 +238,10 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     answers = _ask_teacher(recipe, todo, cache) if todo else {}
     errors = Counter(error.split(":")[0] for _, error in answers.values() if error)
 
-    label_chats, rationale_chats, rejected, reasons = [], [], [], Counter()
+    label_chats: list = []
+    rationale_chats: list = []
+    rejected: list[dict] = []
+    reasons: Counter[str | None] = Counter()
     for i, row in enumerate(rows):
         samples = []
         for sample in range(cfg.samples):

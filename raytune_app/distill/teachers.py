@@ -46,7 +46,8 @@ def resolve_program(ref: str) -> Callable[[str], str]:
 
 def run_program(batch: pa.Table, program: str) -> pa.Table:
     solve = resolve_program(program)
-    texts, errors = [], []
+    texts: list[str | None] = []
+    errors: list[str | None] = []
     for text in batch.column("input").to_pylist():
         try:
             texts.append(solve(text))
@@ -94,7 +95,7 @@ class OpenAITeacher:
     async def _one(self, http, semaphore, messages) -> tuple[str | None, str | None, int]:
         import httpx
 
-        error = None
+        error: tuple[str | None, str] = (None, "no reply")
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self._wait(attempt, error))

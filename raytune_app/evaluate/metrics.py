@@ -18,7 +18,7 @@ import json
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,7 +178,7 @@ def classification(
     n = len(predictions)
     labels = list(labels)
     columns = labels + ([OTHER] if OTHER in predictions else [])
-    out = {
+    out: dict[str, Any] = {
         "examples": n,
         "labels": labels,
         "accuracy": None,
@@ -273,7 +273,7 @@ def latency(seconds: Sequence[float], new_tokens: Sequence[int], wall_seconds: f
     }
 
 
-def group_gap(groups: Sequence[str | None], recall_of: callable) -> dict:
+def group_gap(groups: Sequence[str | None], recall_of: Callable[[list[int]], float | None]) -> dict:
     """Recall per group and the largest difference between two groups.
 
     `recall_of(indices)` computes the task's recall over those example indices (field recall for
@@ -288,7 +288,7 @@ def group_gap(groups: Sequence[str | None], recall_of: callable) -> dict:
     recalls = {g: v["recall"] for g, v in per_group.items() if v["recall"] is not None}
     if len(recalls) < 2:
         return {"per_group": per_group, "gap": None, "worst_group": None, "best_group": None}
-    worst, best = min(recalls, key=recalls.get), max(recalls, key=recalls.get)
+    worst, best = min(recalls, key=lambda g: recalls[g]), max(recalls, key=lambda g: recalls[g])
     return {
         "per_group": per_group,
         "gap": round(recalls[best] - recalls[worst], 6),

@@ -164,7 +164,7 @@ def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str) -
     predictions = pq.read_table(
         path, filesystem=fs, columns=["model", "example", "prompt", "gold", "prediction", "latency_s"]
     )
-    latencies = {n: [] for n in names}
+    latencies: dict[str, list[float]] = {n: [] for n in names}
     for model, seconds in zip(predictions.column("model").to_pylist(), predictions.column("latency_s").to_pylist()):
         latencies[model].append(seconds)
     latency_plot(latencies, storage.join(out_dir, "latency.png"))

@@ -290,6 +290,7 @@ def score(task: str, table: pa.Table, validator, labels: list[str] | None) -> tu
 
         return M.structured(rows, validator is not None), _columns(rows), recall_of
     if task == "classification":
+        labels = labels or []  # the evaluate stage always passes the task's labels for classification
         predicted = [M.match_label(p, labels) for p in predictions]
         probs = table.column("label_probs").to_pylist() if "label_probs" in table.column_names else None
         result = M.classification(predicted, golds, labels, probs)

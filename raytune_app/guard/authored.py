@@ -632,12 +632,10 @@ def _encode(trick: str, text: str) -> str:
     if trick == "zero_width":
         return "\u200b".join(text)
     if trick == "leet":
-        return text.translate(str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"}))
+        return text.translate(str.maketrans("aeiost", "431057"))
     if trick == "homoglyph":
         # Cyrillic look-alikes and zero-width spaces: the text reads the same to a person, not to a word filter.
-        return "\u200b".join(
-            text.translate(str.maketrans({"a": "а", "e": "е", "o": "о", "p": "р", "c": "с"})).split(" ")
-        )
+        return "\u200b".join(text.translate(str.maketrans("aeopc", "аеорс")).split(" "))
     if trick == "spaced":
         return " ".join(text)
     if trick == "reversed":

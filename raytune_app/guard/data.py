@@ -91,7 +91,7 @@ def bastioncorpus_rows() -> list[dict]:
     import importlib.util
 
     spec = importlib.util.find_spec("bastioncorpus")
-    if spec is None:
+    if spec is None or not spec.submodule_search_locations:
         raise GuardDataError("guard.include_bastioncorpus needs the `bastioncorpus` package: pip install bastioncorpus")
     path = os.path.join(list(spec.submodule_search_locations)[0], "corpus", "injections.jsonl")
     rows = read_labelled(path, text_field="text", label_field="label", attack_type_field="category")

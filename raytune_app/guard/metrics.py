@@ -11,6 +11,7 @@ target, so the shipped guard blocks as many attacks as that budget of false alar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,36 +44,36 @@ def detection_metrics(
     """AUC, TPR at 1% FPR, and the confusion-based rates at the shipped threshold."""
     from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
-    scores, labels = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
-    blocked = scores >= threshold
-    attacks, benign = labels == 1, labels == 0
+    scores_, labels_ = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
+    blocked = scores_ >= threshold
+    attacks, benign = labels_ == 1, labels_ == 0
     both_classes = attacks.any() and benign.any()
-    out = {
-        "n": int(labels.size),
+    out: dict[str, Any] = {
+        "n": int(labels_.size),
         "attacks": int(attacks.sum()),
         "benign": int(benign.sum()),
         "threshold": round(float(threshold), 6),
-        "auc": round(float(roc_auc_score(labels, scores)), 6) if both_classes else None,
+        "auc": round(float(roc_auc_score(labels_, scores_)), 6) if both_classes else None,
         "tpr_at_fpr_1pct": None,
         "tpr": _rate((blocked & attacks).sum(), int(attacks.sum())),
         "fpr": _rate((blocked & benign).sum(), int(benign.sum())),
-        "f1": round(float(f1_score(labels, blocked.astype(int), zero_division=0)), 6) if labels.size else None,
-        "mcc": round(float(matthews_corrcoef(labels, blocked.astype(int))), 6) if labels.size else None,
+        "f1": round(float(f1_score(labels_, blocked.astype(int), zero_division=0)), 6) if labels_.size else None,
+        "mcc": round(float(matthews_corrcoef(labels_, blocked.astype(int))), 6) if labels_.size else None,
         "attack_success_rate": _rate((~blocked & attacks).sum(), int(attacks.sum())),
     }
     if both_classes:
-        at_1pct = threshold_for_fpr(scores, labels, 0.01)
-        out["tpr_at_fpr_1pct"] = _rate((scores[attacks] >= at_1pct).sum(), int(attacks.sum()))
+        at_1pct = threshold_for_fpr(scores_, labels_, 0.01)
+        out["tpr_at_fpr_1pct"] = _rate((scores_[attacks] >= at_1pct).sum(), int(attacks.sum()))
     if attack_types is not None:
         per_type: dict[str, list[bool]] = {}
-        for kind, label, hit in zip(attack_types, labels, blocked):
+        for kind, label, hit in zip(attack_types, labels_, blocked):
             if label == 1 and kind is not None:
                 per_type.setdefault(str(kind), []).append(bool(hit))
         out["recall_by_attack_type"] = {
             k: {"n": len(v), "recall": _rate(sum(v), len(v))} for k, v in sorted(per_type.items())
         }
         alarms: dict[str, list[bool]] = {}  # the benign side: which kinds of benign prompt raise false alarms
-        for kind, label, hit in zip(attack_types, labels, blocked):
+        for kind, label, hit in zip(attack_types, labels_, blocked):
             if label == 0 and kind is not None:
                 alarms.setdefault(str(kind), []).append(bool(hit))
         if alarms:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from raytune_app import models, storage
 from raytune_app.config import Recipe
@@ -132,7 +133,7 @@ def train_guard(recipe: Recipe) -> dict:
     scores = score_texts(tokenizer, model, [r["text"] for r in val_rows], cfg.max_length, batch_size=1)
     labels = [r["label"] for r in val_rows]
     threshold = threshold_for_fpr(scores, labels, cfg.target_fpr)
-    summary = {
+    summary: dict[str, Any] = {
         "base": cfg.base,
         "threshold": threshold,
         "target_fpr": cfg.target_fpr,
@@ -263,7 +264,7 @@ def evaluate_guard(guard: Guard, rows: list[dict]) -> dict:
         latencies.append((time.perf_counter() - began) * 1000)
     types = [r["attack_type"] for r in rows]
     result = detection_metrics(scores, [r["label"] for r in rows], guard.threshold, types if any(types) else None)
-    p50, p99 = np.percentile(latencies, [50, 99])
+    p50, p99 = np.percentile(np.asarray(latencies, dtype=float), [50, 99]).tolist()
     return result | {
         "latency_ms_p50": round(float(p50), 3),
         "latency_ms_p99": round(float(p99), 3),

@@ -122,7 +122,7 @@ def log_train_run(recipe: Recipe, manifest: dict) -> str:
                 "data": recipe.data.model_dump(mode="json", exclude={"system_prompt"}),
             }
         )
-        params = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        param_list = [Param(k, str(v)[:6000]) for k, v in params.items()]
         history_uri = storage.join(train_dir, "metrics.jsonl")
         history = (
             [json.loads(line) for line in storage.read_text(history_uri).splitlines()]
@@ -137,8 +137,8 @@ def log_train_run(recipe: Recipe, manifest: dict) -> str:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
         # MLflow takes at most 1000 metrics and 100 params per batch call.
-        for i in range(0, len(params), 100):
-            mlflow_client.log_batch(run_id, params=params[i : i + 100])
+        for i in range(0, len(param_list), 100):
+            mlflow_client.log_batch(run_id, params=param_list[i : i + 100])
         for i in range(0, len(metrics), 1000):
             mlflow_client.log_batch(run_id, metrics=metrics[i : i + 1000])
         mlflow_client.log_batch(run_id, tags=[RunTag("global_step", str(manifest["global_step"]))])

@@ -345,7 +345,8 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
     step's adapter. Returns the last step's manifest with the lineage of every step under `chain`."""
     from raytune_app.data.prepare import prepare
 
-    parent, steps = None, []
+    parent: dict | None = None
+    steps: list[dict] = []
     for index, step in enumerate(recipe.chain):
         step_recipe = recipe.chain_step(index)
         print(
@@ -356,6 +357,7 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
         if step.pairs is not None:  # this step learns from the previous step's mistakes
             from raytune_app.train.pairs import build_pairs
 
+            assert parent is not None, "a chain's first step has no `pairs` (checked with the recipe)"
             build_pairs(
                 recipe.chain_step(index - 1),
                 parent["weights"],
@@ -375,6 +377,7 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
                 "global_step": parent["global_step"],
             }
         )
+    assert parent is not None, "a chain has at least one step (checked with the recipe)"
     lineage = {"stage": "train", "chain": steps, "weights": parent["weights"], "fingerprint": parent["fingerprint"]}
     storage.write_text(
         storage.join(storage.absolute(recipe.run_dir), "chain.json"), json.dumps(lineage, indent=2) + "\n"

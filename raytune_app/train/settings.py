@@ -36,7 +36,7 @@ class DpoSection(Section):
     beta: float = Field(
         0.1, gt=0, description="Strength of the pull towards the reference model (higher: stay closer)."
     )
-    loss_type: Literal[DPO_LOSSES] = Field(
+    loss_type: Literal[DPO_LOSSES] = Field(  # type: ignore[valid-type]  # Literal over the tuple: one list of names
         "sigmoid",
         description="DPO loss (TRL's names): `sigmoid` (the DPO paper), `ipo`, `hinge`, `robust` "
         "(noisy labels, with label_smoothing), ...",

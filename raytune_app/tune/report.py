@@ -26,7 +26,7 @@ from raytune_app.tune.trials import trial_recipe
 
 def trial_rows(results, recipe: Recipe, space: dict, trials_dir: str) -> list[dict]:
     """One row per trial of a Ray Tune ResultGrid, in trial order."""
-    metric, max_steps = recipe.tune.metric, recipe.train.max_steps
+    metric, max_steps = recipe.tune.metric, recipe.train.max_steps or 0  # set: the tune section requires it
     better = min if recipe.tune.mode == "min" else max
     rows = []
     for result in results:
@@ -162,8 +162,8 @@ def plot(rows: list[dict], recipe: Recipe, space: dict, target: str) -> None:
     curves = flat[len(axes_for)]
     for r in rows:
         if r["history"][metric]:
-            steps, values = zip(*r["history"][metric])
-            curves.plot(steps, values, marker=".", color=styles[r["status"]][1], alpha=0.8)
+            at, measured = zip(*r["history"][metric])
+            curves.plot(at, measured, marker=".", color=styles[r["status"]][1], alpha=0.8)
     curves.set_xlabel("optimizer step")
     curves.set_ylabel(metric)
     curves.set_title("trials (red: stopped by ASHA)", fontsize=9)
@@ -226,7 +226,7 @@ def finish(recipe: Recipe, rows: list[dict], space: dict, out_dir: str, fingerpr
     storage.write_text(best_path, header + yaml.safe_dump(best_recipe(recipe, best), sort_keys=False))
     recipe_config.load(best_path)  # it must validate as written
 
-    budget = len(rows) * recipe.train.max_steps
+    budget = len(rows) * (recipe.train.max_steps or 0)
     total = sum(r["steps"] for r in rows)
     summary = {
         "stage": "tune",

@@ -104,13 +104,14 @@ def param_space(space: dict[str, ParamSpec], algorithm: str) -> dict:
 
     out = {}
     for path, spec in space.items():
-        if spec.kind == "choice":
+        # ParamSpec's validator guarantees the field its `kind` names is set.
+        if spec.kind == "choice" and spec.choice is not None:
             out[path] = tune.grid_search(list(spec.choice)) if algorithm == "grid" else tune.choice(list(spec.choice))
-        elif spec.kind == "uniform":
+        elif spec.kind == "uniform" and spec.uniform is not None:
             out[path] = tune.uniform(*spec.uniform)
-        elif spec.kind == "loguniform":
+        elif spec.kind == "loguniform" and spec.loguniform is not None:
             out[path] = tune.loguniform(*spec.loguniform)
-        else:
+        elif spec.randint is not None:
             low, high = spec.randint
             out[path] = tune.randint(low, high + 1)  # Ray's upper bound is exclusive; the recipe's is not
     return out
@@ -157,7 +158,7 @@ def run_trial(sample: dict, context: dict) -> None:
         use_gpu=context["use_gpu"],
         cpus_per_worker=context["cpus_per_worker"],
         storage_path=out_dir,
-        callbacks=[_report_callback(recipe.train.max_steps)],
+        callbacks=[_report_callback(recipe.train.max_steps or 0)],  # set: the tune section requires it
         worker_key=f"{current}-{trial_id}",
     )
     began = time.time()
@@ -315,7 +316,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
         return finished
 
     total = recipe.tune.num_samples * (
-        math.prod(len(s.choice) for s in space.values()) if recipe.tune.algorithm == "grid" else 1
+        math.prod(len(s.choice or ()) for s in space.values()) if recipe.tune.algorithm == "grid" else 1
     )
     context = {
         "recipe": recipe.resolved(),

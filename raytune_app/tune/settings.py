@@ -160,7 +160,7 @@ class TuneSection(Section):
         return self
 
 
-def _field_at(cls: type[BaseModel], parts: list[str]):
+def _field_at(cls: type[BaseModel] | None, parts: list[str]):
     """The pydantic field `parts` names inside `cls` (None when there is none), walking nested sections."""
     info = None
     for index, part in enumerate(parts):
@@ -207,8 +207,9 @@ def apply_sample(train: dict, sample: dict) -> dict:
     return out
 
 
-def search_problems(tune: TuneSection, train: BaseModel, has_chain: bool = False) -> list[str]:
-    """Every problem of the search space against this recipe's train section, one line each."""
+def search_problems(tune: TuneSection, train: Any, has_chain: bool = False) -> list[str]:
+    """Every problem of the search space against this recipe's train section (a TrainSection, which this
+    module cannot import: train.settings imports it), one line each."""
     problems = []
     where = "tune.search_space"
     if has_chain:
