@@ -93,3 +93,24 @@ def test_every_module_imports_in_a_fresh_interpreter():
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     done = subprocess.run([sys.executable, "-c", script, *names], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_ci_runs_the_readme_test_command_with_lint_and_types_first():
+    readme = (REPO / "README.md").read_text()
+    assert "bash scripts/test.sh" in readme
+    assert "exec bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+    test_sh = (REPO / "scripts" / "test.sh").read_text()
+    assert test_sh.index("scripts/lint.sh") < test_sh.index("pytest")
+    lint = (REPO / "scripts" / "lint.sh").read_text()
+    assert "ruff check ." in lint and "ruff format --check ." in lint and ".venv/bin/mypy" in lint
+
+
+def test_the_pre_commit_config_is_valid():
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "pre-commit"), "validate-config", ".pre-commit-config.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
