@@ -22,7 +22,7 @@ import os
 import sys
 import traceback
 
-from raytune_app import cluster, config
+from raytune_app import cluster, config, console
 from raytune_app.errors import EXIT_BAD_RECIPE, EXIT_BUG, user_error
 
 # What an unexpected error (a bug, not a mistake in the recipe or data) adds below its traceback.
@@ -38,7 +38,32 @@ def ensure_ray(recipe: config.Recipe | None = None, command: str | None = None) 
     cluster.connect(recipe, command)
 
 
+def _add_console_args(parser: argparse.ArgumentParser) -> None:
+    # Accepted before and after the command (`raytune-app -q run ...`, `raytune-app run ... -q`): SUPPRESS
+    # keeps a subcommand's parser from resetting what the top level set (its default: set_defaults).
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        dest="verbosity",
+        const=console.QUIET,
+        default=argparse.SUPPRESS,
+        help="only warnings, errors and the result on the console",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        dest="verbosity",
+        const=console.VERBOSE,
+        default=argparse.SUPPRESS,
+        help="also Ray's and the libraries' output on the console (it always goes to <run dir>/raytune-app.log)",
+    )
+
+
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    _add_console_args(parser)
     parser.add_argument("recipe_file", nargs="?", metavar="RECIPE", help="recipe YAML (or use --recipe)")
     parser.add_argument("--recipe", dest="recipe_opt", metavar="FILE", help="recipe YAML")
     parser.add_argument(
@@ -50,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytune-app", description="Fine-tune language models on Ray and serve them safely."
     )
+    _add_console_args(parser)
+    parser.set_defaults(verbosity=console.NORMAL)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     validate = sub.add_parser(
@@ -237,12 +264,12 @@ def _prepare(recipe: config.Recipe, force: bool = False) -> dict:
     manifest = prepare(recipe, force=force)
     out = {split: manifest["rows_out"][split] for split in ("train", "val", "test")}
     rejected = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items()) or "none"
-    print(
-        f"[prepare] {manifest['rows_in']} rows in -> train {out['train']}, val {out['val']}, test {out['test']}; "
-        f"rejected: {rejected}",
-        flush=True,
+    log = console.logger("prepare")
+    log.info(
+        f"{manifest['rows_in']} rows in -> train {out['train']}, val {out['val']}, test {out['test']}; "
+        f"rejected: {rejected}"
     )
-    print(f"[prepare] output: {recipe.stage_dir('prepare')} (manifest.json, rejected.jsonl)", flush=True)
+    log.info(f"output: {recipe.stage_dir('prepare')} (manifest.json, rejected.jsonl)")
     return manifest
 
 
@@ -253,10 +280,12 @@ def _distill(recipe: config.Recipe, force: bool = False) -> dict:
 
 
 def _start(recipe: config.Recipe) -> None:
+    from raytune_app import storage
+
     saved = config.save_resolved(recipe, recipe.run_dir)
-    print(
-        f"[raytune-app] run `{recipe.run.name}`: model {recipe.model.path}; resolved recipe saved to {saved}",
-        flush=True,
+    log_file = console.attach_log_file(storage.absolute(recipe.run_dir))
+    console.logger().info(
+        f"run `{recipe.run.name}`: model {recipe.model.path}; resolved recipe {saved}; full log {log_file}"
     )
 
 
@@ -285,10 +314,9 @@ def _pairs(recipe: config.Recipe, args) -> dict:
     ]
     out_dir = storage.absolute(args.out) if args.out else storage.join(storage.absolute(recipe.run_dir), "pairs")
     manifest = build_pairs(recipe, trained[-1].weights, trained[-1].identity, settings, out_dir)
-    print(
-        f"[pairs] train on them with a dpo recipe: data.kind: preference, data.sources: [{manifest['pairs_file']}], "
-        "data.columns: {system: system}",
-        flush=True,
+    console.logger("pairs").info(
+        f"train on them with a dpo recipe: data.kind: preference, data.sources: [{manifest['pairs_file']}], "
+        "data.columns: {system: system}"
     )
     return manifest
 
@@ -299,11 +327,10 @@ def _tune(recipe: config.Recipe, resume: bool = False, restart: bool = False) ->
     summary = tune(recipe, resume=resume, restart=restart)
     if not summary.get("interrupted"):
         where = summary.get("registered")
-        print(
-            f"[tune] best recipe: {summary['best_recipe']}; weights: {summary['best_weights']}"
+        console.logger("tune").info(
+            f"best recipe: {summary['best_recipe']}; weights: {summary['best_weights']}"
             + (f"; registered as models:/{where['name']}/{where['version']}" if where else "")
-            + f"; table {summary['table']}, plot {summary['plot']}",
-            flush=True,
+            + f"; table {summary['table']}, plot {summary['plot']}"
         )
     return summary
 
@@ -322,10 +349,9 @@ def _register(recipe: config.Recipe) -> list[dict]:
 
     versions = register_stage(recipe)
     for v in versions:
-        print(
-            f"[register] models:/{v['name']}/{v['version']} (MLflow run {v['run_id']}); champion: version "
-            f"{v['champion']}{' (promoted)' if v['promoted'] else ''}; store {v['tracking_uri']}",
-            flush=True,
+        console.logger("register").info(
+            f"models:/{v['name']}/{v['version']} (MLflow run {v['run_id']}); champion: version "
+            f"{v['champion']}{' (promoted)' if v['promoted'] else ''}; store {v['tracking_uri']}"
         )
     return versions
 
@@ -411,10 +437,9 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
             default.tracking_uri,
         ) or not os.path.exists(guard_recipe):
             raise
-        print(
-            f"[serve] {str(exc).split(' (')[0]}: training the default guard first ({DEFAULT_GUARD_RECIPE}, a few "
-            "minutes on a CPU; later starts reuse it)",
-            flush=True,
+        console.logger("serve").info(
+            f"{str(exc).split(' (')[0]}: training the default guard first ({DEFAULT_GUARD_RECIPE}, a few "
+            "minutes on a CPU; later starts reuse it)"
         )
         from raytune_app.guard.model import train_guard
 
@@ -423,10 +448,9 @@ def _serve(recipe: config.Recipe, block: bool = True) -> None:
         spec = serve_app.plan(recipe)
     url = serve_app.run(recipe, spec=spec)
     request = json.dumps({"model": spec["router"]["name"], "messages": [{"role": "user", "content": "Hello"}]})
-    print(
-        f"[serve] {url}/v1 is up (models: {', '.join(spec['ingress']['models'])}; stats: {url}/v1/stats). Try:\n"
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'",
-        flush=True,
+    console.logger("serve").info(
+        f"{url}/v1 is up (models: {', '.join(spec['ingress']['models'])}; stats: {url}/v1/stats). Try:\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{request}'"
     )
     if not block:
         return
@@ -497,11 +521,10 @@ def _run_all(recipe: config.Recipe) -> None:
         else:  # serve: started last, after the summary, since it keeps running
             continue
         timings[stage] = time.time() - began
-    print(
-        "[run] done: "
+    console.logger("run").info(
+        "done: "
         + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
-        + f"; total {sum(timings.values()):.0f} s",
-        flush=True,
+        + f"; total {sum(timings.values()):.0f} s"
     )
     if evaluation is not None:
         _show_evaluation(evaluation)
@@ -515,16 +538,22 @@ def main(argv: list[str] | None = None) -> int:
     anything else keeps its traceback, with a request to report it (exit 70)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    console.setup(args.verbosity)
     try:
         return _command(args)
     except Exception as exc:
+        # The whole story goes to the run's log file (when there is one), whatever the console shows.
+        console.record_failure(args.command, exc)
+        where = f" (full log: {console.log_file()})" if console.log_file() else ""
         found = user_error(exc)
         if found is not None:
-            print(f"error: {found}", file=sys.stderr)
+            print(f"error: {found}{where}", file=sys.stderr)
             return found.exit_code
         traceback.print_exc()
-        print(f"error: {BUG_HINT}", file=sys.stderr)
+        print(f"error: {BUG_HINT}{where}", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        console.detach_log_file()
 
 
 def _command(args) -> int:
@@ -604,7 +633,7 @@ def run_job(command: str, argv: list[str] | None = None) -> int:
     cluster.join_only()
     argv = list(sys.argv[1:] if argv is None else argv)
     where = "inside a Ray job" if cluster.in_ray_job() else "joining the running cluster"
-    print(f"[raytune-app] job entrypoint: raytune-app {command} {' '.join(argv)} ({where})", flush=True)
+    console.logger().info(f"job entrypoint: raytune-app {command} {' '.join(argv)} ({where})")
     return main([command, *argv])
 
 

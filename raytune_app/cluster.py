@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from raytune_app import console
 from raytune_app.errors import ClusterError
 
 # Set by join_only (cli.run_job): this process is a job entrypoint, which must join an existing cluster.
@@ -44,13 +45,17 @@ def connect(recipe=None, command: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Ray's own console output (its logs, what its workers print) goes to the run's log file; our lines
+    # from the workers to the console (raytune_app/console.py).
+    console.quiet_libraries(ray_data=False)
+    options = {"log_to_driver": True, **console.ray_init_logging()}
     joined = True
     if in_ray_job() or os.environ.get("RAY_ADDRESS"):
         # No address and no num_cpus: Ray reads RAY_ADDRESS, which the job supervisor (or the user) set.
-        ray.init(logging_level="WARNING", log_to_driver=True)
+        ray.init(**options)
     elif _JOIN_ONLY:
         try:
-            ray.init(address="auto", logging_level="WARNING", log_to_driver=True)
+            ray.init(address="auto", **options)
         except ConnectionError as exc:
             raise NoCluster(
                 f"no running Ray cluster to join ({str(exc).splitlines()[0]}). Job entrypoints run on a "
@@ -60,19 +65,33 @@ def connect(recipe=None, command: str | None = None) -> None:
     else:
         # The CLI on a laptop: a running `ray start` cluster if there is one, else a new local Ray (no
         # autoscaler to ask for GPUs; the stages' own checks report what is missing).
-        ray.init(logging_level="WARNING", log_to_driver=True)
+        try:
+            ray.init(**options)
+        except (ConnectionError, TimeoutError, RuntimeError, OSError) as exc:
+            raise NoCluster(
+                f"could not start a local Ray ({type(exc).__name__}: {str(exc).splitlines()[0]}); this is about the "
+                "machine, not the recipe: check free memory and /tmp space, or start one with `ray start --head`"
+            ) from exc
+        except Exception as exc:  # Ray raises a bare Exception when its node does not come up in time
+            if "timed out during startup" not in str(exc):
+                raise
+            raise NoCluster(
+                f"a local Ray did not come up in time ({str(exc).splitlines()[0]}): the machine is busy or short of "
+                "memory; try again, or start one with `ray start --head` and run again"
+            ) from exc
         joined = False
+    console.route_ray_output()
+    console.quiet_libraries()
     if recipe is None or not joined:
         return
     output_dir = recipe.run.output_dir
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if "://" not in output_dir and len(nodes) > 1:
         # Ray Train checkpoints, prepared data and adapters are read back by other nodes.
-        print(
-            f"[raytune-app] note: run.output_dir {output_dir} is a local path and the cluster has {len(nodes)} "
+        console.logger().info(
+            f"note: run.output_dir {output_dir} is a local path and the cluster has {len(nodes)} "
             "nodes; it must be a shared mount (NFS) on every node, or use s3:// / gs:// so any node can read "
-            "earlier stages and resume from checkpoints",
-            flush=True,
+            "earlier stages and resume from checkpoints"
         )
     wanted = gpus_wanted(recipe, command)
     if wanted:
@@ -116,10 +135,9 @@ def wait_for_gpus(wanted: int, timeout_s: float | None = None) -> None:
     while left > 0:
         bundles.append({"GPU": min(left, GPUS_PER_TRAINING_NODE)})
         left -= bundles[-1]["GPU"]
-    print(
-        f"[raytune-app] the cluster has {have} GPU(s), this stage needs {wanted}: asking the autoscaler for "
-        f"{bundles} and waiting up to {timeout_s:.0f} s",
-        flush=True,
+    console.logger().info(
+        f"the cluster has {have} GPU(s), this stage needs {wanted}: asking the autoscaler for "
+        f"{bundles} and waiting up to {timeout_s:.0f} s"
     )
     request_resources(bundles=bundles)
     began = last = time.time()
@@ -127,7 +145,7 @@ def wait_for_gpus(wanted: int, timeout_s: float | None = None) -> None:
         while True:
             have = int(ray.cluster_resources().get("GPU", 0))
             if have >= wanted:
-                print(f"[raytune-app] {have} GPU(s) up after {time.time() - began:.0f} s", flush=True)
+                console.logger().info(f"{have} GPU(s) up after {time.time() - began:.0f} s")
                 return
             if time.time() - began > timeout_s:
                 raise NoCluster(
@@ -136,7 +154,7 @@ def wait_for_gpus(wanted: int, timeout_s: float | None = None) -> None:
                     "RAYTUNE_GPU_WAIT_S to wait longer"
                 )
             if time.time() - last >= 30:
-                print(f"[raytune-app] waiting for GPUs: {have}/{wanted} after {time.time() - began:.0f} s", flush=True)
+                console.logger().info(f"waiting for GPUs: {have}/{wanted} after {time.time() - began:.0f} s")
                 last = time.time()
             time.sleep(min(5.0, max(0.1, timeout_s - (time.time() - began))))
     finally:

@@ -19,6 +19,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from raytune_app import console
 from raytune_app.errors import DataError, MissingInput
 
 BUNDLED_PREFIX = "bundled:"
@@ -54,7 +55,7 @@ def _convert_bundled(name: str, target: Path) -> None:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return  # another process converted it while we waited
-        print(f"[raytune-app] converting bundled model {name} from GGUF (once, ~20 s) into {target}", flush=True)
+        console.logger().info(f"converting bundled model {name} from GGUF (once, ~20 s) into {target}")
         source = _package_dir(module, package)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)

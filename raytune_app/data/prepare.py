@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from raytune_app import __version__, storage
+from raytune_app import __version__, console, storage
 from raytune_app.config import Recipe
 from raytune_app.data import rows as rowlib
 from raytune_app.data.packing import pack
@@ -376,7 +376,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     sources, files, fingerprint = _inputs(recipe)
     previous = None if force else storage.unchanged(storage.join(out_dir, "manifest.json"), fingerprint)
     if previous is not None:
-        print(f"[prepare] inputs and settings unchanged: reusing {out_dir}", flush=True)
+        console.logger("prepare").info(f"inputs and settings unchanged: reusing {out_dir}")
         return previous
 
     # Fail before any Ray work on things that would fail every row: a missing tokenizer or template.

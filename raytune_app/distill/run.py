@@ -28,7 +28,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from raytune_app import __version__, storage
+from raytune_app import __version__, console, storage
 from raytune_app.config import Recipe
 from raytune_app.distill import parse
 from raytune_app.distill.parse import prefix_last_user
@@ -114,7 +114,7 @@ def _ask_teacher(recipe: Recipe, requests: list[dict], cache: TeacherCache) -> d
                     out.write(json.dumps({"key": row["key"], "text": row["teacher_text"]}, ensure_ascii=False) + "\n")
             out.flush()
             rate = len(answers) / max(time.time() - started, 1e-9)
-            print(f"[distill] teacher {len(answers)}/{len(requests)} ({rate:.1f}/s)", flush=True)
+            console.logger("distill").info(f"teacher {len(answers)}/{len(requests)} ({rate:.1f}/s)")
     return answers
 
 
@@ -207,7 +207,7 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     fingerprint = _fingerprint(recipe, prepared)
     previous = None if force else storage.unchanged(storage.join(out_dir, "manifest.json"), fingerprint)
     if previous is not None:
-        print(f"[distill] unchanged inputs and settings: reusing {out_dir}", flush=True)
+        console.logger("distill").info(f"unchanged inputs and settings: reusing {out_dir}")
         return previous
     started = time.time()
     rows = _inputs(load_split(prepare_dir, "train"))
@@ -230,10 +230,9 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     ]
     cache = TeacherCache(cfg.cache_dir or storage.join(recipe.run_dir, "distill-cache"))
     todo = [r for r in requests if r["key"] not in cache.entries]
-    print(
-        f"[distill] {len(rows)} inputs x {cfg.samples} sample(s): {len(requests) - len(todo)} cached, {len(todo)} "
-        f"to ask the {cfg.teacher.backend} teacher",
-        flush=True,
+    console.logger("distill").info(
+        f"{len(rows)} inputs x {cfg.samples} sample(s): {len(requests) - len(todo)} cached, {len(todo)} "
+        f"to ask the {cfg.teacher.backend} teacher"
     )
     answers = _ask_teacher(recipe, todo, cache) if todo else {}
     errors = Counter(error.split(":")[0] for _, error in answers.values() if error)
@@ -335,11 +334,10 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     }
     storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     storage.replace_dir(staging, out_dir)
-    print(
-        f"[distill] kept {len(rationale_chats)}/{len(rows)} rationales ({manifest['keep_rate']:.0%}); rejected "
+    console.logger("distill").info(
+        f"kept {len(rationale_chats)}/{len(rows)} rationales ({manifest['keep_rate']:.0%}); rejected "
         f"{dict(reasons) or 'none'}; {manifest['rows_out']['train']} train examples "
-        f"({task_counts.get('label', 0)} label, {task_counts.get('rationale', 0)} rationale) -> {out_dir}",
-        flush=True,
+        f"({task_counts.get('label', 0)} label, {task_counts.get('rationale', 0)} rationale) -> {out_dir}"
     )
     return manifest
 

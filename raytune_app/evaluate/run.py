@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raytune_app import __version__, storage
+from raytune_app import __version__, console, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.evaluate import metrics as M
@@ -176,7 +176,7 @@ def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
             + (f" ({len(problems)} rejected, first: {problems[0]})" if problems else "")
         )
     if problems:
-        print(f"[evaluate] {len(problems)} row(s) of {uri} left out; first: {problems[0]}", flush=True)
+        console.logger("evaluate").info(f"{len(problems)} row(s) of {uri} left out; first: {problems[0]}")
     identity = json.dumps(storage.file_fingerprint(uri), default=str)
     return _example_table(prompts, golds, groups, ids, [uri] * len(ids), lines), f"file:{identity}"
 
@@ -272,7 +272,13 @@ def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: l
         num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
     )
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    # Streamed as the replicas finish batches, for one progress line (the order is restored below).
+    log, parts, done = console.logger("evaluate"), [], 0
+    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        parts.append(part)
+        done += part.num_rows
+        console.progress(log, done, examples.num_rows, f"{candidate.name}: {done}/{examples.num_rows} examples")
+    table = pa.concat_tables(parts)
     index = {e: i for i, e in enumerate(examples.column("example").to_pylist())}
     return table.take(sorted(range(table.num_rows), key=lambda i: index[table.column("example")[i].as_py()]))
 
@@ -323,7 +329,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
     from raytune_app.evaluate.report import write_report
 
     ev = recipe.evaluate
-    say = lambda text: print(f"[evaluate] {text}", flush=True)  # noqa: E731
+    say = console.logger("evaluate").info
     # Everything that can be wrong with the inputs is checked before a model is loaded.
     models = candidates(recipe, adapter)
     examples, data_identity = file_examples(recipe, data_file) if data_file else prepared_examples(recipe)

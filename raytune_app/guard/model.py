@@ -20,7 +20,7 @@ import json
 import time
 from typing import Any
 
-from raytune_app import models, storage
+from raytune_app import console, models, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import MissingInput
 
@@ -72,10 +72,9 @@ def _worker(config: dict) -> None:
             optimizer.zero_grad()
             step += 1
             if step % 20 == 0 or step == steps:
-                print(
-                    f"[guard] step {step}/{steps}  loss {loss.item():.4f}  "
-                    f"ETA {(time.time() - began) / step * (steps - step) / 60:.1f} min",
-                    flush=True,
+                console.logger("guard").info(
+                    f"step {step}/{steps}  loss {loss.item():.4f}  "
+                    f"ETA {(time.time() - began) / step * (steps - step) / 60:.1f} min"
                 )
     # The validation rows are scored by the driver afterwards, with the precision that ships (guard.inference).
     if ray.train.get_context().get_world_rank() == 0:
@@ -104,7 +103,7 @@ def train_guard(recipe: Recipe) -> dict:
         raise data.GuardDataError("guard training writes its model locally; set run.output_dir to a local path")
     model_dir = f"{out_dir}/model"
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    print(f"[guard] {len(train_rows)} train / {len(val_rows)} validation rows; base {cfg.base}", flush=True)
+    console.logger("guard").info(f"{len(train_rows)} train / {len(val_rows)} validation rows; base {cfg.base}")
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
@@ -149,16 +148,14 @@ def train_guard(recipe: Recipe) -> dict:
     from raytune_app.registry.store import register_guard
 
     version = register_guard(recipe, out_dir, summary)
-    print(
-        f"[guard] registered models:/{version['name']}/{version['version']} (champion: version {version['champion']}) "
-        f"in {version['tracking_uri']}",
-        flush=True,
+    console.logger("guard").info(
+        f"registered models:/{version['name']}/{version['version']} (champion: version {version['champion']}) "
+        f"in {version['tracking_uri']}"
     )
-    print(
-        f"[guard] threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC "
+    console.logger("guard").info(
+        f"threshold {threshold:.4f} for FPR <= {cfg.target_fpr}; validation: AUC "
         f"{summary['validation']['auc']}, TPR {summary['validation']['tpr']}, FPR {summary['validation']['fpr']}; "
-        f"saved to {out_dir}",
-        flush=True,
+        f"saved to {out_dir}"
     )
     return summary
 

@@ -61,8 +61,11 @@ def client(uri: str):
 
     from mlflow import MlflowClient
 
+    from raytune_app import console
+
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    console.quiet_libraries(ray_data=False)  # MLflow's own console handlers: into the run's log file
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

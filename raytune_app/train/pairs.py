@@ -24,7 +24,7 @@ import time
 
 import pyarrow as pa
 
-from raytune_app import storage
+from raytune_app import console, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train.settings import PairsSection
@@ -114,7 +114,7 @@ def build_pairs(
     pairs to `<out_dir>/pairs.jsonl`; returns the counts (also written to `<out_dir>/pairs.json`)."""
     from raytune_app.evaluate import run as ev_run
 
-    say = lambda text: print(f"[pairs] {text}", flush=True)  # noqa: E731
+    say = lambda text: console.logger("pairs").info(f"{text}")  # noqa: E731
     examples, data_identity = ev_run.prepared_examples(recipe, settings.split)
     if settings.limit is not None:
         examples = examples.slice(0, settings.limit)

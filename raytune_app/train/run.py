@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from raytune_app import config as recipe_config
-from raytune_app import resources, runstate, storage
+from raytune_app import console, resources, runstate, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 
@@ -139,13 +139,12 @@ def _log_to_mlflow(recipe: Recipe, manifest: dict) -> str | None:
     try:
         run_id = store.log_train_run(recipe, manifest)
     except Exception as exc:  # any store or network failure; the weights are already saved
-        print(
-            f"[train] warning: could not log the run to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "`raytune-app run` or the register stage will log it later",
-            flush=True,
+        console.logger("train").warning(
+            f"could not log the run to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "`raytune-app run` or the register stage will log it later"
         )
         return None
-    print(f"[train] tracked in MLflow: run {run_id} at {store.tracking_uri(recipe)}", flush=True)
+    console.logger("train").info(f"tracked in MLflow: run {run_id} at {store.tracking_uri(recipe)}")
     return run_id
 
 
@@ -293,18 +292,20 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     prepared_dir, prepared = training_data(recipe)
     use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
     out_dir = storage.absolute(recipe.stage_dir("train"))
-    print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
+    log = console.logger("train")
     current = fingerprint(recipe, prepared, parent)
     parent_adapter = parent["weights"] if parent else None
-    state = runstate.decide(out_dir, current, RUN_RECORDS, resume=resume, restart=restart, error=TrainError, log=print_)
+    state = runstate.decide(
+        out_dir, current, RUN_RECORDS, resume=resume, restart=restart, error=TrainError, log=log.info
+    )
     if state.finished is not None:
-        print_(
+        log.info(
             f"already finished at step {state.finished['global_step']} with this recipe and data; nothing to do "
             f"({out_dir})"
         )
         return state.finished
     if state.resuming:
-        print_(f"continuing the interrupted run in {out_dir}")
+        log.info(f"continuing the interrupted run in {out_dir}")
     recipe_config.save_resolved(recipe, out_dir)
 
     trainer = build_trainer(
@@ -316,7 +317,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
         cpus_per_worker=cpus_per_worker,
         parent_adapter=parent_adapter,
     )
-    print_(
+    log.info(
         f"{recipe.train.workers} worker(s), {'GPU' if use_gpu else f'{cpus_per_worker} CPU each'}; "
         f"{recipe.train.finetuning} on {recipe.model.path}; {_examples_used(recipe, prepared)} train examples"
     )
@@ -332,7 +333,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
         "reward margin": manifest["final_eval"].get("eval_rewards/margins"),
         "mean reward": manifest["final_eval"].get("eval_reward"),
     }
-    print_(
+    log.info(
         f"done: step {manifest['global_step']}, "
         + ", ".join(f"{name} {value:.4f}" for name, value in measured.items() if value is not None)
         + f"; weights in {manifest['weights']}"
@@ -349,10 +350,9 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
     steps: list[dict] = []
     for index, step in enumerate(recipe.chain):
         step_recipe = recipe.chain_step(index)
-        print(
-            f"[train] chain step {index + 1}/{len(recipe.chain)}: {step.name}"
-            + (f" (from {parent['weights']})" if parent else f" (from {recipe.model.path})"),
-            flush=True,
+        console.logger("train").info(
+            f"chain step {index + 1}/{len(recipe.chain)}: {step.name}"
+            + (f" (from {parent['weights']})" if parent else f" (from {recipe.model.path})")
         )
         if step.pairs is not None:  # this step learns from the previous step's mistakes
             from raytune_app.train.pairs import build_pairs

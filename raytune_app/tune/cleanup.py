@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import time
 
+from raytune_app import console
+
 _NIL_ACTOR = b"\xff"  # an ActorID of all 0xff bytes: the group was created by a driver, not an actor
 _last_sweep = 0.0
 
@@ -29,7 +31,7 @@ def release_orphaned_placement_groups(min_interval_s: float = 0.0) -> int:
     try:
         return _sweep(min_interval_s)
     except Exception as exc:  # housekeeping must never fail a search
-        print(f"[tune] warning: could not sweep leftover placement groups ({type(exc).__name__}: {exc})", flush=True)
+        console.logger("tune").warning(f"could not sweep leftover placement groups ({type(exc).__name__}: {exc})")
         return 0
 
 

@@ -33,7 +33,7 @@ import signal
 import time
 
 from raytune_app import config as recipe_config
-from raytune_app import resources, runstate, storage
+from raytune_app import console, resources, runstate, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.tune.cleanup import release_orphaned_placement_groups
@@ -197,7 +197,7 @@ def _progress_callback(recipe: Recipe, space: dict, total: int, ended_file: str)
             release_orphaned_placement_groups(min_interval_s=2.0)
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            print(f"[tune] trial {trial.trial_id} started: {self._settings(trial)}", flush=True)
+            console.logger("tune").info(f"trial {trial.trial_id} started: {self._settings(trial)}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
@@ -205,28 +205,28 @@ def _progress_callback(recipe: Recipe, space: dict, total: int, ended_file: str)
             how = "ran to the end" if step is not None and step >= max_steps else "stopped early by ASHA"
             self.ended += 1
             _record_end(ended_file, trial.trial_id, "completed" if how == "ran to the end" else "stopped")
-            print(
-                f"[tune] trial {trial.trial_id} {how} at step {step}/{max_steps}: {metric} {_short(value)}, "
+            console.logger("tune").info(
+                f"trial {trial.trial_id} {how} at step {step}/{max_steps}: {metric} {_short(value)}, "
                 f"{result.get('time_total_s', 0):.0f} s ({self._settings(trial)}) "
-                f"[{self.ended} ended this session, {total} in all]",
-                flush=True,
+                f"[{self.ended} ended this session, {total} in all]"
             )
             self._maybe_interrupt()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.ended += 1
             _record_end(ended_file, trial.trial_id, "failed")
-            print(
-                f"[tune] trial {trial.trial_id} failed ({self._settings(trial)}); its error is in "
-                f"{trial.path or 'the trial folder'}",
-                flush=True,
+            console.logger("tune").info(
+                f"trial {trial.trial_id} failed ({self._settings(trial)}); its error is in "
+                f"{trial.path or 'the trial folder'}"
             )
             self._maybe_interrupt()
 
         def _maybe_interrupt(self):
             interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)  # read now: this may be a restored copy
             if interrupt_after and self.ended == interrupt_after:
-                print(f"[tune] {INTERRUPT_ENV}={interrupt_after}: interrupting the search (as Ctrl-C does)", flush=True)
+                console.logger("tune").info(
+                    f"{INTERRUPT_ENV}={interrupt_after}: interrupting the search (as Ctrl-C does)"
+                )
                 os.kill(os.getpid(), signal.SIGINT)
 
     return Progress()
@@ -289,7 +289,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     from raytune_app.train.run import TrainError, training_data
     from raytune_app.tune import report
 
-    print_ = lambda text: print(f"[tune] {text}", flush=True)  # noqa: E731
+    log = console.logger("tune")
     if not recipe.tune.search_space:
         raise TuneError(
             "tune.search_space is empty: name the train fields to search (see recipes/tune_quickstart.yaml)"
@@ -305,11 +305,11 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     out_dir = storage.absolute(recipe.stage_dir("tune"))
     current = fingerprint(recipe, prepared)
     state = runstate.decide(
-        out_dir, current, SEARCH_RECORDS, resume=resume, restart=restart, error=TuneError, log=print_
+        out_dir, current, SEARCH_RECORDS, resume=resume, restart=restart, error=TuneError, log=log.info
     )
     finished, restoring = state.finished, state.resuming
     if finished is not None:
-        print_(
+        log.info(
             f"already finished with this recipe and data; nothing to do. Best: {finished['best']['trial_id']} "
             f"({recipe.tune.metric} {finished['best']['final_metric']:.4f}); recipe {finished['best_recipe']}"
         )
@@ -338,7 +338,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     experiment = storage.join(out_dir, "search")
     restoring = restoring and ray_tune.Tuner.can_restore(experiment)
     if restoring:
-        print_(
+        log.info(
             f"resuming the interrupted search in {experiment}: finished trials are kept, running ones continue "
             "from their latest checkpoint"
         )
@@ -368,7 +368,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
                 failure_config=ray_tune.FailureConfig(max_failures=0),
             ),
         )
-    print_(
+    log.info(
         f"{total} trial(s) of {', '.join(space)} ({recipe.tune.algorithm}"
         f"{', ASHA' if recipe.tune.early_stopping.asha else ''}); {plan['concurrent']} at a time, each "
         f"{plan['per_trial']}; budget {recipe.train.max_steps} steps per trial"
@@ -382,7 +382,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     ended = storage.read_json(ended_file) or {}
     if len(ended) < total:
         unfinished = sorted(set(_started_trials(context["trials_dir"])) - set(ended))
-        print_(
+        log.info(
             f"interrupted with {len(unfinished)} trial(s) unfinished; the state is saved: run the stage again "
             f"(or `raytune-app tune --recipe ... --resume`) to continue from {experiment}"
         )
@@ -395,7 +395,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
         }
     rows = report.trial_rows(results, recipe, space, context["trials_dir"])
     summary = report.finish(recipe, rows, space, out_dir, current, seconds=time.time() - began)
-    print_(
+    log.info(
         f"done: best trial {summary['best']['trial_id']} ({recipe.tune.metric} {summary['best']['final_metric']:.4f}, "
         f"{summary['steps']['total']} trial-steps of {summary['steps']['budget']} budgeted); "
         f"best recipe {summary['best_recipe']}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 
-from raytune_app import storage
+from raytune_app import console, storage
 from raytune_app.config import Recipe
 from raytune_app.tune.trials import trial_recipe
 
@@ -105,16 +105,14 @@ def log_search(recipe: Recipe, rows: list[dict], best: dict, summary: dict, out_
             manifest = json.loads(storage.read_text(storage.join(best["dir"], "manifest.json")))
             version = store.register(trial_recipe(recipe.resolved(), best["config"], recipe.source_path), manifest)
             out["registered"] = {"name": version["name"], "version": version["version"], "run_id": version["run_id"]}
-            print(
-                f"[tune] best adapter registered: models:/{version['name']}/{version['version']} (alias challenger"
-                f"{', champion' if version['promoted'] else ''}) in {uri}",
-                flush=True,
+            console.logger("tune").info(
+                f"best adapter registered: models:/{version['name']}/{version['version']} (alias challenger"
+                f"{', champion' if version['promoted'] else ''}) in {uri}"
             )
         return out
     except Exception as exc:  # any store or network failure; the search results are on disk
-        print(
-            f"[tune] warning: could not log the search to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            f"the results are in {out_dir}",
-            flush=True,
+        console.logger("tune").warning(
+            f"could not log the search to MLflow ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"the results are in {out_dir}"
         )
         return {"mlflow": None}
