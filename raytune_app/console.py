@@ -185,7 +185,7 @@ def attach_log_file(run_dir: str) -> str:
     path = os.path.join(folder, "raytune-app.log")
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
-    handler.setLevel(logging.DEBUG)
+    handler.setLevel(logging.INFO)  # Ray Data's logger passes DEBUG records: a file of a sensible size
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
@@ -227,6 +227,13 @@ def quiet_libraries(ray_data: bool = True) -> None:
     that writes to the console itself (Ray's, Ray Data's, transformers', MLflow's, alembic's) keeps only
     its errors there and also writes to the log file; with `ray_data`, Ray Data's progress bars go off.
     Idempotent and cheap: called again after stages import more libraries."""
+    if ray_data and _state.verbosity < VERBOSE:
+        import ray.data  # configures its own console logger when first imported: before the loop below
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.enable_operator_progress_bars = False
+        context.print_on_execution_start = False
     handler = _state.file_handler
     for name, lg in list(logging.Logger.manager.loggerDict.items()):
         if not isinstance(lg, logging.Logger) or name == ROOT or name.startswith(ROOT + "."):
@@ -240,13 +247,6 @@ def quiet_libraries(ray_data: bool = True) -> None:
             lg.addHandler(handler)
             if lg.level > logging.INFO:
                 lg.setLevel(logging.INFO)  # e.g. transformers' WARNING: its notices belong in the log file
-    if ray_data and _state.verbosity < VERBOSE and "ray.data" in sys.modules:
-        import ray.data
-
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.enable_operator_progress_bars = False
-        context.print_on_execution_start = False
 
 
 def ray_init_logging() -> dict:
@@ -279,7 +279,12 @@ _worker_log = logging.getLogger("ray_worker_output")
 def _from_ray_worker(data: dict) -> None:
     """One batch of lines a Ray worker printed: {pid, actor_name, task_name, is_err, lines, ...}."""
     who = data.get("actor_name") or data.get("task_name") or "worker"
-    for line in data.get("lines", []):
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # its status report every few seconds: only its events, as Ray does
+        from ray._private.worker import filter_autoscaler_events
+
+        lines, who = list(filter_autoscaler_events(lines)), "autoscaler"
+    for line in lines:
         found = _OURS.match(line)
         if found and _state.verbosity >= NORMAL:
             text = line[len(found.group(1)) :]

@@ -1,4 +1,10 @@
-"""Shared fixtures: a real local Ray (2 CPUs), a tiny random Llama with its tokenizer, data writers."""
+"""Shared fixtures: a real local Ray (2 CPUs), a tiny random Llama with its tokenizer, data writers.
+
+Test lanes: `pytest -m "not slow"` is the fast lane (unit and mapping tests, no Ray: about a minute);
+plain `pytest` (scripts/test.sh, CI) runs everything. A test is slow when it is marked so, or when it
+uses a fixture that starts Ray or trains (`RAY_FIXTURES` below): that rule marks it here, at
+collection, so a new Ray test lands in the right lane without anyone remembering the mark.
+"""
 
 import json
 import os
@@ -8,6 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest
+
+# Fixtures that start Ray (or need a run made on it); a test using any of them, directly or through
+# another fixture, is in the slow lane.
+RAY_FIXTURES = {"ray_local", "ray_head", "toy_run", "searched", "app"}
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "slow" not in item.keywords:
+            item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 def lora_config(train: TrainSection):
+    """PEFT's LoraConfig from the recipe's `train.lora` (the one place its fields reach PEFT)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -27,6 +28,19 @@ def lora_config(train: TrainSection):
         lora_dropout=train.lora.dropout,
         target_modules=train.lora.target_modules,
         task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(train: TrainSection):
+    """bitsandbytes' 4-bit config from the recipe's `train.quantization` (finetuning qlora)."""
+    from transformers import BitsAndBytesConfig
+
+    quant = train.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
     )
 
 
@@ -45,15 +59,8 @@ def load_for_training(
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif train.finetuning == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = train.quantization
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
-        )
+        kwargs["quantization_config"] = quantization_config(train)
         kwargs["device_map"] = {"": device}
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=train.gradient_checkpointing)
