@@ -274,6 +274,7 @@ def route_ray_output() -> bool:
 
 
 _worker_log = logging.getLogger("ray_worker_output")
+_last_line: dict = {}
 
 
 def _from_ray_worker(data: dict) -> None:
@@ -286,6 +287,10 @@ def _from_ray_worker(data: dict) -> None:
         lines, who = list(filter_autoscaler_events(lines)), "autoscaler"
     for line in lines:
         found = _OURS.match(line)
+        if found and _last_line.get(data.get("pid")) == line:
+            continue  # Ray Train hands a worker's print to its logger too: the same line twice
+        if found:
+            _last_line[data.get("pid")] = line
         if found and _state.verbosity >= NORMAL:
             text = line[len(found.group(1)) :]
             progress = None

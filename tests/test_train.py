@@ -1,11 +1,15 @@
 """The train stage on a real local Ray: TRL SFTTrainer in Ray Train workers, tiny random Llama.
 
-Each test prepares a small learnable set (every answer is one of a few fixed JSON strings), then
-trains a few steps. Two workers use gloo on CPU.
+A small learnable set (every answer is one of a few fixed JSON strings) is prepared once per module;
+each test gets a copy of that prepared data in its own run directory (the prepare stage finds it
+unchanged and reuses it), then trains a few steps. Two workers use gloo on CPU. A fault injected
+after a step (FAULT_ENV) stands in for a worker that dies: with restarts left, Ray Train restarts the
+workers from the latest checkpoint; without, the run stops and `--resume` continues it.
 """
 
 import json
 import os
+import shutil
 
 import pytest
 import ray.train
@@ -30,7 +34,10 @@ def toy_source(tmp_path_factory):
     return path
 
 
-def make_recipe(tmp_path, tiny_model, source, **train):
+_PREPARED: dict = {}  # data settings -> a prepared folder to copy (one Ray Data pass per module and setting)
+
+
+def make_recipe(tmp_path, tiny_model, source, data=None, **train):
     raw = {
         "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
         "model": {"path": tiny_model},
@@ -40,6 +47,7 @@ def make_recipe(tmp_path, tiny_model, source, **train):
             "max_seq_length": 128,
             "packing": True,
             "split": {"val": 0.15, "test": 0.05},
+            **(data or {}),
         },
         "train": {
             "workers": 2,
@@ -54,7 +62,12 @@ def make_recipe(tmp_path, tiny_model, source, **train):
         },
     }
     recipe = config.validate(raw)
-    prepare(recipe)
+    key = json.dumps([str(source), tiny_model, raw["data"]], sort_keys=True)
+    if key in _PREPARED:
+        shutil.copytree(_PREPARED[key], recipe.stage_dir("prepare"))
+    else:
+        _PREPARED[key] = recipe.stage_dir("prepare")
+    assert prepare(recipe)["rows_in"] == 96  # reused when copied: same inputs, same settings
     return recipe
 
 
@@ -68,9 +81,15 @@ def adapter_weights(recipe):
     return load_file(os.path.join(recipe.stage_dir("train"), "adapter", "adapter_model.safetensors"))
 
 
-def test_lora_two_workers_learns_and_writes_everything(tmp_path, tiny_model, toy_source):
-    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_steps=12)
+def test_lora_two_workers_learn_survive_a_lost_worker_and_write_everything(
+    tmp_path, tiny_model, toy_source, monkeypatch
+):
+    # A worker dies after step 6; Ray Train restarts both from the step-4 checkpoint (max_failures 1).
+    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_steps=12, max_failures=1)
+    monkeypatch.setenv(FAULT_ENV, "6")
     manifest = train(recipe)
+    monkeypatch.delenv(FAULT_ENV)
+    assert os.path.exists(os.path.join(recipe.stage_dir("train"), "fault-injected"))
     losses = [h["loss"] for h in history(recipe) if "loss" in h]
     assert losses[-1] < losses[0] * 0.92, losses  # a tiny random model learns slowly; noise is ~2%
     assert manifest["global_step"] == 12 and manifest["workers"] == 2 and not manifest["use_gpu"]
@@ -100,18 +119,25 @@ def test_lora_two_workers_learns_and_writes_everything(tmp_path, tiny_model, toy
     assert again == manifest
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, tiny_model, toy_source, monkeypatch):
+def test_an_interrupted_run_resumes_exactly_and_resume_refuses_what_it_cannot_continue(
+    tmp_path, tiny_model, toy_source, monkeypatch
+):
     straight = make_recipe(tmp_path / "a", tiny_model, toy_source, workers=1, lora={"rank": 4, "dropout": 0.1})
     train(straight)
 
     broken = make_recipe(
         tmp_path / "b", tiny_model, toy_source, workers=1, max_failures=0, lora={"rank": 4, "dropout": 0.1}
     )
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(broken, resume=True)
     monkeypatch.setenv(FAULT_ENV, "5")  # dies after step 5; the last checkpoint is step 4
     with pytest.raises(ray.train.TrainingFailedError):
         train(broken)
     monkeypatch.delenv(FAULT_ENV)
     assert not os.path.exists(os.path.join(broken.stage_dir("train"), "manifest.json"))
+    changed = config.validate(broken.resolved() | {"train": broken.resolved()["train"] | {"learning_rate": 1e-3}})
+    with pytest.raises(TrainError, match="cannot resume: the recipe or the prepared data changed"):
+        train(changed, resume=True)
     resumed = train(broken, resume=True)
     assert resumed["global_step"] == 8
     steps = [h["step"] for h in history(broken) if "loss" in h]
@@ -120,27 +146,6 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_model, toy_source, monke
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
-
-
-def test_ray_restarts_failed_workers_from_the_latest_checkpoint(tmp_path, tiny_model, toy_source, monkeypatch, capfd):
-    recipe = make_recipe(tmp_path, tiny_model, toy_source, max_failures=1)
-    monkeypatch.setenv(FAULT_ENV, "6")
-    manifest = train(recipe)
-    assert manifest["global_step"] == 8
-    assert os.path.exists(os.path.join(recipe.stage_dir("train"), "fault-injected"))
-
-
-def test_resume_needs_something_to_resume_and_refuses_a_changed_recipe(tmp_path, tiny_model, toy_source, monkeypatch):
-    recipe = make_recipe(tmp_path, tiny_model, toy_source, workers=1, max_failures=0)
-    with pytest.raises(TrainError, match="nothing to resume"):
-        train(recipe, resume=True)
-    monkeypatch.setenv(FAULT_ENV, "2")
-    with pytest.raises(ray.train.TrainingFailedError):
-        train(recipe)
-    monkeypatch.delenv(FAULT_ENV)
-    changed = config.validate(recipe.resolved() | {"train": recipe.resolved()["train"] | {"learning_rate": 1e-3}})
-    with pytest.raises(TrainError, match="cannot resume: the recipe or the prepared data changed"):
-        train(changed, resume=True)
 
 
 def test_qlora_on_cpu(tmp_path, tiny_model, toy_source):
