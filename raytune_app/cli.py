@@ -289,7 +289,7 @@ def _start(recipe: config.Recipe) -> None:
     )
 
 
-def _train(recipe: config.Recipe, resume: bool = False, restart: bool = False) -> dict:
+def _train(recipe: config.Recipe, resume: bool = False, restart: bool = False):
     from raytune_app.train.run import train, train_chain
 
     if recipe.chain:

@@ -2,7 +2,9 @@
 
 The head runs on loopback with its own --temp-dir and free ports (so it is never the cluster another
 process's plain `ray.init()` finds, and it clashes with no other Ray on the machine), and it is stopped,
-by the pids of its processes, when the module's tests are done.
+by the pids of its processes, when the module's tests are done. The two jobs that are meant to fail
+are submitted first and run while the pipeline job does (the head has the CPUs: they take none), so
+the module waits for job start-up once rather than three times.
 """
 
 import json
@@ -159,7 +161,39 @@ def _runtime_env() -> dict:
     return yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text()) | {"working_dir": str(REPO)}
 
 
-def test_pipeline_job_then_evaluate_job_on_shared_storage(ray_head, tiny_model, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def failing_jobs(ray_head, tiny_model, tmp_path_factory):
+    """{name: (job id, folder)}: an invalid recipe, and a recipe whose workers wait for GPUs that never come,
+    submitted with the SDK before the pipeline job starts; the tests below read how they ended."""
+    from ray.job_submission import JobSubmissionClient
+
+    address, _ = ray_head
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    client = JobSubmissionClient(address)
+    jobs = {}
+    invalid = tmp_path_factory.mktemp("invalid")
+    recipe = _toy_recipe(invalid, str(tiny_model), train__lora={"rnak": 4})
+    jobs["invalid"] = (
+        client.submit_job(entrypoint=f"python jobs/pipeline.py --recipe {recipe}", runtime_env=_runtime_env()),
+        invalid,
+    )
+    gpu = tmp_path_factory.mktemp("gpu")
+    recipe = _toy_recipe(gpu, str(tiny_model), train__use_gpu=True, train__workers=2)
+    runtime_env = _runtime_env()
+    runtime_env["env_vars"] = runtime_env["env_vars"] | {"RAYTUNE_GPU_WAIT_S": "3"}
+    jobs["gpu"] = (
+        client.submit_job(entrypoint=f"python jobs/train.py --recipe {recipe}", runtime_env=runtime_env),
+        gpu,
+    )
+    yield jobs
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
+
+
+def test_pipeline_job_then_evaluate_job_on_shared_storage(ray_head, failing_jobs, tiny_model, tmp_path, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, env = ray_head
@@ -203,7 +237,7 @@ def test_pipeline_job_then_evaluate_job_on_shared_storage(ray_head, tiny_model, 
     assert (run_dir / "recipe.yaml").is_file()
 
     client = JobSubmissionClient(address)
-    (job,) = [j for j in client.list_jobs() if j.entrypoint.startswith("python jobs/pipeline.py")]
+    (job,) = [j for j in client.list_jobs() if j.entrypoint == f"python jobs/pipeline.py --recipe {recipe}"]
     assert job.status == JobStatus.SUCCEEDED
     # The driver registered with this head's GCS: the job joined the cluster rather than starting its own.
     assert job.driver_info is not None
@@ -219,14 +253,14 @@ def test_pipeline_job_then_evaluate_job_on_shared_storage(ray_head, tiny_model, 
     assert set(metrics["models"]) >= {"base", "tuned"}
 
 
-def test_invalid_recipe_job_fails_fast_with_the_error_in_ray_job_logs(ray_head, tiny_model, tmp_path, monkeypatch):
+def test_invalid_recipe_job_fails_fast_with_the_error_in_ray_job_logs(ray_head, failing_jobs, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, env = ray_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    recipe = _toy_recipe(tmp_path, str(tiny_model), train__lora={"rnak": 4})
+    job_id, folder = failing_jobs["invalid"]
+    recipe = folder / "toy.yaml"
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=f"python jobs/pipeline.py --recipe {recipe}", runtime_env=_runtime_env())
     assert _wait(client, job_id, timeout_s=300) == JobStatus.FAILED
 
     logs = subprocess.run(
@@ -237,24 +271,21 @@ def test_invalid_recipe_job_fails_fast_with_the_error_in_ray_job_logs(ray_head, 
     info = client.get_job_info(job_id)
     # Exit code 2 (invalid recipe), and the driver never connected to Ray: nothing ran before the check.
     assert info.driver_exit_code == 2 and info.driver_info is None
-    assert not (tmp_path / "shared" / "runs").exists()
+    assert not (folder / "shared" / "runs").exists()
 
 
-def test_gpu_recipe_job_asks_for_gpus_and_stops_when_none_come(ray_head, tiny_model, tmp_path, monkeypatch):
+def test_gpu_recipe_job_asks_for_gpus_and_stops_when_none_come(ray_head, failing_jobs, monkeypatch):
     """A recipe whose workers take GPUs asks the autoscaler for them before any stage starts; a cluster that
     never gets them (this CPU head) fails the job with the reason once RAYTUNE_GPU_WAIT_S has passed."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, _ = ray_head
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    recipe = _toy_recipe(tmp_path, str(tiny_model), train__use_gpu=True, train__workers=2)
+    job_id, folder = failing_jobs["gpu"]
     client = JobSubmissionClient(address)
-    runtime_env = _runtime_env()
-    runtime_env["env_vars"] = runtime_env["env_vars"] | {"RAYTUNE_GPU_WAIT_S": "3"}
-    job_id = client.submit_job(entrypoint=f"python jobs/train.py --recipe {recipe}", runtime_env=runtime_env)
     assert _wait(client, job_id, timeout_s=300) == JobStatus.FAILED
     logs = client.get_job_logs(job_id)
     assert "the cluster has 0 GPU(s), this stage needs 2: asking the autoscaler for [{'GPU': 2}]" in logs
     assert "error: the cluster still has 0 GPU(s) after 3 s, this stage needs 2" in logs
     assert client.get_job_info(job_id).driver_exit_code == 1
-    assert not (tmp_path / "shared" / "runs" / "jobtoy" / "train").exists()
+    assert not (folder / "shared" / "runs" / "jobtoy" / "train").exists()

@@ -124,3 +124,35 @@ def test_a_lost_start_record_is_read_from_the_finished_one(tmp_path):
     (out / "run.json").unlink()
     state, said = decide(out)
     assert not state.resuming and said[0].startswith("recipe or data changed: the earlier run was moved to")
+
+
+def test_the_train_manifest_is_typed_and_reads_like_its_json(tmp_path):
+    import pydantic
+
+    from raytune_app.train.manifest import TrainManifest
+
+    fields = {
+        "fingerprint": "abc",
+        "method": "sft",
+        "finetuning": "lora",
+        "base_model": "bundled:smollm2-135m-instruct",
+        "data_fingerprint": "d1",
+        "recipe_hash": "r1",
+        "global_step": 8,
+        "final_eval_loss": 0.5,
+        "trainable_parameters": 1024,
+        "weights": str(tmp_path / "adapter"),
+        "workers": 1,
+        "use_gpu": False,
+    }
+    manifest = TrainManifest(**fields)
+    assert manifest["weights"] == manifest.weights and manifest.get("parent_fingerprint") is None
+    with pytest.raises(KeyError):
+        manifest["nope"]
+    manifest.write(str(tmp_path / "manifest.json"))
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk["global_step"] == 8 and "chain" not in on_disk
+    assert TrainManifest.read(str(tmp_path / "manifest.json")) == manifest
+    assert TrainManifest.read(str(tmp_path / "missing.json")) is None
+    with pytest.raises(pydantic.ValidationError, match="global_step"):
+        TrainManifest(**(fields | {"global_step": "eight"}))

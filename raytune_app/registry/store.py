@@ -30,6 +30,7 @@ import time
 from raytune_app import storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
+from raytune_app.train.manifest import TrainManifest
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -96,7 +97,7 @@ def _runs_with(mlflow_client, experiment_id: str, tag: str, value: str) -> list:
     )
 
 
-def log_train_run(recipe: Recipe, manifest: dict) -> str:
+def log_train_run(recipe: Recipe, manifest: TrainManifest | dict) -> str:
     """Log a finished training run (params, metric history, artefacts); returns the MLflow run id."""
     from mlflow.entities import Metric, Param, RunTag
 
@@ -213,7 +214,9 @@ def _ensure_registered_model(mlflow_client, name: str, description: str) -> None
         mlflow_client.create_registered_model(name, description=description)
 
 
-def register(recipe: Recipe, manifest: dict, evaluation: dict | None = None, candidate: str = "tuned") -> dict:
+def register(
+    recipe: Recipe, manifest: TrainManifest | dict, evaluation: dict | None = None, candidate: str = "tuned"
+) -> dict:
     """Register the trained weights of `manifest` as a model version (or find the existing one),
     attach lineage and evaluation metrics, and move the aliases. Returns a summary of the version."""
     name = model_name(recipe)

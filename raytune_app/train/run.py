@@ -28,6 +28,7 @@ from raytune_app import config as recipe_config
 from raytune_app import console, resources, runstate, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
+from raytune_app.train.manifest import TrainManifest
 
 
 class TrainError(DataError):
@@ -38,7 +39,7 @@ class TrainError(DataError):
 RUN_RECORDS = runstate.RunRecords(started="run.json", finished="manifest.json", noun="run", start_hint="start training")
 
 
-def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: dict | None = None) -> str:
+def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: TrainManifest | None = None) -> str:
     """Identifies a training run: what it trains from (model, parent adapter's run, data) and how."""
     # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
     # fingerprints of runs made before that setting existed.
@@ -131,7 +132,7 @@ def _loss_curve(history: list[dict], target: str) -> None:
     storage.write_bytes(target, buffer.getvalue())
 
 
-def _log_to_mlflow(recipe: Recipe, manifest: dict) -> str | None:
+def _log_to_mlflow(recipe: Recipe, manifest: TrainManifest) -> str | None:
     """Track the finished run in MLflow. A tracking store that cannot be reached must not cost the
     trained weights: the failure is reported and the register stage logs the run later."""
     from raytune_app.registry import store
@@ -213,10 +214,10 @@ def write_manifest(
     *,
     fingerprint: str,
     prepared: dict,
-    parent: dict | None,
+    parent: TrainManifest | None,
     use_gpu: bool,
     began: float,
-) -> dict:
+) -> TrainManifest:
     """After a fit: the loss curve and `manifest.json` in `out_dir` (which marks the run finished)."""
     train_cfg = recipe.train
     current, parent_adapter = fingerprint, (parent["weights"] if parent else None)
@@ -224,37 +225,39 @@ def write_manifest(
     history = [json.loads(line) for line in storage.read_text(storage.join(out_dir, "metrics.jsonl")).splitlines()]
     _loss_curve(history, storage.join(out_dir, "loss_curve.png"))
     best = result.best_checkpoints[0] if result.best_checkpoints else None
-    manifest = {
-        "stage": "train",
-        "fingerprint": current,
-        "method": train_cfg.method,
-        "finetuning": train_cfg.finetuning,
-        "base_model": recipe.model.path,
-        "data_fingerprint": prepared["fingerprint"],
-        "recipe_hash": recipe.section_hash("model", "train"),
-        "parent_adapter": parent_adapter,
-        "parent_fingerprint": parent["fingerprint"] if parent else None,
-        "global_step": summary["global_step"],
-        "final_eval_loss": summary["final_eval"].get("eval_loss"),
-        # What the method itself optimises, on the validation split: DPO's reward margin and pair
-        # accuracy (policy vs reference), GRPO's mean reward.
-        "final_eval": {
-            key: value
-            for key, value in summary["final_eval"].items()
-            if key.startswith(("eval_rewards/", "eval_reward"))
-        },
-        "tokens_seen": summary["tokens_seen"],
-        "trainable_parameters": summary["trainable_parameters"],
-        "weights": storage.join(out_dir, "adapter" if train_cfg.finetuning != "full" else "model"),
-        "best_checkpoint": best[0].path if best else None,
-        "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "seconds_this_session": round(time.time() - began, 1),
-        "workers": train_cfg.workers,
-        "use_gpu": use_gpu,
-    }
+    manifest = TrainManifest(
+        **{
+            "stage": "train",
+            "fingerprint": current,
+            "method": train_cfg.method,
+            "finetuning": train_cfg.finetuning,
+            "base_model": recipe.model.path,
+            "data_fingerprint": prepared["fingerprint"],
+            "recipe_hash": recipe.section_hash("model", "train"),
+            "parent_adapter": parent_adapter,
+            "parent_fingerprint": parent["fingerprint"] if parent else None,
+            "global_step": summary["global_step"],
+            "final_eval_loss": summary["final_eval"].get("eval_loss"),
+            # What the method itself optimises, on the validation split: DPO's reward margin and pair
+            # accuracy (policy vs reference), GRPO's mean reward.
+            "final_eval": {
+                key: value
+                for key, value in summary["final_eval"].items()
+                if key.startswith(("eval_rewards/", "eval_reward"))
+            },
+            "tokens_seen": summary["tokens_seen"],
+            "trainable_parameters": summary["trainable_parameters"],
+            "weights": storage.join(out_dir, "adapter" if train_cfg.finetuning != "full" else "model"),
+            "best_checkpoint": best[0].path if best else None,
+            "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "seconds_this_session": round(time.time() - began, 1),
+            "workers": train_cfg.workers,
+            "use_gpu": use_gpu,
+        }
+    )
     # The manifest marks the run finished before MLflow is contacted (a store that hangs or fails must
     # not make a finished run look unfinished); it is written again with the MLflow run id.
-    storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    manifest.write(storage.join(out_dir, "manifest.json"))
     storage.remove(storage.join(out_dir, "worker_summary.json"))
     return manifest
 
@@ -286,7 +289,9 @@ def training_data(recipe: Recipe) -> tuple[str, dict]:
     return prepared_dir, prepared
 
 
-def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: dict | None = None) -> dict:
+def train(
+    recipe: Recipe, resume: bool = False, restart: bool = False, parent: TrainManifest | None = None
+) -> TrainManifest:
     """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
     one continues (a previous chain step)."""
     prepared_dir, prepared = training_data(recipe)
@@ -303,7 +308,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
             f"already finished at step {state.finished['global_step']} with this recipe and data; nothing to do "
             f"({out_dir})"
         )
-        return state.finished
+        return TrainManifest.model_validate(state.finished)
     if state.resuming:
         log.info(f"continuing the interrupted run in {out_dir}")
     recipe_config.save_resolved(recipe, out_dir)
@@ -326,8 +331,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     manifest = write_manifest(
         recipe, out_dir, result, fingerprint=current, prepared=prepared, parent=parent, use_gpu=use_gpu, began=began
     )
-    manifest["mlflow_run_id"] = _log_to_mlflow(recipe, manifest)
-    storage.write_text(storage.join(out_dir, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    manifest.mlflow_run_id = _log_to_mlflow(recipe, manifest)
+    manifest.write(storage.join(out_dir, "manifest.json"))
     measured = {
         "validation loss": manifest["final_eval_loss"],
         "reward margin": manifest["final_eval"].get("eval_rewards/margins"),
@@ -341,12 +346,12 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     return manifest
 
 
-def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
+def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> TrainManifest:
     """Multi-stage training: each `chain` step prepares its own data and trains from the previous
     step's adapter. Returns the last step's manifest with the lineage of every step under `chain`."""
     from raytune_app.data.prepare import prepare
 
-    parent: dict | None = None
+    parent: TrainManifest | None = None
     steps: list[dict] = []
     for index, step in enumerate(recipe.chain):
         step_recipe = recipe.chain_step(index)
@@ -382,4 +387,4 @@ def train_chain(recipe: Recipe, resume: bool = False, restart: bool = False) -> 
     storage.write_text(
         storage.join(storage.absolute(recipe.run_dir), "chain.json"), json.dumps(lineage, indent=2) + "\n"
     )
-    return parent | {"chain": steps}
+    return parent.model_copy(update={"chain": steps})
