@@ -79,14 +79,15 @@ def check_resources(recipe: Recipe) -> tuple[bool, float]:
 CHECKPOINT_SCORE = {"sft": ("eval_loss", "min"), "dpo": ("eval_loss", "min"), "grpo": ("eval_reward", "max")}
 
 
-def _worker_recipe(recipe: Recipe) -> dict:
-    """The resolved recipe for the workers, with the paths they read made absolute (they do not know
-    the recipe file's folder)."""
-    resolved = recipe.resolved()
-    for spec in resolved["train"]["grpo"]["rewards"]:
-        if "schema_file" in spec["args"]:
-            spec["args"]["schema_file"] = storage.absolute(recipe.resolve_source(spec["args"]["schema_file"]))
-    return resolved
+def _worker_recipe(recipe: Recipe) -> Recipe:
+    """The recipe for the workers, with the paths they read made absolute (they do not know the recipe
+    file's folder): a copy; the recipe itself is left as it is."""
+    copy = recipe.model_copy(deep=True)
+    for spec in copy.train.grpo.rewards:
+        if "schema_file" in spec.args:
+            spec.args["schema_file"] = storage.absolute(recipe.resolve_source(spec.args["schema_file"]))
+    copy.source_path = recipe.source_path
+    return copy
 
 
 def _task_schema(recipe: Recipe) -> dict | None:
@@ -168,7 +169,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raytune_app.train.worker import FAULT_ENV, train_worker
+    from raytune_app.train.worker import FAULT_ENV, WorkerConfig, train_worker
 
     method = recipe.train.method
     train_cfg = recipe.train
@@ -176,14 +177,16 @@ def build_trainer(
     return TorchTrainer(
         train_worker,
         train_loop_config={
-            "recipe": _worker_recipe(recipe),
-            "prepared_dir": prepared_dir,
-            "out_dir": out_dir,
-            "use_gpu": use_gpu,
-            "parent_adapter": parent_adapter,
-            "fault_at_step": os.environ.get(FAULT_ENV),
-            "recipe_dir": str(Path(recipe.source_path).parent) if recipe.source_path else None,
-            "task_schema": _task_schema(recipe) if method == "grpo" else None,
+            "worker": WorkerConfig(
+                recipe=_worker_recipe(recipe),
+                prepared_dir=prepared_dir,
+                out_dir=out_dir,
+                use_gpu=use_gpu,
+                parent_adapter=parent_adapter,
+                fault_at_step=int(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None,
+                recipe_dir=str(Path(recipe.source_path).parent) if recipe.source_path else None,
+                task_schema=_task_schema(recipe) if method == "grpo" else None,
+            )
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=train_cfg.workers,

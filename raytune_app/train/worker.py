@@ -20,6 +20,7 @@ import os
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,25 @@ from raytune_app.config import Recipe
 # optimizer steps, once per run directory (a marker file keeps restarted workers from failing again).
 # Used by the resume tests; handy to rehearse recovery on a real cluster.
 FAULT_ENV = "RAYTUNE_APP_FAULT_AT_STEP"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every Ray Train worker of a run gets, made once on the driver (train/run.py `build_trainer`).
+
+    The recipe travels as the validated object it is (pickled to the workers, not re-validated there),
+    with every path a worker reads already absolute: the workers do not know the recipe file's folder.
+    """
+
+    recipe: Recipe
+    prepared_dir: str  # the prepared (or distilled) splits
+    out_dir: str  # runs/<name>/train (or a tune trial's folder): weights, metrics, summary
+    use_gpu: bool
+    parent_adapter: str | None = None  # the adapter this run continues (a chain's previous step)
+    fault_at_step: int | None = None  # FAULT_ENV: exit abruptly after this step (resume drills)
+    recipe_dir: str | None = None  # the recipe file's folder: train.deepspeed.config_file is relative to it
+    task_schema: dict | None = None  # the task's JSON Schema, for GRPO's json_schema reward
+
 
 # Logged values worth a place on the progress line, when the method logs them.
 PROGRESS_EXTRAS = (("rewards/margins", "margin"), ("rewards/accuracies", "pair acc"), ("reward", "reward"))
@@ -272,16 +292,18 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_worker(config: dict) -> None:
-    """Ray Train's `train_loop_per_worker`: one attempt of the run, in its own scratch folder (removed at the end)."""
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's `train_loop_per_worker` (its `train_loop_config` is {"worker": WorkerConfig}): one attempt
+    of the run, in its own scratch folder (removed at the end)."""
     import ray.train
     import ray.train.torch
 
     from raytune_app.train import scratch
 
+    config: WorkerConfig = loop_config["worker"]
     context = ray.train.get_context()
     folder = scratch.start_attempt(
-        config["out_dir"], context.get_local_rank(), device=ray.train.torch.get_device() if config["use_gpu"] else None
+        config.out_dir, context.get_local_rank(), device=ray.train.torch.get_device() if config.use_gpu else None
     )
     try:
         _train(config, folder)
@@ -290,7 +312,7 @@ def train_worker(config: dict) -> None:
         scratch.end_attempt(folder, context.get_local_rank())
 
 
-def _train(config: dict, scratch_dir: str) -> None:
+def _train(config: WorkerConfig, scratch_dir: str) -> None:
     import ray.train
     import ray.train.torch
     from transformers import set_seed
@@ -300,33 +322,29 @@ def _train(config: dict, scratch_dir: str) -> None:
     from raytune_app.train.deepspeed import deepspeed_config
     from raytune_app.train.model import load_for_training
 
-    recipe = Recipe.model_validate(config["recipe"])
-    if not config["use_gpu"]:
+    recipe = config.recipe
+    if not config.use_gpu:
         # DeepSpeed picks its accelerator at import; on a CPU worker it must not probe for CUDA.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    use_gpu = config["use_gpu"]
+    use_gpu = config.use_gpu
     set_seed(recipe.run.seed)
 
     tokenizer = models.load_tokenizer(
         recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code
     )
     device = ray.train.torch.get_device()
-    model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.get("parent_adapter"))
-    ds_config = (
-        deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
-    )
+    model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.parent_adapter)
+    ds_config = deepspeed_config(recipe.train.deepspeed, use_gpu, config.recipe_dir) if recipe.train.deepspeed else None
     from raytune_app.train.scratch import CHECKPOINT_NAME, report_callback
 
     callbacks = [report_callback(), _progress_callback()]
-    if config.get("fault_at_step"):
-        callbacks.append(
-            _fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"]))
-        )
+    if config.fault_at_step:
+        callbacks.append(_fault_callback(storage.join(config.out_dir, "fault-injected"), config.fault_at_step))
     method, packed = recipe.train.method, False
     if method == "sft":
-        train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
+        train_set, val_set, packed = load_splits(config.prepared_dir, recipe.train.distill.rationale_weight)
         args = training_arguments(recipe, scratch_dir, use_gpu, packed=packed, ds_config=ds_config)
         multitask = "loss_weight" in train_set.column_names  # distilled data: label + weighted rationale tasks
         trainer_class = multitask_trainer(SFTTrainer) if multitask else SFTTrainer
@@ -345,7 +363,7 @@ def _train(config: dict, scratch_dir: str) -> None:
 
         # No ref_model: with LoRA, TRL scores the reference with a frozen copy of the starting adapter
         # (the base itself for a fresh adapter), so the base weights are held once.
-        train_set, val_set = load_preference_splits(config["prepared_dir"])
+        train_set, val_set = load_preference_splits(config.prepared_dir)
         trainer = DPOTrainer(
             model=model,
             args=dpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
@@ -360,10 +378,10 @@ def _train(config: dict, scratch_dir: str) -> None:
 
         from raytune_app.train import rewards
 
-        schema = config.get("task_schema")
+        schema = config.task_schema
         validator = jsonschema.validators.validator_for(schema)(schema) if schema else None
         reward_funcs, weights = rewards.build(recipe.train.grpo.rewards, validator)
-        train_set, val_set = load_prompt_splits(config["prepared_dir"], recipe.train.grpo.eval_prompts)
+        train_set, val_set = load_prompt_splits(config.prepared_dir, recipe.train.grpo.eval_prompts)
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
@@ -399,7 +417,7 @@ def _train(config: dict, scratch_dir: str) -> None:
         trainer.save_model(staging)
         if rank == 0:
             tokenizer.save_pretrained(staging)
-            target = storage.join(config["out_dir"], "adapter" if recipe.train.finetuning != "full" else "model")
+            target = storage.join(config.out_dir, "adapter" if recipe.train.finetuning != "full" else "model")
             storage.upload_dir(staging, target)
             history = [dict(entry) for entry in trainer.state.log_history]
             summary = {
@@ -410,6 +428,6 @@ def _train(config: dict, scratch_dir: str) -> None:
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             }
             storage.write_text(
-                storage.join(config["out_dir"], "metrics.jsonl"), "".join(json.dumps(entry) + "\n" for entry in history)
+                storage.join(config.out_dir, "metrics.jsonl"), "".join(json.dumps(entry) + "\n" for entry in history)
             )
-            storage.write_text(storage.join(config["out_dir"], "worker_summary.json"), json.dumps(summary, indent=2))
+            storage.write_text(storage.join(config.out_dir, "worker_summary.json"), json.dumps(summary, indent=2))
