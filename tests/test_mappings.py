@@ -75,6 +75,8 @@ def test_sft_arguments_follow_the_recipe(tmp_path, one_process_group):
     assert args.eval_steps == args.save_steps == 4 and args.logging_steps == 3
     assert args.seed == args.data_seed == r.run.seed and args.report_to == []
     assert args.padding_free and args.completion_only_loss  # packed data trains padding-free
+    checkpointing = training_arguments(recipe(gradient_checkpointing=True), str(tmp_path), False, False, None)
+    assert getattr(checkpointing, "activation_checkpointing", None) or checkpointing.gradient_checkpointing
     unpacked = training_arguments(recipe(epochs=2, warmup=5), str(tmp_path), use_gpu=True, packed=False, ds_config=None)
     assert unpacked.num_train_epochs == 2 and unpacked.max_steps == -1 and unpacked.warmup_steps == 5
     assert not unpacked.padding_free and unpacked.train_sampling_strategy == "group_by_length"

@@ -70,7 +70,7 @@ def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config:
         max_grad_norm=train.max_grad_norm,
         bf16=train.precision == "bf16",
         fp16=train.precision == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
+        **_checkpointing_argument(train.gradient_checkpointing),
         logging_steps=train.logging_steps,
         eval_strategy="steps",
         eval_steps=train.checkpoint.every_steps,
@@ -92,6 +92,17 @@ def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config:
         warmup_steps=train.warmup,  # transformers reads a value below 1 as a fraction of all steps, as we do
         **length,
     )
+
+
+def _checkpointing_argument(enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers reads: `activation_checkpointing` from
+    5.2x on (the old `gradient_checkpointing` still works there, with a FutureWarning per run)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
