@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "raytune_app"
 
@@ -87,6 +89,7 @@ def test_the_package_has_no_import_cycles():
     assert cycles(graph) == [], "import cycles (move the shared helper below both sides)"
 
 
+@pytest.mark.slow  # a second interpreter importing torch, Ray, transformers, TRL, MLflow...
 def test_every_module_imports_in_a_fresh_interpreter():
     # vLLM is optional (the vllm teacher / serving backend import it inside functions only).
     names = sorted(modules())

@@ -116,6 +116,7 @@ def test_encoded_attacks_decode_back_to_the_instruction(trick, decode):
     assert encoded != text and decode(encoded) == text
 
 
+@pytest.mark.slow  # loads the bundled pretrained encoder
 def test_int8_path_keeps_the_real_encoders_representations():
     """Dynamic int8 quantisation of the bundled MiniLM: the Linear layers are swapped, sentence vectors barely move."""
     import torch

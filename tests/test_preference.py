@@ -148,6 +148,7 @@ def test_bad_method_setups_are_refused_before_any_work(tmp_path):
     assert "the first step has none" in text and "set train.method: dpo in this step (it is sft)" in text
 
 
+@pytest.mark.slow  # prepare runs on Ray Data (it starts a local Ray when none is up)
 def test_bad_preference_rows_are_named_by_file_line_and_field(tmp_path, tiny_model, write_jsonl):
     from raytune_app.data.prepare import RowError, prepare
 
