@@ -1,0 +1,105 @@
+"""The console and the run's log file (raytune_app/console.py), without Ray: which lines reach the
+console at each verbosity, progress lines on a terminal and in a pipe, what Ray workers print (fed as
+Ray's log stream hands it to the driver), and what the log file keeps."""
+
+import io
+import logging
+import sys
+
+import pytest
+
+from raytune_app import console
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def fresh_console(monkeypatch):
+    """A clean console state for one test (verbosity, progress throttling, the log file)."""
+    monkeypatch.setattr(console, "_state", console._State())
+    monkeypatch.setattr(console, "_console", console._Console())
+    monkeypatch.setattr(console, "_last_line", {})
+    yield
+    console.detach_log_file()
+    console.setup(console.NORMAL)
+
+
+def test_stage_lines_and_verbosity(fresh_console, capsys):
+    console.setup(console.NORMAL)
+    log = console.logger("train")
+    log.info("3 worker(s)")
+    log.debug("not shown")
+    console.logger().info("run `x`")
+    assert capsys.readouterr().out == "[train] 3 worker(s)\n[raytune-app] run `x`\n"
+    console.setup(console.QUIET)
+    log.info("hidden when quiet")
+    log.warning("could not log to MLflow")
+    assert capsys.readouterr().out == "[train] could not log to MLflow\n"
+
+
+def test_progress_updates_in_place_on_a_terminal_and_is_thinned_in_a_pipe(fresh_console, monkeypatch):
+    console.setup(console.NORMAL)
+    log = console.logger("evaluate")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    for done in (1, 2, 3):
+        console.progress(log, done, 3, f"tuned: {done}/3 examples")
+    log.info("tuned: field f1 0.9")
+    assert terminal.getvalue() == (
+        "\r\033[K[evaluate] tuned: 1/3 examples\r\033[K[evaluate] tuned: 2/3 examples"
+        "\r\033[K[evaluate] tuned: 3/3 examples\n[evaluate] tuned: field f1 0.9\n"
+    )
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    for done in range(1, 11):
+        console.progress(log, done, 10, f"base: {done}/10 examples")
+    # In a file or a pipe: the first line, then one every PROGRESS_EVERY_S seconds, and the last.
+    assert pipe.getvalue() == "[evaluate] base: 1/10 examples\n[evaluate] base: 10/10 examples\n"
+
+
+def test_worker_output_ours_to_the_console_the_rest_to_the_log_file(fresh_console, tmp_path, capsys):
+    console.setup(console.NORMAL)
+    path = console.attach_log_file(str(tmp_path))
+    console._from_ray_worker(
+        {
+            "pid": 42,
+            "actor_name": "RayTrainWorker",
+            "lines": [
+                "Loading weights: 100%|██████████| 272/272",
+                "/site-packages/transformers/training_args.py:1541: FutureWarning: deprecated",
+                console.PROGRESS_MARK + "[train] step 2/60  loss 0.71",
+                console.PROGRESS_MARK + "[train] step 2/60  loss 0.71",  # Ray Train's second copy of the line
+                "[train] resuming from step 40",
+            ],
+        }
+    )
+    assert capsys.readouterr().out == "[train] step 2/60  loss 0.71\n[train] resuming from step 40\n"
+    console.detach_log_file()
+    logged = open(path).read()
+    assert "(RayTrainWorker pid=42) Loading weights" in logged and "FutureWarning" in logged
+    assert "[train] step 2/60" not in logged.split("ray_worker_output")[-1]  # ours are not duplicated there
+
+
+def test_the_log_file_gets_our_lines_and_library_records(fresh_console, tmp_path, capsys):
+    console.setup(console.NORMAL)
+    library = logging.getLogger("some_library")
+    library.propagate = False
+    noisy = logging.StreamHandler(sys.stderr)
+    library.addHandler(noisy)
+    try:
+        path = console.attach_log_file(str(tmp_path))
+        console.logger("prepare").info("60 rows in")
+        library.warning("a library notice")
+        logging.getLogger("py.warnings").warning("FutureWarning: something")
+        console.detach_log_file()
+        captured = capsys.readouterr()
+        assert captured.out == "[prepare] 60 rows in\n"
+        assert "a library notice" not in captured.err  # its console handler now shows errors only
+        logged = open(path).read()
+        assert "raytune_app.prepare: 60 rows in" in logged and "some_library: a library notice" in logged
+        assert "FutureWarning: something" in logged
+    finally:
+        library.removeHandler(noisy)
