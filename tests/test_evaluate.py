@@ -57,7 +57,7 @@ def test_base_and_tuned_side_by_side_with_report(toy_run):
 def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
     """Left padding in a batch must not change a greedy reply: batch 4 and batch 1 agree."""
     recipe, _ = toy_run
-    batched = evaluate(recipe, force=True)
+    batched = evaluate(recipe)  # batch 4: reused when the test above made it (generation is deterministic)
     single = config.validate(recipe.resolved() | {"evaluate": recipe.resolved()["evaluate"] | {"batch_size": 1}})
     one_by_one = evaluate(single, force=True)
 
@@ -127,9 +127,10 @@ def test_classification_metrics_with_calibration(toy_run, write_jsonl):
     assert all(abs(sum(p) - 1) < 1e-5 and len(p) == 2 for p in probs)
 
 
-def test_recipe_problems_are_reported_before_any_work(toy_run):
-    recipe, _ = toy_run
-    resolved = recipe.resolved()
+def test_recipe_problems_are_reported_before_any_work(tmp_path, tiny_model):
+    from conftest import toy_recipe
+
+    resolved = toy_recipe(tmp_path, tiny_model).resolved()
     with pytest.raises(config.RecipeError) as info:
         config.validate(
             resolved | {"evaluate": resolved["evaluate"] | {"group_column": "region", "schema_file": "/no/schema.json"}}
