@@ -6,8 +6,12 @@ uses a fixture that starts Ray or trains (`RAY_FIXTURES` below): that rule marks
 collection, so a new Ray test lands in the right lane without anyone remembering the mark.
 """
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,11 +68,42 @@ TOY_ANSWERS = ['{"status": "ok"}', '{"status": "refund"}', '{"status": "late"}']
 TOY_SCHEMA = {"type": "object", "required": ["status"], "properties": {"status": {"enum": ["ok", "refund", "late"]}}}
 
 
+_PREPARED: dict[str, str] = {}  # prepare fingerprint -> a prepared folder made earlier in this session
+
+
+def prepare_once(recipe) -> dict:
+    """`prepare(recipe)`, with one Ray Data pass per distinct input in the whole session: when the same data
+    (same files, settings and tokenizer: the prepare stage's own fingerprint) was prepared before for
+    another run directory, that folder is copied in first and the stage finds it unchanged and reuses it.
+    For tests that train or evaluate on prepared data; the prepare stage's own tests call `prepare`."""
+    from raytune_app.data.prepare import expected_fingerprint, prepare
+
+    key, target = expected_fingerprint(recipe), recipe.stage_dir("prepare")
+    if key in _PREPARED and _PREPARED[key] != target and not os.path.exists(target):
+        shutil.copytree(_PREPARED[key], target)
+    manifest = prepare(recipe)
+    _PREPARED.setdefault(key, target)
+    return manifest
+
+
+_TOY_DATA: list[Path] = []  # one toy set per session, so every toy recipe's data has one fingerprint
+
+
+def _toy_data_dir() -> Path:
+    if not _TOY_DATA:
+        folder = Path(tempfile.mkdtemp(prefix="raytune-toy-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _TOY_DATA.append(folder)
+    return _TOY_DATA[0]
+
+
 def toy_recipe(root, model_path, **train):
-    """A recipe over a small learnable set (three fixed JSON answers, a `channel` group column)."""
+    """A recipe over a small learnable set (three fixed JSON answers, a `channel` group column). The set is
+    written once per session (not under `root`), so recipes made from it share prepared data
+    (`prepare_once`); `root` holds the run directory."""
     from raytune_app import config
 
-    source = root / "toy.jsonl"
+    source = _toy_data_dir() / "toy.jsonl"
     if not source.exists():
         with source.open("w") as out:
             for i in range(80):
@@ -82,7 +117,7 @@ def toy_recipe(root, model_path, **train):
                     )
                     + "\n"
                 )
-        (root / "schema.json").write_text(json.dumps(TOY_SCHEMA))
+        (source.parent / "schema.json").write_text(json.dumps(TOY_SCHEMA))
     return config.validate(
         {
             "run": {"name": "ev", "output_dir": str(root / "runs")},
@@ -107,7 +142,7 @@ def toy_recipe(root, model_path, **train):
             },
             "evaluate": {
                 "task": "structured",
-                "schema_file": str(root / "schema.json"),
+                "schema_file": str(source.parent / "schema.json"),
                 "group_column": "channel",
                 "max_new_tokens": 12,
                 "batch_size": 4,
@@ -119,11 +154,10 @@ def toy_recipe(root, model_path, **train):
 @pytest.fixture(scope="session")
 def toy_run(ray_local, tiny_model, tmp_path_factory):
     """(recipe, root): the toy set prepared and a LoRA adapter trained on it for a few steps."""
-    from raytune_app.data.prepare import prepare
     from raytune_app.train.run import train
 
     root = tmp_path_factory.mktemp("toy_run")
     recipe = toy_recipe(root, tiny_model)
-    prepare(recipe)
+    prepare_once(recipe)
     train(recipe)
     return recipe, root

@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import prepare_once
 
 from raytune_app import config
 from raytune_app.data import arithmetic
@@ -107,14 +108,14 @@ def _recipe(tmp_path, model, teacher, **distill):
 
 @pytest.mark.usefixtures("ray_local")
 def test_program_teacher_filters_caches_and_trains_both_tasks(tmp_path, tiny_model):
-    from raytune_app.data.prepare import load_split, prepare
+    from raytune_app.data.prepare import load_split
     from raytune_app.distill.run import distill
     from raytune_app.models import load_tokenizer
     from raytune_app.train.run import train
     from raytune_app.train.worker import load_splits
 
     recipe = _recipe(tmp_path, tiny_model, {"backend": "program", "program": "arithmetic"})
-    prepared = prepare(recipe)
+    prepared = prepare_once(recipe)
     first = distill(recipe)
     n = prepared["rows_out"]["train"]
     assert first["inputs"] == n and first["teacher_calls"] == n and first["cache_hits"] == 0
@@ -186,7 +187,6 @@ class _FlakyTeacher(BaseHTTPRequestHandler):
 
 @pytest.mark.usefixtures("ray_local")
 def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, tiny_model):
-    from raytune_app.data.prepare import prepare
     from raytune_app.distill.run import distill
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyTeacher)
@@ -202,7 +202,7 @@ def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, 
             "batch_size": 16,
         }
         recipe = _recipe(tmp_path, tiny_model, teacher)
-        n = prepare(recipe)["rows_out"]["train"]
+        n = prepare_once(recipe)["rows_out"]["train"]
         first = distill(recipe)
         assert first["teacher_calls"] == n and first["teacher_errors"] == {}
         assert _FlakyTeacher.calls == 3 * n  # every prompt: a 500, a 429, then the answer
@@ -214,7 +214,7 @@ def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, 
         _FlakyTeacher.seen.clear()
         (tmp_path / "strict").mkdir()
         strict = _recipe(tmp_path / "strict", tiny_model, teacher | {"max_retries": 1})
-        prepare(strict)
+        prepare_once(strict)
         failed = distill(strict)
         assert failed["kept_rationales"] == 0 and failed["rejected"] == {"teacher_error": failed["inputs"]}
         assert failed["teacher_errors"] == {"HTTP 429 after 2 tries": failed["inputs"]}
@@ -224,11 +224,10 @@ def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, 
 
 @pytest.mark.usefixtures("ray_local")
 def test_hf_teacher_runs_on_an_actor_pool(tmp_path, tiny_model):
-    from raytune_app.data.prepare import prepare
     from raytune_app.distill.run import distill
 
     recipe = _recipe(tmp_path, tiny_model, {"backend": "hf", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8})
-    n = prepare(recipe)["rows_out"]["train"]
+    n = prepare_once(recipe)["rows_out"]["train"]
     result = distill(recipe)
     # A random tiny model never writes the answer marker: everything is rejected, and counted as such.
     assert result["teacher_calls"] == n and sum(result["rejected"].values()) + result["kept_rationales"] == n
@@ -266,12 +265,11 @@ def test_vllm_teacher_on_a_gpu(tmp_path, tiny_model):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from raytune_app.data.prepare import prepare
     from raytune_app.distill.run import distill
 
     recipe = _recipe(
         tmp_path, tiny_model, {"backend": "vllm", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8}
     )
-    n = prepare(recipe)["rows_out"]["train"]
+    n = prepare_once(recipe)["rows_out"]["train"]
     result = distill(recipe)
     assert result["teacher_calls"] == n and sum(result["rejected"].values()) + result["kept_rationales"] == n

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import toy_recipe
+from conftest import prepare_once, toy_recipe
 
 from raytune_app import config
 from raytune_app.train import rewards
@@ -231,7 +231,6 @@ def test_dpo_raises_the_reward_margin_on_a_learnable_set(ray_local, tmp_path, ti
 
 
 def test_grpo_computes_and_logs_rewards_and_updates_the_policy(ray_local, tmp_path, tiny_model):
-    from raytune_app.data.prepare import prepare
     from raytune_app.train.run import train
 
     recipe = toy_recipe(
@@ -250,7 +249,7 @@ def test_grpo_computes_and_logs_rewards_and_updates_the_policy(ray_local, tmp_pa
             ],
         },
     )
-    prepare(recipe)
+    prepare_once(recipe)
     manifest = train(recipe)
     logged = [h for h in _history(recipe) if "reward" in h]
     assert len(logged) == 2

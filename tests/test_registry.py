@@ -3,10 +3,9 @@ versions registered with lineage, aliases promoted and rolled back, through the 
 
 import json
 import os
-import shutil
 
 import pytest
-from conftest import toy_recipe
+from conftest import prepare_once, toy_recipe
 from mlflow import MlflowClient
 
 from raytune_app import cli, config
@@ -31,7 +30,7 @@ def read_manifest(recipe):
 
 
 def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, capsys):
-    first_recipe, root = toy_run
+    first_recipe, _ = toy_run
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = with_registry(first_recipe, uri, include_base=False)
     evaluate(first)
@@ -61,17 +60,8 @@ def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, ca
 
     # A second, different training run becomes version 2: the challenger. Unevaluated, it does not
     # take champion under promote: if_better.
-    # (Its own run directory, on the same data: a copy of the toy run's prepared data, which the prepare
-    # stage reuses as unchanged.)
-    raw = toy_recipe(root, tiny_model, learning_rate=1e-3).resolved()
-    second = with_registry(config.validate(raw | {"run": raw["run"] | {"name": "ev-second"}}), uri)
-    from raytune_app.data.prepare import prepare
-
-    shutil.copytree(first_recipe.stage_dir("prepare"), second.stage_dir("prepare"))
-    assert (
-        prepare(second)["fingerprint"]
-        == json.load(open(os.path.join(first_recipe.stage_dir("prepare"), "manifest.json")))["fingerprint"]
-    )
+    second = with_registry(toy_recipe(tmp_path, tiny_model, learning_rate=1e-3), uri)
+    prepare_once(second)  # the toy run's prepared data, copied: same data, same settings
     train(second)
     [v2] = store.register_stage(second)
     assert (v2["version"], v2["champion"], v2["promoted"]) == ("2", "1", False)

@@ -1,22 +1,21 @@
 """The train stage on a real local Ray: TRL SFTTrainer in Ray Train workers, tiny random Llama.
 
 A small learnable set (every answer is one of a few fixed JSON strings) is prepared once per module;
-each test gets a copy of that prepared data in its own run directory (the prepare stage finds it
-unchanged and reuses it), then trains a few steps. Two workers use gloo on CPU. A fault injected
+each test gets a copy of that prepared data in its own run directory (conftest.prepare_once: the
+prepare stage finds it unchanged and reuses it), then trains a few steps. Two workers use gloo on CPU. A fault injected
 after a step (FAULT_ENV) stands in for a worker that dies: with restarts left, Ray Train restarts the
 workers from the latest checkpoint; without, the run stops and `--resume` continues it.
 """
 
 import json
 import os
-import shutil
 
 import pytest
 import ray.train
 import torch
+from conftest import prepare_once
 
 from raytune_app import config
-from raytune_app.data.prepare import prepare
 from raytune_app.train.run import TrainError, train
 from raytune_app.train.worker import FAULT_ENV
 
@@ -32,9 +31,6 @@ def toy_source(tmp_path_factory):
         for i in range(96):
             out.write(json.dumps({"q": f"ticket {i}: please classify, word {i % 7}", "a": ANSWERS[i % 3]}) + "\n")
     return path
-
-
-_PREPARED: dict = {}  # data settings -> a prepared folder to copy (one Ray Data pass per module and setting)
 
 
 def make_recipe(tmp_path, tiny_model, source, data=None, **train):
@@ -62,12 +58,7 @@ def make_recipe(tmp_path, tiny_model, source, data=None, **train):
         },
     }
     recipe = config.validate(raw)
-    key = json.dumps([str(source), tiny_model, raw["data"]], sort_keys=True)
-    if key in _PREPARED:
-        shutil.copytree(_PREPARED[key], recipe.stage_dir("prepare"))
-    else:
-        _PREPARED[key] = recipe.stage_dir("prepare")
-    assert prepare(recipe)["rows_in"] == 96  # reused when copied: same inputs, same settings
+    assert prepare_once(recipe)["rows_in"] == 96  # one Ray Data pass per module; the other tests reuse it
     return recipe
 
 

@@ -11,11 +11,10 @@ import os
 
 import pytest
 import yaml
-from conftest import toy_recipe
+from conftest import prepare_once, toy_recipe
 
 from raytune_app import config
 from raytune_app.cli import main
-from raytune_app.data.prepare import prepare
 from raytune_app.registry import store
 from raytune_app.tune.cleanup import release_orphaned_placement_groups
 from raytune_app.tune.run import INTERRUPT_ENV, TuneError, tune
@@ -46,7 +45,7 @@ def searched(ray_local, tiny_model, tmp_path_factory):
     """(recipe, first session's summary, final summary): a search interrupted after 2 trials, then resumed."""
     root = tmp_path_factory.mktemp("tune")
     recipe = tune_recipe(root, tiny_model)
-    prepare(recipe)
+    prepare_once(recipe)
     os.environ[INTERRUPT_ENV] = "2"
     try:
         first = tune(recipe)
@@ -109,7 +108,7 @@ def test_asha_stops_bad_trials_and_the_best_recipe_reproduces_the_best_trial(sea
     assert "tune" not in again.run.stages and again.train.learning_rate == GOOD_LR
     ratio = best["config"]["train.lora.alpha_ratio"]
     assert again.train.lora.alpha == ratio * again.train.lora.rank
-    prepare(again)
+    prepare_once(again)
     manifest = train(again)
     assert manifest["fingerprint"] == best_manifest["fingerprint"]
     assert manifest["final_eval_loss"] == pytest.approx(best["final_metric"], rel=1e-3)
@@ -191,7 +190,7 @@ def test_invalid_search_spaces_are_refused_before_any_trial(tmp_path, tiny_model
 def test_a_trial_that_can_never_fit_fails_before_anything_starts(ray_local, tmp_path, tiny_model):
     raw = tune_recipe(tmp_path, tiny_model).resolved()
     too_big = config.validate(raw | {"train": raw["train"] | {"workers": 3}})
-    prepare(too_big)
+    prepare_once(too_big)
     with pytest.raises(
         TuneError,
         match=r"one trial can never start: train.workers=3 x tune.cpus_per_worker=1 needs 3 CPUs, the cluster has 2",
