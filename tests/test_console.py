@@ -103,3 +103,15 @@ def test_the_log_file_gets_our_lines_and_library_records(fresh_console, tmp_path
         assert "FutureWarning: something" in logged
     finally:
         library.removeHandler(noisy)
+
+
+def test_quiet_and_verbose_go_before_or_after_the_command():
+    from raytune_app.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["validate", "r.yaml"]).verbosity == console.NORMAL
+    assert parse(["-q", "run", "r.yaml"]).verbosity == console.QUIET
+    assert parse(["run", "r.yaml", "--verbose"]).verbosity == console.VERBOSE
+    assert parse(["--verbose", "train", "--recipe", "r.yaml", "train.lora.rank=8"]).verbosity == console.VERBOSE
+    with pytest.raises(SystemExit):
+        parse(["run", "r.yaml", "-q", "-v"])  # one or the other
