@@ -65,20 +65,27 @@ def connect(recipe=None, command: str | None = None) -> None:
     else:
         # The CLI on a laptop: a running `ray start` cluster if there is one, else a new local Ray (no
         # autoscaler to ask for GPUs; the stages' own checks report what is missing).
-        try:
-            ray.init(**options)
-        except (ConnectionError, TimeoutError, RuntimeError, OSError) as exc:
-            raise NoCluster(
-                f"could not start a local Ray ({type(exc).__name__}: {str(exc).splitlines()[0]}); this is about the "
-                "machine, not the recipe: check free memory and /tmp space, or start one with `ray start --head`"
-            ) from exc
-        except Exception as exc:  # Ray raises a bare Exception when its node does not come up in time
-            if "timed out during startup" not in str(exc):
-                raise
-            raise NoCluster(
-                f"a local Ray did not come up in time ({str(exc).splitlines()[0]}): the machine is busy or short of "
-                "memory; try again, or start one with `ray start --head` and run again"
-            ) from exc
+        # A busy machine can make a new local Ray miss its fixed 30 s start-up window: one more try.
+        for attempt in range(2):
+            try:
+                ray.init(**options)
+                break
+            except (ConnectionError, TimeoutError, RuntimeError, OSError) as exc:
+                raise NoCluster(
+                    f"could not start a local Ray ({type(exc).__name__}: {str(exc).splitlines()[0]}); this is about "
+                    "the machine, not the recipe: check free memory and /tmp space, or start one with `ray start "
+                    "--head`"
+                ) from exc
+            except Exception as exc:  # Ray raises a bare Exception when its node does not come up in time
+                if "timed out during startup" not in str(exc):
+                    raise
+                ray.shutdown()
+                if attempt == 1:
+                    raise NoCluster(
+                        f"a local Ray did not come up in time, twice ({str(exc).splitlines()[0]}): the machine is busy "
+                        "or short of memory; try again, or start one with `ray start --head` and run again"
+                    ) from exc
+                console.logger().warning("the local Ray did not come up in time (a busy machine?); trying again")
         joined = False
     console.route_ray_output()
     console.quiet_libraries()

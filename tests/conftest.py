@@ -35,8 +35,17 @@ def pytest_collection_modifyitems(config, items):
 def ray_local():
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # On a busy shared machine a local Ray can miss its 30 s start-up window ("timed out during startup"):
+    # try again rather than fail every test of the session.
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
