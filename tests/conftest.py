@@ -35,14 +35,12 @@ def pytest_collection_modifyitems(config, items):
 def ray_local():
     import ray
 
-    # On a busy shared machine a local Ray can miss its 30 s start-up window ("timed out during startup"):
-    # try again rather than fail every test of the session.
     for attempt in range(3):
         if ray.is_initialized():
             break
         try:
             ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        except Exception as exc:
+        except Exception as exc:  # Ray's raylet gives its agents a fixed 15 s to start (ray-project/ray#65983)
             if "timed out during startup" not in str(exc) or attempt == 2:
                 raise
             ray.shutdown()
