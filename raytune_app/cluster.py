@@ -65,7 +65,8 @@ def connect(recipe=None, command: str | None = None) -> None:
     else:
         # The CLI on a laptop: a running `ray start` cluster if there is one, else a new local Ray (no
         # autoscaler to ask for GPUs; the stages' own checks report what is missing).
-        # A busy machine can make a new local Ray miss its fixed 30 s start-up window: one more try.
+        # A busy machine can make a new local Ray miss its fixed start-up windows (its agents 15 s, the node
+        # 30 s; ray-project/ray#65983): one more try.
         for attempt in range(2):
             try:
                 ray.init(**options)
