@@ -25,6 +25,7 @@ from raytune_app import config
 
 EXIT_BAD_RECIPE = 2
 EXIT_BAD_DATA = 4
+EXIT_NO_SPACE = 5
 
 
 def ensure_ray(recipe: config.Recipe | None = None, command: str | None = None) -> None:
@@ -468,28 +469,32 @@ def _fits(recipe: config.Recipe, args) -> int:
 
 
 def _run_all(recipe: config.Recipe) -> None:
-    """Every stage of run.stages in order, timed."""
+    """Every stage of run.stages in order, timed; at the end, what each stage reused, resumed or recomputed."""
     import time
 
+    from raytune_app import outcomes
     from raytune_app.evaluate.run import evaluate
 
     timings, evaluation = {}, None
+    outcomes.take()  # only this run's decisions
     for stage in recipe.run.stages:
-        began = time.time()
-        if stage == "prepare":
-            _prepare(recipe)
-        elif stage == "distill":
-            _distill(recipe)
-        elif stage == "train":
-            _train(recipe)
-        elif stage == "tune":
-            _tune(recipe)
-        elif stage == "evaluate":
-            evaluation = evaluate(recipe)
-        elif stage == "register":
-            _register(recipe)
-        else:  # serve: started last, after the summary, since it keeps running
+        if stage == "serve":  # started last, after the summary, since it keeps running
             continue
+        began = time.time()
+        print(f"[run] {stage}: starting", flush=True)
+        with _stage_errors(recipe, stage):
+            if stage == "prepare":
+                _prepare(recipe)
+            elif stage == "distill":
+                _distill(recipe)
+            elif stage == "train":
+                _train(recipe)
+            elif stage == "tune":
+                _tune(recipe)
+            elif stage == "evaluate":
+                evaluation = evaluate(recipe)
+            elif stage == "register":
+                _register(recipe)
         timings[stage] = time.time() - began
     print(
         "[run] done: "
@@ -497,10 +502,25 @@ def _run_all(recipe: config.Recipe) -> None:
         + f"; total {sum(timings.values()):.0f} s",
         flush=True,
     )
+    print(f"[run] stages: {outcomes.summary_line(outcomes.take())}", flush=True)
     if evaluation is not None:
         _show_evaluation(evaluation)
     if "serve" in recipe.run.stages:
         _serve(recipe)
+
+
+@contextlib.contextmanager
+def _stage_errors(recipe: config.Recipe, stage: str):
+    """A full device anywhere in a stage (a Ray worker's write, a checkpoint upload, MLflow's copy) as one
+    readable NoSpace error naming the run directory, instead of the library's traceback."""
+    from raytune_app import storage
+
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, storage.NoSpace) or not storage.is_no_space(exc):
+            raise
+        raise storage.no_space(storage.absolute(recipe.run_dir), f"the {stage} stage", 0) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -546,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     from raytune_app.cluster import NoCluster
     from raytune_app.data.prepare import RowError
     from raytune_app.evaluate.run import evaluate
+    from raytune_app.storage import NoSpace
     from raytune_app.train.run import TrainError
     from raytune_app.tune.run import TuneError
 
@@ -561,25 +582,30 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _start(recipe)
         ensure_ray(recipe, args.command)
-        if args.command == "prepare":
-            _prepare(recipe, force=args.force)
-        elif args.command == "distill":
-            _distill(recipe, force=args.force)
-        elif args.command == "train":
-            _train(recipe, resume=args.resume, restart=args.restart)
-        elif args.command == "tune":
-            _tune(recipe, resume=args.resume, restart=args.restart)
-        elif args.command == "evaluate":
-            _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
-        elif args.command == "register":
-            _register(recipe)
-        elif args.command == "pairs":
-            _pairs(recipe, args)
-        elif args.command == "serve":
-            _serve(recipe, block=not args.no_block)
-        else:
+        if args.command == "run":
             _run_all(recipe)
+            return 0
+        with _stage_errors(recipe, args.command):
+            if args.command == "prepare":
+                _prepare(recipe, force=args.force)
+            elif args.command == "distill":
+                _distill(recipe, force=args.force)
+            elif args.command == "train":
+                _train(recipe, resume=args.resume, restart=args.restart)
+            elif args.command == "tune":
+                _tune(recipe, resume=args.resume, restart=args.restart)
+            elif args.command == "evaluate":
+                _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
+            elif args.command == "register":
+                _register(recipe)
+            elif args.command == "pairs":
+                _pairs(recipe, args)
+            elif args.command == "serve":
+                _serve(recipe, block=not args.no_block)
         return 0
+    except NoSpace as exc:  # a full device: which path, how much space; the previous output is intact
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_SPACE
     except (RowError, TrainError, TuneError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA

@@ -110,3 +110,71 @@ def toy_run(ray_local, tiny_model, tmp_path_factory):
     prepare(recipe)
     train(recipe)
     return recipe, root
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's, from PyPI) on a free loopback port, for this test session.
+
+    Returns the environment that points the AWS SDKs at it (the standard AWS_* variables, which
+    raytune_app.storage, pyarrow, Ray and MLflow's boto3 all read) and a `bucket(name)` helper that
+    creates a bucket. Started in a subprocess (so a busy test process never stalls it), waited for at
+    most 60 s, and stopped at the end of the session."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = _free_loopback_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the S3 test server (moto) did not start on port {port}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (no network here)
+    }
+
+    def bucket(name: str) -> str:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    try:
+        yield {"env": env, "bucket": bucket, "port": port}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from raytune_app import config as recipe_config
-from raytune_app import storage
+from raytune_app import integrity, outcomes, storage
 from raytune_app.config import Recipe
 
 
@@ -181,6 +181,8 @@ def build_trainer(
     method = recipe.train.method
     train_cfg = recipe.train
     score, order = CHECKPOINT_SCORE[method]
+    # A remote storage path goes to Ray with its filesystem (endpoint, region from the AWS_* variables).
+    ray_path, ray_fs = storage.ray_storage(storage_path or storage.absolute(recipe.run_dir))
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -201,7 +203,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=storage_path or storage.absolute(recipe.run_dir),
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=train_cfg.checkpoint.keep_best,
                 checkpoint_score_attribute=score,
@@ -274,11 +277,12 @@ def training_data(recipe: Recipe) -> tuple[str, dict]:
 
     # With a distill stage the student learns from the distilled data (label + rationale tasks).
     source = "distill" if distill_run.distilled(recipe) else "prepare"
-    prepared_dir = storage.absolute(recipe.stage_dir(source))
     try:
         prepared = distill_run.current_manifest(recipe) if source == "distill" else current_manifest(recipe)
     except NotPrepared as exc:
         raise TrainError(str(exc)) from None
+    # The complete version the manifest came from (on an object store: the one its pointer names).
+    prepared_dir = storage.current(storage.absolute(recipe.stage_dir(source)))
     method = recipe.train.method
     if (prepared["kind"] == "preference") != (method == "dpo"):
         raise TrainError(
@@ -309,10 +313,22 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
         print_(f"--restart: the earlier run was moved to {aside}")
         finished = started = None
     if finished is not None and finished["fingerprint"] == current:
-        print_(
-            f"already finished at step {finished['global_step']} with this recipe and data; nothing to do ({out_dir})"
-        )
-        return finished
+        damage = integrity.weights_problem(finished["weights"])
+        if damage is None:
+            print_(
+                f"already finished at step {finished['global_step']} with this recipe and data; nothing to do "
+                f"({out_dir})"
+            )
+            outcomes.note(outcomes.label(recipe, "train"), outcomes.REUSED)
+            return finished
+        # Weights cut short after the run finished (a crash, a full disk): made again from the final
+        # checkpoint, never handed on as they are.
+        print_(f"{damage}: saving the weights again from the run's latest checkpoint")
+        storage.remove(storage.join(out_dir, "manifest.json"))
+        started = started or {"fingerprint": current}
+    if started is None and finished is not None:  # run.json lost or damaged: the manifest says whose run it is
+        started = {"fingerprint": finished["fingerprint"]}
+    moved = False
     if started is not None and started["fingerprint"] != current:
         if resume:
             raise TrainError(
@@ -321,12 +337,18 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
             )
         aside = storage.move_aside(out_dir, started["fingerprint"])
         print_(f"recipe or data changed: the earlier run was moved to {aside}")
-        started = None
+        started, moved = None, True
     if started is None and resume:
         raise TrainError(f"nothing to resume in {out_dir}; drop --resume to start training")
     if started is not None:
         print_(f"continuing the interrupted run in {out_dir}")
+        outcomes.note(outcomes.label(recipe, "train"), outcomes.RESUMED, "from its latest checkpoint")
     else:
+        outcomes.note(
+            outcomes.label(recipe, "train"),
+            outcomes.RECOMPUTED,
+            "--restart" if restart else ("recipe or data changed" if moved else "no earlier run"),
+        )
         storage.write_text(
             storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()})
         )
