@@ -65,11 +65,13 @@ VERSION_PREFIX = "v-"
 
 
 def absolute(uri: str) -> str:
+    uri = os.fspath(uri)
     return uri if "://" in uri else os.path.abspath(uri)
 
 
 def is_remote(uri: str) -> bool:
     """True for object-store URIs (s3://, gs://, ...): no folder rename, no append, no fsync."""
+    uri = os.fspath(uri)
     return "://" in uri and not uri.startswith("file://")
 
 
@@ -93,6 +95,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    uri = os.fspath(uri)
     if uri.startswith("s3://") and "?" not in uri:  # a query string configures the filesystem itself
         return s3_filesystem(), uri[len("s3://") :].rstrip("/")
     return pafs.FileSystem.from_uri(absolute(uri))
@@ -112,6 +115,7 @@ def join(base: str, *parts: str) -> str:
 
 
 def _local_path(uri: str) -> str:
+    uri = os.fspath(uri)
     return uri[len("file://") :] if uri.startswith("file://") else absolute(uri)
 
 
@@ -196,6 +200,7 @@ def file_fingerprint(uri: str) -> list:
     """(path, size, mtime) of every file a source path names (a file, a directory or a glob)."""
     import glob
 
+    uri = os.fspath(uri)
     if "://" not in uri and any(ch in uri for ch in "*?["):
         return [entry for match in sorted(glob.glob(uri)) for entry in file_fingerprint(match)]
     uri = current(uri)
@@ -400,6 +405,7 @@ def current(target: str) -> str:
     """Where the complete version of the replaceable folder `target` is: `target` itself locally (put
     back first if a crash fell mid-swap) and on object stores without a pointer; the version that
     `<target>/CURRENT` names on an object store."""
+    target = os.fspath(target)
     if not is_remote(target):
         path = _local_path(target).rstrip("/")
         if not os.path.exists(path):
@@ -496,6 +502,7 @@ def upload_dir(local_dir: str, uri: str) -> None:
 def local_dir(uri: str) -> str:
     """A local folder with the content of the (current version of the) folder at `uri`: `uri` itself
     when local, else a fresh copy."""
+    uri = os.fspath(uri)
     if "://" not in uri:
         return current(uri)
     import tempfile

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raytune_app import __version__, storage
+from raytune_app import __version__, integrity, storage
 from raytune_app.config import Recipe
 from raytune_app.evaluate import metrics as M
 
@@ -336,6 +336,9 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
     say = lambda text: print(f"[evaluate] {text}", flush=True)  # noqa: E731
     # Everything that can be wrong with the inputs is checked before a model is loaded.
     models = candidates(recipe, adapter)
+    for candidate in models:  # weights cut short (a crash, a full disk) are named here, not inside a replica
+        if candidate.weights:
+            integrity.check_weights(candidate.weights, f"{candidate.name} weights")
     examples, data_identity = file_examples(recipe, data_file) if data_file else prepared_examples(recipe)
     if ev.limit is not None:
         examples = examples.slice(0, ev.limit)

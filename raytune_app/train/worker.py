@@ -253,7 +253,7 @@ def _fault_callback(marker: str, step: int):
 
     class Fault(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= step and not os.path.exists(marker):
+            if state.global_step >= step and not storage.exists(marker):  # the marker may be on S3
                 if state.is_world_process_zero:
                     storage.write_text(marker, f"fault injected after step {state.global_step}\n")
                 time.sleep(1.0)  # let rank 0 write the marker before every rank goes down
