@@ -106,3 +106,28 @@ def check_weights(uri: str, what: str = "weights") -> None:
     problem = weights_problem(uri)
     if problem:
         raise storage.Damaged(f"{what}: {problem}; it was probably cut short by a crash or a full disk")
+
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def resume_problem(run_dir: str) -> tuple[str, str] | None:
+    """What stops Ray Train from resuming the run in `run_dir` (its storage folder), or None:
+    ("state", message) when Ray's own record of the checkpoints is damaged (the run cannot be resumed;
+    start it again), ("checkpoint", message) when a checkpoint it would resume from has a damaged file."""
+    snapshot = storage.join(run_dir, RAY_TRAIN_SNAPSHOT)
+    try:
+        state = storage.load_json(snapshot)
+    except FileNotFoundError:
+        return None
+    except storage.Damaged as exc:
+        return "state", str(exc)
+    names = [r.get("checkpoint_dir_name") for r in state.get("checkpoint_results", [])]
+    latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    for name in dict.fromkeys([latest, *names]):  # the latest first: it is what a resume loads
+        if not name:
+            continue
+        problem = weights_problem(storage.join(run_dir, name))
+        if problem:
+            return "checkpoint", problem
+    return None

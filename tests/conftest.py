@@ -178,3 +178,125 @@ def s3_server():
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def stop_ray_head(temp_dir: str) -> None:
+    """Stop a `ray start --head` of a test (its processes carry its own --temp-dir) and their children."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+    found = list({p.pid: p for p in found}.values())
+    for proc in found:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(found, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server):
+    """A Ray head of the module's own (`ray start --head` on loopback, free ports, own --temp-dir), started
+    with the S3 test server's AWS_* variables so its workers reach the bucket; CLI runs join it through
+    RAY_ADDRESS. Yields {address, env (for subprocesses), temp_dir}; stopped by its processes' pids."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray = Path(sys.executable).parent / "ray"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(s3_server["env"])
+    env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PATH=f"{ray.parent}{os.pathsep}{env.get('PATH', '')}")
+    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s start-up window
+        temp_dir = tempfile.mkdtemp(prefix="rthead-", dir="/tmp")  # short: Ray's socket paths live under it
+        port = _free_loopback_port()
+        command = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port)]
+        command += ["--temp-dir", temp_dir, "--num-cpus", "2", "--include-dashboard", "false"]
+        command += ["--disable-usage-stats"]
+        for name in ("ray-client-server-port", "node-manager-port", "object-manager-port", "metrics-export-port"):
+            command += [f"--{name}", str(_free_loopback_port())]
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
+            command += [f"--{name}", str(_free_loopback_port())]
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        if started.returncode == 0:
+            break
+        stop_ray_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == 2:
+            pytest.fail(f"ray start --head failed 3 times: {started.stderr[-2000:]}")
+    address = f"127.0.0.1:{port}"
+    try:
+        yield {"address": address, "env": env | {"RAY_ADDRESS": address}, "temp_dir": temp_dir}
+    finally:
+        stop_ray_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class CliRun:
+    """`raytune-app ARGS` in a subprocess, its output lines collected (with arrival times) as they come."""
+
+    def __init__(self, args: list[str], env: dict, cwd: str | None = None):
+        import subprocess
+        import sys
+        import threading
+        import time
+        from pathlib import Path
+
+        self.lines: list[tuple[float, str]] = []
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "raytune-app"), *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+
+        def read():
+            for line in self.process.stdout:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, timeout: float) -> float | None:
+        """Arrival time of the first line containing `text` (waiting up to `timeout` s), None if the run
+        ended or the time ran out first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for at, line in list(self.lines):
+                if text in line:
+                    return at
+            ended = self.process.poll() is not None and not self.reader.is_alive()
+            if ended or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout=timeout)
+        except Exception:
+            self.process.kill()
+            raise
+        self.reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)

@@ -340,6 +340,18 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
         started, moved = None, True
     if started is None and resume:
         raise TrainError(f"nothing to resume in {out_dir}; drop --resume to start training")
+    damaged = integrity.resume_problem(out_dir) if started is not None else None
+    if damaged is not None and damaged[0] == "state":
+        # Ray Train's record of the checkpoints is cut short: the run cannot be resumed. It is kept, moved
+        # aside, and training starts again (a state file that cannot be read means "not done").
+        aside = storage.move_aside(out_dir, started["fingerprint"])
+        print_(f"{damaged[1]}; the run cannot be resumed: moved to {aside}, training from step 0")
+        started, moved = None, True
+    elif damaged is not None:
+        raise TrainError(
+            f"cannot resume the run in {out_dir}: {damaged[1]}. Training will not continue from a damaged "
+            "checkpoint; run `raytune-app train --restart` to move this run aside and train from step 0"
+        )
     if started is not None:
         print_(f"continuing the interrupted run in {out_dir}")
         outcomes.note(outcomes.label(recipe, "train"), outcomes.RESUMED, "from its latest checkpoint")
@@ -347,7 +359,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
         outcomes.note(
             outcomes.label(recipe, "train"),
             outcomes.RECOMPUTED,
-            "--restart" if restart else ("recipe or data changed" if moved else "no earlier run"),
+            "--restart" if restart else ("earlier run changed or damaged" if moved else "no earlier run"),
         )
         storage.write_text(
             storage.join(out_dir, "run.json"), json.dumps({"fingerprint": current, "started": time.time()})
