@@ -6,8 +6,9 @@ when their label checks out, turned into two tasks per input for the student.
 1. Inputs: the prepared train split (prepare stage): the user message is the input, the assistant
    message the gold label.
 2. Teacher: every (input, sample) not in the cache goes through Ray Data to the teacher backend
-   (raytune_app/distill/teachers.py). Outputs are appended to the cache as they arrive, keyed by
-   (input, teacher, prompt, sampling, sample index), so a re-run or a crash never pays twice.
+   (raytune_app/distill/teachers.py). Outputs are saved to the cache (in the run directory, local or
+   a bucket) batch by batch as they arrive, keyed by (input, teacher, prompt, sampling, sample index),
+   so a re-run or a crash never pays twice.
 3. Filter (raytune_app/distill/parse.py): parse rationale and label; keep a rationale whose label
    matches the gold label (`gold`) or the samples' majority (`self_consistency`); count every
    rejection by reason (manifest.json, rejected.jsonl).
