@@ -244,3 +244,16 @@ def test_s3_a_killed_pointer_flip_leaves_one_complete_version(s3, seed):
     target = f"{s3['bucket'](f'flip{seed}')}/runs/x/stage"
     reported = _killed_writer(target, "dir", seed, env=s3["env"])
     assert _check_version(target) in (reported, reported + 1)
+
+
+def test_a_full_device_inside_a_ray_worker_becomes_one_message_naming_the_run_directory(tmp_path):
+    """Ray wraps a worker's OSError in its own error types (sometimes only as text): the CLI still reports
+    a full device as NoSpace naming the run directory, not as a traceback."""
+    from raytune_app import cli, config
+
+    recipe = config.validate({"run": {"name": "x", "output_dir": str(tmp_path)}, "data": {"sources": ["a.jsonl"]}})
+    with pytest.raises(storage.NoSpace) as caught, cli._stage_errors(recipe, "train"):
+        raise RuntimeError("ray.exceptions.RayTaskError(OSError): [Errno 28] No space left on device: 'ckpt'")
+    assert str(tmp_path / "x") in str(caught.value) and "the train stage needs" in str(caught.value)
+    with pytest.raises(ValueError, match="other"), cli._stage_errors(recipe, "train"):
+        raise ValueError("other")
