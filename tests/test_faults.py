@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import toy_recipe
 
-from raytune_app import config, storage
+from raytune_app import config, integrity, storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -61,8 +61,13 @@ def test_a_cut_short_adapter_is_named_by_every_reader_and_made_again_from_the_ch
 
     with pytest.raises(storage.Damaged, match="adapter_model.safetensors"):
         evaluate(recipe)
+    # The run's MLflow copy of the weights was made when training finished: registering uses that whole copy.
+    [version] = store.register_stage(recipe)
+    assert integrity.weights_problem(store.download(recipe, f"models:/{version['name']}/{version['version']}")) is None
+    # A store that has not seen the run must copy the weights from the run directory: refused, by name.
+    elsewhere = config.validate(recipe.resolved() | {"registry": {"tracking_uri": f"sqlite:///{tmp_path}/other.db"}})
     with pytest.raises(storage.Damaged, match="adapter_model.safetensors"):
-        store.register_stage(recipe)
+        store.register_stage(elsewhere)
     with pytest.raises(storage.Damaged, match="adapter_model.safetensors"):
         Engine({"path": recipe.model.path}).add_adapter("cut", os.path.dirname(damaged))
 
