@@ -103,7 +103,8 @@ def test_a_damaged_checkpoint_stops_a_resume_by_name_and_a_damaged_ray_record_st
     recipe = _copy_of(toy_run, tmp_path)
     train_dir = recipe.stage_dir("train")
     os.remove(os.path.join(train_dir, "manifest.json"))  # an interrupted run: resumed from its checkpoint
-    [checkpoint] = [d for d in os.listdir(train_dir) if d.startswith("checkpoint_")]
+    checkpoint = json.load(open(os.path.join(train_dir, "checkpoint_manager_snapshot.json")))
+    checkpoint = checkpoint["latest_checkpoint_result"]["checkpoint_dir_name"]  # what a resume loads
     optimizer = os.path.join(train_dir, checkpoint, "checkpoint", "optimizer.pt")
     whole = open(optimizer, "rb").read()
     _cut(optimizer)
@@ -161,7 +162,8 @@ def test_a_full_disk_names_the_folder_and_space_keeps_the_old_output_and_the_nex
     source = tmp_path / "toy.jsonl"
     source.write_text(
         "".join(
-            json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": TOY_ANSWERS[i % 3]}) + "\n" for i in range(600)
+            json.dumps({"q": f"ticket {i}: classify, word {i % 7}", "a": TOY_ANSWERS[i % 3], "channel": "mail"}) + "\n"
+            for i in range(600)
         )
     )
     (tmp_path / "schema.json").write_text(json.dumps(TOY_SCHEMA))

@@ -263,6 +263,24 @@ def _fault_callback(marker: str, step: int):
     return Fault()
 
 
+def _at_last_step(checkpoint_dir: str) -> bool:
+    """Whether a Trainer checkpoint is its run's last step (saved, then stopped before the final weights
+    were written out: a killed driver, a lost node)."""
+    state = json.load(open(os.path.join(checkpoint_dir, "trainer_state.json")))
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def _load_last_step(trainer, checkpoint_dir: str) -> None:
+    """Take a checkpoint of the run's last step as it is: weights and trainer state (history, step,
+    tokens seen). transformers' `train(resume_from_checkpoint=...)` would take one optimizer step past
+    max_steps from there (its loop checks for the end only after a step), so a resumed run would not
+    end with the weights an uninterrupted one has."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint_dir)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint_dir, "trainer_state.json"))
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -385,7 +403,10 @@ def _train(config: dict, scratch_dir: str) -> None:
         if rank == 0:
             state = json.load(open(os.path.join(resume_from, "trainer_state.json")))
             print(f"[train] resuming from step {state['global_step']} ({checkpoint.path})", flush=True)
-    trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None and method == "sft" and not ds_config and _at_last_step(resume_from):
+        _load_last_step(trainer, resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     final_eval = trainer.evaluate()
 
     # DPO / GRPO added a frozen "ref" adapter to score the reference; the saved adapter is the trained one alone.
