@@ -305,8 +305,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     parent_adapter = parent["weights"] if parent else None
     finished = storage.read_json(storage.join(out_dir, "manifest.json"))
     started = storage.read_json(storage.join(out_dir, "run.json"))
-    if restart and started is not None:
-        aside = storage.move_aside(out_dir, started["fingerprint"])
+    if restart and (started or finished) is not None:
+        aside = storage.move_aside(out_dir, (started or finished)["fingerprint"])
         print_(f"--restart: the earlier run was moved to {aside}")
         finished = started = None
     if finished is not None and finished["fingerprint"] == current:
