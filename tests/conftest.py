@@ -15,7 +15,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        if os.environ.get("RAYTUNE_TEST_RAY_ADDRESS"):  # a 2-CPU head started beforehand (a busy machine can miss
+            # the 30 s start-up window Ray gives a new node, which fails every test of the session)
+            ray.init(address=os.environ["RAYTUNE_TEST_RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -171,7 +171,12 @@ def _artefacts(run_dir: Path) -> dict:
         ),
         "distilled": _split_digest(str(base / "distill")),
         "train": (trained["fingerprint"], trained["global_step"]),
-        "weights": load_file(str(Path(storage.current(trained["weights"])) / "adapter_model.safetensors")),
+        "weights": {
+            name: tensor.clone()  # load_file maps the file; the run directory may change under it
+            for name, tensor in load_file(
+                str(Path(storage.current(trained["weights"])) / "adapter_model.safetensors")
+            ).items()
+        },
         "metrics": tuned,
         "registered": _complete(run_dir)["register"],
     }
