@@ -498,44 +498,63 @@ def _fits(recipe: config.Recipe, args) -> int:
 
 
 def _run_all(recipe: config.Recipe) -> None:
-    """Every stage of run.stages in order, timed."""
+    """Every stage of run.stages in order, timed; at the end, what each stage reused, resumed or recomputed."""
     import time
 
+    from raytune_app import outcomes
     from raytune_app.evaluate.run import evaluate
 
     timings, evaluation = {}, None
+    outcomes.take()  # only this run's decisions
     for stage in recipe.run.stages:
-        began = time.time()
-        if stage == "prepare":
-            _prepare(recipe)
-        elif stage == "distill":
-            _distill(recipe)
-        elif stage == "train":
-            _train(recipe)
-        elif stage == "tune":
-            _tune(recipe)
-        elif stage == "evaluate":
-            evaluation = evaluate(recipe)
-        elif stage == "register":
-            _register(recipe)
-        else:  # serve: started last, after the summary, since it keeps running
+        if stage == "serve":  # started last, after the summary, since it keeps running
             continue
+        began = time.time()
+        console.logger("run").info(f"{stage}: starting")
+        with _stage_errors(recipe, stage):
+            if stage == "prepare":
+                _prepare(recipe)
+            elif stage == "distill":
+                _distill(recipe)
+            elif stage == "train":
+                _train(recipe)
+            elif stage == "tune":
+                _tune(recipe)
+            elif stage == "evaluate":
+                evaluation = evaluate(recipe)
+            elif stage == "register":
+                _register(recipe)
         timings[stage] = time.time() - began
     console.logger("run").info(
         "done: "
         + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
         + f"; total {sum(timings.values()):.0f} s"
     )
+    console.logger("run").info(f"stages: {outcomes.summary_line(outcomes.take())}")
     if evaluation is not None:
         _show_evaluation(evaluation)
     if "serve" in recipe.run.stages:
         _serve(recipe)
 
 
+@contextlib.contextmanager
+def _stage_errors(recipe: config.Recipe, stage: str):
+    """A full device anywhere in a stage (a Ray worker's write, a checkpoint upload, MLflow's copy) as one
+    readable NoSpace error naming the run directory, instead of the library's traceback."""
+    from raytune_app import storage
+
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, storage.NoSpace) or not storage.is_no_space(exc):
+            raise
+        raise storage.no_space(storage.absolute(recipe.run_dir), f"the {stage} stage", 0) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     """`raytune-app ARGV`: the exit code. A mistake the user can fix (errors.RaytuneError, also when raised
-    inside a Ray worker) is printed as its message alone, with its exit code (2: recipe, 4: data, 1: cluster);
-    anything else keeps its traceback, with a request to report it (exit 70)."""
+    inside a Ray worker) is printed as its message alone, with its exit code (2: recipe, 4: data, 5: disk
+    full, 1: cluster); anything else keeps its traceback, with a request to report it (exit 70)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     console.setup(args.verbosity)
@@ -601,24 +620,26 @@ def _command(args) -> int:
         return 0
     _start(recipe)
     ensure_ray(recipe, args.command)
-    if args.command == "prepare":
-        _prepare(recipe, force=args.force)
-    elif args.command == "distill":
-        _distill(recipe, force=args.force)
-    elif args.command == "train":
-        _train(recipe, resume=args.resume, restart=args.restart)
-    elif args.command == "tune":
-        _tune(recipe, resume=args.resume, restart=args.restart)
-    elif args.command == "evaluate":
-        _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
-    elif args.command == "register":
-        _register(recipe)
-    elif args.command == "pairs":
-        _pairs(recipe, args)
-    elif args.command == "serve":
-        _serve(recipe, block=not args.no_block)
-    else:
+    if args.command == "run":
         _run_all(recipe)
+        return 0
+    with _stage_errors(recipe, args.command):
+        if args.command == "prepare":
+            _prepare(recipe, force=args.force)
+        elif args.command == "distill":
+            _distill(recipe, force=args.force)
+        elif args.command == "train":
+            _train(recipe, resume=args.resume, restart=args.restart)
+        elif args.command == "tune":
+            _tune(recipe, resume=args.resume, restart=args.restart)
+        elif args.command == "evaluate":
+            _show_evaluation(evaluate(recipe, adapter=args.adapter, force=args.force))
+        elif args.command == "register":
+            _register(recipe)
+        elif args.command == "pairs":
+            _pairs(recipe, args)
+        elif args.command == "serve":
+            _serve(recipe, block=not args.no_block)
     return 0
 
 

@@ -6,6 +6,7 @@ the command line prints that message alone and exits with the error's `exit_code
 
     2  the recipe (or the command line) is wrong: nothing ran          RecipeError
     4  the inputs are wrong or missing: data, weights, earlier stages  DataError and the stage errors
+    5  the device under the run directory is full                      storage.NoSpace
     1  no cluster to join, or not the GPUs the stage needs              ClusterError
 
 Anything else is a bug: `raytune-app` prints its traceback and asks for a report (exit 70).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 EXIT_BAD_RECIPE = 2
 EXIT_BAD_DATA = 4
+EXIT_NO_SPACE = 5
 EXIT_NO_CLUSTER = 1
 EXIT_BUG = 70  # sysexits' EX_SOFTWARE: an internal error
 

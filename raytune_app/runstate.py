@@ -62,17 +62,20 @@ def decide(
     error: type[DataError] = DataError,
     log: Callable[[str], None] = print,
     damaged: Callable[[dict], str | None] | None = None,
+    unresumable: Callable[[], tuple[str, str] | None] | None = None,
 ) -> RunState:
     """Settle the earlier run in `out_dir` against the fingerprint `current` (see the module docstring).
     Raises `error` (the stage's own error class) when --resume cannot be honoured; writes the start record
     of a new run; moves stale runs aside and says so through `log`. `damaged(finished record)` may name a
     problem with a finished run's output (weights cut short by a crash): such a run is continued from its
-    latest checkpoint instead of reused."""
+    latest checkpoint instead of reused. `unresumable()` may name what stops an interrupted run from
+    continuing, as ("state", why) when the run's checkpoint record is cut short (the run is moved aside and
+    starts again) or (anything else, why) when a checkpoint itself is damaged (refused: `error`)."""
     noun = records.noun
     finished = storage.read_json(storage.join(out_dir, records.finished))
     started = storage.read_json(storage.join(out_dir, records.started))
-    if restart and started is not None:
-        aside = storage.move_aside(out_dir, started["fingerprint"])
+    if restart and (started or finished) is not None:  # a finished run whose start record is gone too
+        aside = storage.move_aside(out_dir, (started or finished)["fingerprint"])
         log(f"--restart: the earlier {noun} was moved to {aside}")
         finished = started = None
     same_finished = finished is not None and finished["fingerprint"] == current
@@ -86,7 +89,7 @@ def decide(
         return RunState(finished=finished, resuming=False, how="reused")
     if started is None and finished is not None:  # the start record lost: the finished one says whose run it is
         started = {"fingerprint": finished["fingerprint"]}
-    moved = False
+    moved = ""  # why an earlier run was moved aside
     if started is not None and started["fingerprint"] != current:
         if resume:
             raise error(
@@ -95,15 +98,26 @@ def decide(
             )
         aside = storage.move_aside(out_dir, started["fingerprint"])
         log(f"recipe or data changed: the earlier {noun} was moved to {aside}")
-        started, moved = None, True
+        started, moved = None, "recipe or data changed"
     if same_finished:  # and resume, which this stage refuses for a finished run
         raise error(f"nothing to resume: the {noun} in {out_dir} is finished; drop --resume to see its results")
     if started is None and resume:
         raise error(f"nothing to resume in {out_dir}; drop --resume to {records.start_hint}")
+    blocker = unresumable() if started is not None and unresumable is not None else None
+    if blocker is not None and blocker[0] == "state":
+        # The record of the checkpoints is cut short: kept, moved aside, and the run starts again.
+        aside = storage.move_aside(out_dir, started["fingerprint"])
+        log(f"{blocker[1]}; the {noun} cannot be resumed: moved to {aside}, starting from step 0")
+        started, moved = None, "its checkpoint record was damaged"
+    elif blocker is not None:
+        raise error(
+            f"cannot resume the {noun} in {out_dir}: {blocker[1]}. It will not continue from a damaged "
+            f"checkpoint; use --restart to move it aside and start from step 0"
+        )
     if started is not None:
         return RunState(finished=None, resuming=True, how="resumed", why="from its latest checkpoint")
     storage.write_text(
         storage.join(out_dir, records.started), json.dumps({"fingerprint": current, "started": time.time()})
     )
-    why = "--restart" if restart else ("recipe or data changed" if moved else f"no earlier {noun}")
+    why = "--restart" if restart else (moved or f"no earlier {noun}")
     return RunState(finished=None, resuming=False, how="recomputed", why=why)

@@ -39,7 +39,10 @@ def ray_local():
         if ray.is_initialized():
             break
         try:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            if os.environ.get("RAYTUNE_TEST_RAY_ADDRESS"):  # a 2-CPU head started beforehand
+                ray.init(address=os.environ["RAYTUNE_TEST_RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         except Exception as exc:  # Ray's raylet gives its agents a fixed 15 s to start (ray-project/ray#65983)
             if "timed out during startup" not in str(exc) or attempt == 2:
                 raise
@@ -168,3 +171,193 @@ def toy_run(ray_local, tiny_model, tmp_path_factory):
     prepare_once(recipe)
     train(recipe)
     return recipe, root
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's, from PyPI) on a free loopback port, for this test session.
+
+    Returns the environment that points the AWS SDKs at it (the standard AWS_* variables, which
+    raytune_app.storage, pyarrow, Ray and MLflow's boto3 all read) and a `bucket(name)` helper that
+    creates a bucket. Started in a subprocess (so a busy test process never stalls it), waited for at
+    most 60 s, and stopped at the end of the session."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = _free_loopback_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the S3 test server (moto) did not start on port {port}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (no network here)
+    }
+
+    def bucket(name: str) -> str:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name=env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    try:
+        yield {"env": env, "bucket": bucket, "port": port}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def stop_ray_head(temp_dir: str) -> None:
+    """Stop a `ray start --head` of a test (its processes carry its own --temp-dir) and their children."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+    found = list({p.pid: p for p in found}.values())
+    for proc in found:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(found, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server):
+    """A Ray head of the module's own (`ray start --head` on loopback, free ports, own --temp-dir), started
+    with the S3 test server's AWS_* variables so its workers reach the bucket; CLI runs join it through
+    RAY_ADDRESS. Yields {address, env (for subprocesses), temp_dir}; stopped by its processes' pids."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray = Path(sys.executable).parent / "ray"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(s3_server["env"])
+    env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PATH=f"{ray.parent}{os.pathsep}{env.get('PATH', '')}")
+    for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s start-up window
+        temp_dir = tempfile.mkdtemp(prefix="rthead-", dir="/tmp")  # short: Ray's socket paths live under it
+        port = _free_loopback_port()
+        command = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port)]
+        command += ["--temp-dir", temp_dir, "--num-cpus", "2", "--include-dashboard", "false"]
+        command += ["--disable-usage-stats"]
+        for name in ("ray-client-server-port", "node-manager-port", "object-manager-port", "metrics-export-port"):
+            command += [f"--{name}", str(_free_loopback_port())]
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
+            command += [f"--{name}", str(_free_loopback_port())]
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        if started.returncode == 0:
+            break
+        stop_ray_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == 2:
+            pytest.fail(f"ray start --head failed 3 times: {started.stderr[-2000:]}")
+    address = f"127.0.0.1:{port}"
+    try:
+        yield {"address": address, "env": env | {"RAY_ADDRESS": address}, "temp_dir": temp_dir}
+    finally:
+        stop_ray_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class CliRun:
+    """`raytune-app ARGS` in a subprocess, its output lines collected (with arrival times) as they come."""
+
+    def __init__(self, args: list[str], env: dict, cwd: str | None = None):
+        import subprocess
+        import sys
+        import threading
+        import time
+        from pathlib import Path
+
+        self.lines: list[tuple[float, str]] = []
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "raytune-app"), *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+
+        def read():
+            for line in self.process.stdout:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, timeout: float) -> float | None:
+        """Arrival time of the first line containing `text` (waiting up to `timeout` s), None if the run
+        ended or the time ran out first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for at, line in list(self.lines):
+                if text in line:
+                    return at
+            ended = self.process.poll() is not None and not self.reader.is_alive()
+            if ended or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout=timeout)
+        except Exception:
+            self.process.kill()
+            raise
+        self.reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)

@@ -14,8 +14,9 @@ worker that read it):
     -> write        one pass: <stage>/{train,val,test}/*.parquet, rejected.jsonl     (sink.py)
 
 then `manifest.json` (written last: its presence means the output is complete). The output is built
-in a staging folder and only replaces the previous output once complete, so a failed run loses
-nothing already there. A re-run whose inputs and settings are unchanged reuses the output.
+as a new version of the stage folder and only replaces the previous output once complete
+(storage.new_version: an atomic swap locally, a pointer flip on object stores), so a failed or killed
+run loses nothing already there. A re-run whose inputs and settings are unchanged reuses the output.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -283,7 +283,7 @@ def source_paths(recipe: Recipe) -> list[str]:
     }
     gen = recipe.data.generator
     path = storage.absolute(storage.join(recipe.run_dir, "source", f"{gen.name}-{gen.rows}-seed{gen.seed}.jsonl"))
-    if not storage.exists(path):
+    if not storage.exists(path):  # written whole (storage.write_text): a crash never leaves half a file here
         storage.write_text(
             path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generators[gen.name](gen.rows, gen.seed))
         )
@@ -369,21 +369,28 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     """Run the prepare stage for a validated recipe; returns the manifest (also in <stage>/manifest.json)."""
     import ray
 
+    from raytune_app import outcomes
     from raytune_app.data.sink import SPLITS, PreparedSink
 
     data = recipe.data
     out_dir = storage.absolute(recipe.stage_dir("prepare"))
     sources, files, fingerprint = _inputs(recipe)
-    previous = None if force else storage.unchanged(storage.join(out_dir, "manifest.json"), fingerprint)
+    earlier = storage.read_json(storage.join(storage.current(out_dir), "manifest.json"))
+    previous = (
+        earlier if not force and isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint else None
+    )
     if previous is not None:
         console.logger("prepare").info(f"inputs and settings unchanged: reusing {out_dir}")
+        outcomes.note(outcomes.label(recipe, "prepare"), outcomes.REUSED)
         return previous
+    why = (
+        "--force" if force else ("inputs or settings changed" if earlier is not None else "no complete earlier output")
+    )
 
     # Fail before any Ray work on things that would fail every row: a missing tokenizer or template.
     tokenizer = _tokenizer(
         recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code
     )
-    staging = f"{out_dir}.incoming-{uuid.uuid4().hex[:8]}"
     started = time.time()
 
     context = ray.data.DataContext.get_current()
@@ -391,53 +398,55 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     # Datasets copy the context when created, so this is set before the pipeline is built.
     wrapped, context.raise_original_map_exception = context.raise_original_map_exception, True
     seen = ray.remote(num_cpus=0)(SeenHashes).remote() if data.dedupe else None
-    sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
-    try:
-        _pipeline(recipe, sources, files, seen).write_datasink(sink)
-    except Exception as exc:
-        storage.remove(staging)
-        row_error = _find_cause(exc, RowError)
-        if row_error is not None:
-            raise RowError(str(row_error)) from None
-        raise
-    finally:
-        context.raise_original_map_exception = wrapped
-        if seen is not None:
-            ray.kill(seen)
+    # The new output is built beside the old one and swapped in whole (storage.new_version): a failed or
+    # killed run leaves the previous output in place.
+    with storage.new_version(out_dir, "the prepared data") as staging:
+        sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
+        try:
+            _pipeline(recipe, sources, files, seen).write_datasink(sink)
+        except Exception as exc:
+            row_error = _find_cause(exc, RowError)
+            if row_error is not None:
+                raise RowError(str(row_error)) from None
+            raise
+        finally:
+            context.raise_original_map_exception = wrapped
+            if seen is not None:
+                ray.kill(seen)
 
-    stats: dict = sink.stats or {}
-    rejected_rows = _merge_rejects(staging)
-    splits = {}
-    for split in SPLITS:
-        s = stats["splits"][split]
-        splits[split] = {
-            "rows": s["rows"],
-            "examples": s["examples"],
-            "tokens": s["tokens"],
-            "content_hash": f"{s['hash']:032x}",
-            "token_lengths": _token_stats(s["lengths"]),
-            "files": [f.rsplit("/", 1)[-1] for f in storage.list_files(storage.join(staging, split), ".parquet")],
+        stats: dict = sink.stats or {}
+        rejected_rows = _merge_rejects(staging)
+        splits = {}
+        for split in SPLITS:
+            s = stats["splits"][split]
+            splits[split] = {
+                "rows": s["rows"],
+                "examples": s["examples"],
+                "tokens": s["tokens"],
+                "content_hash": f"{s['hash']:032x}",
+                "token_lengths": _token_stats(s["lengths"]),
+                "files": [f.rsplit("/", 1)[-1] for f in storage.list_files(storage.join(staging, split), ".parquet")],
+            }
+        manifest = {
+            "stage": "prepare",
+            "fingerprint": fingerprint,
+            "recipe_hash": recipe.section_hash("data", "model"),
+            "kind": data.kind,
+            "packed": data.packing,
+            "sources": sources,
+            "tokenizer": getattr(tokenizer, "name_or_path", recipe.model.path),
+            "model": recipe.model.path,
+            "max_seq_length": data.max_seq_length,
+            "rows_in": stats["rows_in"],
+            "rows_out": {split: splits[split]["examples"] for split in SPLITS},
+            "rejected": dict(sorted(stats["rejected"].items())),
+            "rejected_rows": rejected_rows,
+            "splits": splits,
+            "seconds": round(time.time() - started, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-    manifest = {
-        "stage": "prepare",
-        "fingerprint": fingerprint,
-        "recipe_hash": recipe.section_hash("data", "model"),
-        "kind": data.kind,
-        "packed": data.packing,
-        "sources": sources,
-        "tokenizer": getattr(tokenizer, "name_or_path", recipe.model.path),
-        "model": recipe.model.path,
-        "max_seq_length": data.max_seq_length,
-        "rows_in": stats["rows_in"],
-        "rows_out": {split: splits[split]["examples"] for split in SPLITS},
-        "rejected": dict(sorted(stats["rejected"].items())),
-        "rejected_rows": rejected_rows,
-        "splits": splits,
-        "seconds": round(time.time() - started, 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
-    storage.replace_dir(staging, out_dir)
+        storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    outcomes.note(outcomes.label(recipe, "prepare"), outcomes.RECOMPUTED, why)
     return manifest
 
 
@@ -462,13 +471,14 @@ def current_manifest(recipe: Recipe) -> dict:
 
     Later stages call this before any work: training or evaluating on stale data is a silent error.
     """
-    import json
-
     stage_dir = storage.absolute(recipe.stage_dir("prepare"))
-    uri = storage.join(stage_dir, "manifest.json")
-    if not storage.exists(uri):
-        raise NotPrepared(f"no prepared data at {stage_dir}; run `raytune-app prepare` first")
-    manifest = json.loads(storage.read_text(uri))
+    uri = storage.join(storage.current(stage_dir), "manifest.json")
+    try:
+        manifest = storage.load_json(uri)
+    except FileNotFoundError:
+        raise NotPrepared(f"no prepared data at {stage_dir}; run `raytune-app prepare` first") from None
+    except storage.Damaged as exc:
+        raise NotPrepared(f"{exc}: the prepared data is incomplete; run `raytune-app prepare` again") from None
     if manifest["fingerprint"] != expected_fingerprint(recipe):
         raise NotPrepared(
             f"the prepared data in {stage_dir} was made from other data or settings than this recipe's "
@@ -481,6 +491,7 @@ def load_split(stage_dir: str, split: str) -> pa.Table:
     """A prepared split as one Arrow table (for training and evaluation on a single worker)."""
     import pyarrow.parquet as pq
 
+    stage_dir = storage.current(stage_dir)
     files = storage.list_files(storage.join(stage_dir, split), ".parquet")
     if not files:
         raise MissingInput(f"no prepared `{split}` split under {stage_dir}; run `raytune-app prepare` first")

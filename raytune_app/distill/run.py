@@ -6,8 +6,9 @@ when their label checks out, turned into two tasks per input for the student.
 1. Inputs: the prepared train split (prepare stage): the user message is the input, the assistant
    message the gold label.
 2. Teacher: every (input, sample) not in the cache goes through Ray Data to the teacher backend
-   (raytune_app/distill/teachers.py). Outputs are appended to the cache as they arrive, keyed by
-   (input, teacher, prompt, sampling, sample index), so a re-run or a crash never pays twice.
+   (raytune_app/distill/teachers.py). Outputs are saved to the cache (in the run directory, local or
+   a bucket) batch by batch as they arrive, keyed by (input, teacher, prompt, sampling, sample index),
+   so a re-run or a crash never pays twice.
 3. Filter (raytune_app/distill/parse.py): parse rationale and label; keep a rationale whose label
    matches the gold label (`gold`) or the samples' majority (`self_consistency`); count every
    rejection by reason (manifest.json, rejected.jsonl).
@@ -74,27 +75,52 @@ def _teacher_prompt(recipe: Recipe, text: str) -> list[dict]:
 
 
 class TeacherCache:
-    """Teacher outputs on disk: JSON lines {key, text} in <cache>/*.jsonl, one file per run, appended and
-    flushed batch by batch. Failures are not cached: a later run asks again."""
+    """Teacher outputs in the run directory (local or remote): JSON lines {key, text} in <cache>/*.jsonl.
+
+    Each batch of answers becomes its own small file, written whole (storage.write_text), as soon as it
+    arrives: a kill loses at most the batch in flight, and object stores (which cannot append) keep the
+    cache too. `compact()` merges the part files into one at the end of a run. Failures are not cached:
+    a later run asks again."""
 
     def __init__(self, folder: str):
         self.folder = storage.absolute(folder)
         self.entries: dict[str, str] = {}
-        for part in storage.list_files(self.folder, ".jsonl"):
+        self.parts: list[str] = storage.list_files(self.folder, ".jsonl")
+        for part in self.parts:
             for line in storage.read_text(part).splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
+                    continue  # a line cut short by a crash (caches written before parts were atomic)
                 self.entries[entry["key"]] = entry["text"]
+        self._session = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self._batches = 0
 
-    def writer(self):
-        import os
-
-        os.makedirs(storage.local_dir(self.folder), exist_ok=True)
-        return open(
-            f"{storage.local_dir(self.folder)}/part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.jsonl", "a"
+    def add(self, answers: list[tuple[str, str]]) -> None:
+        """Persist a batch of (key, text) answers as one new part file."""
+        if not answers:
+            return
+        self._batches += 1
+        part = storage.join(self.folder, f"part-{self._session}-{self._batches:05d}.jsonl")
+        storage.write_text(
+            part, "".join(json.dumps({"key": k, "text": t}, ensure_ascii=False) + "\n" for k, t in answers)
         )
+        self.parts.append(part)
+        self.entries.update(answers)
+
+    def compact(self) -> None:
+        """Merge the part files into one (written first; the parts are deleted after, so a crash in
+        between leaves duplicates, which are harmless)."""
+        if len(self.parts) < 2:
+            return
+        merged = storage.join(self.folder, f"cache-{self._session}-{uuid.uuid4().hex[:6]}.jsonl")
+        storage.write_text(
+            merged,
+            "".join(json.dumps({"key": k, "text": t}, ensure_ascii=False) + "\n" for k, t in self.entries.items()),
+        )
+        for part in self.parts:
+            storage.remove(part)
+        self.parts = [merged]
 
 
 def _ask_teacher(recipe: Recipe, requests: list[dict], cache: TeacherCache) -> dict:
@@ -105,16 +131,13 @@ def _ask_teacher(recipe: Recipe, requests: list[dict], cache: TeacherCache) -> d
 
     answers, started = {}, time.time()
     ds = ray.data.from_items(requests)
-    with cache.writer() as out:
-        for batch in teach(ds, recipe.distill).iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = batch.select(["key", "teacher_text", "teacher_error"]).to_pylist()
-            for row in rows:
-                answers[row["key"]] = (row["teacher_text"], row["teacher_error"])
-                if row["teacher_text"] is not None:
-                    out.write(json.dumps({"key": row["key"], "text": row["teacher_text"]}, ensure_ascii=False) + "\n")
-            out.flush()
-            rate = len(answers) / max(time.time() - started, 1e-9)
-            console.logger("distill").info(f"teacher {len(answers)}/{len(requests)} ({rate:.1f}/s)")
+    for batch in teach(ds, recipe.distill).iter_batches(batch_format="pyarrow", batch_size=None):
+        rows = batch.select(["key", "teacher_text", "teacher_error"]).to_pylist()
+        for row in rows:
+            answers[row["key"]] = (row["teacher_text"], row["teacher_error"])
+        cache.add([(row["key"], row["teacher_text"]) for row in rows if row["teacher_text"] is not None])
+        rate = len(answers) / max(time.time() - started, 1e-9)
+        console.logger("distill").info(f"teacher {len(answers)}/{len(requests)} ({rate:.1f}/s)")
     return answers
 
 
@@ -182,10 +205,13 @@ def current_manifest(recipe: Recipe) -> dict:
     from raytune_app.data.prepare import current_manifest as prepared_manifest
 
     stage_dir = storage.absolute(recipe.stage_dir("distill"))
-    uri = storage.join(stage_dir, "manifest.json")
-    if not storage.exists(uri):
-        raise NotPrepared(f"no distilled data at {stage_dir}; run `raytune-app distill` first")
-    manifest = json.loads(storage.read_text(uri))
+    uri = storage.join(storage.current(stage_dir), "manifest.json")
+    try:
+        manifest = storage.load_json(uri)
+    except FileNotFoundError:
+        raise NotPrepared(f"no distilled data at {stage_dir}; run `raytune-app distill` first") from None
+    except storage.Damaged as exc:
+        raise NotPrepared(f"{exc}: the distilled data is incomplete; run `raytune-app distill` again") from None
     if manifest["fingerprint"] != _fingerprint(recipe, prepared_manifest(recipe)):
         raise NotPrepared(
             f"the distilled data in {stage_dir} was made from other data or distill settings; run "
@@ -195,7 +221,7 @@ def current_manifest(recipe: Recipe) -> dict:
 
 
 def distill(recipe: Recipe, force: bool = False) -> dict:
-    from raytune_app import models
+    from raytune_app import models, outcomes
     from raytune_app.data.prepare import current_manifest as prepared_manifest
     from raytune_app.data.prepare import load_split
 
@@ -205,9 +231,12 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
     cfg = recipe.distill
     prepare_dir, out_dir = storage.absolute(recipe.stage_dir("prepare")), storage.absolute(recipe.stage_dir("distill"))
     fingerprint = _fingerprint(recipe, prepared)
-    previous = None if force else storage.unchanged(storage.join(out_dir, "manifest.json"), fingerprint)
+    previous = (
+        None if force else storage.unchanged(storage.join(storage.current(out_dir), "manifest.json"), fingerprint)
+    )
     if previous is not None:
         console.logger("distill").info(f"unchanged inputs and settings: reusing {out_dir}")
+        outcomes.note("distill", outcomes.REUSED)
         return previous
     started = time.time()
     rows = _inputs(load_split(prepare_dir, "train"))
@@ -235,6 +264,7 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         f"to ask the {cfg.teacher.backend} teacher"
     )
     answers = _ask_teacher(recipe, todo, cache) if todo else {}
+    cache.compact()
     errors = Counter(error.split(":")[0] for _, error in answers.values() if error)
 
     label_chats: list = []
@@ -302,12 +332,6 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         recipe.data.truncation,
     )
 
-    staging = f"{out_dir}.staging-{uuid.uuid4().hex[:8]}"
-    _write_split(staging, "train", train)
-    _write_split(staging, "val", val)
-    storage.write_text(
-        storage.join(staging, "rejected.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
-    )
     task_counts = Counter(train.column("task").to_pylist())
     manifest = {
         "stage": "distill",
@@ -332,8 +356,20 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         "seconds": round(time.time() - started, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
-    storage.replace_dir(staging, out_dir)
+    # Built as a new version and swapped in whole: a killed run leaves the previous output in place.
+    with storage.new_version(out_dir, "the distilled data") as staging:
+        _write_split(staging, "train", train)
+        _write_split(staging, "val", val)
+        storage.write_text(
+            storage.join(staging, "rejected.jsonl"),
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected),
+        )
+        storage.write_text(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    cached = len(requests) - len(todo)
+    if cached and todo:
+        outcomes.note("distill", outcomes.RESUMED, f"{cached} teacher answers from the cache, {len(todo)} asked")
+    else:
+        outcomes.note("distill", outcomes.RECOMPUTED, f"{cached} teacher answers from the cache, {len(todo)} asked")
     console.logger("distill").info(
         f"kept {len(rationale_chats)}/{len(rows)} rationales ({manifest['keep_rate']:.0%}); rejected "
         f"{dict(reasons) or 'none'}; {manifest['rows_out']['train']} train examples "

@@ -20,7 +20,7 @@ import time
 
 import pyarrow as pa
 
-from raytune_app import storage
+from raytune_app import integrity, storage
 
 
 def load_model(model: dict, weights: str | None, device: str, dtype: str):
@@ -37,6 +37,8 @@ def load_model(model: dict, weights: str | None, device: str, dtype: str):
     )
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     local = storage.local_dir(weights) if weights else None
+    if local is not None:  # never evaluate weights cut short by a crash: name the file instead
+        integrity.check_weights(local, f"the weights in {weights}")
     is_adapter = local is not None and os.path.exists(os.path.join(local, "adapter_config.json"))
     source = local if local and not is_adapter else models.resolve(model["path"])
     # Weights load in fp32 and run under autocast for bf16 on CPU (no bf16 matmul kernels for every

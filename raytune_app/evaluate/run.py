@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from raytune_app import __version__, console, storage
+from raytune_app import __version__, console, integrity, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.evaluate import metrics as M
@@ -79,10 +78,10 @@ def candidates(recipe: Recipe, adapter: str | None = None) -> list[Candidate]:
             raise EvaluateError(f"--adapter {adapter}: no such folder")
         entries = storage.file_fingerprint(adapter)
         return out + [Candidate(Path(adapter.rstrip("/")).name or "adapter", adapter, json.dumps(entries, default=str))]
-    chain = storage.read_json(storage.join(storage.absolute(recipe.run_dir), "chain.json")) if recipe.chain else None
+    chain = _finished(storage.join(storage.absolute(recipe.run_dir), "chain.json")) if recipe.chain else None
     if chain is not None:
         return out + [Candidate(step["step"], step["weights"], step["fingerprint"]) for step in chain["chain"]]
-    trained = storage.read_json(storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))
+    trained = _finished(storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))
     if trained is not None:
         out.append(Candidate("tuned", trained["weights"], trained["fingerprint"]))
     if not out:
@@ -91,6 +90,17 @@ def candidates(recipe: Recipe, adapter: str | None = None) -> list[Candidate]:
             f"in {recipe.stage_dir('train')}; run `raytune-app train` first or pass --adapter"
         )
     return out
+
+
+def _finished(uri: str) -> dict | None:
+    """A finished training run's record, None when there is none; a damaged one stops the stage by name
+    (evaluating only the base model instead would be a silent error)."""
+    try:
+        return storage.load_json(uri)
+    except FileNotFoundError:
+        return None
+    except storage.Damaged as exc:
+        raise EvaluateError(f"{exc}: the training run is not complete; run `raytune-app train` again") from None
 
 
 def _example_table(prompts: list, golds: list, groups: list, ids: list, files: list, rows: list) -> pa.Table:
@@ -327,12 +337,16 @@ def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], la
 
 def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None = None, force: bool = False) -> dict:
     """Run the evaluate stage; returns metrics.json's content."""
+    from raytune_app import outcomes
     from raytune_app.evaluate.report import write_report
 
     ev = recipe.evaluate
     say = console.logger("evaluate").info
     # Everything that can be wrong with the inputs is checked before a model is loaded.
     models = candidates(recipe, adapter)
+    for candidate in models:  # weights cut short (a crash, a full disk) are named here, not inside a replica
+        if candidate.weights:
+            integrity.check_weights(candidate.weights, f"{candidate.name} weights")
     examples, data_identity = file_examples(recipe, data_file) if data_file else prepared_examples(recipe)
     if ev.limit is not None:
         examples = examples.slice(0, ev.limit)
@@ -358,10 +372,13 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}",
         )
     fingerprint = _fingerprint(recipe, data_identity, models, labels)
-    previous = None if force else storage.unchanged(storage.join(out_dir, "metrics.json"), fingerprint)
-    if previous is not None:
+    earlier = storage.read_json(storage.join(storage.current(out_dir), "metrics.json"))
+    if not force and isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint:
         say(f"models, data and settings unchanged: reusing {out_dir}")
-        return {**previous, "output_dir": out_dir}
+        if not data_file:
+            outcomes.note(outcomes.label(recipe, "evaluate"), outcomes.REUSED)
+        return {**earlier, "output_dir": storage.current(out_dir)}
+    why = "--force" if force else ("models, data or settings changed" if earlier else "no complete earlier output")
 
     say(
         f"{examples.num_rows} examples ({data_file or 'split ' + ev.split}); models: "
@@ -404,8 +421,9 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         "models": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    staging = f"{out_dir}.incoming-{uuid.uuid4().hex[:8]}"  # never another evaluation's folder
-    try:
+    # Built as a new version and swapped in whole (metrics.json last): a killed run leaves the previous
+    # evaluation in place.
+    with storage.new_version(out_dir, "the evaluation") as staging:
         _write_predictions(
             pa.concat_tables(tables, promote_options="permissive"), storage.join(staging, "predictions.parquet")
         )
@@ -416,11 +434,9 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             loss_curve=storage.join(storage.absolute(recipe.stage_dir("train")), "loss_curve.png"),
         )
         storage.write_text(storage.join(staging, "metrics.json"), json.dumps(summary, indent=2) + "\n")
-    except BaseException:
-        storage.remove(staging)
-        raise
-    storage.replace_dir(staging, out_dir)
-    summary["output_dir"] = out_dir
+    if not data_file:
+        outcomes.note(outcomes.label(recipe, "evaluate"), outcomes.RECOMPUTED, why)
+    summary["output_dir"] = storage.current(out_dir)
     return summary
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import time
 
-from raytune_app import storage
+from raytune_app import integrity, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train.manifest import TrainManifest
@@ -46,7 +46,8 @@ def tracking_uri(recipe: Recipe) -> str:
     if "://" in run_dir:
         raise RegistryError(
             f"run.output_dir is remote ({run_dir}): a SQLite store cannot live there; set "
-            "registry.tracking_uri to an MLflow tracking server"
+            "registry.tracking_uri to an MLflow tracking server (or a database: sqlite:////shared/mlflow.db); "
+            f"the artefacts still go to the run's bucket ({run_dir}/mlartifacts)"
         )
     os.makedirs(run_dir, exist_ok=True)
     return f"sqlite:///{run_dir}/mlflow.db"
@@ -76,8 +77,13 @@ def _experiment_id(mlflow_client, recipe: Recipe) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not recipe.registry.tracking_uri:
-        location = f"file://{storage.absolute(recipe.run_dir)}/mlartifacts"
+    run_dir = storage.absolute(recipe.run_dir)
+    if storage.is_remote(run_dir):
+        # Artefacts live beside the run on its bucket (MLflow writes them with boto3 / the GCS client,
+        # which read the same AWS_* variables as storage.py), whatever store keeps the metadata.
+        location = f"{run_dir.rstrip('/')}/mlartifacts"
+    elif not recipe.registry.tracking_uri:
+        location = f"file://{run_dir}/mlartifacts"
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
@@ -146,6 +152,8 @@ def log_train_run(recipe: Recipe, manifest: TrainManifest | dict) -> str:
         for i in range(0, len(metrics), 1000):
             mlflow_client.log_batch(run_id, metrics=metrics[i : i + 1000])
         mlflow_client.log_batch(run_id, tags=[RunTag("global_step", str(manifest["global_step"]))])
+        # Never register weights cut short by a crash or a full disk: name the file instead.
+        integrity.check_weights(manifest["weights"], f"the weights of training run {manifest['fingerprint']}")
         mlflow_client.log_artifacts(run_id, storage.local_dir(manifest["weights"]), "weights")
         for name in ("loss_curve.png", "recipe.yaml", "manifest.json", "metrics.jsonl"):
             uri = storage.join(train_dir, name)
@@ -201,7 +209,7 @@ def _version_for(mlflow_client, name: str, fingerprint: str):
 
 
 def _manifest_hash(recipe: Recipe) -> str:
-    uri = storage.join(storage.absolute(recipe.stage_dir("prepare")), "manifest.json")
+    uri = storage.join(storage.current(storage.absolute(recipe.stage_dir("prepare"))), "manifest.json")
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16] if storage.exists(uri) else ""
 
 
@@ -226,6 +234,7 @@ def register(
         mlflow_client, name, f"Adapters trained by the recipe run `{recipe.run.name}` on {recipe.model.path}."
     )
     version = _version_for(mlflow_client, name, manifest["fingerprint"])
+    new = version is None
     if version is None:
         parent = (
             _version_for(mlflow_client, name, manifest["parent_fingerprint"])
@@ -287,6 +296,7 @@ def register(
         "primary_metric": primary,
         "champion": _current(mlflow_client, name, CHAMPION),
         "promoted": promoted,
+        "new": new,
     }
 
 
@@ -351,29 +361,45 @@ def register_guard(recipe: Recipe, folder: str, summary: dict) -> dict:
 def register_stage(recipe: Recipe) -> list[dict]:
     """The register stage: every trained run of the recipe (each chain step, in order, so a step's
     parent is already a version) becomes a version, with the evaluation of it where there is one."""
+    from raytune_app import outcomes
+
     run_dir = storage.absolute(recipe.run_dir)
     if recipe.chain:
-        chain = json.loads(storage.read_text(storage.join(run_dir, "chain.json")))
+        chain = _load(storage.join(run_dir, "chain.json"), "the training chain")
         runs = [
             (step["step"], storage.join(run_dir, "chain", step["step"], "train", "manifest.json"))
             for step in chain["chain"]
         ]
     else:
         runs = [("tuned", storage.join(storage.absolute(recipe.stage_dir("train")), "manifest.json"))]
-    evaluation_uri = storage.join(storage.absolute(recipe.stage_dir("evaluate")), "metrics.json")
+    evaluation_uri = storage.join(storage.current(storage.absolute(recipe.stage_dir("evaluate"))), "metrics.json")
     evaluation = storage.read_json(evaluation_uri)
     out = []
     for candidate, manifest_uri in runs:
-        if not storage.exists(manifest_uri):
-            raise RegistryError(
-                f"no finished training run at {manifest_uri.rsplit('/', 1)[0]}; run `raytune-app train` first"
-            )
-        manifest = json.loads(storage.read_text(manifest_uri))
+        manifest = _load(manifest_uri, "the training run")
         scores = (evaluation or {}).get("models", {}).get(candidate, {})
         # Metrics count only when they were measured on these very weights.
         matching = evaluation if scores.get("identity") == manifest["fingerprint"] else None
-        out.append(register(recipe, manifest, matching, candidate))
+        version = register(recipe, manifest, matching, candidate)
+        outcomes.note(
+            "register" if candidate == "tuned" else f"register[{candidate}]",
+            outcomes.RECOMPUTED if version["new"] else outcomes.REUSED,
+            f"version {version['version']}" + (" registered now" if version["new"] else ""),
+        )
+        out.append(version)
     return out
+
+
+def _load(uri: str, what: str) -> dict:
+    """A finished run's record; RegistryError naming the file when it is missing or damaged."""
+    try:
+        return storage.load_json(uri)
+    except FileNotFoundError:
+        raise RegistryError(
+            f"no finished training run at {uri.rsplit('/', 1)[0]}; run `raytune-app train` first"
+        ) from None
+    except storage.Damaged as exc:
+        raise RegistryError(f"{what}: {exc}; run `raytune-app train` again") from None
 
 
 def _score(mlflow_client, name: str, version: str) -> float | None:

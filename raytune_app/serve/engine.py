@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from raytune_app import models, storage
+from raytune_app import integrity, models, storage
 
 BASE = "__base__"  # PEFT's name for "no adapter" inside a mixed-adapter batch
 
@@ -123,9 +123,10 @@ class Engine:
         """Load the LoRA adapter in `folder` (a path or URI) under `name`, beside those already loaded."""
         from peft import PeftModel
 
-        local = storage.local_dir(folder)
+        local = storage.local_dir(folder)  # an s3:// / gs:// folder is copied here first
         if not os.path.exists(os.path.join(local, "adapter_config.json")):
             raise FileNotFoundError(f"no LoRA adapter at {folder} (adapter_config.json missing)")
+        integrity.check_weights(local, f"adapter {name} ({folder})")  # never serve a file cut short
         if name in self.adapters:
             return
         if isinstance(self.model, PeftModel):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from raytune_app import config as recipe_config
-from raytune_app import console, resources, runstate, storage
+from raytune_app import console, integrity, outcomes, resources, runstate, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train.manifest import TrainManifest
@@ -174,6 +174,8 @@ def build_trainer(
     method = recipe.train.method
     train_cfg = recipe.train
     score, order = CHECKPOINT_SCORE[method]
+    # A remote storage path goes to Ray with its filesystem (endpoint, region from the AWS_* variables).
+    ray_path, ray_fs = storage.ray_storage(storage_path or storage.absolute(recipe.run_dir))
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -195,7 +197,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=storage_path or storage.absolute(recipe.run_dir),
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=train_cfg.checkpoint.keep_best,
                 checkpoint_score_attribute=score,
@@ -270,11 +273,12 @@ def training_data(recipe: Recipe) -> tuple[str, dict]:
 
     # With a distill stage the student learns from the distilled data (label + rationale tasks).
     source = "distill" if distill_run.distilled(recipe) else "prepare"
-    prepared_dir = storage.absolute(recipe.stage_dir(source))
     try:
         prepared = distill_run.current_manifest(recipe) if source == "distill" else current_manifest(recipe)
     except NotPrepared as exc:
         raise TrainError(str(exc)) from None
+    # The complete version the manifest came from (on an object store: the one its pointer names).
+    prepared_dir = storage.current(storage.absolute(recipe.stage_dir(source)))
     method = recipe.train.method
     if (prepared["kind"] == "preference") != (method == "dpo"):
         raise TrainError(
@@ -301,8 +305,17 @@ def train(
     current = fingerprint(recipe, prepared, parent)
     parent_adapter = parent["weights"] if parent else None
     state = runstate.decide(
-        out_dir, current, RUN_RECORDS, resume=resume, restart=restart, error=TrainError, log=log.info
+        out_dir,
+        current,
+        RUN_RECORDS,
+        resume=resume,
+        restart=restart,
+        error=TrainError,
+        log=log.info,
+        damaged=lambda finished: integrity.weights_problem(finished["weights"]),
+        unresumable=lambda: integrity.resume_problem(out_dir),
     )
+    outcomes.note(outcomes.label(recipe, "train"), state.how, state.why)
     if state.finished is not None:
         log.info(
             f"already finished at step {state.finished['global_step']} with this recipe and data; nothing to do "

@@ -288,13 +288,31 @@ def _fault_callback(marker: str, step: int):
 
     class Fault(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= step and not os.path.exists(marker):
+            if state.global_step >= step and not storage.exists(marker):  # the marker may be on S3
                 if state.is_world_process_zero:
                     storage.write_text(marker, f"fault injected after step {state.global_step}\n")
                 time.sleep(1.0)  # let rank 0 write the marker before every rank goes down
                 os._exit(17)
 
     return Fault()
+
+
+def _at_last_step(checkpoint_dir: str) -> bool:
+    """Whether a Trainer checkpoint is its run's last step (saved, then stopped before the final weights
+    were written out: a killed driver, a lost node)."""
+    state = json.load(open(os.path.join(checkpoint_dir, "trainer_state.json")))
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def _load_last_step(trainer, checkpoint_dir: str) -> None:
+    """Take a checkpoint of the run's last step as it is: weights and trainer state (history, step,
+    tokens seen). transformers' `train(resume_from_checkpoint=...)` would take one optimizer step past
+    max_steps from there (its loop checks for the end only after a step), so a resumed run would not
+    end with the weights an uninterrupted one has."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint_dir)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint_dir, "trainer_state.json"))
 
 
 def _peak_memory_mb() -> float:
@@ -417,7 +435,10 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
         if rank == 0:
             state = json.load(open(os.path.join(resume_from, "trainer_state.json")))
             console.logger("train").info(f"resuming from step {state['global_step']} ({checkpoint.path})")
-    trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None and method == "sft" and not ds_config and _at_last_step(resume_from):
+        _load_last_step(trainer, resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     final_eval = trainer.evaluate()
 
     # DPO / GRPO added a frozen "ref" adapter to score the reference; the saved adapter is the trained one alone.

@@ -33,7 +33,7 @@ import signal
 import time
 
 from raytune_app import config as recipe_config
-from raytune_app import console, resources, runstate, storage
+from raytune_app import console, outcomes, resources, runstate, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train import scratch
@@ -312,6 +312,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
             f"already finished with this recipe and data; nothing to do. Best: {finished['best']['trial_id']} "
             f"({recipe.tune.metric} {finished['best']['final_metric']:.4f}); recipe {finished['best_recipe']}"
         )
+        outcomes.note("tune", outcomes.REUSED)
         return finished
 
     total = recipe.tune.num_samples * (
@@ -335,20 +336,25 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     ended_file = storage.join(out_dir, "ended.json")
     progress = _progress_callback(recipe, space, total, ended_file)
     experiment = storage.join(out_dir, "search")
-    restoring = restoring and ray_tune.Tuner.can_restore(experiment)
+    # A remote run directory goes to Ray as a path and its filesystem (endpoint, region: AWS_* variables).
+    search_path, search_fs = storage.ray_storage(experiment)
+    restoring = restoring and ray_tune.Tuner.can_restore(search_path, storage_filesystem=search_fs)
     if restoring:
         log.info(
             f"resuming the interrupted search in {experiment}: finished trials are kept, running ones continue "
             "from their latest checkpoint"
         )
+        outcomes.note("tune", outcomes.RESUMED, "finished trials kept, running ones from their latest checkpoint")
         tuner = ray_tune.Tuner.restore(
-            experiment,
+            search_path,
             trainable,
+            storage_filesystem=search_fs,
             resume_unfinished=True,
             resume_errored=True,
             param_space=param_space(space, recipe.tune.algorithm),
         )
     else:
+        outcomes.note("tune", outcomes.RECOMPUTED, state.why or "the interrupted search left nothing to restore")
         tuner = ray_tune.Tuner(
             trainable,
             param_space=param_space(space, recipe.tune.algorithm),
@@ -361,7 +367,8 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
             ),
             run_config=ray_tune.RunConfig(
                 name="search",
-                storage_path=out_dir,
+                storage_path=storage.ray_storage(out_dir)[0],
+                storage_filesystem=search_fs,
                 callbacks=[progress],
                 verbose=0,
                 failure_config=ray_tune.FailureConfig(max_failures=0),
