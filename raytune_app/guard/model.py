@@ -29,6 +29,8 @@ def _worker(config: dict) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
+    from raytune_app.guard.normalize import normalize
+
     torch.manual_seed(config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(config["base"])
     model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2)
@@ -44,7 +46,7 @@ def _worker(config: dict) -> None:
         for i in range(0, len(order), config["batch_size"]):
             chunk = [rows[j] for j in order[i : i + config["batch_size"]]]
             encoded = tokenizer(
-                [r["text"] for r in chunk],
+                [normalize(r["text"]) for r in chunk],  # the text serving will score (guard/normalize.py)
                 truncation=True,
                 max_length=config["max_length"],
                 padding=True,
@@ -196,6 +198,30 @@ class Guard:
     def blocks(self, texts: list[str]) -> list[bool]:
         return [s >= self.threshold for s in self.scores(texts)]
 
+    def windows(self, segments: list[str], overlap: float = 0.5) -> list[tuple[int, list[int]]]:
+        """(segment index, token ids) of every window the guard reads of `segments` (each a message, in the
+        order given, normalised and cut into windows of its max length: guard/windows.py)."""
+        from raytune_app.guard import windows
+        from raytune_app.guard.normalize import normalize
+
+        size = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
+        stride = max(1, int(size * (1 - overlap)))
+        out = []
+        for index, text in enumerate(segments):
+            ids = self.tokenizer(normalize(text), add_special_tokens=False, truncation=False)["input_ids"]
+            out += [(index, w) for w in windows.windows(ids, size, stride) if w]
+        return out or [(0, [])]  # nothing to read still gets a score (of the empty text)
+
+    def score_windows(self, windows: list[list[int]], batch_size: int = 32) -> list[float]:
+        return score_ids(self.tokenizer, self.model, windows, batch_size)
+
+    def score_segments(self, segments: list[str], overlap: float = 0.5) -> dict:
+        """The worst window over `segments` (a long prompt read whole): {score, segment, windows}."""
+        found = self.windows(segments, overlap)
+        scores = self.score_windows([w for _, w in found])
+        worst = max(range(len(scores)), key=scores.__getitem__)
+        return {"score": scores[worst], "segment": found[worst][0], "windows": len(found)}
+
 
 PRECISIONS = ("int8", "float32")
 
@@ -212,15 +238,36 @@ def load_classifier(model_dir: str, precision: str):
 
 
 def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size: int = 32) -> list[float]:
-    """Attack probabilities of `texts`, in batches (padding only to the longest prompt of a batch)."""
+    """Attack probabilities of `texts` (normalised, cut at `max_length` tokens), in batches (padding only to
+    the longest prompt of a batch)."""
     import torch
+
+    from raytune_app.guard.normalize import normalize
 
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             encoded = tokenizer(
-                texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                [normalize(t) for t in texts[i : i + batch_size]],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
             )
+            out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
+    return out
+
+
+def score_ids(tokenizer, model, windows: list[list[int]], batch_size: int = 32) -> list[float]:
+    """Attack probabilities of windows of token ids (no special tokens yet: added here, as the tokenizer
+    would), in batches."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            inputs = [tokenizer.build_inputs_with_special_tokens(w) for w in windows[i : i + batch_size]]
+            encoded = tokenizer.pad({"input_ids": inputs}, padding=True, return_tensors="pt")
             out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
     return out
 
