@@ -4,7 +4,6 @@ drift window, per-row text streaming (stop strings, UTF-8), and the serve sectio
 import pytest
 
 from raytune_app import config
-from raytune_app.guard import windows
 from raytune_app.guard.normalize import hidden_text, lone_surrogate, normalize
 from raytune_app.serve import access, inputs, prompt, protocol
 from raytune_app.serve.drift import DriftMonitor
@@ -169,15 +168,23 @@ def test_normalisation_is_nfkc_without_invisible_characters():
     assert normalize("x\udc00") == "x\ufffd"
 
 
-def test_windows_cover_every_token_and_keep_any_half_window_span_whole():
-    ids = list(range(23))
-    found = windows.windows(ids, size=8, stride=4)
-    assert found[0] == ids[:8] and found[-1] == ids[-8:] and len(found) == windows.count(23, 8, 4)
-    for start in range(len(ids) - 4):  # every 5-token span (size - stride + 1) lies whole inside a window
-        assert any(w[0] <= start and start + 4 <= w[-1] for w in found)
-    assert windows.windows([1, 2], 8, 4) == [[1, 2]] and windows.windows([], 8, 4) == [[]]
-    with pytest.raises(ValueError):
-        windows.windows(ids, 4, 5)
+def test_guard_windows_cover_a_long_prompt_and_a_short_one_is_what_truncation_gives():
+    from transformers import AutoTokenizer
+
+    from raytune_app import models
+    from raytune_app.guard.model import window_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve("bundled:all-minilm-l6-v2"))
+    words = [f"w{i}" for i in range(400)]
+    found, owners = window_ids(tokenizer, ["short one", " ".join(words), "ｓｈｏｒｔ\u200b one"], 32, overlap=0.5)
+    assert owners[0] == 0 and owners[-1] == 2 and set(owners) == {0, 1, 2}
+    assert found[0] == tokenizer("short one", truncation=True, max_length=32)["input_ids"] == found[-1]  # normalised
+    middle = [tokenizer.decode(w, skip_special_tokens=True).replace(" ", "") for w, o in zip(found, owners) if o == 1]
+    assert all(len(w) <= 32 for w in found) and "w0" in middle[0] and "w399" in middle[-1]
+    # Consecutive windows overlap, so an injection anywhere in the text lies whole inside one of them.
+    for i in range(0, 396, 7):
+        span = "".join(words[i : i + 3])
+        assert any(span in m for m in middle), span
 
 
 @pytest.mark.parametrize(

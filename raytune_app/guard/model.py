@@ -198,29 +198,19 @@ class Guard:
     def blocks(self, texts: list[str]) -> list[bool]:
         return [s >= self.threshold for s in self.scores(texts)]
 
-    def windows(self, segments: list[str], overlap: float = 0.5) -> list[tuple[int, list[int]]]:
-        """(segment index, token ids) of every window the guard reads of `segments` (each a message, in the
-        order given, normalised and cut into windows of its max length: guard/windows.py)."""
-        from raytune_app.guard import windows
-        from raytune_app.guard.normalize import normalize
-
-        size = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=False)
-        stride = max(1, int(size * (1 - overlap)))
-        out = []
-        for index, text in enumerate(segments):
-            ids = self.tokenizer(normalize(text), add_special_tokens=False, truncation=False)["input_ids"]
-            out += [(index, w) for w in windows.windows(ids, size, stride) if w]
-        return out or [(0, [])]  # nothing to read still gets a score (of the empty text)
+    def windows(self, segments: list[str], overlap: float = 0.5) -> tuple[list[list[int]], list[int]]:
+        """Every window the guard reads of `segments` (see `window_ids`): (input ids, segment index of each)."""
+        return window_ids(self.tokenizer, segments, self.max_length, overlap)
 
     def score_windows(self, windows: list[list[int]], batch_size: int = 32) -> list[float]:
         return score_ids(self.tokenizer, self.model, windows, batch_size)
 
     def score_segments(self, segments: list[str], overlap: float = 0.5) -> dict:
         """The worst window over `segments` (a long prompt read whole): {score, segment, windows}."""
-        found = self.windows(segments, overlap)
-        scores = self.score_windows([w for _, w in found])
+        ids, owners = self.windows(segments, overlap)
+        scores = self.score_windows(ids)
         worst = max(range(len(scores)), key=scores.__getitem__)
-        return {"score": scores[worst], "segment": found[worst][0], "windows": len(found)}
+        return {"score": scores[worst], "segment": owners[worst], "windows": len(ids)}
 
 
 PRECISIONS = ("int8", "float32")
@@ -258,16 +248,35 @@ def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size:
     return out
 
 
+def window_ids(tokenizer, texts: list[str], max_length: int, overlap: float = 0.5) -> tuple[list[list[int]], list[int]]:
+    """Each text (normalised) cut into overlapping windows of `max_length` tokens, special tokens included:
+    the tokenizer's own overflow windows, each repeating the last `overlap` share of the one before, so any
+    stretch of up to that many tokens + 1 lies whole inside one window whatever precedes it. A text that fits
+    is one window holding exactly what truncation gives, so it scores as it always did. Returns the windows'
+    input ids and, for each, the index of its text."""
+    from raytune_app.guard.normalize import normalize
+
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    stride = min(room - 1, max(0, int(room * overlap)))
+    encoded = tokenizer(
+        [normalize(t) for t in texts],
+        truncation=True,
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+    )
+    return encoded["input_ids"], list(encoded["overflow_to_sample_mapping"])
+
+
 def score_ids(tokenizer, model, windows: list[list[int]], batch_size: int = 32) -> list[float]:
-    """Attack probabilities of windows of token ids (no special tokens yet: added here, as the tokenizer
-    would), in batches."""
+    """Attack probabilities of windows of input ids (special tokens included, as `window_ids` gives them),
+    in batches padded to their longest window."""
     import torch
 
     out = []
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
-            inputs = [tokenizer.build_inputs_with_special_tokens(w) for w in windows[i : i + batch_size]]
-            encoded = tokenizer.pad({"input_ids": inputs}, padding=True, return_tensors="pt")
+            encoded = tokenizer.pad({"input_ids": windows[i : i + batch_size]}, padding=True, return_tensors="pt")
             out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
     return out
 

@@ -6,7 +6,7 @@
 
 `score(segments)` reads a whole prompt: `segments` are its messages' texts, newest first (ingress:
 serve/inputs.py), each normalised and cut into overlapping windows of the guard's max length
-(guard/windows.py); every window is scored and the prompt's score is its worst window's:
+(the tokenizer's overflow windows, guard/model.py `window_ids`); every window is scored and the prompt's score is its worst window's:
 {"score", "threshold", "attack", "windows", "segment" (index of the worst), "over_limit"}. A prompt with
 more than `max_windows` windows is not scored past the newest `max_windows` and says `over_limit`
 (the router refuses it in enforce mode). Concurrent requests are batched: their windows share forward
@@ -52,13 +52,22 @@ class GuardScorer:
     def _score_requests(self, requests: list[list[str]]) -> list[dict]:
         """Worst window per request; all requests' windows go through the model together."""
         with self.heartbeat.working("scoring"):
-            owners, windows, results = [], [], []
-            for index, segments in enumerate(requests):
-                found = self.guard.windows(segments, self.overlap)
-                results.append({"windows": len(found), "over_limit": len(found) > self.max_windows})
-                for segment, ids in found[: self.max_windows]:  # segments come newest first
-                    owners.append((index, segment))
-                    windows.append(ids)
+            # One tokenizer call for every segment of every request; segments come newest first, so a request
+            # over max_windows has its newest messages read.
+            texts = [text for segments in requests for text in segments]
+            request_of = [index for index, segments in enumerate(requests) for _ in segments]
+            first = [sum(len(r) for r in requests[:index]) for index in range(len(requests))]
+            ids, text_of = self.guard.windows(texts, self.overlap)
+            owners, windows = [], []
+            results = [{"windows": 0, "over_limit": False} for _ in requests]
+            for window, text in zip(ids, text_of):
+                index = request_of[text]
+                results[index]["windows"] += 1
+                if results[index]["windows"] > self.max_windows:
+                    results[index]["over_limit"] = True
+                    continue
+                owners.append((index, text - first[index]))
+                windows.append(window)
             scores = []
             for i in range(0, len(windows), self.per_pass):
                 scores += self.guard.score_windows(windows[i : i + self.per_pass], batch_size=self.per_pass)

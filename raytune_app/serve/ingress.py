@@ -69,6 +69,12 @@ def _headers(meta: dict) -> dict:
     return headers
 
 
+async def _await(response):
+    # Defined before the class: Serve pickles the ingress class when it is decorated, with the module
+    # globals it names that exist by then.
+    return await response
+
+
 def _unavailable(exc: BaseException) -> protocol.APIError:
     """The router failed, is restarting, is full, or took too long: 503 / 429, never a 500."""
     name = type(exc).__name__
@@ -338,7 +344,3 @@ class Ingress:
             raise StarletteHTTPException(404, "Not Found")
         page = get_swagger_ui_html(openapi_url="/openapi.json", title="raytune-app")
         return HTMLResponse(page.body.decode())
-
-
-async def _await(response):
-    return await response
