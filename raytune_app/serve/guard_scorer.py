@@ -5,13 +5,14 @@
             "stall_timeout_s": 120}
 
 `score(segments)` reads a whole prompt: `segments` are its messages' texts, newest first (ingress:
-serve/inputs.py), each normalised and cut into overlapping windows of the guard's max length
-(the tokenizer's overflow windows, guard/model.py `window_ids`); every window is scored and the prompt's score is its worst window's:
-{"score", "threshold", "attack", "windows", "segment" (index of the worst), "over_limit"}. A prompt with
-more than `max_windows` windows is not scored past the newest `max_windows` and says `over_limit`
-(the router refuses it in enforce mode). Concurrent requests are batched: their windows share forward
-passes of up to `max_batch_size` windows. A prompt that fits one window scores exactly as before windows
-existed (the same tokens as truncation gives). The router decides what a score means.
+serve/inputs.py), each normalised and cut into overlapping windows of the guard's max length (the
+tokenizer's overflow windows, guard/model.py `window_ids`); every window is scored and the prompt's
+score is its worst window's: {"score", "threshold", "attack", "windows", "segment" (index of the worst),
+"over_limit"}. A prompt with more than `max_windows` windows is not scored past the newest `max_windows`
+and says `over_limit` (the router refuses it in enforce mode). Concurrent requests are batched: their
+windows share forward passes of up to `max_batch_size` windows. A prompt that fits one window scores
+exactly as before windows existed (the same tokens as truncation gives). The router decides what a
+score means.
 
 The guard scores with the precision its guard.json names (int8 by default: the fast CPU path, the one
 its threshold was chosen on); a window batched with others can score marginally differently from alone,

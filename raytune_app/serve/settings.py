@@ -25,8 +25,9 @@ class BatchingSection(Section):
         0.1,
         ge=0,
         description="How long a replica waits for a batch to fill before it starts with what it has: longer "
-        "fills batches (throughput), shorter answers a lone request sooner. On a 2-core CPU 0.15 s gave full batches of "
-        "16 and 4x the unbatched throughput where 0.02 s gave batches of 2-3 (benchmarks/serve_load.py); on a GPU ~0.01.",
+        "fills batches (throughput), shorter answers a lone request sooner. On a 2-core CPU 0.15 s gave full "
+        "batches of 16 and 4x the unbatched throughput where 0.02 s gave batches of 2-3 (benchmarks/serve_load.py); "
+        "on a GPU ~0.01.",
     )
 
 
