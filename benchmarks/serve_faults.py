@@ -16,7 +16,9 @@ Recovery: at 1x load the server kills its LLM replica (ray.kill, as a crashed pr
 request is answered again, and until a whole second passes with no failure.
 
 Guard: the guard's windows over a 2,000-token conversation (a long system prompt and 12 turns), scored in
-this process at one torch thread as a guard replica runs, against the old single truncated window; the
+this process at one torch thread as a guard replica runs: a new conversation (nothing cached), the same
+conversation's next turn (the history's windows cached, as a replica has them from the previous turn),
+and the old single truncated window as the baseline; the
 guard is the one `raytune-app guard train` made (runs/guard) or, without one, the bundled MiniLM with an
 untrained head (speed does not depend on the weights).
 """
@@ -170,7 +172,7 @@ def guard_cost(repeats: int) -> dict:
     import torch
 
     from raytune_app import models
-    from raytune_app.guard.model import Guard
+    from raytune_app.guard.model import Guard, WindowCache
 
     torch.set_num_threads(1)
     trained = ROOT / "runs" / "guard"
@@ -184,18 +186,30 @@ def guard_cost(repeats: int) -> dict:
         AutoTokenizer.from_pretrained(base).save_pretrained(f"{folder}/model")
         Path(folder, "guard.json").write_text(json.dumps({"threshold": 0.5, "max_length": 128, "inference": "int8"}))
     guard = Guard.load(folder, threads=1)
-    policy = (
-        "You are the assistant of Harbor Goods, an online store for home and kitchen items. Answer questions "
-        "about orders, deliveries, returns and refunds politely and briefly. Orders ship within two working days. "
-    )
-    messages = [policy * 16] + [f"{PROMPTS[i % 4]} Also, order {i} arrived with a scratch." for i in range(12)]
-    segments = list(reversed(messages))
-    tokens = sum(len(guard.tokenizer(m, add_special_tokens=False)["input_ids"]) for m in messages)
-    windows = len(guard.windows(segments)[0])
-    guard.score_segments(segments)  # warm-up
-    sides = {"windows (all messages)": lambda: guard.score_segments(segments), "one truncated window (old)": None}
-    joined = "\n".join(messages)
-    sides["one truncated window (old)"] = lambda: guard.scores([joined])
+    topics = ["orders", "deliveries", "returns", "refunds", "gift cards", "warranty claims", "invoices", "stock"]
+    rules = [
+        f"Rule {i}: for {topics[i % len(topics)]} in region {i % 7}, answer politely, cite the order number, and "
+        f"offer the {['tracking link', 'return label', 'discount code', 'invoice copy'][i % 4]} when asked."
+        for i in range(60)
+    ]
+    system = " ".join(rules)
+    turns = [f"{PROMPTS[i % 4]} Also, order {1000 + i} arrived with a scratch on the lid." for i in range(12)]
+
+    def conversation(n_turns: int) -> list[str]:
+        return list(reversed([system] + turns[:n_turns]))  # the guard reads the newest message first
+
+    count = lambda texts: sum(len(guard.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)  # noqa: E731
+    full = conversation(12)
+    tokens, windows = count(full), len(guard.windows(full)[0])
+    guard.score_segments(full)  # warm-up
+    warm = WindowCache()
+    guard.score_segments(conversation(11), cache=warm)  # the conversation so far, read on the previous turn
+    joined = "\n".join(reversed(full))
+    sides = {
+        "windows, new conversation": lambda: guard.score_segments(full, cache=WindowCache()),
+        "windows, its next turn": lambda: guard.score_segments(full, cache=warm),
+        "one truncated window (old)": lambda: guard.scores([joined]),
+    }
     out = {}
     for name, call in sides.items():
         times = []
@@ -275,8 +289,9 @@ def main() -> None:
     for name, r in cost["sides"].items():
         print(f"  {name:<28} p50 {r['p50']:7.1f} ms   p99 {r['p99']:7.1f} ms")
     old = cost["sides"]["one truncated window (old)"]
-    new = cost["sides"]["windows (all messages)"]
-    print(f"  windows / old: p50 x{new['p50'] / old['p50']:.1f}, p99 x{new['p99'] / old['p99']:.1f}")
+    for name in ("windows, new conversation", "windows, its next turn"):
+        new = cost["sides"][name]
+        print(f"  {name} / old: p50 x{new['p50'] / old['p50']:.1f}, p99 x{new['p99'] / old['p99']:.1f}")
 
 
 if __name__ == "__main__":

@@ -202,15 +202,59 @@ class Guard:
         """Every window the guard reads of `segments` (see `window_ids`): (input ids, segment index of each)."""
         return window_ids(self.tokenizer, segments, self.max_length, overlap)
 
-    def score_windows(self, windows: list[list[int]], batch_size: int = 32) -> list[float]:
-        return score_ids(self.tokenizer, self.model, windows, batch_size)
+    def score_windows(
+        self, windows: list[list[int]], batch_size: int = 32, cache: WindowCache | None = None, on_batch=None
+    ) -> list[float]:
+        """Scores of windows of input ids; with a cache, each distinct window not seen before is scored once
+        (in batches of `batch_size`; `on_batch()` after each) and the rest are looked up."""
+        if cache is None:
+            return score_ids(self.tokenizer, self.model, windows, batch_size)
+        keys = [tuple(w) for w in windows]
+        known = {k: cache.get(k) for k in dict.fromkeys(keys)}
+        todo = [k for k, v in known.items() if v is None]
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            for key, score in zip(chunk, score_ids(self.tokenizer, self.model, [list(k) for k in chunk], batch_size)):
+                known[key] = score
+                cache.put(key, score)
+            if on_batch is not None:
+                on_batch()
+        return [known[k] for k in keys]
 
-    def score_segments(self, segments: list[str], overlap: float = 0.5) -> dict:
+    def score_segments(self, segments: list[str], overlap: float = 0.5, cache: WindowCache | None = None) -> dict:
         """The worst window over `segments` (a long prompt read whole): {score, segment, windows}."""
         ids, owners = self.windows(segments, overlap)
-        scores = self.score_windows(ids)
+        scores = self.score_windows(ids, cache=cache)
         worst = max(range(len(scores)), key=scores.__getitem__)
         return {"score": scores[worst], "segment": owners[worst], "windows": len(ids)}
+
+
+class WindowCache:
+    """Scores of windows already read, least recently used dropped beyond `size`. A conversation resends
+    its whole history, and an app its system prompt, with every request: each message's windows depend on
+    that message alone, so all but the newest message are found here and only new text costs a forward
+    pass. Keyed by the exact input ids; a score is the model's for that window (int8 activations are
+    quantised per batch, so it may differ from a fresh score in the last decimals)."""
+
+    def __init__(self, size: int = 4096):
+        from collections import OrderedDict
+
+        self.size, self.items, self.hits, self.misses = size, OrderedDict(), 0, 0
+
+    def get(self, key: tuple) -> float | None:
+        score = self.items.get(key)
+        if score is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return score
+
+    def put(self, key: tuple, score: float) -> None:
+        self.items[key] = score
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
 
 
 PRECISIONS = ("int8", "float32")

@@ -107,6 +107,7 @@ def _guard_spec(recipe: config.Recipe) -> dict | None:
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
         "window_overlap": cfg.window_overlap,
         "max_windows": cfg.max_windows,
+        "cache_windows": cfg.cache_windows,
         "stall_timeout_s": recipe.serve.limits.stall_timeout_s,
     }
 

@@ -2,7 +2,7 @@
 
     spec = {"model": <registry URI or folder>, "tracking_uri": uri, "threshold": None | float,
             "max_batch_size": 16, "batch_wait_timeout_s": 0.005, "window_overlap": 0.5, "max_windows": 256,
-            "stall_timeout_s": 120}
+            "cache_windows": 4096, "stall_timeout_s": 120}
 
 `score(segments)` reads a whole prompt: `segments` are its messages' texts, newest first (ingress:
 serve/inputs.py), each normalised and cut into overlapping windows of the guard's max length (the
@@ -10,7 +10,9 @@ tokenizer's overflow windows, guard/model.py `window_ids`); every window is scor
 score is its worst window's: {"score", "threshold", "attack", "windows", "segment" (index of the worst),
 "over_limit"}. A prompt with more than `max_windows` windows is not scored past the newest `max_windows`
 and says `over_limit` (the router refuses it in enforce mode). Concurrent requests are batched: their
-windows share forward passes of up to `max_batch_size` windows. A prompt that fits one window scores
+windows share forward passes of up to `max_batch_size` windows, and windows read before are looked up
+(`cache_windows`, guard/model.py WindowCache: history and system prompts cost nothing the second time).
+A prompt that fits one window scores
 exactly as before windows existed (the same tokens as truncation gives). The router decides what a
 score means.
 
@@ -27,6 +29,7 @@ import os
 
 from ray import serve
 
+from raytune_app.guard.model import WindowCache
 from raytune_app.serve.heartbeat import Heartbeat
 
 
@@ -46,7 +49,9 @@ class GuardScorer:
         self.max_windows = spec.get("max_windows", 256)
         self.per_pass = spec["max_batch_size"]
         self.heartbeat = Heartbeat(spec.get("stall_timeout_s", 120.0))
-        self.windows_scored = 0
+        size = spec.get("cache_windows", 4096)
+        self.cache = WindowCache(size) if size else None
+        self.windows_read = 0
         self._score_batch.set_max_batch_size(spec["max_batch_size"])
         self._score_batch.set_batch_wait_timeout_s(spec["batch_wait_timeout_s"])
 
@@ -69,11 +74,8 @@ class GuardScorer:
                     continue
                 owners.append((index, text - first[index]))
                 windows.append(window)
-            scores = []
-            for i in range(0, len(windows), self.per_pass):
-                scores += self.guard.score_windows(windows[i : i + self.per_pass], batch_size=self.per_pass)
-                self.heartbeat.beat()
-            self.windows_scored += len(windows)
+            scores = self.guard.score_windows(windows, self.per_pass, self.cache, on_batch=self.heartbeat.beat)
+            self.windows_read += len(windows)
         for result in results:
             result |= {"score": 0.0, "segment": 0}
         for (index, segment), score in zip(owners, scores):
@@ -97,7 +99,8 @@ class GuardScorer:
             "model": self.version,
             "threshold": self.threshold,
             "max_length": self.guard.max_length,
-            "windows_scored": self.windows_scored,
+            "windows_read": self.windows_read,
+            "cache": None if self.cache is None else {"hits": self.cache.hits, "misses": self.cache.misses},
             "pid": os.getpid(),
         }
 

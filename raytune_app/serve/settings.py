@@ -127,6 +127,12 @@ class GuardServeSection(Section):
         description="Most windows the guard reads of one request; longer prompts are refused in enforce mode "
         "(fail closed; the context limit keeps ordinary prompts far below: 2,000 tokens are ~32 windows).",
     )
+    cache_windows: int = Field(
+        4096,
+        ge=0,
+        description="Window scores a guard replica remembers (least recently used dropped): a conversation "
+        "resends its history and an app its system prompt each time, so only new text is read again. 0: off.",
+    )
     expose_score: bool = Field(
         False,
         description="Tell clients the guard's score and threshold (response header, refusal body, /v1/stats). "
