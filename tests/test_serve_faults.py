@@ -299,7 +299,7 @@ def test_chaos_kills_under_steady_load(faults):
     the service resumes by itself (every later request answered)."""
     url = faults["url"]
     kills = []
-    with _Load(url) as load:
+    with _Load(url, clients=2) as load:  # under capacity (2 + 2 queued), leaving room for health probes
         time.sleep(3)
         for victim in ("router", "ingress", "llm"):
             before = _replicas(victim)
@@ -312,14 +312,23 @@ def test_chaos_kills_under_steady_load(faults):
             kills[-1]["resumed"] = resumed
     records = load.records
     assert all(x["end"] - x["start"] < 60 for x in records)  # no hangs
-    failures = [x for x in records if not x["ok"]]
+    # A 429 is the server saying "busy, retry" (a replica just restarted, a health probe took a slot): a clean
+    # answer the OpenAI client retries by itself, allowed anywhere but rare under this load.
+    busy = [x for x in records if x["status"] == 429]
+    assert len(busy) <= max(3, len(records) // 10), busy
+    assert all('"server_busy"' in x["text"] for x in busy)
+    failures = [x for x in records if not x["ok"] and x["status"] != 429]
+    print(
+        f"chaos: {len(records)} requests, {len(busy)} busy (429), failures by status:",
+        {str(k): sum(1 for x in failures if x["status"] == k) for k in {x["status"] for x in failures}},
+    )
     for failure in failures:
         assert "Traceback" not in failure["text"], failure
-        assert failure["status"] in (429, 500, 503) or isinstance(failure["status"], str), failure
+        assert failure["status"] in (500, 503) or isinstance(failure["status"], str), failure
         if failure["status"] == 500:  # only Ray's proxy answers 500 (an ingress replica died mid-request)
             assert "error" not in failure["text"] or "internal_error" not in failure["text"], failure
         # In flight at a kill (or sent to the dead replica before Serve noticed), never after recovery.
         assert any(k["at"] - 60 <= failure["start"] <= k["resumed"] for k in kills), (failure, kills)
     after = [x for x in records if x["start"] > kills[-1]["resumed"] + 1]
-    assert after and all(x["ok"] for x in after)
+    assert after and all(x["ok"] or x["status"] == 429 for x in after)
     assert len(failures) <= 3 * len(kills) * 4, failures  # a handful per kill, not a stream of errors
