@@ -324,3 +324,48 @@ def test_serve_section_checks():
         config.validate(base | {"serve": {"router": {"canary_percent": 150}}})
     with pytest.raises(config.RecipeError, match="exactly one replica"):
         config.validate(base | {"serve": {"deployments": {"router": {"num_replicas": 2}}}})
+
+
+def test_the_plan_refuses_an_empty_key_file_and_an_open_network_address(tmp_path, monkeypatch):
+    from raytune_app.serve.app import ServePlanError, _check_access
+
+    monkeypatch.delenv("RAYTUNE_API_KEYS", raising=False)
+    ingress = {"api_keys_env": "RAYTUNE_API_KEYS", "api_keys_file": None, "host": "0.0.0.0", "allow_open": False}
+    with pytest.raises(ServePlanError, match="allow_open"):
+        _check_access(ingress)
+    _check_access(ingress | {"allow_open": True})
+    _check_access(ingress | {"host": "127.0.0.1"})
+    empty = tmp_path / "keys"
+    empty.write_text("# the secret did not mount\n")
+    with pytest.raises(ServePlanError, match="holds no API key"):
+        _check_access(ingress | {"host": "127.0.0.1", "api_keys_file": str(empty)})
+    monkeypatch.setenv("RAYTUNE_API_KEYS", "sk-1")
+    _check_access(ingress)
+
+
+def test_background_work_is_capped():
+    """Shadow copies and drift measurements beyond router.max_background are skipped and counted."""
+    import asyncio
+
+    from raytune_app.serve.router import Router
+    from raytune_app.serve.stats import Stats
+
+    router = object.__new__(Router.func_or_class)
+    router.spec, router.background, router.stats = {"max_background": 2}, set(), Stats({}, export=False)
+
+    async def run():
+        started = []
+
+        async def work(i):
+            started.append(i)
+            await asyncio.sleep(0.2)
+
+        for i in range(5):
+            router._spawn(work(i))
+        await asyncio.sleep(0)
+        running = len(router.background)
+        await asyncio.gather(*list(router.background))
+        return started, running
+
+    started, running = asyncio.run(run())
+    assert started == [0, 1] and running == 2 and router.stats.skipped_background == 3
