@@ -589,7 +589,9 @@ def test_health_and_docs(app):
 def test_fuzzed_requests_always_get_an_openai_4xx_or_an_answer(app):
     """Random JSON, wrong types, lone surrogates, NUL, huge numbers, deep nesting, NaN / Infinity literals
     and extreme sampling values, as request fields and as raw bodies: every answer is a 200 or an OpenAI
-    error object with a 4xx, never a 500 or a traceback. Bounded: 150 examples, no shrinking past 60 s."""
+    error object with a 4xx, never a 500 or a traceback. Bounded: 150 examples, 3 minutes at most."""
+    import time
+
     import httpx
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -632,7 +634,11 @@ def test_fuzzed_requests_always_get_an_openai_4xx_or_an_answer(app):
     }
     requests = st.fixed_dictionaries({}, optional=fields)
 
+    deadline = time.monotonic() + 180  # time bound too: on a very busy machine, later examples are not sent
+
     def send(body: bytes):
+        if time.monotonic() > deadline:
+            return
         r = httpx.post(url, content=body, headers=auth | {"content-type": "application/json"}, timeout=60)
         assert r.status_code < 500 and "Traceback" not in r.text, (body[:300], r.status_code, r.text[:300])
         if r.status_code != 200:
