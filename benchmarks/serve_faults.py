@@ -9,8 +9,9 @@ The server is a separate process (`--serve`): the quickstart recipe's Serve app 
 LLM replica with `max_batch_size` 4, so capacity is max_ongoing_requests (2 x 4 = 8) and the queue per
 caller another 8; no backup (a kill is then visible), the guard off (its cost is measured on its own,
 below). This process is the load: at each level, `level x capacity` clients send chat requests back to
-back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed. The baseline is the 1x level of the
-same run: the table gives p99 of admitted requests against it.
+back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed, and a shed client waits the
+Retry-After it was given before it tries again (as the OpenAI client does). The baseline is the 1x level
+of the same run: the table gives p99 of admitted requests against it.
 
 Recovery: at 1x load the server kills its LLM replica (ray.kill, as a crashed process); the time until a
 request is answered again, and until a whole second passes with no failure.
@@ -106,14 +107,16 @@ async def hold(url: str, clients: int, duration: float, max_tokens: int) -> list
                 "temperature": 0,
                 "messages": [{"role": "user", "content": PROMPTS[(index + i) % len(PROMPTS)]}],
             }
+            wait = 0.0
             try:
                 r = await http.post(url + "/v1/chat/completions", json=body)
                 status = r.status_code
+                wait = float(r.headers.get("retry-after", 0) or 0)
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             records.append({"start": began, "end": time.time(), "status": status})
             if status in (429, 503):
-                await asyncio.sleep(0.05)  # a shed client comes back soon (the OpenAI client would wait Retry-After)
+                await asyncio.sleep(max(wait, 0.05))  # as the OpenAI client does: it waits Retry-After, then retries
 
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
@@ -190,7 +193,7 @@ def guard_cost(repeats: int) -> dict:
     rules = [
         f"Rule {i}: for {topics[i % len(topics)]} in region {i % 7}, answer politely, cite the order number, and "
         f"offer the {['tracking link', 'return label', 'discount code', 'invoice copy'][i % 4]} when asked."
-        for i in range(60)
+        for i in range(64)
     ]
     system = " ".join(rules)
     turns = [f"{PROMPTS[i % 4]} Also, order {1000 + i} arrived with a scratch on the lid." for i in range(12)]
