@@ -32,6 +32,8 @@ def _worker(config: dict) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
+    from raytune_app.guard.normalize import normalize
+
     torch.manual_seed(config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(config["base"])
     model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2)
@@ -47,7 +49,7 @@ def _worker(config: dict) -> None:
         for i in range(0, len(order), config["batch_size"]):
             chunk = [rows[j] for j in order[i : i + config["batch_size"]]]
             encoded = tokenizer(
-                [r["text"] for r in chunk],
+                [normalize(r["text"]) for r in chunk],  # the text serving will score (guard/normalize.py)
                 truncation=True,
                 max_length=config["max_length"],
                 padding=True,
@@ -197,6 +199,65 @@ class Guard:
     def blocks(self, texts: list[str]) -> list[bool]:
         return [s >= self.threshold for s in self.scores(texts)]
 
+    def windows(self, segments: list[str], overlap: float = 0.5) -> tuple[list[list[int]], list[int]]:
+        """Every window the guard reads of `segments` (see `window_ids`): (input ids, segment index of each)."""
+        return window_ids(self.tokenizer, segments, self.max_length, overlap)
+
+    def score_windows(
+        self, windows: list[list[int]], batch_size: int = 32, cache: WindowCache | None = None, on_batch=None
+    ) -> list[float]:
+        """Scores of windows of input ids; with a cache, each distinct window not seen before is scored once
+        (in batches of `batch_size`; `on_batch()` after each) and the rest are looked up."""
+        if cache is None:
+            return score_ids(self.tokenizer, self.model, windows, batch_size)
+        keys = [tuple(w) for w in windows]
+        known: dict[tuple, float | None] = {k: cache.get(k) for k in dict.fromkeys(keys)}
+        todo = [k for k, v in known.items() if v is None]
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            for key, score in zip(chunk, score_ids(self.tokenizer, self.model, [list(k) for k in chunk], batch_size)):
+                known[key] = score
+                cache.put(key, score)
+            if on_batch is not None:
+                on_batch()
+        return [score for score in (known[k] for k in keys) if score is not None]
+
+    def score_segments(self, segments: list[str], overlap: float = 0.5, cache: WindowCache | None = None) -> dict:
+        """The worst window over `segments` (a long prompt read whole): {score, segment, windows}."""
+        ids, owners = self.windows(segments, overlap)
+        scores = self.score_windows(ids, cache=cache)
+        worst = max(range(len(scores)), key=scores.__getitem__)
+        return {"score": scores[worst], "segment": owners[worst], "windows": len(ids)}
+
+
+class WindowCache:
+    """Scores of windows already read, least recently used dropped beyond `size`. A conversation resends
+    its whole history, and an app its system prompt, with every request: each message's windows depend on
+    that message alone, so all but the newest message are found here and only new text costs a forward
+    pass. Keyed by the exact input ids; a score is the model's for that window (int8 activations are
+    quantised per batch, so it may differ from a fresh score in the last decimals)."""
+
+    def __init__(self, size: int = 4096):
+        from collections import OrderedDict
+
+        self.items: OrderedDict[tuple, float] = OrderedDict()
+        self.size, self.hits, self.misses = size, 0, 0
+
+    def get(self, key: tuple) -> float | None:
+        score = self.items.get(key)
+        if score is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return score
+
+    def put(self, key: tuple, score: float) -> None:
+        self.items[key] = score
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
 
 PRECISIONS = ("int8", "float32")
 
@@ -213,15 +274,55 @@ def load_classifier(model_dir: str, precision: str):
 
 
 def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size: int = 32) -> list[float]:
-    """Attack probabilities of `texts`, in batches (padding only to the longest prompt of a batch)."""
+    """Attack probabilities of `texts` (normalised, cut at `max_length` tokens), in batches (padding only to
+    the longest prompt of a batch)."""
     import torch
+
+    from raytune_app.guard.normalize import normalize
 
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             encoded = tokenizer(
-                texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                [normalize(t) for t in texts[i : i + batch_size]],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
             )
+            out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
+    return out
+
+
+def window_ids(tokenizer, texts: list[str], max_length: int, overlap: float = 0.5) -> tuple[list[list[int]], list[int]]:
+    """Each text (normalised) cut into overlapping windows of `max_length` tokens, special tokens included:
+    the tokenizer's own overflow windows, each repeating the last `overlap` share of the one before, so any
+    stretch of up to that many tokens + 1 lies whole inside one window whatever precedes it. A text that fits
+    is one window holding exactly what truncation gives, so it scores as it always did. Returns the windows'
+    input ids and, for each, the index of its text."""
+    from raytune_app.guard.normalize import normalize
+
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    stride = min(room - 1, max(0, int(room * overlap)))
+    encoded = tokenizer(
+        [normalize(t) for t in texts],
+        truncation=True,
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+    )
+    return encoded["input_ids"], list(encoded["overflow_to_sample_mapping"])
+
+
+def score_ids(tokenizer, model, windows: list[list[int]], batch_size: int = 32) -> list[float]:
+    """Attack probabilities of windows of input ids (special tokens included, as `window_ids` gives them),
+    in batches padded to their longest window."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            encoded = tokenizer.pad({"input_ids": windows[i : i + batch_size]}, padding=True, return_tensors="pt")
             out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
     return out
 

@@ -1,1 +1,2 @@
-"""Serving on Ray Serve: OpenAI-compatible ingress, guard, router (canary / shadow / drift / failover), LLM replicas."""
+"""Serving on Ray Serve: OpenAI-compatible ingress, guard, router (canary / shadow / drift / failover)
+and LLM replicas."""

@@ -1,7 +1,9 @@
 """API keys: where they come from, how a request's key is checked, and the id it is counted under.
 
-Keys come from an environment variable (comma-separated) and/or a secret file (one per line). A key
-is never logged or reported: metrics and /v1/stats name it by `key_id`, a short hash.
+Keys come from an environment variable (comma-separated) and/or a secret file (one per line; a file with no
+key is an error). With no key at all the API is open, which is refused on a non-loopback host unless
+serve.access.allow_open says so (`require_keys`). A key is never logged or reported: metrics and
+/v1/stats name it by `key_id`, a short hash.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ import os
 from pathlib import Path
 
 
+class OpenAccessError(ValueError):
+    """The app would serve anyone on a network-reachable address without asking for a key."""
+
+
 def load_keys(env_name: str | None, file: str | None) -> list[str]:
+    """Accepted keys from the environment variable and the file. A file that exists but holds no key (empty,
+    or only comments) is an error: it is a secret that failed to mount, not a wish for an open API."""
     keys = []
     if env_name and os.environ.get(env_name):
         keys += [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
@@ -20,8 +28,37 @@ def load_keys(env_name: str | None, file: str | None) -> list[str]:
         path = Path(file)
         if not path.is_file():
             raise FileNotFoundError(f"serve.access.api_keys_file: no file at {path}")
-        keys += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        found = [k for k in found if not k.startswith("#")]
+        if not found:
+            raise ValueError(
+                f"serve.access.api_keys_file: {path} holds no API key (empty, or only comments); put one key per "
+                "line, or remove the setting"
+            )
+        keys += found
     return keys
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def require_keys(keys: list[str], host: str, allow_open: bool) -> None:
+    """Refuse an open API on a non-loopback address unless serve.access.allow_open says it is meant."""
+    if keys or allow_open or is_loopback(host):
+        return
+    raise OpenAccessError(
+        f"serve.host is {host}, reachable from other machines, and no API key is configured (serve.access: "
+        "api_keys_env / api_keys_file). Set a key (e.g. RAYTUNE_API_KEYS, visible to the Serve replicas too), "
+        "serve on 127.0.0.1, or set serve.access.allow_open: true to serve without keys on purpose."
+    )
 
 
 def key_id(key: str) -> str:

@@ -106,6 +106,10 @@ def _guard_spec(recipe: config.Recipe) -> dict | None:
         "threshold": cfg.threshold,
         "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        "window_overlap": cfg.window_overlap,
+        "max_windows": cfg.max_windows,
+        "cache_windows": cfg.cache_windows,
+        "stall_timeout_s": recipe.serve.limits.stall_timeout_s,
     }
 
 
@@ -164,6 +168,7 @@ def plan(recipe: config.Recipe) -> dict:
         "max_batch_size": s.batching.max_batch_size,
         "batch_wait_timeout_s": s.batching.batch_wait_timeout_s,
         "max_loaded_adapters": s.max_loaded_adapters,
+        "stall_timeout_s": s.limits.stall_timeout_s,
     }
     backup = None
     if s.backup is not None:
@@ -183,6 +188,13 @@ def plan(recipe: config.Recipe) -> dict:
         "timeout_s": s.limits.timeout_s,
         "guard_mode": s.guard.mode,
         "pricing": {k: v.model_dump() for k, v in s.pricing.items()},
+        # Hardening (serve/router.py): bounded calls, the 429 hint, what clients may see, background caps.
+        "guard_timeout_s": s.limits.guard_timeout_s,
+        "retry_after_s": s.limits.retry_after_s,
+        "expose_guard_score": s.guard.expose_score,
+        "max_windows": s.guard.max_windows,
+        "max_background": s.router.max_background,
+        "rollback_retry_s": s.router.rollback_retry_s,
     }
     ingress = {
         "models": sorted(routes),
@@ -192,17 +204,61 @@ def plan(recipe: config.Recipe) -> dict:
         "max_prompt_tokens": s.limits.max_prompt_tokens,
         "api_keys_env": s.access.api_keys_env,
         "api_keys_file": recipe.resolve_source(s.access.api_keys_file) if s.access.api_keys_file else None,
+        "host": s.host,
+        "allow_open": s.access.allow_open,
+        "docs": s.docs,
     }
+    _check_access(ingress)
     return {"llm": llm, "backup": backup, "guard": _guard_spec(recipe), "router": router, "ingress": ingress}
 
 
+def _check_access(ingress: dict) -> None:
+    """Keys as this process sees them: an empty key file, or an open API on a non-loopback host, stops the plan
+    here (the ingress replicas check again with their own environment)."""
+    from raytune_app.serve import access
+
+    try:
+        keys = access.load_keys(ingress["api_keys_env"], ingress["api_keys_file"])
+        access.require_keys(keys, ingress["host"], ingress["allow_open"])
+    except (OSError, ValueError) as exc:
+        raise ServePlanError(str(exc)) from None
+
+
+def _queues(recipe: config.Recipe, name: str) -> dict:
+    """Backpressure defaults: how many requests a replica works on, and how many may wait per caller before
+    the surplus is refused at once (serve/settings.py DeploymentSection). An LLM replica decodes one batch
+    at a time: two batches' worth in flight keeps the next batch ready; two more may wait."""
+    batch = recipe.serve.batching.max_batch_size
+    return {
+        "llm": (2 * batch, 2 * batch),
+        "backup": (2 * batch, 2 * batch),
+        "guard": (64, 256),
+        "router": (1000, None),
+        "ingress": (256, 512),
+    }[name]
+
+
 def _options(recipe: config.Recipe, name: str) -> dict:
-    """Deployment options from serve.deployments.<name> (replicas, autoscaling, resources)."""
+    """Deployment options from serve.deployments.<name> (replicas, autoscaling, resources, queues, health)."""
+    from ray.serve.config import BackpressureConfig
+
     cfg = recipe.serve.deployments.get(name)
     actor = {"num_cpus": DEFAULT_CPUS[name]}
-    options: dict = {"name": name}
+    ongoing, queued = _queues(recipe, name)
+    options: dict = {"name": name, "max_ongoing_requests": ongoing}
+    if cfg is not None and cfg.max_queued_requests is not None:
+        queued = cfg.max_queued_requests
+    if queued is not None:
+        options["max_queued_requests"] = queued
+    if name == "ingress":
+        # Past the ingress's own queue Serve's proxy answers itself: 429 with Retry-After, as the models' queues do.
+        retry = recipe.serve.limits.retry_after_s
+        options["backpressure_config"] = BackpressureConfig(status_code=429, retry_after_s=retry or None)
     if cfg is None:
         return options | {"ray_actor_options": actor}
+    for field in ("health_check_period_s", "health_check_timeout_s"):
+        if getattr(cfg, field) is not None:
+            options[field] = getattr(cfg, field)
     if cfg.num_cpus is not None:
         actor["num_cpus"] = cfg.num_cpus
     if cfg.num_gpus is not None:

@@ -9,6 +9,7 @@ Pure Python; the router owns one and acts on `tripped`.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from statistics import fmean
 
@@ -21,11 +22,17 @@ class DriftMonitor:
         self.same_reply: deque = deque(maxlen=window)
         self.length_ratio: deque = deque(maxlen=window)
         self.measured = 0
+        self.non_finite = 0
 
     def add(self, kl: float, top1_agreement: float) -> bool:
-        """Record one request's divergence; True when the window now passes the threshold."""
+        """Record one request's divergence; True when the window now passes the threshold. A KL that is not
+        a finite number (NaN or inf logits from a broken challenger) counts as infinitely far: it trips
+        the monitor rather than silently poisoning the mean (NaN compares false with every threshold)."""
+        if not math.isfinite(kl):
+            kl = math.inf
+            self.non_finite += 1
         self.kl.append(kl)
-        self.agreement.append(top1_agreement)
+        self.agreement.append(top1_agreement if math.isfinite(top1_agreement) else 0.0)
         self.measured += 1
         return self.tripped
 
@@ -47,14 +54,15 @@ class DriftMonitor:
             window.clear()
 
     def summary(self) -> dict:
-        def mean(values):
-            return round(fmean(values), 6) if values else None
+        def mean(values):  # JSON has no inf: a window holding a non-finite KL reports null (see non_finite)
+            return round(fmean(values), 6) if values and math.isfinite(fmean(values)) else None
 
         return {
             "threshold": self.threshold,
             "window": self.kl.maxlen,
             "samples": len(self.kl),
             "measured_total": self.measured,
+            "non_finite": self.non_finite,
             "mean_kl": mean(self.kl),
             "top1_agreement": mean(self.agreement),
             "shadow_compared": len(self.same_reply),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from raytune_app import integrity, models, storage
+from raytune_app.serve import prompt
 
 BASE = "__base__"  # PEFT's name for "no adapter" inside a mixed-adapter batch
 
@@ -35,6 +36,7 @@ class Row:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    cancelled: bool = False  # set by the caller when its client went away: the row stops generating
 
 
 class TextStream:
@@ -155,11 +157,11 @@ class Engine:
     # ------------------------------------------------------------------------------------ prompts
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The chat template's tokens with each message's content read as text (serve/prompt.py)."""
+        return prompt.chat_ids(self.tokenizer, messages)
 
-    def text_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    def text_ids(self, text: str) -> list[int]:
+        return prompt.text_ids(self.tokenizer, text)
 
     def stream_for(self, row: Row) -> TextStream:
         return TextStream(self.tokenizer, self.stop_ids, row.stop, row.max_tokens)
@@ -168,10 +170,11 @@ class Engine:
 
     def generate(
         self, rows: list[Row], on_step: Callable[[list[int]], None], finished: Callable[[], list[bool]] | None = None
-    ) -> None:
+    ) -> dict:
         """Generate for every row; `on_step` receives the new token of each row after every decoding
-        step. `finished()` (optional) tells which rows the caller has ended (a stop string), so that a
-        batch whose rows are all ended stops early."""
+        step. `finished()` (optional) tells which rows the caller has ended (a stop string), and a row
+        whose `cancelled` is set stops too, so that a batch whose rows are all ended stops early.
+        Returns {"rescued_rows": n}: sampled rows whose numbers broke and were decoded greedily (RowSampling)."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -199,12 +202,14 @@ class Engine:
         class RowLimits(StoppingCriteria):
             def __call__(self, ids, scores, **kwargs):
                 done = (ids.shape[1] - width) >= limits
+                ended = [r.cancelled for r in rows]
                 if finished is not None:
-                    done = done | torch.tensor(finished(), device=ids.device)
-                return done
+                    ended = [a or b for a, b in zip(ended, finished())]
+                return done | torch.tensor(ended, device=ids.device)
 
         sampling = any(r.temperature > 0 for r in rows)
         options = dict(do_sample=False)
+        per_row = RowSampling(rows)
         if sampling:
             # Each row's own temperature / top-p is applied by RowSampling; neutralise the model's defaults.
             options = dict(
@@ -212,7 +217,7 @@ class Engine:
                 temperature=1.0,
                 top_p=1.0,
                 top_k=0,
-                logits_processor=LogitsProcessorList([RowSampling(rows)]),
+                logits_processor=LogitsProcessorList([per_row]),
             )
         with torch.inference_mode(), self._autocast():
             self.model.generate(
@@ -226,6 +231,7 @@ class Engine:
                 **options,
                 **self._adapter_kwargs([r.adapter for r in rows]),
             )
+        return {"rescued_rows": per_row.degraded}
 
     def _autocast(self):
         import torch
@@ -259,11 +265,26 @@ class Engine:
 
 class RowSampling:
     """Per-row decoding inside one sampled batch: greedy rows keep only their arg-max token; sampling rows
-    are divided by their temperature and cut to their top-p nucleus."""
+    are divided by their temperature and cut to their top-p nucleus.
+
+    One row's numbers never fail the batch: a row whose scaled logits are not finite (a temperature so small
+    that the division overflows, NaN logits) decodes greedily from its finite logits instead, and a row with
+    no finite logit at all gets token 0 alone (torch.multinomial would raise for the whole batch on a NaN
+    or all-zero row). `degraded` counts the rows so rescued."""
 
     def __init__(self, rows: list[Row]):
         self.temperatures = [r.temperature for r in rows]
         self.top_ps = [r.top_p for r in rows]
+        self.degraded = 0
+
+    @staticmethod
+    def _greedy(row):
+        import torch
+
+        finite = torch.isfinite(row)
+        keep = torch.full_like(row, float("-inf"))
+        keep[torch.where(finite, row, torch.full_like(row, float("-inf"))).argmax() if finite.any() else 0] = 0.0
+        return keep
 
     def __call__(self, input_ids, scores):
         import torch
@@ -272,11 +293,13 @@ class RowSampling:
         for i, (t, p) in enumerate(zip(self.temperatures, self.top_ps)):
             row = scores[i]
             if t <= 0:
-                keep = torch.full_like(row, float("-inf"))
-                keep[row.argmax()] = 0.0
-                out[i] = row + keep
+                out[i] = self._greedy(row)
                 continue
             row = row / t
+            if not torch.isfinite(row.max()) or torch.isnan(row).any():
+                self.degraded += 1
+                out[i] = self._greedy(scores[i])
+                continue
             if p < 1.0:
                 order = torch.argsort(row, descending=True)
                 cumulative = torch.softmax(row[order], dim=-1).cumsum(-1)

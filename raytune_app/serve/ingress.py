@@ -1,31 +1,46 @@
 """The HTTP ingress: OpenAI-compatible routes on FastAPI, served by Ray Serve.
 
     POST /v1/chat/completions   POST /v1/completions   (stream: server-sent events)
-    GET  /v1/models             GET  /v1/stats         GET  /healthz
+    GET  /v1/models             GET  /v1/stats         GET  /healthz        (/docs when serve.docs)
 
-It checks the API key, validates the request (raytune_app/serve/protocol.py) and its prompt length
-with the base model's tokenizer, so a bad request is answered with an OpenAI error object before any
-model or the guard runs; then hands it to the router. Response headers say which model version
-answered (`x-raytune-served-by`), whether the backup did (`x-raytune-failover`), the route taken and
-the guard score.
+A request goes through cheap checks first and reaches a tokenizer or a model only if it passes them all,
+each answered with an OpenAI error object (never a 500 or a traceback): the API key (401), the body size
+(413, from Content-Length before the body is read, or while reading it), strict JSON (serve/inputs.py),
+the request schema and limits (serve/protocol.py: stop strings, messages, sampling values), invisible
+text (refused) and normalisation (the same text then goes to the guard and the model), a lower bound on
+the prompt's tokens from its bytes, then the prompt's real token count (in a worker thread: a long prompt
+does not hold up the event loop) against the context: prompt + max_tokens must fit (400 naming the
+numbers). Then the router gets it (serve/router.py), within a timeout; a router that fails or is gone is a
+503, a full queue a 429 with Retry-After. A client that disconnects cancels its request downstream.
+
+Response headers say which model version answered (`x-raytune-served-by`), whether the backup did
+(`x-raytune-failover`), the route taken, and the guard score only when serve.guard.expose_score is on.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route parameters' annotations at
 # runtime, and as strings inside a Serve ingress class they would not resolve (`request` becomes a
 # required query parameter).
+import asyncio
 import json
 import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raytune_app.serve import access, protocol
+from raytune_app.serve import access, inputs, prompt, protocol
 
 logger = logging.getLogger("ray.serve")
-app = FastAPI(title="raytune-app", description="OpenAI-compatible serving of fine-tuned models, guarded.")
+# The interactive docs and schema are off unless serve.docs turns them on (routes below, checked per request).
+app = FastAPI(
+    title="raytune-app",
+    description="OpenAI-compatible serving of fine-tuned models, guarded.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -54,6 +69,26 @@ def _headers(meta: dict) -> dict:
     return headers
 
 
+async def _await(response):
+    # Defined before the class: Serve pickles the ingress class when it is decorated, with the module
+    # globals it names that exist by then.
+    return await response
+
+
+def _unavailable(exc: BaseException) -> protocol.APIError:
+    """The router failed, is restarting, is full, or took too long: 503 / 429, never a 500."""
+    name = type(exc).__name__
+    if "BackPressure" in name:
+        return protocol.APIError(
+            429, "The server is at capacity; retry shortly.", type="rate_limit_error", code="server_busy"
+        )
+    if isinstance(exc, asyncio.TimeoutError):
+        return protocol.APIError(503, "The request timed out inside the server.", type="server_error", code="timeout")
+    return protocol.APIError(
+        503, f"The service is unavailable ({name}); retry shortly.", type="server_error", code="service_unavailable"
+    )
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
@@ -61,13 +96,20 @@ class Ingress:
         from raytune_app import models
 
         self.spec, self.router = spec, router
+        self.limits = spec["limits"]
+        # Keys are read here, on the replica, from its own environment and files: checked again, since the
+        # replica's environment is what counts (an env var set only where the app was planned does not reach it).
         self.keys = access.load_keys(spec["api_keys_env"], spec["api_keys_file"])
+        access.require_keys(self.keys, spec.get("host", "127.0.0.1"), spec.get("allow_open", False))
         self.tokenizer = models.load_tokenizer(
             spec["model"]["path"],
             spec["model"].get("tokenizer"),
             spec["model"].get("chat_template"),
             spec["model"].get("trust_remote_code", False),
         )
+        self.bytes_per_token = prompt.max_token_bytes(self.tokenizer)
+        # The router bounds each of its steps (guard, primary, backup); this bounds the whole, with a margin.
+        self.router_timeout_s = self.limits["guard_timeout_s"] + 2 * self.limits["timeout_s"] + 10
         self.created = int(time.time())
         logger.info(
             "ingress ready: models %s, API keys %s", spec["models"], "required" if self.keys else "not required"
@@ -82,50 +124,92 @@ class Ingress:
             self.router.auth_failure.remote()
             raise protocol.APIError(401, str(exc), type="authentication_error", code="invalid_api_key") from None
 
-    def _prompt_tokens(self, request: dict) -> int:
-        if request["kind"] == "chat":
-            text = self.tokenizer.apply_chat_template(request["messages"], tokenize=False, add_generation_prompt=True)
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return len(self.tokenizer(request["prompt"])["input_ids"])
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it is known to pass max_body_bytes."""
+        limit = self.limits["max_body_bytes"]
+        too_large = protocol.APIError(
+            413,
+            f"The request body is larger than {limit} bytes (serve.limits.max_body_bytes).",
+            code="request_too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
-    def _check_length(self, request: dict) -> None:
-        limit = self.spec["max_prompt_tokens"] or (self.spec["context_length"] - request["max_tokens"])
-        count = self._prompt_tokens(request)
-        if count > limit:
-            raise protocol.APIError(
+    def _count(self, request: dict) -> int:
+        if request["kind"] == "chat":
+            return len(prompt.chat_ids(self.tokenizer, request["messages"]))
+        return len(prompt.text_ids(self.tokenizer, request["prompt"]))
+
+    async def _check_length(self, request: dict) -> None:
+        context, wanted = self.spec["context_length"], request["max_tokens"]
+        limit = min(self.spec["max_prompt_tokens"] or context, context - wanted)
+        param = "messages" if request["kind"] == "chat" else "prompt"
+
+        def refuse(count: str) -> protocol.APIError:
+            return protocol.APIError(
                 400,
-                f"This model's maximum prompt length is {limit} tokens with max_tokens="
-                f"{request['max_tokens']}; the prompt has {count}. Shorten it or lower max_tokens.",
-                param="messages" if request["kind"] == "chat" else "prompt",
+                f"This model's context is {context} tokens: the prompt ({count} tokens) plus max_tokens ({wanted}) "
+                f"must fit, so prompts may have at most {limit} tokens with this max_tokens. Shorten the prompt or "
+                "lower max_tokens.",
+                param=param,
                 code="context_length_exceeded",
             )
+
+        if limit < 1:
+            raise refuse("any number of")
+        # No token covers more bytes than the longest vocabulary entry: a prompt whose bytes need more tokens
+        # than the limit is refused before the tokenizer runs.
+        at_least = -(-inputs.text_bytes(request) // self.bytes_per_token)
+        if at_least > limit:
+            raise refuse(f"at least {at_least}")
+        try:
+            count = await asyncio.get_running_loop().run_in_executor(None, self._count, request)
+        except prompt.PromptError as exc:
+            raise protocol.APIError(400, str(exc), param=param, code="invalid_messages") from None
+        if count > limit:
+            raise refuse(str(count))
         request["max_prompt_tokens"] = limit
 
     async def _serve(self, request: Request, parse):
         model = "-"
         try:
             key = await self._authorise(request)
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise protocol.APIError(
-                    400, f"the request body is not valid JSON ({exc})", code="invalid_json"
-                ) from None
-            parsed = parse(body, self.spec["limits"])
+            body = inputs.parse_json(await self._body(request), self.limits["max_json_depth"])
+            parsed = parse(body, self.limits)
             model = parsed["model"]
-            self._check_length(parsed)
-            parsed["guard_text"] = protocol.prompt_text(parsed)
+            inputs.normalise(parsed)
+            await self._check_length(parsed)
+            parsed["guard_segments"] = inputs.segments(parsed)
             if parsed["stream"]:
                 return await self._stream(parsed, key)
-            result = await self.router.complete.remote(parsed, key)
+            call = self.router.complete.remote(parsed, key)
+            try:
+                result = await asyncio.wait_for(_await(call), timeout=self.router_timeout_s)
+            except asyncio.CancelledError:
+                call.cancel()  # the client went away: stop its generation downstream
+                raise
+            except Exception as exc:
+                call.cancel()
+                logger.warning("router call failed: %s: %s", type(exc).__name__, str(exc)[:300])
+                raise _unavailable(exc) from None
             if "error" in result:
-                return JSONResponse(result["error"]["body"], status_code=result["error"]["status"])
+                error = result["error"]
+                return JSONResponse(error["body"], status_code=error["status"], headers=error.get("headers") or None)
             body = protocol.reply(parsed, result, protocol.new_id(parsed["kind"]))
             return JSONResponse(body, headers=_headers(result["meta"]))
         except protocol.APIError as exc:
-            if exc.status != 401:
+            if exc.status < 500 and exc.status not in (401, 429):
                 self.router.client_error.remote(model, exc.code or "bad_request")
-            return JSONResponse(exc.body(), status_code=exc.status)
+            headers = {"retry-after": str(self.limits["retry_after_s"])} if exc.status == 429 else None
+            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
         except Exception as exc:  # never a traceback to the client; the log has it
             logger.exception("request failed")
             error = protocol.APIError(
@@ -138,11 +222,21 @@ class Ingress:
 
     async def _stream(self, request: dict, key: str | None):
         events = self.router.options(stream=True).stream.remote(request, key)
-        head = await events.__anext__()
+        try:
+            head = await asyncio.wait_for(events.__anext__(), timeout=self.router_timeout_s)
+        except asyncio.CancelledError:
+            events.cancel()
+            raise
+        except Exception as exc:
+            events.cancel()
+            logger.warning("router stream failed to start: %s: %s", type(exc).__name__, str(exc)[:300])
+            raise _unavailable(exc) from None
         if "error" in head:
             events.cancel()
-            return JSONResponse(head["error"]["body"], status_code=head["error"]["status"])
+            error = head["error"]
+            return JSONResponse(error["body"], status_code=error["status"], headers=error.get("headers") or None)
         response_id, created = protocol.new_id(request["kind"]), int(time.time())
+        idle_s = self.limits["timeout_s"] + 10
         # Bound here: Serve ships this class by value, and names used only inside the nested generator
         # are not carried along with it.
         encode, chunk, usage_chunk, error = _sse, protocol.chunk, protocol.usage_chunk, protocol.APIError
@@ -150,7 +244,14 @@ class Ingress:
         async def sse():
             first = True
             try:
-                async for event in events:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(events.__anext__(), timeout=idle_s)
+                    except StopAsyncIteration:
+                        break
+                    if "error" in event:  # the model failed mid-stream: the router says so, as a 503 body
+                        yield encode(event["error"]["body"])
+                        break
                     if event["delta"] or first:
                         yield encode(chunk(request, response_id, created, event["delta"], first=first))
                         first = False
@@ -158,11 +259,16 @@ class Ingress:
                         yield encode(chunk(request, response_id, created, None, event["finish_reason"]))
                         if request["include_usage"]:
                             yield encode(usage_chunk(request, response_id, created, event))
+                        break
+            except (asyncio.CancelledError, GeneratorExit):
+                events.cancel()  # the client disconnected: the generation behind it stops
+                raise
             except Exception as exc:
-                logger.exception("stream failed")
+                events.cancel()
+                logger.warning("stream failed: %s: %s", type(exc).__name__, str(exc)[:300])
                 yield encode(
                     error(
-                        500, f"the stream failed ({type(exc).__name__})", type="server_error", code="internal_error"
+                        503, f"the stream failed ({type(exc).__name__})", type="server_error", code="model_unavailable"
                     ).body()
                 )
             yield "data: [DONE]\n\n"
@@ -202,8 +308,39 @@ class Ingress:
 
     @app.get("/v1/stats")
     async def stats(self, request: Request):
-        return await self._keyed(request, lambda: self.router.summary.remote())
+        async def summary():
+            try:
+                return await asyncio.wait_for(_await(self.router.summary.remote()), timeout=30)
+            except Exception as exc:
+                error = _unavailable(exc)
+                return JSONResponse(error.body(), status_code=error.status)
+
+        return await self._keyed(request, summary)
 
     @app.get("/healthz")
     async def healthz(self):
-        return {"status": "ok"}
+        """200 when every deployment behind this ingress answers; 503 naming the ones that do not."""
+        try:
+            deployments = await asyncio.wait_for(_await(self.router.health.remote()), timeout=10)
+        except Exception as exc:
+            deployments = {"router": f"failing ({type(exc).__name__})"}
+        deployments = {"ingress": "ok", **deployments}
+        healthy = all(v in ("ok", "busy") for v in deployments.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "degraded", "deployments": deployments}, status_code=200 if healthy else 503
+        )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self):
+        if not self.spec.get("docs"):
+            raise StarletteHTTPException(404, "Not Found")
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        if not self.spec.get("docs"):
+            raise StarletteHTTPException(404, "Not Found")
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="raytune-app")
+        return HTMLResponse(page.body.decode())

@@ -29,12 +29,12 @@ from collections import Counter
 from ray import serve
 
 from raytune_app.serve.engine import BASE, Engine, Row
+from raytune_app.serve.heartbeat import Heartbeat
+from raytune_app.serve.prompt import PromptError
+
+__all__ = ["LLMServer", "PromptError"]  # PromptError: what the router turns into a 400
 
 logger = logging.getLogger("ray.serve")
-
-
-class PromptError(ValueError):
-    """A request the model cannot take (too long); the router turns it into a 400."""
 
 
 class _LoadedAdapter:
@@ -63,6 +63,10 @@ class LLMServer:
         self.local: dict[str, str] = {}  # adapter key -> local folder (downloaded once)
         self.loads: Counter = Counter()  # adapter key -> times loaded, so a stale eviction is ignored
         self.batch_sizes: Counter = Counter()
+        # Tokens decoded for requests still listening (a cancelled row stops counting, and stops decoding),
+        # requests cancelled mid-generation, and sampled rows whose numbers had to be rescued (engine.RowSampling).
+        self.counts: Counter = Counter()
+        self.heartbeat = Heartbeat(spec.get("stall_timeout_s", 120.0))
         self._decode.set_max_batch_size(spec["max_batch_size"])
         self._decode.set_batch_wait_timeout_s(spec["batch_wait_timeout_s"])
 
@@ -93,7 +97,7 @@ class LLMServer:
             if key not in self.local:
                 ref = self.spec["adapters"][key]
                 self.local[key] = store.download(self.spec["tracking_uri"], ref) if ref.startswith("models:/") else ref
-            with self.lock:
+            with self.heartbeat.working(f"loading adapter {key}"), self.lock:
                 started = time.time()
                 self.engine.add_adapter(key, self.local[key])
                 self.loads[key] += 1
@@ -118,11 +122,14 @@ class LLMServer:
             ids = self.engine.chat_ids(payload["messages"])
         else:
             ids = self.engine.text_ids(payload["prompt"])
-        limit = payload.get("max_prompt_tokens") or (self.engine.context_length - payload["max_tokens"])
+        # The ingress checked the length with the base model's tokenizer; a backup with another tokenizer, or a
+        # context shorter than the ingress assumed, is checked again here.
+        context = self.engine.context_length
+        limit = min(payload.get("max_prompt_tokens") or context, context - payload["max_tokens"])
         if len(ids) > limit:
             raise PromptError(
-                f"the prompt is {len(ids)} tokens; this model takes at most {limit} with "
-                f"max_tokens={payload['max_tokens']}"
+                f"This model's context is {context} tokens: the prompt ({len(ids)} tokens) plus max_tokens "
+                f"({payload['max_tokens']}) must fit, and prompts may have at most {limit} tokens with it."
             )
         return Row(
             prompt_ids=ids,
@@ -134,11 +141,20 @@ class LLMServer:
         )
 
     async def stream(self, payload: dict):
-        """Events for one request, as the batch it joined decodes."""
+        """Events for one request, as the batch it joined decodes. When the caller goes away (its client
+        disconnected, or the router gave up and cancelled it), the row is marked cancelled and the batch
+        stops decoding it at the next step."""
         row = self._row(payload, await self._adapter(payload.get("adapter", BASE)))
-        async for event in self._decode(row):
-            if event is not None:
-                yield event
+        finished = False
+        try:
+            async for event in self._decode(row):
+                if event is not None:
+                    finished = finished or "finish_reason" in event
+                    yield event
+        finally:
+            if not finished:
+                row.cancelled = True
+                self.counts["cancelled"] += 1
 
     async def generate(self, payload: dict) -> dict:
         """The whole reply at once (the last event, with the text joined)."""
@@ -157,15 +173,17 @@ class LLMServer:
         self.batch_sizes[len(rows)] += 1
         self.batch_histogram.observe(len(rows))
 
+        def step(tokens: list[int]) -> None:
+            self.heartbeat.beat()
+            self.counts["tokens"] += sum(1 for r, s in zip(rows, streams) if not (r.cancelled or s.done))
+            loop.call_soon_threadsafe(steps.put_nowait, tokens)
+
         def run():
             try:
                 self._ensure_loaded(sorted({r.adapter for r in rows}))
-                with self.lock:
-                    self.engine.generate(
-                        rows,
-                        lambda tokens: loop.call_soon_threadsafe(steps.put_nowait, tokens),
-                        finished=lambda: [s.done for s in streams],
-                    )
+                with self.heartbeat.working("decoding"), self.lock:
+                    done = self.engine.generate(rows, step, finished=lambda: [s.done for s in streams])
+                self.counts["rescued"] += done["rescued_rows"]
                 loop.call_soon_threadsafe(steps.put_nowait, None)
             except BaseException as exc:  # handed to the event loop, raised there for every request in the batch
                 loop.call_soon_threadsafe(steps.put_nowait, exc)
@@ -180,6 +198,8 @@ class LLMServer:
                 break
             out = []
             for i, (stream, token) in enumerate(zip(streams, tokens)):
+                if rows[i].cancelled and not ended[i]:
+                    ended[i] = True  # nobody listens: no more text for it (its caller is gone)
                 if ended[i]:
                     out.append(StopIteration)
                     continue
@@ -221,7 +241,7 @@ class LLMServer:
 
         def measure():
             self._ensure_loaded([reference, candidate])
-            with self.lock:
+            with self.heartbeat.working("measuring drift"), self.lock:
                 return self.engine.divergence(prompt_ids, reply_ids, reference, candidate)
 
         return await asyncio.get_running_loop().run_in_executor(None, measure)
@@ -233,4 +253,14 @@ class LLMServer:
             "adapters_loaded": sorted(self.engine.adapters),
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch_size": self.spec["max_batch_size"],
+            "tokens_generated": self.counts["tokens"],
+            "cancelled": self.counts["cancelled"],
+            "rescued_rows": self.counts["rescued"],
+            "replica": serve.get_replica_context().replica_id.unique_id,
         }
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s: raising marks the replica unhealthy and Serve
+        replaces it. Unhealthy: the engine has had work (a batch, an adapter load, a drift measurement) and
+        finished no step of it for stall_timeout_s (a hung device, a hung read of adapter weights...)."""
+        self.heartbeat.check()

@@ -12,6 +12,9 @@ import uuid
 from typing import Any
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+MIN_TEMPERATURE = 1e-3  # a positive temperature below this decodes greedily (see _common)
+MIN_TOP_P = 1e-6
+MAX_MODEL_CHARS = 256
 
 
 class APIError(Exception):
@@ -48,24 +51,43 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return value
 
 
-def _stop(body: dict) -> list[str]:
+def _stop(body: dict, limits: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+    most, longest = limits.get("max_stop", 4), limits.get("max_stop_chars", 64)
+    if not isinstance(stop, list) or len(stop) > most or not all(isinstance(s, str) and s for s in stop):
         raise APIError(
-            400, "`stop` must be a non-empty string or a list of up to 4 of them", param="stop", code="invalid_value"
+            400,
+            f"`stop` must be a non-empty string or a list of up to {most} of them",
+            param="stop",
+            code="invalid_value",
+        )
+    too_long = [len(s) for s in stop if len(s) > longest]
+    if too_long:
+        raise APIError(
+            400,
+            f"`stop` strings may be at most {longest} characters long; got one of {too_long[0]}",
+            param="stop",
+            code="invalid_value",
         )
     return stop
 
 
-def _content(message: dict, index: int) -> str:
+def _content(message: dict, index: int, most_parts: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: only text is served by these models
+        if len(content) > most_parts:
+            raise APIError(
+                400,
+                f"messages[{index}].content has {len(content)} parts; at most {most_parts} are accepted",
+                param=f"messages[{index}].content",
+                code="invalid_value",
+            )
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -91,12 +113,12 @@ def _common(body: Any, limits: dict) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS:
         raise APIError(
             400,
             "`model` is required: one of the ids GET /v1/models lists",
             param="model",
-            code="missing_required_parameter",
+            code="missing_required_parameter" if not model else "invalid_value",
         )
     n = _number(body, "n", 1, 1, 1, integer=True)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -108,15 +130,21 @@ def _common(body: Any, limits: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "`stream_options` must be an object", param="stream_options", code="invalid_value")
+    temperature = float(_number(body, "temperature", limits["default_temperature"], 0, 2))
+    if temperature < MIN_TEMPERATURE:
+        # Dividing logits by a temperature near 0 overflows to inf and the probabilities to NaN; this close to
+        # 0, sampling is greedy decoding anyway.
+        temperature = 0.0
     return {
         "model": model,
         "n": n,
         "max_tokens": max_tokens,
         "stream": stream,
         "include_usage": bool(options.get("include_usage", False)),
-        "temperature": float(_number(body, "temperature", limits["default_temperature"], 0, 2)),
-        "top_p": float(_number(body, "top_p", 1.0, 0.0, 1.0)),
-        "stop": _stop(body),
+        "temperature": temperature,
+        # A nucleus below 1e-6 keeps the top token only, as 1e-6 does (and 0 would keep nothing).
+        "top_p": max(MIN_TOP_P, float(_number(body, "top_p", 1.0, 0.0, 1.0))),
+        "stop": _stop(body, limits),
         "user": body.get("user") if isinstance(body.get("user"), str) else None,
     }
 
@@ -132,6 +160,14 @@ def parse_chat(body: Any, limits: dict) -> dict:
             param="messages",
             code="missing_required_parameter",
         )
+    most = limits.get("max_messages", 256)
+    if len(messages) > most:
+        raise APIError(
+            400,
+            f"`messages` holds {len(messages)} messages; at most {most} are accepted",
+            param="messages",
+            code="invalid_value",
+        )
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -142,9 +178,7 @@ def parse_chat(body: Any, limits: dict) -> dict:
                 code="invalid_value",
             )
         role = "system" if message["role"] == "developer" else message["role"]
-        clean.append({"role": role, "content": _content(message, i)})
-    if request["top_p"] == 0.0:
-        request["top_p"] = 1e-6
+        clean.append({"role": role, "content": _content(message, i, most)})
     return {**request, "kind": "chat", "messages": clean}
 
 
@@ -158,16 +192,7 @@ def parse_completion(body: Any, limits: dict) -> dict:
         raise APIError(
             400, "`prompt` must be a non-empty string (one prompt per request)", param="prompt", code="invalid_value"
         )
-    if request["top_p"] == 0.0:
-        request["top_p"] = 1e-6
     return {**request, "kind": "completion", "prompt": prompt}
-
-
-def prompt_text(request: dict) -> str:
-    """What the guard reads: every message's content (a forged turn anywhere counts), or the prompt."""
-    if request["kind"] == "completion":
-        return request["prompt"]
-    return "\n".join(m["content"] for m in request["messages"] if m["role"] != "assistant" or m["content"])
 
 
 # ------------------------------------------------------------------------------------ replies

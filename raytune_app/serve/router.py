@@ -1,15 +1,20 @@
 """The router deployment: the policy between the HTTP ingress and the models.
 
-For every request it (1) has the guard score the prompt and refuses it in `enforce` mode, (2) picks the
-adapter: the routed name goes to the champion, or to the challenger for `canary_percent` of requests;
-other model ids go to their own adapter, (3) calls the primary LLM deployment and, when it errors or
-passes `timeout_s`, the backup (marked in the answer), (4) in shadow mode sends the challenger a copy
-whose reply is compared and discarded, and (5) measures champion / challenger divergence on served
-replies; when the drift monitor trips, the challenger gets no more traffic and its registry alias is
-moved back (raytune_app/registry/store.py `retire`). It also keeps the counters behind /v1/stats and
-the Prometheus metrics. One replica holds this state, which is why it is its own deployment.
+For every request it (1) has the guard read the whole prompt (every message, in windows; serve/guard_scorer.py)
+and refuses it in `enforce` mode, (2) picks the adapter: the routed name goes to the champion, or to the
+challenger for `canary_percent` of requests; other model ids go to their own adapter, (3) calls the primary
+LLM deployment and, when it errors or passes `timeout_s` (then it is cancelled), the backup (marked in the
+answer), (4) in shadow mode sends the challenger a copy whose reply is compared and discarded, and (5)
+measures champion / challenger divergence on served replies; when the drift monitor trips, the challenger
+gets no more traffic and its registry alias is moved back (serve/rollout.py: durable, retried until done).
 
-Replies are plain dicts: {"error": {status, body}} for a refusal, otherwise the model's result with
+Every call to another deployment has a timeout and is cancelled when it passes it or when the caller goes
+away (a client that disconnected stops its generation). A full queue at the models (Serve's
+`max_queued_requests`) is a 429 with Retry-After; a model or guard that fails or times out is a 503;
+never a 500 or a hang. It also keeps the counters behind /v1/stats and the Prometheus metrics. Exactly one
+replica holds this state (serve/settings.py refuses more).
+
+Replies are plain dicts: {"error": {status, body, headers}} for a refusal, otherwise the model's result with
 a "meta" entry ({served_by, failover, guard_score, route}).
 """
 
@@ -17,32 +22,71 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from raytune_app.serve.drift import DriftMonitor
 from raytune_app.serve.engine import BASE
-from raytune_app.serve.llm import PromptError
+from raytune_app.serve.prompt import PromptError
 from raytune_app.serve.protocol import APIError
+from raytune_app.serve.rollout import Rollout
 from raytune_app.serve.stats import Stats
 
 logger = logging.getLogger("ray.serve")
 ROUTED = "__routed__"
+UNKNOWN_MODEL = "unknown"  # the metrics label of model ids nobody serves (labels stay a bounded set)
 
 
-def _refusal(status: int, message: str, code: str, param: str | None = None, **extra) -> dict:
-    """A reply the ingress sends as it is: the status and the OpenAI error body (protocol.APIError's shape)."""
+def _refusal(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None) -> dict:
+    """A reply the ingress sends as it is: the status, the OpenAI error body (protocol.APIError's shape), headers."""
     error = APIError(
         status,
         message,
         type="invalid_request_error" if status < 500 else "server_error",
         param=param,
         code=code,
-        extra=extra,
     )
-    return {"error": {"status": status, "body": error.body()}}
+    if status == 429:
+        error.type = "rate_limit_error"
+    return {"error": {"status": status, "body": error.body(), "headers": headers or {}}}
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def _is_backpressure(exc: BaseException) -> bool:
+    return isinstance(exc, BackPressureError) or "BackPressureError" in type(exc).__name__
+
+
+async def _call(response, timeout_s: float):
+    """Await a deployment call; cancel it when it passes `timeout_s` or when this request is cancelled
+    (awaiting a Serve response and giving up does not stop the work on the replica: `cancel` does)."""
+    try:
+        return await asyncio.wait_for(_resolve(response), timeout=timeout_s)
+    except BaseException:
+        response.cancel()
+        raise
+
+
+async def _resolve(response):
+    return await response
+
+
+async def _next(events, timeout_s: float):
+    """The next event of a streamed call (StopAsyncIteration at its end), within `timeout_s`."""
+    try:
+        return await asyncio.wait_for(events.__anext__(), timeout=timeout_s)
+    except StopAsyncIteration:
+        raise
+    except BaseException:
+        events.cancel()
+        raise
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
@@ -55,39 +99,84 @@ class Router:
         drift = spec["drift"]
         self.monitor = DriftMonitor(drift["threshold"], drift["window"], drift["min_samples"])
         self.events: list[dict] = []
-        self.stats = Stats(spec["pricing"], export=True)
+        self.stats = Stats(spec["pricing"], export=True, models=sorted(spec["routes"]) + [UNKNOWN_MODEL])
         self.background: set = set()
+        self.retry_after = {"retry-after": str(spec.get("retry_after_s", 1))}
+        self.rollout, self.rollback_pending, self._retry_later = None, False, False
+        if spec["challenger"]:
+            # The registry (and Ray's GCS) may say this challenger was rolled back before: by an earlier router.
+            label = spec["versions"].get(spec["challenger"], spec["challenger"])
+            self.rollout = Rollout(spec.get("challenger_registry"), spec["name"], label)
+            earlier = self.rollout.restore()
+            if earlier is not None:
+                self.canary, self.shadow = 0.0, False
+                self.events.append(earlier)
+                logger.warning("challenger %s was rolled back before this router started: %s", label, earlier["reason"])
+                moved = (earlier.get("registry") or {}).get("moved") is True
+                if not moved and spec.get("challenger_registry") and drift["rollback"]:
+                    self._set_pending(True)
+                    self._retry_later = True  # the retry loop needs the event loop: started on the first call
+
+    def _label(self, model: str) -> str:
+        return model if model in self.spec["routes"] else UNKNOWN_MODEL
+
+    def _timeout(self) -> float:
+        return self.spec["timeout_s"]
 
     # -------------------------------------------------------------------------------- policy
 
-    async def _screen(self, text: str, key: str | None) -> tuple[dict | None, float | None]:
-        """The guard's verdict: (refusal or None, score)."""
+    async def _screen(self, segments: list[str], key: str | None) -> tuple[dict | None, float | None]:
+        """The guard's verdict on the whole prompt: (refusal or None, score)."""
         mode = self.spec["guard_mode"]
         if self.guard is None or mode == "off":
             return None, None
         began = time.perf_counter()
-        verdict = await self.guard.score.remote(text)
+        try:
+            verdict = await _call(self.guard.score.remote(segments), self.spec.get("guard_timeout_s", 10.0))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Fail closed in enforce mode: a prompt nobody read is not served.
+            self.stats.guard("error", time.perf_counter() - began)
+            logger.warning("guard call failed (%s)", _describe(exc))
+            if mode == "monitor":
+                return None, None
+            if _is_backpressure(exc):
+                return _refusal(
+                    429, "The server is busy; retry shortly.", "server_busy", headers=self.retry_after
+                ), None
+            return _refusal(503, "The prompt guard is unavailable; retry shortly.", "guard_unavailable"), None
         decision = "passed"
-        if verdict["attack"]:
+        if verdict["attack"] or (verdict.get("over_limit") and mode == "enforce"):
             decision = "blocked" if mode == "enforce" else "flagged"
             logger.warning(
-                "guard %s a request: score %.4f >= threshold %.4f (key %s)",
+                "guard %s a request: score %.4f (threshold %.4f, %d windows, worst in message %d from the end) key %s",
                 decision,
                 verdict["score"],
                 verdict["threshold"],
+                verdict.get("windows", 1),
+                verdict.get("segment", 0),
                 key or "-",
             )
         self.stats.guard(decision, time.perf_counter() - began)
-        if decision == "blocked":
-            return _refusal(
-                400,
+        if decision != "blocked":
+            return None, verdict["score"]
+        if verdict.get("over_limit") and not verdict["attack"]:
+            message = (
+                f"The prompt is too long for the guard to read ({verdict['windows']} windows; at most "
+                f"{self.spec.get('max_windows', '?')}). Shorten it."
+            )
+        elif self.spec.get("expose_guard_score"):
+            message = (
                 f"The prompt was refused by the guard: it scored {verdict['score']:.3f}, at or above the "
-                f"threshold {verdict['threshold']:.3f} for prompt injection / jailbreak.",
-                "prompt_refused",
-                "messages",
-                guard_score=verdict["score"],
-            ), verdict["score"]
-        return None, verdict["score"]
+                f"threshold {verdict['threshold']:.3f} for prompt injection / jailbreak."
+            )
+        else:
+            message = "The prompt was refused by the guard as a likely prompt injection or jailbreak."
+        refusal = _refusal(400, message, "prompt_refused", "messages")
+        if self.spec.get("expose_guard_score"):
+            refusal["error"]["body"]["error"]["guard_score"] = verdict["score"]
+        return refusal, verdict["score"]
 
     def _target(self, model: str) -> tuple[str, str] | None:
         """(adapter key, route label) for a requested model id; None when the id is unknown."""
@@ -101,15 +190,14 @@ class Router:
         return self.spec["champion"], "champion"
 
     async def _begin(self, request: dict, key: str | None):
+        await self._ensure_retry()
         if request["model"] not in self.spec["routes"]:
             known = ", ".join(sorted(self.spec["routes"]))
+            self.stats.error(UNKNOWN_MODEL, "model_not_found")
             return _refusal(
-                404,
-                f"The model `{request['model']}` does not exist here; served models: {known}.",
-                "model_not_found",
-                "model",
+                404, f"That model does not exist here; served models: {known}.", "model_not_found", "model"
             ), None
-        refusal, score = await self._screen(request["guard_text"], key)
+        refusal, score = await self._screen(request["guard_segments"], key)
         if refusal:
             return refusal, None
         adapter, route = self._target(request["model"])
@@ -119,6 +207,15 @@ class Router:
 
     def _served_name(self, adapter: str, failover: bool) -> str:
         return "backup" if failover else self.spec["versions"].get(adapter, adapter)
+
+    def _busy(self, model: str) -> dict:
+        self.stats.error(self._label(model), "shed")
+        return _refusal(
+            429,
+            "The server is at capacity; retry after the time in Retry-After.",
+            "server_busy",
+            headers=self.retry_after,
+        )
 
     # ------------------------------------------------------------------------------- serving
 
@@ -130,10 +227,14 @@ class Router:
         payload, failover = plan["payload"], False
         try:
             call = self.primary.options(multiplexed_model_id=payload["adapter"]).generate.remote(payload)
-            result = await asyncio.wait_for(call, timeout=self.spec["timeout_s"])
+            result = await _call(call, self._timeout())
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # a model fault or a timeout: the backup answers, when there is one
             if isinstance(exc, PromptError):
                 return _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
+            if _is_backpressure(exc):
+                return self._busy(request["model"])
             result = await self._failover(payload, exc, request["model"])
             if "error" in result:
                 return result
@@ -142,52 +243,90 @@ class Router:
         return result | {"meta": self._meta(plan, failover)}
 
     async def stream(self, request: dict, key: str | None = None):
-        """Yields the meta (or a refusal) first, then the model's events."""
+        """Yields the meta (or a refusal) first, then the model's events; a failure after the first event
+        ends the stream with {"error": ...} (503)."""
         began = time.perf_counter()
         refusal, plan = await self._begin(request, key)
         if refusal:
             yield refusal
             return
-        payload, failover = plan["payload"], False
+        payload, failover, model = plan["payload"], False, request["model"]
         events = self.primary.options(multiplexed_model_id=payload["adapter"], stream=True).stream.remote(payload)
         try:
-            first = await asyncio.wait_for(events.__anext__(), timeout=self.spec["timeout_s"])
+            first = await _next(events, self._timeout())
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
-            events.cancel()
+            if isinstance(exc, PromptError):
+                yield _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
+                return
+            if _is_backpressure(exc):
+                yield self._busy(model)
+                return
+            self.stats.error(
+                self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+            )
             if self.backup is None:
-                self.stats.error(request["model"], type(exc).__name__)
                 yield _refusal(
                     503,
-                    f"The model failed before answering ({type(exc).__name__}) and no backup is configured.",
+                    f"The model failed before answering ({_describe(exc)}) and no backup is configured.",
                     "model_unavailable",
                 )
                 return
             logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
             failover = True
             events = self.backup.options(stream=True).stream.remote(payload | {"adapter": BASE})
-            first = await events.__anext__()
+            try:
+                first = await _next(events, self._timeout())
+            except asyncio.CancelledError:
+                raise
+            except Exception as backup_exc:
+                self.stats.error(self._label(model), "backup_" + type(backup_exc).__name__)
+                if _is_backpressure(backup_exc):
+                    yield self._busy(model)
+                else:
+                    yield _refusal(
+                        503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
+                    )
+                return
         yield {"meta": self._meta(plan, failover)}
         ttft = time.perf_counter() - began
-        last = first
-        text = [first["delta"]]
+        last, text = first, [first["delta"]]
         yield first
-        async for event in events:
-            text.append(event["delta"])
-            last = event
-            yield event
-        self._after(request, plan, last | {"text": "".join(text)}, failover, began, ttft, key)
+        try:
+            while "finish_reason" not in last:
+                event = await _next(events, self._timeout())
+                text.append(event["delta"])
+                last = event
+                yield event
+        except StopAsyncIteration:
+            pass
+        except asyncio.CancelledError:
+            events.cancel()
+            raise
+        except Exception as exc:
+            self.stats.error(self._label(model), "stream_" + type(exc).__name__)
+            logger.warning("stream failed after %d events (%s)", len(text), _describe(exc))
+            yield _refusal(503, f"The model failed while streaming ({_describe(exc)}).", "model_unavailable")
+            return
+        if "finish_reason" in last:
+            self._after(request, plan, last | {"text": "".join(text)}, failover, began, ttft, key)
 
     async def _failover(self, payload: dict, exc: Exception, model: str) -> dict:
-        self.stats.error(model, "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
+        self.stats.error(self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
         if self.backup is None:
             return _refusal(
                 503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable"
             )
         logger.warning("primary failed on adapter %s (%s); the backup answers", payload["adapter"], _describe(exc))
         try:
-            return await self.backup.generate.remote(payload | {"adapter": BASE})
+            return await _call(self.backup.generate.remote(payload | {"adapter": BASE}), self._timeout())
+        except asyncio.CancelledError:
+            raise
         except Exception as backup_exc:
-            self.stats.error(model, "backup_" + type(backup_exc).__name__)
+            self.stats.error(self._label(model), "backup_" + type(backup_exc).__name__)
+            if _is_backpressure(backup_exc):
+                return self._busy(model)
             return _refusal(
                 503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
             )
@@ -197,14 +336,14 @@ class Router:
             "served_by": self._served_name(plan["payload"]["adapter"], failover),
             "failover": failover,
             "route": plan["route"],
-            "guard_score": plan["guard_score"],
+            "guard_score": plan["guard_score"] if self.spec.get("expose_guard_score") else None,
         }
 
     def _after(self, request, plan, result, failover, began, ttft, key) -> None:
         """Count the answered request, then shadow and measure drift in the background."""
         adapter = plan["payload"]["adapter"]
         self.stats.request(
-            request["model"],
+            self._label(request["model"]),
             self._served_name(adapter, failover),
             result["prompt_tokens"],
             result["completion_tokens"],
@@ -222,6 +361,10 @@ class Router:
             self._spawn(self._measure(result["prompt_ids"], result["completion_ids"]))
 
     def _spawn(self, coroutine) -> None:
+        if len(self.background) >= self.spec.get("max_background", 16):
+            coroutine.close()  # never started: nothing to cancel
+            self.stats.background_skipped()
+            return
         task = asyncio.get_running_loop().create_task(coroutine)
         self.background.add(task)  # keep a reference until done (the loop holds tasks weakly)
         task.add_done_callback(self.background.discard)
@@ -229,7 +372,8 @@ class Router:
     async def _shadow(self, payload: dict, champion_text: str) -> None:
         try:
             copy = payload | {"adapter": self.spec["challenger"]}
-            result = await self.primary.options(multiplexed_model_id=copy["adapter"]).generate.remote(copy)
+            call = self.primary.options(multiplexed_model_id=copy["adapter"]).generate.remote(copy)
+            result = await _call(call, self._timeout())
             self.monitor.add_comparison(champion_text, result["text"])
         except Exception as exc:
             logger.warning("shadow request to the challenger failed: %s", _describe(exc))
@@ -239,20 +383,29 @@ class Router:
             return  # rolled back while this was queued
         try:
             challenger = self.spec["challenger"]
-            measured = await self.primary.options(multiplexed_model_id=challenger).divergence.remote(
+            call = self.primary.options(multiplexed_model_id=challenger).divergence.remote(
                 prompt_ids, reply_ids, self.spec["champion"], challenger
             )
+            measured = await _call(call, self._timeout())
         except Exception as exc:
             logger.warning("drift measurement failed: %s", _describe(exc))
             return
         if self.monitor.add(measured["kl"], measured["top1_agreement"]) and (self.shadow or self.canary > 0):
             await self._roll_back()
 
+    # ------------------------------------------------------------------------------ rollback
+
+    def _set_pending(self, pending: bool) -> None:
+        self.rollback_pending = pending
+        self.stats.rollback_pending(pending)
+
     async def _roll_back(self) -> None:
         summary = self.monitor.summary()
         challenger = self.spec["versions"].get(self.spec["challenger"], self.spec["challenger"])
         self.canary, self.shadow = 0.0, False
-        reason = f"mean KL {summary['mean_kl']:.4f} > {summary['threshold']} over {summary['samples']} requests"
+        mean = summary["mean_kl"]
+        shown = "not finite" if mean is None or not math.isfinite(mean) else f"{mean:.4f}"
+        reason = f"mean KL {shown} > {summary['threshold']} over {summary['samples']} requests"
         event = {
             "time": time.time(),
             "event": "rollback",
@@ -261,36 +414,89 @@ class Router:
             "drift": summary,
             "registry": None,
         }
-        registry = self.spec.get("challenger_registry")
-        if registry and self.spec["drift"]["rollback"]:
-            from raytune_app.registry import store
-
-            try:
-                event["registry"] = await asyncio.get_running_loop().run_in_executor(
-                    None,
-                    store.retire,
-                    registry["tracking_uri"],
-                    registry["name"],
-                    "challenger",
-                    registry["version"],
-                    reason,
-                )
-            except Exception as exc:
-                event["registry"] = {"moved": False, "why": _describe(exc)}
         self.events.append(event)
-        logger.warning("challenger %s rolled back: %s; registry: %s", challenger, reason, event["registry"])
+        wants_move = bool(self.spec.get("challenger_registry") and self.spec["drift"]["rollback"])
+        if wants_move:
+            event["registry"] = {"moved": False, "why": "pending"}
+            self._set_pending(True)
+        await asyncio.get_running_loop().run_in_executor(None, self.rollout.remember, event)
+        logger.warning("challenger %s rolled back: %s", challenger, reason)
+        if wants_move:
+            await self._move_alias(event)
+            if self.rollback_pending:
+                self._spawn_retry(event)
+
+    async def _move_alias(self, event: dict) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            event["registry"] = await loop.run_in_executor(None, self.rollout.move_alias, event["reason"])
+        except Exception as exc:
+            event["registry"] = {"moved": False, "why": _describe(exc), "pending": True}
+            logger.warning("moving the challenger alias back failed (%s); retrying", _describe(exc))
+            await loop.run_in_executor(None, self.rollout.remember, event)
+            return
+        self._set_pending(False)
+        await loop.run_in_executor(None, self.rollout.remember, event)
+        logger.warning("challenger alias: %s", event["registry"])
+
+    def _spawn_retry(self, event: dict) -> None:
+        async def retry():
+            while self.rollback_pending:
+                await asyncio.sleep(self.spec.get("rollback_retry_s", 30.0))
+                await self._move_alias(event)
+
+        # Not through _spawn: the cap on background work must never drop the retry.
+        self._retry_task = asyncio.get_running_loop().create_task(retry())
+
+    async def _ensure_retry(self) -> None:
+        """A router started with a rollback still pending (restored from the GCS) retries it."""
+        if self._retry_later and self.events:
+            self._retry_later = False
+            self._spawn_retry(self.events[-1])
 
     # ------------------------------------------------------------------------------ counters
 
     async def client_error(self, model: str, code: str) -> None:
-        self.stats.error(model or "-", code)
+        await self._ensure_retry()
+        self.stats.error(self._label(model), code)
 
     async def auth_failure(self) -> None:
         self.stats.auth_failure()
 
+    async def health(self) -> dict:
+        """What each deployment this router depends on answers, each within a few seconds."""
+        await self._ensure_retry()
+        checks = {"llm": self.primary}
+        if self.backup is not None:
+            checks["backup"] = self.backup
+        if self.guard is not None:
+            checks["guard"] = self.guard
+
+        async def probe(handle):
+            try:
+                await _call(handle.info.remote(), 5.0)
+                return "ok"
+            except Exception as exc:
+                return "busy" if _is_backpressure(exc) else f"failing ({type(exc).__name__})"
+
+        names = list(checks)
+        answers = await asyncio.gather(*(probe(checks[n]) for n in names))
+        return {"router": "ok", **dict(zip(names, answers))}
+
     async def summary(self) -> dict:
-        primary = await self.primary.info.remote()
-        guard = await self.guard.info.remote() if self.guard is not None else None
+        await self._ensure_retry()
+        expose = self.spec.get("expose_guard_score")
+        try:
+            primary = await _call(self.primary.info.remote(), 10.0)
+        except Exception as exc:
+            primary = {"error": _describe(exc)}
+        guard = None
+        if self.guard is not None:
+            try:
+                guard = await _call(self.guard.info.remote(), 10.0)
+                guard = guard if expose else {"model": guard["model"]}
+            except Exception as exc:
+                guard = {"error": _describe(exc)}
         return self.stats.summary() | {
             "routing": {
                 "name": self.spec["name"],
@@ -299,15 +505,11 @@ class Router:
                 "canary_percent": self.canary,
                 "shadow": self.shadow,
                 "backup": self.backup is not None,
+                "rollback_pending": self.rollback_pending,
             },
             "drift": self.monitor.summary(),
             "events": self.events,
             "llm": primary,
             "guard_model": guard,
-            "guard_mode": self.spec["guard_mode"] if guard else "off",
+            "guard_mode": self.spec["guard_mode"] if self.guard is not None else "off",
         }
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]

@@ -50,8 +50,39 @@ class LimitsSection(Section):
     timeout_s: float = Field(
         120.0,
         gt=0,
-        description="Seconds the primary model has for a request before it counts as failed (and the backup "
-        "answers, when there is one).",
+        description="Seconds a model has for a request (the primary, then the backup: each gets this long; a "
+        "stream: to its first token and between tokens) before it is cancelled; then the backup answers, or 503.",
+    )
+    guard_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds the guard has to score a prompt before the request gets 503 (fail closed)."
+    )
+    max_body_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="Largest request body accepted, in bytes (413 above it, before the body is parsed). 1 MB holds "
+        "far more text than any context here takes.",
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages (or content parts) one chat request may hold.")
+    max_stop: int = Field(4, ge=0, le=16, description="Most stop strings a request may give (OpenAI allows 4).")
+    max_stop_chars: int = Field(
+        64,
+        ge=1,
+        description="Longest stop string, in characters: every generated token is checked against each stop "
+        "string, so their length is paid per token.",
+    )
+    max_json_depth: int = Field(
+        32, ge=4, description="Deepest nesting of arrays / objects a request body may have (400 beyond)."
+    )
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A replica whose model has work but has not finished a step (a decoding step, a guard "
+        "batch) for this long reports itself unhealthy, and Serve replaces it.",
+    )
+    retry_after_s: int = Field(
+        1,
+        ge=0,
+        description="`Retry-After` seconds on a 429 (a full queue). OpenAI's client waits that long and retries.",
     )
 
 
@@ -78,8 +109,35 @@ class GuardServeSection(Section):
         description="Score at or above which a prompt is an attack; left out: the threshold the guard "
         "was trained with (chosen for its target false-positive rate).",
     )
-    max_batch_size: int = Field(16, ge=1, description="Prompts the guard scores in one forward pass.")
+    max_batch_size: int = Field(
+        16, ge=1, description="Requests the guard batches together, and windows it scores in one forward pass."
+    )
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Wait for a guard batch to fill.")
+    window_overlap: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="The guard reads every message whole, in windows of its max length (newest message first; "
+        "the decision is the worst window): the share of a window the next one overlaps. 0.5: any stretch up to "
+        "half a window lies whole inside one.",
+    )
+    max_windows: int = Field(
+        256,
+        ge=1,
+        description="Most windows the guard reads of one request; longer prompts are refused in enforce mode "
+        "(fail closed; the context limit keeps ordinary prompts far below: 2,000 tokens are ~32 windows).",
+    )
+    cache_windows: int = Field(
+        4096,
+        ge=0,
+        description="Window scores a guard replica remembers (least recently used dropped): a conversation "
+        "resends its history and an app its system prompt each time, so only new text is read again. 0: off.",
+    )
+    expose_score: bool = Field(
+        False,
+        description="Tell clients the guard's score and threshold (response header, refusal body, /v1/stats). "
+        "Off: a client cannot search for a prompt that scores just under the threshold.",
+    )
 
 
 class DriftSection(Section):
@@ -107,6 +165,18 @@ class RouterSection(Section):
         "never returned.",
     )
     seed: int = Field(0, description="Seed of the canary draw (reproducible splits).")
+    max_background: int = Field(
+        16,
+        ge=1,
+        description="Most shadow copies and drift measurements in flight at once; beyond it new ones are skipped "
+        "(counted), so a burst cannot queue unbounded work behind the served requests.",
+    )
+    rollback_retry_s: float = Field(
+        30.0,
+        gt=0,
+        description="When moving the challenger's registry alias back fails (registry unreachable), retry after "
+        "this long, until it is done (the `raytune_rollback_pending` metric is 1 meanwhile).",
+    )
     drift: DriftSection = Field(default_factory=DriftSection, description="Drift monitoring and automatic rollback.")
 
 
@@ -116,7 +186,16 @@ class AccessSection(Section):
         description="Environment variable holding accepted API keys (comma-separated). Unset or empty, "
         "and no file: the API is open.",
     )
-    api_keys_file: str | None = Field(None, description="File with one accepted API key per line (a mounted secret).")
+    api_keys_file: str | None = Field(
+        None,
+        description="File with one accepted API key per line (a mounted secret); `#` starts a comment. A file "
+        "holding no key is an error.",
+    )
+    allow_open: bool = Field(
+        False,
+        description="Serve without API keys on a non-loopback host. Without it, an app listening beyond "
+        "127.0.0.1 / ::1 with no key configured refuses to start.",
+    )
 
 
 class PriceSection(Section):
@@ -145,7 +224,27 @@ class DeploymentSection(Section):
     num_gpus: float | None = Field(
         None, ge=0, description="GPUs each replica reserves (1 for an LLM replica on a GPU node)."
     )
-    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica accepts at once.")
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests a replica works on at once; left out: 2 x batching.max_batch_size for llm / "
+        "backup, 64 for guard, 1000 for router, 256 for ingress.",
+    )
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests waiting for a free replica slot, per caller, beyond which the surplus is refused "
+        "at once: 429 with Retry-After (OpenAI's client retries it). Left out: 2 x batching.max_batch_size for "
+        "llm / backup, 256 for guard, 512 for ingress; the router's queue is its own limit (max_ongoing).",
+    )
+    health_check_period_s: float | None = Field(
+        None, gt=0, description="Seconds between Serve's health checks of a replica (Serve's default: 10)."
+    )
+    health_check_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds a health check may take before the replica counts as unhealthy (Serve's default: 30).",
+    )
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -157,6 +256,7 @@ class DeploymentSection(Section):
 class ServeSection(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (`0.0.0.0` on a cluster).")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the app.")
+    docs: bool = Field(False, description="Serve the interactive API docs at /docs and the schema at /openapi.json.")
     name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.:-]+$",
@@ -219,6 +319,11 @@ class ServeSection(Section):
             raise ValueError(f"deployments: unknown deployment(s) {unknown}; known: {list(DEPLOYMENTS)}")
         if self.limits.default_max_tokens > self.limits.max_tokens:
             raise ValueError("limits.default_max_tokens is above limits.max_tokens")
+        router = self.deployments.get("router")
+        if router is not None and (router.autoscaling is not None or (router.num_replicas or 1) > 1):
+            raise ValueError(
+                "deployments.router: the router holds the canary / rollback state; it runs as exactly one replica"
+            )
         reserved = {"base"} | ({self.name} if self.name else set())
         clash = sorted(reserved & set(self.adapters))
         if clash:

@@ -24,8 +24,11 @@ def _percentiles(values) -> dict:
 
 
 class Stats:
-    def __init__(self, pricing: dict, export: bool = False, window: int = 2000):
+    def __init__(self, pricing: dict, export: bool = False, window: int = 2000, models: list[str] | None = None):
         self.pricing = pricing
+        # Metric labels: the served model ids (the router maps anything else to one `unknown` label before it
+        # gets here), so a client cannot grow the label set by sending made-up names.
+        self.models = set(models) if models is not None else None
         self.started = time.time()
         self.requests: Counter = Counter()  # (model, status) -> n
         self.tokens = defaultdict(lambda: {"prompt": 0, "completion": 0})
@@ -39,7 +42,14 @@ class Stats:
         self.guard_latency: deque = deque(maxlen=window)
         self.auth_failures = 0
         self.by_key: Counter = Counter()
+        self.skipped_background = 0
+        self.pending_rollback = False
         self.prometheus = _Prometheus() if export else None
+
+    def _model(self, model: str) -> str:
+        if self.models is None or model in self.models:
+            return model
+        raise ValueError(f"model label {model!r} is not one of the served ids; map it to `unknown` first")
 
     def price(self, model: str) -> dict:
         return self.pricing.get(model) or self.pricing.get("*") or {"prompt_per_1k": 0.0, "completion_per_1k": 0.0}
@@ -55,6 +65,7 @@ class Stats:
         failover: bool,
         key: str | None,
     ) -> None:
+        model = self._model(model)
         price = self.price(model)
         cost = prompt_tokens / 1000 * price["prompt_per_1k"] + completion_tokens / 1000 * price["completion_per_1k"]
         self.requests[(model, "ok")] += 1
@@ -74,13 +85,26 @@ class Stats:
             )
 
     def error(self, model: str, kind: str) -> None:
+        model = self._model(model)
         self.requests[(model, "error")] += 1
         self.errors[kind] += 1
         if self.prometheus:
             self.prometheus.errors.inc(tags={"model": model, "kind": kind})
 
+    def background_skipped(self) -> None:
+        """A shadow copy or drift measurement not started: too many already in flight."""
+        self.skipped_background += 1
+        if self.prometheus:
+            self.prometheus.skipped.inc()
+
+    def rollback_pending(self, pending: bool) -> None:
+        """A rollback decided whose registry alias move has not succeeded yet (being retried)."""
+        self.pending_rollback = pending
+        if self.prometheus:
+            self.prometheus.pending.set(1 if pending else 0)
+
     def guard(self, decision: str, latency_s: float) -> None:
-        """`decision`: passed | blocked | flagged (monitor mode: would have been blocked)."""
+        """`decision`: passed | blocked | flagged (monitor mode: would have been blocked) | error."""
         self.guard_decisions[decision] += 1
         self.guard_latency.append(latency_s)
         if self.prometheus:
@@ -119,6 +143,8 @@ class Stats:
             },
             "auth_failures": self.auth_failures,
             "requests_by_key": dict(self.by_key),
+            "background_skipped": self.skipped_background,
+            "rollback_pending": self.pending_rollback,
         }
 
 
@@ -127,7 +153,7 @@ class _Prometheus:
 
     def __init__(self):
         from ray.serve.metrics import Counter as RayCounter
-        from ray.serve.metrics import Histogram
+        from ray.serve.metrics import Gauge, Histogram
 
         self.requests = RayCounter("raytune_requests_total", "Answered requests.", tag_keys=("model", "served_by"))
         self.tokens = RayCounter("raytune_tokens_total", "Tokens in and out.", tag_keys=("model", "direction"))
@@ -149,6 +175,13 @@ class _Prometheus:
             "raytune_auth_failures_total", "Requests refused for a missing or wrong API key."
         )
         self.by_key = RayCounter("raytune_requests_by_key_total", "Requests per API key id.", tag_keys=("key",))
+        self.skipped = RayCounter(
+            "raytune_background_skipped_total", "Shadow copies / drift measurements skipped: too many in flight."
+        )
+        self.pending = Gauge(
+            "raytune_rollback_pending", "1 while a rollback's registry alias move has not succeeded (retried)."
+        )
+        self.pending.set(0)
 
     def request(self, model, served_by, prompt_tokens, completion_tokens, cost, latency_s, ttft_s, failover, key):
         self.requests.inc(tags={"model": model, "served_by": served_by})
