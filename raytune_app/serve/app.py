@@ -153,9 +153,17 @@ def plan(recipe: config.Recipe) -> dict:
         "max_position_embeddings",
         2048,
     )
+    try:
+        backend = models.generation_backend(s.backend)
+    except ValueError as exc:
+        raise ServePlanError(f"serve.backend: {exc}") from None
     llm = {
         "name": "llm",
+        "backend": backend,
         "model": model,
+        "model_id": served,  # what the vLLM engine calls the base model (its OpenAI model name)
+        "labels": {key: name for name, key in routes.items()},  # adapter key -> the model id clients send
+        "vllm": s.vllm.model_dump(mode="json"),
         "adapters": adapters,
         "tracking_uri": uri,
         "precision": s.precision,
@@ -167,7 +175,11 @@ def plan(recipe: config.Recipe) -> dict:
     backup = None
     if s.backup is not None:
         backup_model = model if s.backup == "base" else {"path": s.backup}
-        backup = llm | {"name": "backup", "model": backup_model, "adapters": {}}
+        try:
+            backup_backend = backend if s.backup_backend == "same" else models.generation_backend(s.backup_backend)
+        except ValueError as exc:
+            raise ServePlanError(f"serve.backup_backend: {exc}") from None
+        backup = llm | {"name": "backup", "backend": backup_backend, "model": backup_model, "adapters": {}}
     router = {
         "name": served,
         "routes": routes,
@@ -184,6 +196,7 @@ def plan(recipe: config.Recipe) -> dict:
         "pricing": {k: v.model_dump() for k, v in s.pricing.items()},
     }
     ingress = {
+        "backend": backend,
         "models": sorted(routes),
         "model": model,
         "limits": s.limits.model_dump(),
@@ -216,16 +229,28 @@ def _options(recipe: config.Recipe, name: str) -> dict:
     return options
 
 
+def _llm_deployment(recipe: config.Recipe, spec: dict):
+    """The llm / backup deployment of the spec's backend: Ray Serve LLM's vLLM server, or ours (explicit
+    dispatch; both answer the router's stream / generate / divergence / info)."""
+    options = _options(recipe, spec["name"])
+    if spec["backend"] == "vllm":
+        from raytune_app.serve.vllm_server import build_deployment
+
+        return build_deployment(spec, options)
+    from raytune_app.serve.llm import LLMServer
+
+    return LLMServer.options(**options).bind(spec)
+
+
 def build(recipe: config.Recipe, spec: dict | None = None):
     """The bound application (nothing starts until Serve runs it); `spec`: an already made plan."""
     from raytune_app.serve.guard_scorer import GuardScorer
     from raytune_app.serve.ingress import Ingress
-    from raytune_app.serve.llm import LLMServer
     from raytune_app.serve.router import Router
 
     spec = spec or plan(recipe)
-    primary = LLMServer.options(**_options(recipe, "llm")).bind(spec["llm"])
-    backup = LLMServer.options(**_options(recipe, "backup")).bind(spec["backup"]) if spec["backup"] else None
+    primary = _llm_deployment(recipe, spec["llm"])
+    backup = _llm_deployment(recipe, spec["backup"]) if spec["backup"] else None
     guard = GuardScorer.options(**_options(recipe, "guard")).bind(spec["guard"]) if spec["guard"] else None
     router = Router.options(**_options(recipe, "router")).bind(spec["router"], primary, backup, guard)
     return Ingress.options(**_options(recipe, "ingress")).bind(spec["ingress"], router)

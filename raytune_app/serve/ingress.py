@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raytune_app.serve import access, protocol
+from raytune_app.serve import access, options, protocol
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="raytune-app", description="OpenAI-compatible serving of fine-tuned models, guarded.")
@@ -113,6 +113,8 @@ class Ingress:
                 ) from None
             parsed = parse(body, self.spec["limits"])
             model = parsed["model"]
+            parsed |= options.parse(body, parsed["kind"])  # response_format, seed, logprobs: options.py
+            options.refuse_unsupported(parsed, self.spec.get("backend", "transformers"))
             self._check_length(parsed)
             parsed["guard_text"] = protocol.prompt_text(parsed)
             if parsed["stream"]:
@@ -151,8 +153,17 @@ class Ingress:
             first = True
             try:
                 async for event in events:
-                    if event["delta"] or first:
-                        yield encode(chunk(request, response_id, created, event["delta"], first=first))
+                    if event["delta"] or first or event.get("logprobs"):
+                        yield encode(
+                            chunk(
+                                request,
+                                response_id,
+                                created,
+                                event["delta"],
+                                first=first,
+                                logprobs=event.get("logprobs"),
+                            )
+                        )
                         first = False
                     if "finish_reason" in event:
                         yield encode(chunk(request, response_id, created, None, event["finish_reason"]))

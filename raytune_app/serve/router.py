@@ -25,6 +25,7 @@ from ray import serve
 from raytune_app.serve.drift import DriftMonitor
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.llm import PromptError
+from raytune_app.serve.options import OPTIONS, ModelRequestError
 from raytune_app.serve.protocol import APIError
 from raytune_app.serve.stats import Stats
 
@@ -43,6 +44,12 @@ def _refusal(status: int, message: str, code: str, param: str | None = None, **e
         extra=extra,
     )
     return {"error": {"status": status, "body": error.body()}}
+
+
+def _model_refusal(exc: ModelRequestError) -> dict:
+    """A model deployment's refusal (options.ModelRequestError; through Ray its fields are the cause's)."""
+    cause = getattr(exc, "cause", exc)
+    return _refusal(cause.status, cause.message, cause.code, cause.param)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
@@ -114,6 +121,7 @@ class Router:
             return refusal, None
         adapter, route = self._target(request["model"])
         payload = {k: request[k] for k in ("kind", "max_tokens", "temperature", "top_p", "stop", "max_prompt_tokens")}
+        payload |= {k: request.get(k) for k in OPTIONS}  # response_format, seed, logprobs (options.py)
         payload |= {"messages": request.get("messages"), "prompt": request.get("prompt"), "adapter": adapter}
         return None, {"payload": payload, "route": route, "guard_score": score}
 
@@ -134,6 +142,8 @@ class Router:
         except Exception as exc:  # a model fault or a timeout: the backup answers, when there is one
             if isinstance(exc, PromptError):
                 return _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
+            if isinstance(exc, ModelRequestError):  # refused by the model deployment: no failover
+                return _model_refusal(exc)
             result = await self._failover(payload, exc, request["model"])
             if "error" in result:
                 return result
@@ -154,6 +164,9 @@ class Router:
             first = await asyncio.wait_for(events.__anext__(), timeout=self.spec["timeout_s"])
         except Exception as exc:
             events.cancel()
+            if isinstance(exc, ModelRequestError):  # refused by the model deployment: no failover
+                yield _model_refusal(exc)
+                return
             if self.backup is None:
                 self.stats.error(request["model"], type(exc).__name__)
                 yield _refusal(
