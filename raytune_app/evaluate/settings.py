@@ -58,8 +58,8 @@ class EvaluateSection(Section):
         description="Task structured with the vllm backend: decode every example a second time constrained to "
         "the JSON Schema (vLLM structured outputs) and report those metrics (`constrained`) beside the free ones.",
     )
-    kv_cache_gb: float = Field(
-        1.0, gt=0, description="vLLM's KV cache in GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); a GPU sizes its own."
+    kv_cache_gb: int = Field(
+        1, ge=1, description="vLLM's KV cache in whole GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); a GPU sizes its own."
     )
     enforce_eager: bool = Field(
         False, description="vLLM without torch.compile / CUDA graphs: starts sooner, decodes slower (small runs)."

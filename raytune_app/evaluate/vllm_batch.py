@@ -46,7 +46,7 @@ class Settings:
     prompt_prefix: str = ""  # before the last user message of a trained model's prompts (a DSS student)
     schema: dict | None = None  # with `constrained`: rows are decoded both freely and constrained to it
     constrained: bool = False
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: int = 1
     enforce_eager: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)  # more vLLM engine arguments
@@ -75,7 +75,7 @@ def _engines(model: dict, candidates: list[tuple[str, str | None]]) -> list[tupl
 
 
 def _max_rank(folders: list[str]) -> int:
-    from raytune_app.serve.vllm_server import adapter_rank
+    from raytune_app.serve.vllm_stream import adapter_rank
 
     rank = max(adapter_rank(f) for f in folders)
     return next((r for r in LORA_RANKS if r >= rank), rank)
@@ -112,7 +112,7 @@ def _config(source: str, adapters: list[str], longest: int, s: Settings, model: 
         detokenize_stage=False,
         # One bundle per replica: a GPU, or on a CPU-only cluster a share of the cores.
         placement_group_config=None if s.use_gpu else {"bundles": [{"CPU": s.cpus}]},
-        runtime_env=None if s.use_gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": f"{s.kv_cache_gb:g}"}},
+        runtime_env=None if s.use_gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(s.kv_cache_gb)}},
         log_engine_metrics=False,
     )
 

@@ -169,11 +169,11 @@ class VLLMServeSection(Section):
         description="Longest prompt + completion in tokens; left out: the model's own context length.",
     )
     max_num_seqs: int = Field(64, ge=1, description="Sequences the engine decodes at once (vLLM's continuous batch).")
-    kv_cache_gb: float = Field(
-        1.0,
-        gt=0,
-        description="KV cache size in GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); on a GPU, gpu_memory_utilization "
-        "sizes it instead.",
+    kv_cache_gb: int = Field(
+        1,
+        ge=1,
+        description="KV cache size in whole GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); on a GPU, "
+        "gpu_memory_utilization sizes it instead.",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Share of the GPU's memory vLLM takes (weights + KV cache)."

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import logging
 import os
 import time
@@ -48,6 +47,7 @@ from ray.serve.llm.deployment import LLMServer
 from raytune_app.serve.drift import top_k_kl
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.options import ModelRequestError
+from raytune_app.serve.vllm_stream import adapter_rank, engine_error, merge_logprobs, sse_data
 
 logger = logging.getLogger("ray.serve")
 _LORA_IDS = itertools.count(1)
@@ -99,7 +99,7 @@ def llm_config(spec: dict, options: dict):
     if gpus:
         engine.setdefault("gpu_memory_utilization", spec["vllm"]["gpu_memory_utilization"])
     deployment = {k: options[k] for k in ("num_replicas", "autoscaling_config", "max_ongoing_requests") if k in options}
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{spec['vllm']['kv_cache_gb']:g}"} if not gpus else {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(spec["vllm"]["kv_cache_gb"])} if not gpus else {}
     return LLMConfig(
         model_loading_config={"model_id": spec["model_id"], "model_source": models.resolve(spec["model"]["path"])},
         engine_kwargs=engine,
@@ -124,13 +124,6 @@ def build_deployment(spec: dict, options: dict):
 
 
 # ---------------------------------------------------------------------------------- adapters
-
-
-def adapter_rank(folder: str) -> int:
-    """The largest LoRA rank in a PEFT adapter folder (its `r`, or a larger per-module `rank_pattern`)."""
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        config = json.load(f)
-    return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
 
 
 class AdapterLoader:
@@ -173,40 +166,6 @@ class AdapterLoader:
 
 
 # ------------------------------------------------------------------------------------ replies
-
-
-def _sse_data(item: str):
-    """The JSON payloads in a piece of vLLM's server-sent-event stream."""
-    for block in item.split("\n\n"):
-        block = block.strip()
-        if block.startswith("data:"):
-            data = block[5:].strip()
-            if data and data != "[DONE]":
-                yield json.loads(data)
-
-
-def _engine_error(error: dict) -> Exception:
-    """A vLLM error object as the exception the router acts on: 4xx -> refused (no failover), 5xx -> failed."""
-    status = int(error.get("code") or 500)
-    message = str(error.get("message") or error)
-    if status >= 500:
-        return RuntimeError(f"vLLM failed: {message}")
-    param = error.get("param")
-    if param is None and any(w in message.lower() for w in ("schema", "grammar", "json", "response_format")):
-        param = "response_format"
-    return ModelRequestError(status, message, "invalid_value" if status == 400 else "invalid_request", param)
-
-
-def merge_logprobs(total: dict | None, piece: dict | None) -> dict | None:
-    """Concatenate streamed logprobs pieces: chat ({"content": [...]}) or completions (parallel lists)."""
-    if piece is None:
-        return total
-    if total is None:
-        return {k: list(v) if isinstance(v, list) else v for k, v in piece.items()}
-    for key, value in piece.items():
-        if isinstance(value, list):
-            total.setdefault(key, []).extend(value)
-    return total
 
 
 class VLLMServer(LLMServer):
@@ -286,10 +245,10 @@ class VLLMServer(LLMServer):
         try:
             async for item in run(request, None):
                 if not isinstance(item, str):  # an ErrorResponse: the request was refused before decoding
-                    raise _engine_error(item.error.model_dump())
-                for data in _sse_data(item):
+                    raise engine_error(item.error.model_dump())
+                for data in sse_data(item):
                     if "error" in data:
-                        raise _engine_error(data["error"])
+                        raise engine_error(data["error"])
                     prompt_ids = data.get("prompt_token_ids") or prompt_ids
                     usage = data.get("usage") or usage
                     for choice in data.get("choices") or []:
@@ -339,7 +298,7 @@ class VLLMServer(LLMServer):
         )
         async for item in self.engine.completions(request, None):
             if getattr(item, "error", None) is not None and not hasattr(item, "choices"):
-                raise _engine_error(item.error.model_dump())
+                raise engine_error(item.error.model_dump())
             positions = item.choices[0].prompt_logprobs or []
             return [{int(t): lp.logprob for t, lp in (p or {}).items()} for p in positions]
         return []
