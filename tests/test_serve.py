@@ -353,7 +353,11 @@ def test_bad_requests_get_openai_errors_and_keys_are_enforced(app):
             400,
             "unsupported_parameter",
         ),
-        (dict(json={"model": "toy", "messages": message, "logprobs": True}, headers=auth), 400, "unsupported_parameter"),
+        (
+            dict(json={"model": "toy", "messages": message, "logprobs": True}, headers=auth),
+            400,
+            "unsupported_parameter",
+        ),
         (dict(json={"model": "toy", "messages": message}), 401, "invalid_api_key"),
         (
             dict(json={"model": "toy", "messages": message}, headers={"Authorization": "Bearer wrong"}),

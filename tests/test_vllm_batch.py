@@ -34,7 +34,17 @@ def _adapter(folder, seed: int = 5, scale: float = 0.02) -> str:
     return str(folder)
 
 
+# A small schema, so that a reply constrained to it is complete within the short generation budget here.
+SCHEMA = {
+    "type": "object",
+    "properties": {"order_id": {"type": ["string", "null"]}, "priority": {"enum": ["low", "normal", "high", "urgent"]}},
+    "required": ["order_id", "priority"],
+    "additionalProperties": False,
+}
+
+
 def _recipe(root, **evaluate):
+    (root / "schema.json").write_text(json.dumps(SCHEMA))
     return config.validate(
         {
             "run": {"name": "vb", "output_dir": str(root / "runs"), "stages": ["prepare", "evaluate"]},
@@ -51,6 +61,7 @@ def _recipe(root, **evaluate):
             "train": {"precision": "fp32"},
             "evaluate": {
                 "task": "structured",
+                "schema_file": str(root / "schema.json"),
                 "group_column": "style",
                 "limit": 10,
                 "max_new_tokens": 40,
@@ -73,6 +84,7 @@ def prepared(tmp_path_factory):
 
 
 def test_evaluate_on_vllm_matches_the_transformers_path(prepared):
+    import jsonschema
     import pyarrow.parquet as pq
 
     from raytune_app.evaluate.run import evaluate
@@ -109,4 +121,5 @@ def test_evaluate_on_vllm_matches_the_transformers_path(prepared):
     for model in ("base", "adapter"):
         assert vl["models"][model]["constrained"]["schema_valid_rate"] == 1.0, vl["models"][model]["constrained"]
         assert "constrained" not in hf["models"][model]
-    assert all(json.loads(r["constrained_prediction"]) is not None for r in vl_rows)
+    for row in vl_rows:
+        jsonschema.validate(json.loads(row["constrained_prediction"]), SCHEMA)

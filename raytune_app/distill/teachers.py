@@ -219,7 +219,7 @@ def _vllm(ds, t):
     source = models.resolve(t.model)
     stops = models.stop_token_ids(models.load_tokenizer(t.model))
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = max(1.0, ray.cluster_resources().get("CPU", 1) / t.replicas)
+    cpus = max(2.0, ray.cluster_resources().get("CPU", 2) / t.replicas)
     sampling = {"temperature": t.temperature, "max_tokens": t.max_new_tokens, "stop_token_ids": stops}
     processor = build_processor(
         vLLMEngineProcessorConfig(
@@ -227,8 +227,12 @@ def _vllm(ds, t):
             concurrency=t.replicas,
             batch_size=t.batch_size,
             engine_kwargs={"max_model_len": 4096, "dtype": models.vllm_dtype("bf16", bool(gpus))},
-            placement_group_config=None if gpus else {"bundles": [{"CPU": max(0.5, cpus - 0.5)}]},
+            # The engine leaves one core to the four small stages around it (template, tokenizer, pre / post
+            # processing at a quarter core each: at Ray Data's default of one each they would wait forever).
+            placement_group_config=None if gpus else {"bundles": [{"CPU": cpus - 1.0}]},
             runtime_env=None if gpus else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+            chat_template_stage={"enabled": True, "num_cpus": 0.25},
+            tokenize_stage={"enabled": True, "num_cpus": 0.25},
             detokenize_stage=False,  # the engine detokenises already
             log_engine_metrics=False,
         ),
@@ -237,6 +241,7 @@ def _vllm(ds, t):
             {k: row[k] for k in ("key", "input", "sample") if k in row}
             | {"teacher_text": row.get("generated_text"), "teacher_error": None}
         ),
+        preprocess_map_kwargs={"num_cpus": 0.25},
         postprocess_map_kwargs={"num_cpus": 0.25},
     )
     return processor(ds)

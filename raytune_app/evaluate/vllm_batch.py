@@ -215,7 +215,14 @@ def generate(examples: pa.Table, model: dict, candidates: list[tuple[str, str | 
         rows = _rows(examples, tokenizer, s, stop_ids, source, members)
         longest = max(len(r["tokenized_prompt"]) for r in rows)
         adapters = sorted({a for _, a, _ in members if a})
-        processor = build_processor(_config(source, adapters, longest, s, model), postprocess=_finish)
+        processor = build_processor(
+            _config(source, adapters, longest, s, model),
+            postprocess=_finish,
+            # Ray Data's own map tasks around the engine take a sliver of a core: at the default of one CPU
+            # each they would wait forever beside an engine holding the rest of a small machine.
+            preprocess_map_kwargs={"num_cpus": 0.25},
+            postprocess_map_kwargs={"num_cpus": 0.25},
+        )
         blocks = max(1, math.ceil(len(rows) / s.batch_size))
         answers += processor(ray.data.from_items(rows, override_num_blocks=blocks)).take_all()
     errors = [a for a in answers if a["error"]]
