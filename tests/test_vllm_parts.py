@@ -164,3 +164,19 @@ def test_one_stop_token_helper_for_every_engine(tiny_model):
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops and tokenizer.eos_token_id in stops
     ids = models.chat_prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_a_backup_that_cannot_honour_the_options_refuses_instead_of_answering():
+    """A vLLM primary with a transformers backup: on failover a constrained request gets 503, not free text."""
+    from types import SimpleNamespace
+
+    from raytune_app.serve.router import Router
+    from raytune_app.serve.stats import Stats
+
+    router = SimpleNamespace(spec={"backup_backend": "transformers"}, stats=Stats({}, export=False))
+    unable = Router.func_or_class._backup_unable
+    refusal = unable(router, {"response_format": {"type": "json_object"}, "temperature": 0.0}, RuntimeError("down"))
+    assert refusal["error"]["status"] == 503
+    assert refusal["error"]["body"]["error"]["param"] == "response_format"
+    assert unable(router, {"temperature": 0.0, "logprobs": False}, RuntimeError("down")) is None
+    assert unable(SimpleNamespace(spec={"backup_backend": "vllm"}, stats=router.stats), {"logprobs": True}, None) is None

@@ -192,6 +192,7 @@ def plan(recipe: config.Recipe) -> dict:
         "seed": s.router.seed,
         "drift": s.router.drift.model_dump(),
         "timeout_s": s.limits.timeout_s,
+        "backup_backend": backup["backend"] if backup else None,
         "guard_mode": s.guard.mode,
         "pricing": {k: v.model_dump() for k, v in s.pricing.items()},
     }

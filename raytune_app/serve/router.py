@@ -25,7 +25,7 @@ from ray import serve
 from raytune_app.serve.drift import DriftMonitor
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.llm import PromptError
-from raytune_app.serve.options import OPTIONS, ModelRequestError
+from raytune_app.serve.options import OPTIONS, ModelRequestError, refuse_unsupported
 from raytune_app.serve.protocol import APIError
 from raytune_app.serve.stats import Stats
 
@@ -175,6 +175,10 @@ class Router:
                     "model_unavailable",
                 )
                 return
+            unable = self._backup_unable(payload, exc)
+            if unable:
+                yield unable
+                return
             logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
             failover = True
             events = self.backup.options(stream=True).stream.remote(payload | {"adapter": BASE})
@@ -196,6 +200,9 @@ class Router:
             return _refusal(
                 503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable"
             )
+        unable = self._backup_unable(payload, exc)
+        if unable:
+            return unable
         logger.warning("primary failed on adapter %s (%s); the backup answers", payload["adapter"], _describe(exc))
         try:
             return await self.backup.generate.remote(payload | {"adapter": BASE})
@@ -204,6 +211,23 @@ class Router:
             return _refusal(
                 503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
             )
+
+    def _backup_unable(self, payload: dict, exc: Exception) -> dict | None:
+        """A 503 when the backup's backend cannot honour the request's options (response_format, logprobs,
+        seed): an unconstrained answer to a constrained request is never sent."""
+        backend = self.spec.get("backup_backend", "vllm")
+        try:
+            refuse_unsupported(payload, backend)
+        except APIError as refused:
+            self.stats.error(payload.get("adapter", "-"), "backup_unsupported_" + (refused.param or ""))
+            return _refusal(
+                503,
+                f"The model failed ({_describe(exc)}) and the backup ({backend} backend) cannot honour "
+                f"`{refused.param}`.",
+                "model_unavailable",
+                refused.param,
+            )
+        return None
 
     def _meta(self, plan: dict, failover: bool) -> dict:
         return {

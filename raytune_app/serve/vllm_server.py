@@ -260,7 +260,7 @@ class VLLMServer(LLMServer):
         except ModelRequestError:
             self.refused += 1
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away: vLLM aborts the request
             self.cancelled += 1
             raise
         usage = usage or {"prompt_tokens": len(prompt_ids), "completion_tokens": len(completion_ids)}
@@ -300,7 +300,10 @@ class VLLMServer(LLMServer):
             if getattr(item, "error", None) is not None and not hasattr(item, "choices"):
                 raise engine_error(item.error.model_dump())
             positions = item.choices[0].prompt_logprobs or []
-            return [{int(t): lp.logprob for t, lp in (p or {}).items()} for p in positions]
+            return [
+                {int(t): (lp["logprob"] if isinstance(lp, dict) else lp.logprob) for t, lp in (p or {}).items()}
+                for p in positions
+            ]
         return []
 
     async def divergence(self, prompt_ids: list[int], reply_ids: list[int], reference: str, candidate: str) -> dict:
