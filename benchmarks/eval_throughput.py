@@ -1,18 +1,23 @@
-"""Batch evaluation throughput: our Ray Data batched generation vs a one-at-a-time loop.
+"""Batch evaluation throughput: the evaluate stage on vLLM (`ray.data.llm`) and on transformers, against a
+one-at-a-time loop.
 
-    .venv/bin/python benchmarks/eval_throughput.py --examples 24 --repeats 3 [--adapter runs/quickstart/train/adapter]
+    .venv/bin/python benchmarks/eval_throughput.py --examples 48 --repeats 3 [--adapter runs/quickstart/train/adapter]
+        [--sides loop transformers transformers-2 vllm]
 
-    (a) a plain loop in one process: for each example, render the chat template, `generate` with
-        batch 1, decode — what a user writes first;
-    (b) the evaluate stage's generation: a Ray Data actor pool (1 replica on all cores), batches of
-        `--batch-size` length-sorted prompts, left padding;
-    (c) the same with 2 replicas of 1 core each.
+    loop            a plain loop in one process: for each example, render the chat template, `generate` with
+                    batch 1, decode -- what a user writes first (the baseline);
+    transformers    the evaluate stage with evaluate.backend=transformers: a Ray Data actor pool (1 replica on
+                    all cores), batches of `--batch-size` length-sorted prompts, left padding;
+    transformers-2  the same with 2 replicas of 1 core each;
+    vllm            the evaluate stage with evaluate.backend=vllm: Ray Data's vLLM processor, one engine
+                    (continuous batching; the adapter, when given, as a vLLM LoRA request).
 
-Same model and weights (the bundled SmolLM2-135M-Instruct, plus `--adapter` merged in when given),
-same examples (the quickstart task's prepared split), greedy decoding, the same `max_new_tokens` and
-precision. Examples/s counts the whole generation (model load excluded: each side loads once);
-generated tokens are counted up to the end-of-turn token. Each run is a fresh subprocess; the
-replies of (b) and (c) are compared with (a) (greedy decoding should give the same text).
+Same model and weights (the bundled SmolLM2-135M-Instruct, plus `--adapter` when given), same examples (the
+quickstart task's prepared split), greedy decoding, the same `max_new_tokens` and precision (fp32: this CPU
+has no native bf16, so vLLM runs fp32 whatever the recipe says). Examples/s counts the whole generation
+(model and engine load excluded: each side loads once); generated tokens are counted up to the end-of-turn
+token. Each run is a fresh subprocess, and the sides take turns within each repeat (a shared machine's
+load hits them alike); the replies are compared with the loop's (greedy decoding should give the same text).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import run_measured  # noqa: E402
 
 
-def recipe_for(out: str, examples: int, batch_size: int, replicas: int, max_new_tokens: int):
+def recipe_for(out: str, examples: int, batch_size: int, replicas: int, max_new_tokens: int, backend: str):
     from raytune_app import config
 
     return config.load(
@@ -43,10 +48,12 @@ def recipe_for(out: str, examples: int, batch_size: int, replicas: int, max_new_
             f"data.generator.rows={examples * 4}",
             "data.split.val=0.0",
             "data.split.test=0.25",
+            "train.precision=fp32",
             f"evaluate.limit={examples}",
             f"evaluate.batch_size={batch_size}",
             f"evaluate.replicas={replicas}",
             f"evaluate.max_new_tokens={max_new_tokens}",
+            f"evaluate.backend={backend}",
         ],
     )
 
@@ -105,32 +112,37 @@ def run_ours(recipe, adapter: str | None) -> dict:
     }
 
 
+SIDES = {
+    # name: (how, replicas, label)
+    "loop": ("loop", 1, "one-at-a-time loop"),
+    "transformers": ("transformers", 1, "transformers, Ray Data, 1 replica"),
+    "transformers-2": ("transformers", 2, "transformers, Ray Data, 2 replicas"),
+    "vllm": ("vllm", 1, "vLLM, ray.data.llm, 1 engine"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=24)
+    parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--sides", nargs="+", default=["loop", "transformers", "vllm"], choices=list(SIDES))
     parser.add_argument("--adapter", default=None, help="a trained adapter folder (default: the base model alone)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     adapter = os.path.abspath(args.adapter) if args.adapter else None
     if args.child:
-        side, out, replicas = args.child
-        recipe = recipe_for(
-            out, args.examples, 1 if side == "loop" else args.batch_size, int(replicas), args.max_new_tokens
-        )
-        print(json.dumps(run_loop(recipe, adapter) if side == "loop" else run_ours(recipe, adapter)))
+        how, out, replicas = args.child
+        backend = "transformers" if how == "loop" else how
+        batch = 1 if how == "loop" else args.batch_size
+        recipe = recipe_for(out, args.examples, batch, int(replicas), args.max_new_tokens, backend)
+        print(json.dumps(run_loop(recipe, adapter) if how == "loop" else run_ours(recipe, adapter)))
         return
 
     from raytune_app.models import resolve
 
     resolve("bundled:smollm2-135m-instruct")  # convert the bundled model once, outside the timings
-    sides = [
-        ("loop", 1, "(a) one-at-a-time loop"),
-        ("ours", 1, f"(b) Ray Data, batch {args.batch_size}, 1 replica"),
-        ("ours", 2, f"(c) Ray Data, batch {args.batch_size}, 2 replicas"),
-    ]
     passthrough = [
         "--examples",
         str(args.examples),
@@ -139,31 +151,33 @@ def main() -> None:
         "--max-new-tokens",
         str(args.max_new_tokens),
     ] + (["--adapter", adapter] if adapter else [])
-    results = {}
-    for side, replicas, label in sides:
-        runs = []
-        for _ in range(args.repeats):
+    results = {name: [] for name in args.sides}
+    for repeat in range(args.repeats):
+        for name in args.sides:  # interleaved: each repeat runs every side once
+            how, replicas, _ = SIDES[name]
             with tempfile.TemporaryDirectory() as out:
-                runs.append(run_measured(__file__, [side, out, str(replicas)], interval=0.5, extra_args=passthrough))
-        results[label] = runs
-    baseline = statistics.median(r["examples"] / r["seconds"] for r in results[sides[0][2]])
-    reference = results[sides[0][2]][0]["replies"]
+                run = run_measured(__file__, [how, out, str(replicas)], interval=0.5, extra_args=passthrough)
+            results[name].append(run)
+            print(f"  repeat {repeat + 1}: {name}: {run['examples'] / run['seconds']:.3f} examples/s", flush=True)
+    first = args.sides[0]
+    baseline = statistics.median(r["examples"] / r["seconds"] for r in results[first])
+    reference = results[first][0]["replies"]
     print(
-        f"machine: {os.cpu_count()} CPUs; model bundled SmolLM2-135M-Instruct"
-        f"{' + adapter ' + args.adapter if args.adapter else ''}; {args.examples} examples, greedy, "
-        f"max_new_tokens {args.max_new_tokens}; median of {args.repeats}"
+        f"machine: {os.cpu_count()} CPUs (shared); model bundled SmolLM2-135M-Instruct"
+        f"{' + adapter ' + args.adapter if args.adapter else ''}; {args.examples} examples, greedy, fp32, "
+        f"max_new_tokens {args.max_new_tokens}; median of {args.repeats}; ratio against `{first}`"
     )
     print(
-        f"{'setup':<34} {'examples/s':>10} {'tokens/s':>9} {'ratio':>6} {'peak GiB':>8} {'same replies':>12}   per "
-        f"run ex/s"
+        f"{'setup':<36} {'examples/s':>10} {'tokens/s':>9} {'ratio':>6} {'peak GiB':>8} {'same replies':>12}"
+        "   per run ex/s"
     )
-    for _, _, label in sides:
-        runs = results[label]
+    for name in args.sides:
+        runs, label = results[name], SIDES[name][2]
         speed = statistics.median(r["examples"] / r["seconds"] for r in runs)
         tokens = statistics.median(r["tokens"] / r["seconds"] for r in runs)
         same = sum(runs[0]["replies"][k] == v for k, v in reference.items())
         print(
-            f"{label:<34} {speed:>10.3f} {tokens:>9.1f} {speed / baseline:>5.2f}x "
+            f"{label:<36} {speed:>10.3f} {tokens:>9.1f} {speed / baseline:>5.2f}x "
             f"{statistics.median(r['peak_gib'] for r in runs):>8.2f} {f'{same}/{len(reference)}':>12}   "
             + ", ".join(f"{r['examples'] / r['seconds']:.3f}" for r in runs)
         )

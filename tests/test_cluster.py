@@ -233,9 +233,15 @@ def test_rayservice_serves_the_gpu_cluster_serve_config():
 
 
 def _serve_config_gpus(app: dict) -> tuple[float, float]:
+    # vLLM deployments take their GPU in a placement group sized from the recipe's serve.deployments (a
+    # config-level ray_actor_options would give it to the replica actor instead), so that is where it is read.
+    recipe = config.load(_in_repo(app["args"]["recipe"]), app["args"]["overrides"])
     low = high = 0.0
     for deployment in app["deployments"]:
-        gpus = deployment.get("ray_actor_options", {}).get("num_gpus", 0)
+        gpus = deployment.get("ray_actor_options", {}).get("num_gpus")
+        if gpus is None:
+            section = recipe.serve.deployments.get(deployment["name"])
+            gpus = (section.num_gpus or 0) if section else 0
         scaling = deployment.get("autoscaling_config")
         replicas = (
             (scaling["min_replicas"], scaling["max_replicas"]) if scaling else (deployment.get("num_replicas", 1),) * 2

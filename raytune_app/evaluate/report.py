@@ -187,11 +187,31 @@ def write_report(summary: dict, recipe: Recipe, out_dir: str, loss_curve: str) -
     lines += _table(
         ["metric", *names], [[k, *(summary["models"][n].get(k) for n in names)] for k in TABLE_METRICS[task]]
     )
+    if any("constrained" in summary["models"][n] for n in names):
+        lines += [
+            "",
+            "Decoded constrained to the JSON Schema (vLLM structured outputs, `evaluate.schema_constrained`):",
+            "",
+        ]
+        lines += _table(
+            ["metric", *names],
+            [[k, *(summary["models"][n].get("constrained", {}).get(k) for n in names)] for k in TABLE_METRICS[task]],
+        )
     lines += ["", "![metrics](metrics.png)", ""]
     if storage.exists(loss_curve):
         storage.write_bytes(storage.join(out_dir, "loss_curve.png"), storage.read_bytes(loss_curve))
         lines += ["## Training", "", "![loss curve](loss_curve.png)", ""]
-    lines += ["## Latency", "", "An example's latency is the time of the batched `generate` call it was part of.", ""]
+    how = (
+        "the vLLM engine's time from taking the request to its last token (continuous batching)"
+        if summary.get("backend") == "vllm"
+        else "the time of the batched `generate` call it was part of"
+    )
+    lines += [
+        "## Latency",
+        "",
+        f"Generated with {summary.get('backend', 'transformers')}; an example's latency is {how}.",
+        "",
+    ]
     lines += _table(
         ["model", "p50 s", "p95 s", "p99 s", "tokens/s", "examples/s"],
         [

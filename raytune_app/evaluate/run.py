@@ -38,7 +38,7 @@ HEADLINE = {
     "free_text": ["normalised_match", "exact_match", "length_ratio"],
 }
 PRIMARY = {"structured": "field_f1", "classification": "macro_f1", "free_text": "normalised_match"}
-FORMAT_VERSION = 2  # bumped when the output changes shape, so a re-run rewrites it
+FORMAT_VERSION = 3  # bumped when the output changes shape, so a re-run rewrites it
 
 
 class EvaluateError(DataError):
@@ -247,7 +247,15 @@ def _precision(recipe: Recipe, use_gpu: bool) -> str:
 
 
 def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: list[str] | None) -> pa.Table:
-    """Predictions of one model for every example, with timings: a Ray Data actor pool of replicas."""
+    """Predictions of one model for every example, with timings, on the evaluate.backend engine (the evaluate
+    stage itself gives vLLM all its models at once: generate_vllm)."""
+    if backend(recipe) == "vllm":
+        return generate_vllm(examples, [candidate], recipe, labels)[candidate.name]
+    return generate_transformers(examples, candidate, recipe, labels)
+
+
+def generate_transformers(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: list[str] | None):
+    """Predictions of one model with transformers' generate: a Ray Data actor pool of replicas."""
     import ray
 
     from raytune_app.evaluate.generation import Generator
@@ -294,6 +302,54 @@ def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: l
     return table.take(sorted(range(table.num_rows), key=lambda i: index[table.column("example")[i].as_py()]))
 
 
+def backend(recipe: Recipe) -> str:
+    """The generation engine evaluate.backend resolves to here: vllm or transformers."""
+    from raytune_app import models
+
+    try:
+        return models.generation_backend(recipe.evaluate.backend)
+    except ValueError as exc:
+        raise EvaluateError(f"evaluate.backend: {exc}") from None
+
+
+def generate_vllm(
+    examples: pa.Table,
+    models: list[Candidate],
+    recipe: Recipe,
+    labels: list[str] | None,
+    schema: dict | None = None,
+    **overrides,
+) -> dict[str, pa.Table]:
+    """Predictions of every candidate with vLLM through `ray.data.llm` (vllm_batch.py): one engine for the
+    base and its adapters; with `schema`, also "<name>:constrained" tables decoded to that JSON Schema."""
+    from raytune_app.evaluate import vllm_batch
+
+    ev = recipe.evaluate
+    replicas, cpus, use_gpu = _replicas(recipe)
+    prefix = recipe.distill.label_prefix if "distill" in recipe.run.stages else ""
+    settings = vllm_batch.Settings(
+        max_new_tokens=ev.max_new_tokens,
+        temperature=ev.temperature,
+        precision=_precision(recipe, use_gpu),
+        batch_size=ev.batch_size,
+        replicas=replicas,
+        # Leave half a core for Ray Data's own tasks beside the engine (postprocessing the answers).
+        cpus=max(0.5, cpus - 0.5),
+        use_gpu=use_gpu,
+        labels=labels,
+        prompt_prefix=prefix,
+        schema=schema,
+        constrained=schema is not None,
+        kv_cache_gb=ev.kv_cache_gb,
+        enforce_eager=ev.enforce_eager,
+        seed=recipe.run.seed,
+    )
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
+    return vllm_batch.generate(examples, model, [(c.name, c.weights) for c in models], settings)
+
+
 def score(task: str, table: pa.Table, validator, labels: list[str] | None) -> tuple[dict, dict, Callable]:
     """(task metrics, row-level columns, recall over a subset of rows) for one model's predictions."""
     predictions = table.column("prediction").to_pylist()
@@ -328,7 +384,10 @@ def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], la
         "version": __version__,
         "data": data_identity,
         "labels": labels,
-        "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"replicas", "batch_size"}),
+        "evaluate": recipe.evaluate.model_dump(
+            mode="json", exclude={"replicas", "batch_size", "kv_cache_gb", "enforce_eager", "backend"}
+        ),
+        "backend": backend(recipe),
         "model": recipe.model.model_dump(mode="json"),
         "candidates": [(c.name, c.identity) for c in models],
     }
@@ -380,14 +439,26 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         return {**earlier, "output_dir": storage.current(out_dir)}
     why = "--force" if force else ("models, data or settings changed" if earlier else "no complete earlier output")
 
+    engine = backend(recipe)
+    if ev.schema_constrained and (validator is None or engine != "vllm"):
+        raise EvaluateError(
+            "evaluate.schema_constrained needs a JSON Schema (evaluate.schema_file or data.generator)"
+            if validator is None
+            else "evaluate.schema_constrained needs the vllm backend; vLLM is not installed here (scripts/setup.sh)"
+        )
     say(
-        f"{examples.num_rows} examples ({data_file or 'split ' + ev.split}); models: "
+        f"{examples.num_rows} examples ({data_file or 'split ' + ev.split}) on {engine}; models: "
         + ", ".join(f"{c.name} ({c.weights or recipe.model.path})" for c in models)
     )
+    generated, began_all = None, time.time()
+    if engine == "vllm":  # every candidate in one engine run (the base and its LoRA adapters share it)
+        schema = validator.schema if ev.schema_constrained and validator is not None else None
+        generated = generate_vllm(examples, models, recipe, labels, schema)
+        say(f"vLLM generated for {len(models)} model(s) in {time.time() - began_all:.0f} s")
     results, tables = {}, []
     for candidate in models:
         began = time.time()
-        table = generate(examples, candidate, recipe, labels)
+        table = generated[candidate.name] if generated else generate_transformers(examples, candidate, recipe, labels)
         task_metrics, row_columns, recall_of = score(ev.task, table, validator, labels)
         wall = max(table.column("batch_end").to_pylist()) - min(table.column("batch_start").to_pylist())
         result = {
@@ -395,8 +466,12 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             "identity": candidate.identity,
             **task_metrics,
             "latency": M.latency(table.column("latency_s").to_pylist(), table.column("new_tokens").to_pylist(), wall),
-            "seconds": round(time.time() - began, 1),
+            "seconds": round(wall if generated else time.time() - began, 1),
         }
+        if generated and f"{candidate.name}:constrained" in generated:
+            constrained = generated[f"{candidate.name}:constrained"]
+            result["constrained"] = score(ev.task, constrained, validator, labels)[0]
+            table = table.append_column("constrained_prediction", constrained.column("prediction"))
         if ev.group_column:
             result["groups"] = {"column": ev.group_column, **M.group_gap(table.column("group").to_pylist(), recall_of)}
         results[candidate.name] = result
@@ -404,6 +479,10 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             table = table.append_column(name, pa.array(values))
         tables.append(table.append_column("model", pa.array([candidate.name] * table.num_rows, pa.string())))
         shown = ", ".join(f"{k} {_fmt(result.get(k))}" for k in HEADLINE[ev.task])
+        if "constrained" in result:
+            shown += ", constrained: " + ", ".join(
+                f"{k} {_fmt(result['constrained'].get(k))}" for k in HEADLINE[ev.task]
+            )
         say(
             f"{candidate.name}: {shown}, p50 latency {_fmt(result['latency']['p50_s'])} s "
             f"({result['seconds']} s incl. model load)"
@@ -418,6 +497,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         "examples": examples.num_rows,
         "labels": labels,
         "base_model": recipe.model.path,
+        "backend": engine,
         "models": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -462,6 +542,14 @@ def comparison_table(summary: dict) -> str:
         (key.replace("_", " "), [summary["models"][m].get(key) for m in summary["models"]])
         for key in HEADLINE[task][:2]
     ]
+    if any("constrained" in summary["models"][m] for m in summary["models"]):
+        rows += [
+            (
+                f"{key.replace('_', ' ')} (constrained)",
+                [summary["models"][m].get("constrained", {}).get(key) for m in summary["models"]],
+            )
+            for key in HEADLINE[task][:2]
+        ]
     rows.append(("p50 latency (s)", [summary["models"][m]["latency"]["p50_s"] for m in summary["models"]]))
     names = list(summary["models"])
     width = max(len(r[0]) for r in rows) + 2

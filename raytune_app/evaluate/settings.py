@@ -43,7 +43,26 @@ class EvaluateSection(Section):
         description="Model replicas in the Ray Data actor pool; `auto`: one per GPU, or one on a CPU-only cluster.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Inference precision; `auto` follows train.precision."
+        "auto",
+        description="Inference precision; `auto` follows train.precision (vLLM on a CPU without native bf16 "
+        "runs fp32).",
+    )
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="Generation engine: `vllm` (Ray Data's LLM processor, `ray.data.llm`: one vLLM engine per "
+        "replica answers the base and every LoRA adapter under test), `transformers` (generate on an actor pool, "
+        "the adapter merged in), or `auto`: vllm wherever vLLM is installed.",
+    )
+    schema_constrained: bool = Field(
+        False,
+        description="Task structured with the vllm backend: decode every example a second time constrained to "
+        "the JSON Schema (vLLM structured outputs) and report those metrics (`constrained`) beside the free ones.",
+    )
+    kv_cache_gb: int = Field(
+        1, ge=1, description="vLLM's KV cache in whole GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); a GPU sizes its own."
+    )
+    enforce_eager: bool = Field(
+        False, description="vLLM without torch.compile / CUDA graphs: starts sooner, decodes slower (small runs)."
     )
 
     @model_validator(mode="after")
@@ -52,4 +71,8 @@ class EvaluateSection(Section):
             raise ValueError("labels must be distinct")
         if self.labels is not None and self.task != "classification":
             raise ValueError("labels apply to task classification only")
+        if self.schema_constrained and self.task != "structured":
+            raise ValueError("schema_constrained applies to task structured only (it needs a JSON Schema)")
+        if self.schema_constrained and self.backend == "transformers":
+            raise ValueError("schema_constrained needs backend vllm (or auto with vLLM installed)")
         return self

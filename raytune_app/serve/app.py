@@ -158,9 +158,17 @@ def plan(recipe: config.Recipe) -> dict:
         "max_position_embeddings",
         2048,
     )
+    try:
+        backend = models.generation_backend(s.backend)
+    except ValueError as exc:
+        raise ServePlanError(f"serve.backend: {exc}") from None
     llm = {
         "name": "llm",
+        "backend": backend,
         "model": model,
+        "model_id": served,  # what the vLLM engine calls the base model (its OpenAI model name)
+        "labels": {key: name for name, key in routes.items()},  # adapter key -> the model id clients send
+        "vllm": s.vllm.model_dump(mode="json"),
         "adapters": adapters,
         "tracking_uri": uri,
         "precision": s.precision,
@@ -173,7 +181,11 @@ def plan(recipe: config.Recipe) -> dict:
     backup = None
     if s.backup is not None:
         backup_model = model if s.backup == "base" else {"path": s.backup}
-        backup = llm | {"name": "backup", "model": backup_model, "adapters": {}}
+        try:
+            backup_backend = backend if s.backup_backend == "same" else models.generation_backend(s.backup_backend)
+        except ValueError as exc:
+            raise ServePlanError(f"serve.backup_backend: {exc}") from None
+        backup = llm | {"name": "backup", "backend": backup_backend, "model": backup_model, "adapters": {}}
     router = {
         "name": served,
         "routes": routes,
@@ -186,6 +198,7 @@ def plan(recipe: config.Recipe) -> dict:
         "seed": s.router.seed,
         "drift": s.router.drift.model_dump(),
         "timeout_s": s.limits.timeout_s,
+        "backup_backend": backup["backend"] if backup else None,
         "guard_mode": s.guard.mode,
         "pricing": {k: v.model_dump() for k, v in s.pricing.items()},
         # Hardening (serve/router.py): bounded calls, the 429 hint, what clients may see, background caps.
@@ -197,6 +210,7 @@ def plan(recipe: config.Recipe) -> dict:
         "rollback_retry_s": s.router.rollback_retry_s,
     }
     ingress = {
+        "backend": backend,
         "models": sorted(routes),
         "model": model,
         "limits": s.limits.model_dump(),
@@ -224,11 +238,12 @@ def _check_access(ingress: dict) -> None:
         raise ServePlanError(str(exc)) from None
 
 
-def _queues(recipe: config.Recipe, name: str) -> dict:
+def _queues(recipe: config.Recipe, name: str, backend: str = "transformers") -> tuple[int, int | None]:
     """Backpressure defaults: how many requests a replica works on, and how many may wait per caller before
-    the surplus is refused at once (serve/settings.py DeploymentSection). An LLM replica decodes one batch
-    at a time: two batches' worth in flight keeps the next batch ready; two more may wait."""
-    batch = recipe.serve.batching.max_batch_size
+    the surplus is refused at once (serve/settings.py DeploymentSection). A transformers replica decodes one
+    batch at a time: two batches' worth in flight keeps the next batch ready; two more may wait. A vLLM
+    replica decodes `serve.vllm.max_num_seqs` sequences at once: the same rule with that as its batch."""
+    batch = recipe.serve.vllm.max_num_seqs if backend == "vllm" else recipe.serve.batching.max_batch_size
     return {
         "llm": (2 * batch, 2 * batch),
         "backup": (2 * batch, 2 * batch),
@@ -238,13 +253,14 @@ def _queues(recipe: config.Recipe, name: str) -> dict:
     }[name]
 
 
-def _options(recipe: config.Recipe, name: str) -> dict:
-    """Deployment options from serve.deployments.<name> (replicas, autoscaling, resources, queues, health)."""
+def _options(recipe: config.Recipe, name: str, backend: str = "transformers") -> dict:
+    """Deployment options from serve.deployments.<name> (replicas, autoscaling, resources, queues, health);
+    `backend`: the LLM deployments' engine (their queue defaults follow its batch)."""
     from ray.serve.config import BackpressureConfig
 
     cfg = recipe.serve.deployments.get(name)
     actor = {"num_cpus": DEFAULT_CPUS[name]}
-    ongoing, queued = _queues(recipe, name)
+    ongoing, queued = _queues(recipe, name, backend)
     options: dict = {"name": name, "max_ongoing_requests": ongoing}
     if cfg is not None and cfg.max_queued_requests is not None:
         queued = cfg.max_queued_requests
@@ -273,16 +289,28 @@ def _options(recipe: config.Recipe, name: str) -> dict:
     return options
 
 
+def _llm_deployment(recipe: config.Recipe, spec: dict):
+    """The llm / backup deployment of the spec's backend: Ray Serve LLM's vLLM server, or ours (explicit
+    dispatch; both answer the router's stream / generate / divergence / info)."""
+    options = _options(recipe, spec["name"], spec["backend"])
+    if spec["backend"] == "vllm":
+        from raytune_app.serve.vllm_server import build_deployment
+
+        return build_deployment(spec, options)
+    from raytune_app.serve.llm import LLMServer
+
+    return LLMServer.options(**options).bind(spec)
+
+
 def build(recipe: config.Recipe, spec: dict | None = None):
     """The bound application (nothing starts until Serve runs it); `spec`: an already made plan."""
     from raytune_app.serve.guard_scorer import GuardScorer
     from raytune_app.serve.ingress import Ingress
-    from raytune_app.serve.llm import LLMServer
     from raytune_app.serve.router import Router
 
     spec = spec or plan(recipe)
-    primary = LLMServer.options(**_options(recipe, "llm")).bind(spec["llm"])
-    backup = LLMServer.options(**_options(recipe, "backup")).bind(spec["backup"]) if spec["backup"] else None
+    primary = _llm_deployment(recipe, spec["llm"])
+    backup = _llm_deployment(recipe, spec["backup"]) if spec["backup"] else None
     guard = GuardScorer.options(**_options(recipe, "guard")).bind(spec["guard"]) if spec["guard"] else None
     router = Router.options(**_options(recipe, "router")).bind(spec["router"], primary, backup, guard)
     return Ingress.options(**_options(recipe, "ingress")).bind(spec["ingress"], router)

@@ -1,8 +1,10 @@
 """Drift between champion and challenger: a sliding window over per-request measurements.
 
 Each measured request contributes the mean KL(champion || challenger) of the two models' next-token
-distributions along the served reply (raytune_app/serve/engine.py, `Engine.divergence`), their top-1
-agreement, and (in shadow mode) whether the two replies were identical and their length ratio. Once
+distributions along the served reply (transformers backend: over the whole vocabulary,
+raytune_app/serve/engine.py `Engine.divergence`; vLLM backend: from each model's top-k logprobs,
+`top_k_kl` below), their top-1 agreement, and (in shadow mode) whether the two replies were identical
+and their length ratio. Once
 `min_samples` requests are in the window, a window mean KL above `threshold` trips the monitor.
 Pure Python; the router owns one and acts on `tripped`.
 """
@@ -12,6 +14,36 @@ from __future__ import annotations
 import math
 from collections import deque
 from statistics import fmean
+
+
+def top_k_kl(reference: list[dict], candidate: list[dict]) -> dict:
+    """Mean KL(reference || candidate) along a reply when each model gives only its top-k logprobs per
+    position (vLLM returns at most 20): `reference[i]` / `candidate[i]` map token -> logprob at position
+    i, each holding that model's top-k and the served token.
+
+    Both distributions are coarsened to the tokens whose probability both models report (always at least
+    the served token) plus one bucket for all other tokens, and the KL of the coarsened pair is taken.
+    Coarsening never increases KL (data-processing inequality), so this is a lower bound of the
+    full-vocabulary KL, equal to it when the top-k cover both supports; two identical models measure 0.
+    Returns the mean KL, the share of positions where the top tokens agree, and the positions counted.
+    """
+    kls, agree = [], []
+    for p, q in zip(reference, candidate):
+        if not p or not q:
+            continue
+        shared = set(p) & set(q)
+        p_known = {t: math.exp(p[t]) for t in shared}
+        q_known = {t: math.exp(q[t]) for t in shared}
+        kl = sum(pt * (math.log(pt) - math.log(max(q_known[t], 1e-30))) for t, pt in p_known.items() if pt > 0)
+        p_rest = max(0.0, 1.0 - sum(p_known.values()))
+        q_rest = max(1e-30, 1.0 - sum(q_known.values()))
+        if p_rest > 1e-12:
+            kl += p_rest * (math.log(p_rest) - math.log(q_rest))
+        kls.append(max(0.0, kl))
+        agree.append(max(p, key=p.get) == max(q, key=q.get))
+    if not kls:
+        return {"kl": 0.0, "top1_agreement": 1.0, "positions": 0}
+    return {"kl": fmean(kls), "top1_agreement": fmean(agree), "positions": len(kls)}
 
 
 class DriftMonitor:

@@ -92,7 +92,6 @@ class Engine:
 
     def __init__(self, model: dict, dtype: str = "fp32", threads: int | None = None):
         import torch
-        from transformers import AutoModelForCausalLM
 
         if threads:
             torch.set_num_threads(threads)
@@ -102,21 +101,10 @@ class Engine:
             model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)
         )
         self.tokenizer.padding_side = "left"
-        # On CPU weights stay fp32 (bf16 matmuls are not faster on every CPU); on a GPU they load in `dtype`.
-        load_dtype = self.dtype if self.device != "cpu" else torch.float32
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(
-                models.resolve(model["path"]), dtype=load_dtype, trust_remote_code=model.get("trust_remote_code", False)
-            )
-            .to(self.device)
-            .eval()
-        )
+        # The loader evaluation uses too (raytune_app/models.py): fp32 weights on CPU, `dtype` on a GPU.
+        self.model = models.load_causal_lm(model, None, self.device, dtype)
         self.adapters: dict[str, str] = {}  # name -> folder
-        stops = {self.tokenizer.eos_token_id}
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            stops.add(end_of_turn)
-        self.stop_ids = {i for i in stops if i is not None}
+        self.stop_ids = set(models.stop_token_ids(self.tokenizer))
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 2048
 
     # ----------------------------------------------------------------------------------- adapters

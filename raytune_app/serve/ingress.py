@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raytune_app.serve import access, inputs, prompt, protocol
+from raytune_app.serve import access, inputs, options, prompt, protocol
 
 logger = logging.getLogger("ray.serve")
 # The interactive docs and schema are off unless serve.docs turns them on (routes below, checked per request).
@@ -185,6 +185,8 @@ class Ingress:
             body = inputs.parse_json(await self._body(request), self.limits["max_json_depth"])
             parsed = parse(body, self.limits)
             model = parsed["model"]
+            parsed |= options.parse(body, parsed["kind"])  # response_format, seed, logprobs: options.py
+            options.refuse_unsupported(parsed, self.spec.get("backend", "transformers"))
             inputs.normalise(parsed)
             await self._check_length(parsed)
             parsed["guard_segments"] = inputs.segments(parsed)
@@ -252,8 +254,17 @@ class Ingress:
                     if "error" in event:  # the model failed mid-stream: the router says so, as a 503 body
                         yield encode(event["error"]["body"])
                         break
-                    if event["delta"] or first:
-                        yield encode(chunk(request, response_id, created, event["delta"], first=first))
+                    if event["delta"] or first or event.get("logprobs"):
+                        yield encode(
+                            chunk(
+                                request,
+                                response_id,
+                                created,
+                                event["delta"],
+                                first=first,
+                                logprobs=event.get("logprobs"),
+                            )
+                        )
                         first = False
                     if "finish_reason" in event:
                         yield encode(chunk(request, response_id, created, None, event["finish_reason"]))

@@ -222,11 +222,16 @@ def reply(request: dict, result: dict, response_id: str) -> dict:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": result["text"]},
-            "logprobs": None,
+            "logprobs": result.get("logprobs"),
             "finish_reason": result["finish_reason"],
         }
         return {**base, "object": "chat.completion", "choices": [choice]}
-    choice = {"index": 0, "text": result["text"], "logprobs": None, "finish_reason": result["finish_reason"]}
+    choice = {
+        "index": 0,
+        "text": result["text"],
+        "logprobs": result.get("logprobs"),
+        "finish_reason": result["finish_reason"],
+    }
     return {**base, "object": "text_completion", "choices": [choice]}
 
 
@@ -237,11 +242,12 @@ def chunk(
     delta: str | None,
     finish_reason: str | None = None,
     first: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
     """One streamed chunk (`delta` None with a finish reason: the closing chunk)."""
     if request["kind"] == "chat":
         piece = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": piece, "logprobs": logprobs, "finish_reason": finish_reason}
         return {
             "id": response_id,
             "object": "chat.completion.chunk",
@@ -249,7 +255,7 @@ def chunk(
             "model": request["model"],
             "choices": [choice],
         }
-    choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": response_id,
         "object": "text_completion",

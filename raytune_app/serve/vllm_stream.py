@@ -1,0 +1,72 @@
+"""vLLM's OpenAI stream as the router's events: pure functions over its server-sent-event strings and error
+objects, and the adapter facts the vLLM deployment checks (raytune_app/serve/vllm_server.py uses them).
+No Ray, no vLLM import: unit-tested on their own (tests/test_vllm_parts.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from raytune_app.serve.options import ModelRequestError
+
+
+def adapter_rank(folder: str) -> int:
+    """The largest LoRA rank in a PEFT adapter folder (its `r`, or a larger per-module `rank_pattern`)."""
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        config = json.load(f)
+    return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def sse_data(item: str):
+    """The JSON payloads in a piece of vLLM's server-sent-event stream."""
+    for block in item.split("\n\n"):
+        block = block.strip()
+        if block.startswith("data:"):
+            data = block[5:].strip()
+            if data and data != "[DONE]":
+                yield json.loads(data)
+
+
+def engine_error(error: dict) -> Exception:
+    """A vLLM error object as the exception the router acts on: 4xx -> refused (no failover), 5xx -> failed."""
+    status = int(error.get("code") or 500)
+    message = str(error.get("message") or error)
+    if status >= 500:
+        return RuntimeError(f"vLLM failed: {message}")
+    param = error.get("param")
+    if param is None and any(w in message.lower() for w in ("schema", "grammar", "json", "response_format")):
+        param = "response_format"
+    return ModelRequestError(status, message, "invalid_value" if status == 400 else "invalid_request", param)
+
+
+def merge_logprobs(total: dict | None, piece: dict | None) -> dict | None:
+    """Concatenate streamed logprobs pieces: chat ({"content": [...]}) or completions (parallel lists)."""
+    if piece is None:
+        return total
+    if total is None:
+        return {k: list(v) if isinstance(v, list) else v for k, v in piece.items()}
+    for key, value in piece.items():
+        if isinstance(value, list):
+            total.setdefault(key, []).extend(value)
+    return total
+
+
+def chat_logprobs(piece: dict | None, top: int) -> dict | None:
+    """Completions-style logprobs (parallel lists: tokens, token_logprobs, top_logprobs) in the chat shape
+    ({"content": [{token, logprob, bytes, top_logprobs: [...]}]}), keeping the `top` most likely."""
+    if piece is None:
+        return None
+    content = []
+    tops = piece.get("top_logprobs") or [None] * len(piece.get("tokens") or [])
+    for token, logprob, alternatives in zip(piece.get("tokens") or [], piece.get("token_logprobs") or [], tops):
+        ranked = sorted((alternatives or {}).items(), key=lambda kv: -kv[1])[:top]
+        content.append(
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode()),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in ranked],
+            }
+        )
+    return {"content": content}
