@@ -129,9 +129,10 @@ def _containers(cluster_spec: dict) -> list[dict]:
 
 
 def _in_repo(path: str) -> Path:
-    """A path inside the image (/app is the project, cluster/Dockerfile) as a path of this checkout."""
-    assert path.startswith("/app/"), path
-    return REPO / path[len("/app/") :]
+    """A path inside the image (/app is the project, cluster/Dockerfile), or one relative to the project (a
+    serve config deployed from its root), as a path of this checkout."""
+    assert path.startswith("/app/") or not path.startswith("/"), path
+    return REPO / path.removeprefix("/app/")
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"])

@@ -263,7 +263,7 @@ def latency(seconds: Sequence[float], new_tokens: Sequence[int], wall_seconds: f
     values = np.asarray(seconds, dtype=float)
     if values.size == 0:
         return {"p50_s": None, "p95_s": None, "p99_s": None, "tokens_per_second": None, "examples_per_second": None}
-    p50, p95, p99 = (float(v) for v in np.percentile(values, [50, 95, 99]).tolist())
+    p50, p95, p99 = (float(np.percentile(values, q)) for q in (50, 95, 99))
     return {
         "p50_s": round(float(p50), 4),
         "p95_s": round(float(p95), 4),

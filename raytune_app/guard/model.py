@@ -362,7 +362,7 @@ def evaluate_guard(guard: Guard, rows: list[dict]) -> dict:
         latencies.append((time.perf_counter() - began) * 1000)
     types = [r["attack_type"] for r in rows]
     result = detection_metrics(scores, [r["label"] for r in rows], guard.threshold, types if any(types) else None)
-    p50, p99 = (float(v) for v in np.percentile(np.asarray(latencies, dtype=float), [50, 99]).tolist())
+    p50, p99 = (float(np.percentile(np.asarray(latencies, dtype=float), q)) for q in (50, 99))
     return result | {
         "latency_ms_p50": round(float(p50), 3),
         "latency_ms_p99": round(float(p99), 3),
