@@ -12,7 +12,7 @@ import torch
 
 from raytune_app import models
 from raytune_app.config import ModelSection
-from raytune_app.train.settings import TrainSection
+from raytune_app.train.settings import QuantSection, TrainSection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +27,18 @@ def lora_config(train: TrainSection):
         lora_dropout=train.lora.dropout,
         target_modules=train.lora.target_modules,
         task_type="CAUSAL_LM",
+    )
+
+
+def four_bit_config(quant: QuantSection):
+    """bitsandbytes 4-bit settings of `train.quantization` (QLoRA training, and export's de-quantised base)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
     )
 
 
@@ -45,15 +57,8 @@ def load_for_training(
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif train.finetuning == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        quant = train.quantization
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
-        )
+        kwargs["quantization_config"] = four_bit_config(train.quantization)
         kwargs["device_map"] = {"": device}
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         loaded = prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=train.gradient_checkpointing)
