@@ -27,6 +27,7 @@ from pathlib import Path
 from raytune_app import config as recipe_config
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.train.settings import PREFERENCE_METHODS
 
 
 class TrainError(ValueError):
@@ -38,7 +39,13 @@ def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: dict | None = No
     # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
     # fingerprints of runs made before that setting existed.
     # The same holds for the settings of the methods not in use (dpo, grpo).
-    exclude = ({"distill"} if "distill" not in recipe.run.stages else set()) | ({"dpo", "grpo"} - {recipe.train.method})
+    # And where metrics are reported (report_to) changes no weights.
+    methods = {"dpo", "orpo", "simpo", "kto", "grpo"}
+    exclude = (
+        ({"distill"} if "distill" not in recipe.run.stages else set())
+        | (methods - {recipe.train.method})
+        | {"report_to"}
+    )
     payload = {
         "model": recipe.model.model_dump(mode="json"),
         "train": recipe.train.model_dump(mode="json", exclude=exclude),
@@ -81,7 +88,14 @@ def check_resources(recipe: Recipe) -> tuple[bool, int]:
 
 # The validation number that ranks checkpoints (Ray Train keeps the best K): the loss for SFT and DPO,
 # the mean reward of sampled answers for GRPO (its loss is not a measure of quality).
-CHECKPOINT_SCORE = {"sft": ("eval_loss", "min"), "dpo": ("eval_loss", "min"), "grpo": ("eval_reward", "max")}
+CHECKPOINT_SCORE = {
+    "sft": ("eval_loss", "min"),
+    "dpo": ("eval_loss", "min"),
+    "orpo": ("eval_loss", "min"),
+    "simpo": ("eval_loss", "min"),
+    "kto": ("eval_loss", "min"),
+    "grpo": ("eval_reward", "max"),
+}
 
 
 def _worker_recipe(recipe: Recipe) -> dict:
@@ -266,6 +280,22 @@ def write_manifest(
     return manifest
 
 
+LOGGING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_logging(recipe: Recipe) -> None:
+    """TrainError when a `train.report_to` target's package is missing (before any worker starts)."""
+    import importlib.util
+
+    for target in recipe.train.report_to:
+        modules = LOGGING_PACKAGES.get(target, ())
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise TrainError(
+                f"train.report_to {target} needs the {modules[0]} package: pip install 'raytune-app[logging]' "
+                f"(or drop {target} from train.report_to)"
+            )
+
+
 def training_data(recipe: Recipe) -> tuple[str, dict]:
     """(folder, manifest) of the data a training run reads: the distilled data when the recipe distils,
     else the prepared splits; TrainError when it is missing or the method cannot train on it."""
@@ -280,10 +310,11 @@ def training_data(recipe: Recipe) -> tuple[str, dict]:
     except NotPrepared as exc:
         raise TrainError(str(exc)) from None
     method = recipe.train.method
-    if (prepared["kind"] == "preference") != (method == "dpo"):
+    if (prepared["kind"] == "preference") != (method in PREFERENCE_METHODS):
         raise TrainError(
-            f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
-            "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind"
+            f"train.method {method} cannot train on the prepared data ({prepared['kind']}): "
+            f"{', '.join(PREFERENCE_METHODS)} train on preference pairs, sft and grpo on prompt_response or chat "
+            "data; re-run prepare after changing data.kind"
         )
     if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
         raise TrainError(
@@ -297,6 +328,7 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
     one continues (a previous chain step)."""
     prepared_dir, prepared = training_data(recipe)
+    check_logging(recipe)
     use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
     out_dir = storage.absolute(recipe.stage_dir("train"))
     print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731

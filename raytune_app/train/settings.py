@@ -29,17 +29,25 @@ DPO_LOSSES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "sft",  # the chosen answer's NLL: combined with a preference loss (e.g. [sigmoid, sft]) it keeps likelihood up
 )
+# Methods that learn from preference pairs (data.kind preference): DPO, and TRL's ORPO, SimPO (its CPO trainer
+# with the simpo loss) and KTO (the pairs unpaired into desirable / undesirable answers).
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 
 
 class DpoSection(Section):
     beta: float = Field(
         0.1, gt=0, description="Strength of the pull towards the reference model (higher: stay closer)."
     )
-    loss_type: Literal[DPO_LOSSES] = Field(
+    loss_type: Literal[DPO_LOSSES] | list[Literal[DPO_LOSSES]] = Field(
         "sigmoid",
         description="DPO loss (TRL's names): `sigmoid` (the DPO paper), `ipo`, `hinge`, `robust` "
-        "(noisy labels, with label_smoothing), ...",
+        "(noisy labels, with label_smoothing), ...; a list combines losses, e.g. [sigmoid, sft] (DPO plus the "
+        "chosen answer's NLL, which keeps DPO from lowering the likelihood of good answers).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="Weights of the losses in a `loss_type` list (default: 1 each)."
     )
     label_smoothing: float = Field(
         0.0,
@@ -56,6 +64,48 @@ class DpoSection(Section):
         None,
         gt=8,
         description="Longest prompt + answer in tokens; longer pairs are cut at the end. Default: data.max_seq_length.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self):
+        losses = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss type(s)")
+        return self
+
+    @property
+    def losses(self) -> list[str]:
+        return self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+
+
+class OrpoSection(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Weight of the odds-ratio term beside the SFT loss (ORPO's lambda); no reference model."
+    )
+    max_length: int | None = Field(
+        None, gt=8, description="Longest prompt + answer in tokens; longer pairs are cut. Default: data.max_seq_length."
+    )
+
+
+class SimpoSection(Section):
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (SimPO's beta; paper: 2-2.5).")
+    gamma_beta_ratio: float = Field(
+        0.5, ge=0, description="Target reward margin as a fraction of beta (SimPO's gamma / beta; paper: 0.3-0.8)."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen answer (CPO-SimPO); 0 is plain SimPO."
+    )
+    max_length: int | None = Field(
+        None, gt=8, description="Longest prompt + answer in tokens; longer pairs are cut. Default: data.max_seq_length."
+    )
+
+
+class KtoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of the desirable (chosen) answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of the undesirable (rejected) answers.")
+    max_length: int | None = Field(
+        None, gt=8, description="Longest prompt + answer in tokens; longer ones are cut. Default: data.max_seq_length."
     )
 
 
@@ -181,11 +231,12 @@ class CheckpointSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo", "grpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
         "sft",
-        description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
-        "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat data "
-        "with reward functions (train.grpo.rewards).",
+        description="Training method (TRL trainer): `sft` on prompt/response or chat data; on preference pairs "
+        "(data.kind preference, or a chain step's `pairs`): `dpo`, `orpo` (SFT + odds ratio, no reference model), "
+        "`simpo` (length-normalised reward margin, no reference model), `kto` (each answer judged alone); `grpo` "
+        "on the prompts of prompt/response or chat data with reward functions (train.grpo.rewards).",
     )
     finetuning: Literal["full", "lora", "qlora"] = Field(
         "lora", description="Which weights train: all (`full`), LoRA adapters, or LoRA over a 4-bit base (`qlora`)."
@@ -216,6 +267,13 @@ class TrainSection(Section):
         default_factory=CheckpointSection, description="Checkpointing and evaluation cadence."
     )
     logging_steps: int = Field(5, gt=0, description="Log train loss, tokens/s and memory every N steps.")
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["mlflow"],
+        description="Where per-step metrics go: `mlflow` (the run is tracked in the registry's store when it ends), "
+        "`tensorboard` (event files in <train dir>/tensorboard; needs the tensorboard package), `wandb` (Weights & "
+        "Biases, offline in <train dir>/wandb unless WANDB_MODE says otherwise; needs the wandb package). Install "
+        "both with `pip install 'raytune-app[logging]'`.",
+    )
     max_failures: int = Field(
         1,
         ge=0,
@@ -226,6 +284,9 @@ class TrainSection(Section):
         description="Multi-task training on distilled data (run.stages has distill).",
     )
     dpo: DpoSection = Field(default_factory=DpoSection, description="DPO settings (method dpo).")
+    orpo: OrpoSection = Field(default_factory=OrpoSection, description="ORPO settings (method orpo).")
+    simpo: SimpoSection = Field(default_factory=SimpoSection, description="SimPO settings (method simpo).")
+    kto: KtoSection = Field(default_factory=KtoSection, description="KTO settings (method kto).")
     grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO settings (method grpo).")
 
     @model_validator(mode="after")

@@ -24,6 +24,14 @@ import torch
 
 from raytune_app import models, storage
 from raytune_app.config import Recipe
+from raytune_app.train.arguments import (
+    dpo_arguments,
+    grpo_arguments,
+    kto_arguments,
+    orpo_arguments,
+    simpo_arguments,
+    training_arguments,
+)
 
 # Fault drill: with this variable set where the driver runs, the workers exit abruptly after that many
 # optimizer steps, once per run directory (a marker file keeps restarted workers from failing again).
@@ -32,106 +40,6 @@ FAULT_ENV = "RAYTUNE_APP_FAULT_AT_STEP"
 
 # Logged values worth a place on the progress line, when the method logs them.
 PROGRESS_EXTRAS = (("rewards/margins", "margin"), ("rewards/accuracies", "pair acc"), ("reward", "reward"))
-
-
-def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None) -> dict:
-    """TrainingArguments fields every method shares: optimisation, precision, cadence, devices."""
-    train = recipe.train
-    length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.scheduler if train.scheduler != "constant" else "constant_with_warmup",
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        bf16=train.precision == "bf16",
-        fp16=train.precision == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
-        logging_steps=train.logging_steps,
-        eval_strategy="steps",
-        eval_steps=train.checkpoint.every_steps,
-        save_strategy="steps",
-        save_steps=train.checkpoint.every_steps,
-        save_total_limit=2,  # local scratch only; Ray Train keeps the durable copies
-        seed=recipe.run.seed,
-        data_seed=recipe.run.seed,
-        report_to=[],
-        use_cpu=not use_gpu,
-        ddp_backend=None if use_gpu else "gloo",
-        # Every parameter takes part in every step (LoRA or not); searching for unused ones costs a
-        # traversal of the autograd graph per step.
-        ddp_find_unused_parameters=False,
-        deepspeed=ds_config,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        warmup_steps=train.warmup,  # transformers reads a value below 1 as a fraction of all steps, as we do
-        **length,
-    )
-
-
-def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
-    """TRL's SFT arguments from the recipe.
-
-    Batching: packed data is fed padding-free (examples concatenated, position ids restarting at each
-    one, so attention stays inside each example). Unpacked data is fed as padded batches of similar
-    lengths (`group_by_length`): on CPU, and on GPU without a varlen flash-attention kernel, attention
-    over one long concatenated sequence with a block mask costs more than the little padding left
-    after grouping by length (measured: benchmarks/train_throughput.py, BENCHMARKS.md).
-    """
-    from trl import SFTConfig
-
-    return SFTConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
-        # Data arrives tokenised (and packed) from the prepare stage.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        completion_only_loss=True,
-        padding_free=packed,
-        train_sampling_strategy="random" if packed else "group_by_length",
-        max_length=None,
-        include_num_input_tokens_seen="non_padding",
-    )
-
-
-def dpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
-    """TRL's DPO arguments: the pairs are tokenised by the trainer with the model's chat template."""
-    from trl import DPOConfig
-
-    dpo = recipe.train.dpo
-    return DPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
-        beta=dpo.beta,
-        loss_type=[dpo.loss_type],
-        label_smoothing=dpo.label_smoothing,
-        precompute_ref_log_probs=dpo.precompute_reference,
-        max_length=dpo.max_length or recipe.data.max_seq_length,
-        # The prompt is what a long pair keeps; the end of the answers is cut.
-        truncation_mode="keep_start",
-        include_num_input_tokens_seen="non_padding",
-    )
-
-
-def grpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, reward_weights: list[float]):
-    """TRL's GRPO arguments. `batch_size` counts completions: batch_size / num_generations prompts per step."""
-    from trl import GRPOConfig
-
-    grpo = recipe.train.grpo
-    return GRPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
-        num_generations=grpo.num_generations,
-        max_completion_length=grpo.max_completion_length,
-        temperature=grpo.temperature,
-        top_p=grpo.top_p,
-        beta=grpo.beta,
-        epsilon=grpo.epsilon,
-        loss_type=grpo.loss_type,
-        scale_rewards=grpo.scale_rewards,
-        reward_weights=reward_weights,
-        log_completions=False,
-    )
 
 
 def load_splits(prepared_dir: str, rationale_weight: float = 1.0):
