@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 BUNDLED_PREFIX = "bundled:"
@@ -64,6 +65,8 @@ def _convert_bundled(name: str, target: Path) -> None:
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config = gguf_model.generation_config
         staging = target.with_name(target.name + ".partial")
+        # A conversion killed half-way left this folder; under the lock nobody else is writing it.
+        shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(target)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,7 +396,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         "models": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    staging = f"{out_dir}.incoming-{int(time.time() * 1000)}"
+    staging = f"{out_dir}.incoming-{uuid.uuid4().hex[:8]}"  # never another evaluation's folder
     try:
         _write_predictions(
             pa.concat_tables(tables, promote_options="permissive"), storage.join(staging, "predictions.parquet")

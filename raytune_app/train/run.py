@@ -117,14 +117,14 @@ def _task_schema(recipe: Recipe) -> dict | None:
 
 
 def _loss_curve(history: list[dict], target: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: pyplot keeps global state, and training runs may end side by side in
+    # one driver (Tune trials, concurrent runs).
+    from matplotlib.figure import Figure
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
@@ -147,7 +147,6 @@ def _loss_curve(history: list[dict], target: str) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
     storage.write_bytes(target, buffer.getvalue())
 
 
@@ -174,19 +173,18 @@ def build_trainer(
     *,
     out_dir: str,
     prepared_dir: str,
-    fingerprint: str,
     use_gpu: bool,
     cpus_per_worker: float,
     parent_adapter: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
-    worker_key: str | None = None,
 ):
     """The TorchTrainer of one training run: its workers run `worker.train_worker` and write the
     weights and history into `out_dir`; Ray Train keeps checkpoints in <storage_path>/train (default:
     the run directory), where a later fit with the same storage resumes from. The train stage fits it
     as is; each Ray Tune trial fits one with `callbacks=[TuneReportCallback()]` (raytune_app/tune/run.py).
-    `worker_key` names the workers' scratch folder (default: the fingerprint; trials need their own)."""
+    The workers' scratch folders are keyed by `out_dir` (raytune_app/train/scratch.py), so runs and trials
+    with their own output folders never share one."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -202,7 +200,6 @@ def build_trainer(
             "prepared_dir": prepared_dir,
             "out_dir": out_dir,
             "use_gpu": use_gpu,
-            "fingerprint": worker_key or fingerprint,
             "parent_adapter": parent_adapter,
             "fault_at_step": os.environ.get(FAULT_ENV),
             "recipe_dir": str(Path(recipe.source_path).parent) if recipe.source_path else None,
@@ -368,7 +365,6 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
         recipe,
         out_dir=out_dir,
         prepared_dir=prepared_dir,
-        fingerprint=current,
         use_gpu=use_gpu,
         cpus_per_worker=cpus_per_worker,
         parent_adapter=parent_adapter,

@@ -6,10 +6,11 @@ Hugging Face trainer's own seeded sampler then decides the order of batches. Tha
 resume exact: a restored checkpoint carries the optimizer, scheduler, RNG states and step, and the
 trainer skips the batches already seen in the epoch, so no example is seen twice.
 
-Checkpoints: the trainer saves every `train.checkpoint.every_steps` steps (after evaluating), and
-Ray's RayTrainReportCallback hands each save to Ray Train, which keeps the best K by validation loss
-(always keeping the latest) under the run directory. On a restart (`--resume`, or Ray restarting
-failed workers) `ray.train.get_checkpoint()` returns the latest one and training continues from it.
+Checkpoints: the trainer saves every `train.checkpoint.every_steps` steps (after evaluating) into a
+node-local scratch folder of this run and attempt (raytune_app/train/scratch.py), and each save is
+handed to Ray Train, which keeps the best K by validation loss (always keeping the latest) under the run
+directory. On a restart (`--resume`, or Ray restarting failed workers) `ray.train.get_checkpoint()`
+returns the latest one, copied into the new attempt's empty scratch, and training continues from it.
 """
 
 from __future__ import annotations
@@ -177,10 +178,26 @@ def _peak_memory_mb() -> float:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train's `train_loop_per_worker`."""
+    """Ray Train's `train_loop_per_worker`: one attempt of the run, in its own scratch folder (removed at the end)."""
     import ray.train
     import ray.train.torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from raytune_app.train import scratch
+
+    context = ray.train.get_context()
+    folder = scratch.start_attempt(
+        config["out_dir"], context.get_local_rank(), device=ray.train.torch.get_device() if config["use_gpu"] else None
+    )
+    try:
+        _train(config, folder)
+        scratch.barrier()  # every rank has saved its part of the final weights
+    finally:
+        scratch.end_attempt(folder, context.get_local_rank())
+
+
+def _train(config: dict, scratch_dir: str) -> None:
+    import ray.train
+    import ray.train.torch
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -205,11 +222,9 @@ def train_worker(config: dict) -> None:
     ds_config = (
         deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
     )
-    # One scratch folder per node and run, shared by the workers on it: DeepSpeed writes each rank's
-    # optimizer shard beside the others, and the checkpoint handed to Ray Train must hold them all.
-    scratch = os.path.join(tempfile.gettempdir(), "raytune_app", config["fingerprint"])
+    from raytune_app.train.scratch import CHECKPOINT_NAME, report_callback
 
-    callbacks = [RayTrainReportCallback(), _progress_callback()]
+    callbacks = [report_callback(), _progress_callback()]
     if config.get("fault_at_step"):
         callbacks.append(
             _fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"]))
@@ -217,7 +232,7 @@ def train_worker(config: dict) -> None:
     method, packed = recipe.train.method, False
     if method == "sft":
         train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
-        args = training_arguments(recipe, scratch, use_gpu, packed=packed, ds_config=ds_config)
+        args = training_arguments(recipe, scratch_dir, use_gpu, packed=packed, ds_config=ds_config)
         multitask = "loss_weight" in train_set.column_names  # distilled data: label + weighted rationale tasks
         trainer_class = multitask_trainer(SFTTrainer) if multitask else SFTTrainer
         trainer = trainer_class(
@@ -238,7 +253,7 @@ def train_worker(config: dict) -> None:
         train_set, val_set = load_preference_splits(config["prepared_dir"])
         trainer = DPOTrainer(
             model=model,
-            args=dpo_arguments(recipe, scratch, use_gpu, ds_config),
+            args=dpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
@@ -257,7 +272,7 @@ def train_worker(config: dict) -> None:
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
-            args=grpo_arguments(recipe, scratch, use_gpu, ds_config, weights),
+            args=grpo_arguments(recipe, scratch_dir, use_gpu, ds_config, weights),
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
@@ -273,8 +288,8 @@ def train_worker(config: dict) -> None:
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        restored = checkpoint.to_directory(os.path.join(scratch, "restored"))
-        resume_from = os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
+        restored = checkpoint.to_directory(os.path.join(scratch_dir, "restored"))
+        resume_from = os.path.join(restored, CHECKPOINT_NAME)
         if rank == 0:
             state = json.load(open(os.path.join(resume_from, "trainer_state.json")))
             print(f"[train] resuming from step {state['global_step']} ({checkpoint.path})", flush=True)

@@ -35,6 +35,7 @@ import time
 from raytune_app import config as recipe_config
 from raytune_app import storage
 from raytune_app.config import Recipe
+from raytune_app.train import scratch
 from raytune_app.tune.cleanup import release_orphaned_placement_groups
 from raytune_app.tune.settings import ParamSpec, apply_sample, typed_space
 
@@ -164,12 +165,10 @@ def run_trial(sample: dict, context: dict) -> None:
         recipe,
         out_dir=out_dir,
         prepared_dir=context["prepared_dir"],
-        fingerprint=current,
         use_gpu=context["use_gpu"],
         cpus_per_worker=context["cpus_per_worker"],
         storage_path=out_dir,
         callbacks=[_report_callback(recipe.train.max_steps)],
-        worker_key=f"{current}-{trial_id}",
     )
     began = time.time()
     result = trainer.fit()
@@ -416,6 +415,10 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     began = time.time()
     results = tuner.fit()
     release_orphaned_placement_groups()
+    # Trials that ASHA stopped were killed with their Train workers, before those could remove their scratch.
+    scratch.remove_on_every_node(
+        [storage.join(context["trials_dir"], t) for t in _started_trials(context["trials_dir"])]
+    )
     ended = storage.read_json(ended_file) or {}
     if len(ended) < total:
         unfinished = sorted(set(_started_trials(context["trials_dir"])) - set(ended))
