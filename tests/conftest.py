@@ -110,3 +110,22 @@ def toy_run(ray_local, tiny_model, tmp_path_factory):
     prepare(recipe)
     train(recipe)
     return recipe, root
+
+
+@pytest.fixture(scope="session")
+def one_process_group():
+    """The single-process gloo group a CPU Ray Train worker has (TrainingArguments with the gloo backend
+    asks for it while it sets up its devices): for recipe -> TRL argument tests without Ray."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -12,9 +12,7 @@ from __future__ import annotations
 from raytune_app.config import Recipe
 
 
-def _common_arguments(
-    recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, logging_dir: str | None = None
-) -> dict:
+def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None) -> dict:
     """TrainingArguments fields every method shares: optimisation, precision, cadence, devices, logging."""
     train = recipe.train
     length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
@@ -39,7 +37,6 @@ def _common_arguments(
         seed=recipe.run.seed,
         data_seed=recipe.run.seed,
         report_to=[target for target in train.report_to if target != "mlflow"],  # MLflow: see train/run.py
-        logging_dir=logging_dir,
         run_name=recipe.run.name,
         use_cpu=not use_gpu,
         ddp_backend=None if use_gpu else "gloo",
@@ -55,9 +52,7 @@ def _common_arguments(
     )
 
 
-def training_arguments(
-    recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None, logging_dir=None
-):
+def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
     """TRL's SFT arguments from the recipe.
 
     Batching: packed data is fed padding-free (examples concatenated, position ids restarting at each
@@ -69,7 +64,7 @@ def training_arguments(
     from trl import SFTConfig
 
     return SFTConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config, logging_dir),
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         # Data arrives tokenised (and packed) from the prepare stage.
         dataset_kwargs={"skip_prepare_dataset": True},
         completion_only_loss=True,
@@ -80,13 +75,13 @@ def training_arguments(
     )
 
 
-def dpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, logging_dir=None):
+def dpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
     """TRL's DPO arguments: the pairs are tokenised by the trainer with the model's chat template."""
     from trl import DPOConfig
 
     dpo = recipe.train.dpo
     return DPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config, logging_dir),
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         beta=dpo.beta,
         loss_type=dpo.losses,
         loss_weights=dpo.loss_weights,
@@ -105,14 +100,13 @@ def grpo_arguments(
     use_gpu: bool,
     ds_config: dict | None,
     reward_weights: list[float],
-    logging_dir: str | None = None,
 ):
     """TRL's GRPO arguments. `batch_size` counts completions: batch_size / num_generations prompts per step."""
     from trl import GRPOConfig
 
     grpo = recipe.train.grpo
     return GRPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config, logging_dir),
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         num_generations=grpo.num_generations,
         max_completion_length=grpo.max_completion_length,
         temperature=grpo.temperature,
@@ -130,25 +124,25 @@ def _pair_length(recipe: Recipe, section) -> int:
     return section.max_length or recipe.data.max_seq_length
 
 
-def orpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, logging_dir=None):
+def orpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
     """TRL's ORPO arguments (trl.experimental.orpo): SFT loss + beta x odds-ratio loss, no reference model."""
     from trl.experimental.orpo import ORPOConfig
 
     return ORPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config, logging_dir),
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         beta=recipe.train.orpo.beta,
         max_length=_pair_length(recipe, recipe.train.orpo),
     )
 
 
-def simpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, logging_dir=None):
+def simpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
     """SimPO through TRL's CPO trainer (trl.experimental.cpo) with its `simpo` loss: a length-normalised reward
     margin with a target gap, no reference model; `sft_weight` > 0 adds CPO's NLL term (CPO-SimPO)."""
     from trl.experimental.cpo import CPOConfig
 
     simpo = recipe.train.simpo
     return CPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config, logging_dir),
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         loss_type="simpo",
         beta=simpo.beta,
         simpo_gamma=simpo.gamma_beta_ratio,
@@ -157,13 +151,13 @@ def simpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: d
     )
 
 
-def kto_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, logging_dir=None):
+def kto_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
     """TRL's KTO arguments: each answer is judged desirable or not on its own (the pairs, unpaired)."""
     from trl import KTOConfig
 
     kto = recipe.train.kto
     return KTOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config, logging_dir),
+        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
         beta=kto.beta,
         desirable_weight=kto.desirable_weight,
         undesirable_weight=kto.undesirable_weight,

@@ -171,6 +171,23 @@ def _fault_callback(marker: str, step: int):
     return Fault()
 
 
+def _logging_dir(recipe: Recipe, out_dir: str, scratch_dir: str) -> str | None:
+    """Where TensorBoard event files and the offline W&B run go (train.report_to): the run's train folder, or
+    this attempt's scratch when that folder is remote (copied there when training ends)."""
+    wanted = {"tensorboard", "wandb"} & set(recipe.train.report_to)
+    if not wanted:
+        return None
+    local = out_dir if "://" not in out_dir else os.path.join(scratch_dir, "logs")
+    if "wandb" in wanted:
+        # W&B reads these when the trainer starts: offline unless the user chose a mode, one project per run.
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_PROJECT", recipe.run.name)
+        os.environ["WANDB_DIR"] = local
+        os.makedirs(local, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(local, "tensorboard")  # read by transformers' callback
+    return os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -229,6 +246,7 @@ def _train(config: dict, scratch_dir: str) -> None:
         callbacks.append(
             _fault_callback(storage.join(config["out_dir"], "fault-injected"), int(config["fault_at_step"]))
         )
+    logs = _logging_dir(recipe, config["out_dir"], scratch_dir)
     method, packed = recipe.train.method, False
     if method == "sft":
         train_set, val_set, packed = load_splits(config["prepared_dir"], recipe.train.distill.rationale_weight)
@@ -254,6 +272,46 @@ def _train(config: dict, scratch_dir: str) -> None:
         trainer = DPOTrainer(
             model=model,
             args=dpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer
+
+        # ORPO and SimPO need no reference model: the policy's own odds / length-normalised rewards compare.
+        train_set, val_set = load_preference_splits(config["prepared_dir"])
+        trainer = ORPOTrainer(
+            model=model,
+            args=orpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    elif method == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+
+        train_set, val_set = load_preference_splits(config["prepared_dir"])
+        trainer = CPOTrainer(
+            model=model,
+            args=simpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    elif method == "kto":
+        from trl import KTOTrainer
+        from trl.data_utils import unpair_preference_dataset
+
+        # KTO judges each answer alone: every pair becomes a desirable and an undesirable example. With LoRA,
+        # as for DPO, the reference is the frozen starting adapter.
+        train_set, val_set = (unpair_preference_dataset(d) for d in load_preference_splits(config["prepared_dir"]))
+        trainer = KTOTrainer(
+            model=model,
+            args=kto_arguments(recipe, scratch_dir, use_gpu, ds_config),
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
@@ -318,3 +376,5 @@ def _train(config: dict, scratch_dir: str) -> None:
                 storage.join(config["out_dir"], "metrics.jsonl"), "".join(json.dumps(entry) + "\n" for entry in history)
             )
             storage.write_text(storage.join(config["out_dir"], "worker_summary.json"), json.dumps(summary, indent=2))
+            if logs is not None and "://" in config["out_dir"]:  # a remote run folder: the logs were local scratch
+                storage.upload_dir(os.path.dirname(logs), storage.join(config["out_dir"], "logs"))
