@@ -45,6 +45,22 @@ def _gpu_workers(train, gpus: int) -> bool:
     return gpus > 0 if train.use_gpu == "auto" else bool(train.use_gpu)
 
 
+def _gpu_setup(train) -> str:
+    """The fits line's summary of how a GPU run trains: fine-tuning, sharding, kernels, optimizer."""
+    parts = [train.finetuning]
+    if train.uses_deepspeed:
+        parts.append(f"DeepSpeed ZeRO-{(train.deepspeed.stage if train.deepspeed else 2)}")
+    elif train.sharding == "fsdp":
+        parts.append("FSDP2" + (" + CPU offload" if train.fsdp.cpu_offload else ""))
+    if train.attn_implementation != "auto":
+        parts.append(train.attn_implementation)
+    if train.liger:
+        parts.append("Liger")
+    if train.optimizer != "adamw_torch":
+        parts.append(train.optimizer)
+    return ", ".join(parts)
+
+
 def _check_train(where: str, train, report: FitReport) -> None:
     gpus, cpus = report.gpus, report.cpus
     if train.use_gpu is True and gpus == 0:
@@ -57,11 +73,26 @@ def _check_train(where: str, train, report: FitReport) -> None:
                 f"the cluster has {gpus}; lower train.workers to {gpus} or add GPU nodes"
             )
         else:
-            zero = f", DeepSpeed ZeRO-{train.deepspeed.stage}" if train.deepspeed else ""
-            report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({train.finetuning}{zero})")
+            report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({_gpu_setup(train)})")
+            kernels = [
+                p
+                for on, p in (
+                    (train.liger, "liger-kernel"),
+                    (train.attn_implementation.startswith("flash"), "flash-attn"),
+                )
+                if on
+            ]
+            if kernels:
+                report.notes.append(
+                    f"{where}: the GPU workers' image needs {' and '.join(kernels)} (cluster/Dockerfile)"
+                )
         return
     if train.precision == "fp16":
         report.problems.append(f"{where}: train.precision fp16 needs GPU workers; use bf16 or fp32 on CPUs")
+    if train.liger or train.attn_implementation.startswith("flash"):
+        report.problems.append(
+            f"{where}: train.liger / flash attention run on GPUs, and the workers get CPUs on this cluster"
+        )
     if cpus is not None and train.workers > cpus:
         report.problems.append(
             f"{where}: train.workers={train.workers} CPU workers need {train.workers} CPUs, "

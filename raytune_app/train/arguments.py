@@ -11,6 +11,27 @@ from __future__ import annotations
 
 from raytune_app.config import Recipe
 
+# train.optimizer -> the name transformers' Trainer knows it by.
+OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def fsdp_arguments(train) -> dict:
+    """TrainingArguments fields for `sharding: fsdp`: FSDP2 through accelerate, each decoder layer its own unit."""
+    if train.sharding != "fsdp":
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "cpu_offload": train.fsdp.cpu_offload,
+            "reshard_after_forward": train.fsdp.reshard_after_forward,
+            # Activation checkpointing under FSDP is FSDP's own (the trainer's would wrap the sharded layers twice).
+            "activation_checkpointing": train.gradient_checkpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
+
 
 def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None) -> dict:
     """TrainingArguments fields every method shares: optimisation, precision, cadence, devices, logging."""
@@ -27,7 +48,7 @@ def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config:
         max_grad_norm=train.max_grad_norm,
         bf16=train.precision == "bf16",
         fp16=train.precision == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing=train.gradient_checkpointing and train.sharding != "fsdp",  # FSDP checkpoints itself
         logging_steps=train.logging_steps,
         eval_strategy="steps",
         eval_steps=train.checkpoint.every_steps,
@@ -44,6 +65,9 @@ def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config:
         # traversal of the autograd graph per step.
         ddp_find_unused_parameters=False,
         deepspeed=ds_config,
+        optim=OPTIMIZERS[train.optimizer],
+        use_liger_kernel=train.liger,
+        **fsdp_arguments(train),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,

@@ -277,20 +277,34 @@ def write_manifest(
     return manifest
 
 
-LOGGING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+# Optional packages a recipe may ask for: (recipe setting, module, pip name, why).
+OPTIONAL_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "'raytune-app[logging]'"),
+    "wandb": (("wandb",), "'raytune-app[logging]'"),
+    "liger": (("liger_kernel",), "liger-kernel"),
+    "flash_attention_2": (("flash_attn",), "flash-attn --no-build-isolation"),
+    "flash_attention_3": (("flash_attn_interface",), "flash-attn 3 (hopper/ in the flash-attention repository)"),
+    "8bit": (("bitsandbytes",), "bitsandbytes"),
+}
 
 
-def check_logging(recipe: Recipe) -> None:
-    """TrainError when a `train.report_to` target's package is missing (before any worker starts)."""
+def check_packages(recipe: Recipe, use_gpu: bool) -> None:
+    """TrainError, before any worker starts, for a setting that cannot run here: a missing package (logging
+    targets, kernels, 8-bit optimizers) or a GPU-only kernel on CPU workers."""
     import importlib.util
 
-    for target in recipe.train.report_to:
-        modules = LOGGING_PACKAGES.get(target, ())
-        if modules and not any(importlib.util.find_spec(m) for m in modules):
-            raise TrainError(
-                f"train.report_to {target} needs the {modules[0]} package: pip install 'raytune-app[logging]' "
-                f"(or drop {target} from train.report_to)"
-            )
+    train = recipe.train
+    if not use_gpu and (train.liger or train.attn_implementation.startswith("flash")):
+        what = "train.liger" if train.liger else f"train.attn_implementation {train.attn_implementation}"
+        raise TrainError(f"{what} runs on GPUs and the workers get none here; drop it, or run on a GPU cluster")
+    wanted = [t for t in train.report_to if t != "mlflow"]
+    wanted += ["liger"] if train.liger else []
+    wanted += [train.attn_implementation] if train.attn_implementation.startswith("flash") else []
+    wanted += ["8bit"] if train.optimizer != "adamw_torch" else []
+    for setting in wanted:
+        modules, install = OPTIONAL_PACKAGES[setting]
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise TrainError(f"train setting {setting} needs the {modules[0]} package here: pip install {install}")
 
 
 def training_data(recipe: Recipe) -> tuple[str, dict]:
@@ -325,8 +339,8 @@ def train(recipe: Recipe, resume: bool = False, restart: bool = False, parent: d
     """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
     one continues (a previous chain step)."""
     prepared_dir, prepared = training_data(recipe)
-    check_logging(recipe)
     use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
+    check_packages(recipe, use_gpu)
     out_dir = storage.absolute(recipe.stage_dir("train"))
     print_ = lambda text: print(f"[train] {text}", flush=True)  # noqa: E731
     current = fingerprint(recipe, prepared, parent)

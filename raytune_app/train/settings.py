@@ -225,6 +225,16 @@ class DeepSpeedSection(Section):
         return self
 
 
+class FsdpSection(Section):
+    """PyTorch FSDP2 (fully_shard) through accelerate: parameters, gradients and optimizer state sharded
+    across the workers; works with LoRA and QLoRA (the route to QLoRA on models larger than one GPU)."""
+
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
+    reshard_after_forward: bool = Field(
+        True, description="Free each layer's gathered weights after its forward (ZeRO-3-like); false: ZeRO-2-like."
+    )
+
+
 class CheckpointSection(Section):
     every_steps: int = Field(50, gt=0, description="Save a checkpoint (and evaluate) every N optimizer steps.")
     keep_best: int = Field(2, gt=0, description="Keep the best K checkpoints by validation loss.")
@@ -243,7 +253,30 @@ class TrainSection(Section):
     )
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (finetuning lora/qlora).")
     quantization: QuantSection = Field(default_factory=QuantSection, description="4-bit settings (finetuning qlora).")
+    sharding: Literal["auto", "ddp", "deepspeed", "fsdp"] = Field(
+        "auto",
+        description="How workers share the model: `ddp` (a full copy each), `deepspeed` (ZeRO, `train.deepspeed`), "
+        "`fsdp` (PyTorch FSDP2, `train.fsdp`). `auto`: deepspeed when a `deepspeed` section is given, else ddp.",
+    )
     deepspeed: DeepSpeedSection | None = Field(None, description="DeepSpeed ZeRO; left out means plain DDP.")
+    fsdp: FsdpSection = Field(default_factory=FsdpSection, description="FSDP2 settings (sharding fsdp).")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager"] = Field(
+        "auto",
+        description="Attention kernel: `auto` picks the fastest installed on GPU (flash_attention_3 on Hopper with "
+        "flash-attn 3, flash_attention_2 with flash-attn, else sdpa) and sdpa on CPU. Packed data needs no "
+        "particular kernel (examples are kept apart from their position ids), but only the flash kernels skip the "
+        "attention between packed examples instead of masking it, which is where packing pays.",
+    )
+    liger: bool = Field(
+        False,
+        description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy; Triton, GPU only; the liger-kernel "
+        "package): less memory and more tokens/s on GPU.",
+    )
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch",
+        description="Optimizer: AdamW (torch), or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory), "
+        "`paged_adamw_8bit` also paging its state to CPU memory under pressure (GPU).",
+    )
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a GPU cluster).")
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="Workers take a GPU each; `auto`: when the cluster has GPUs."
@@ -300,4 +333,23 @@ class TrainSection(Section):
             )
         if self.precision == "fp16" and self.use_gpu is False:
             raise ValueError("precision fp16 needs a GPU (use_gpu is false); use fp32 or bf16 on CPU")
+        if self.sharding == "fsdp" and self.deepspeed is not None:
+            raise ValueError("sharding fsdp and a `deepspeed` section exclude each other; drop one")
+        if self.sharding == "ddp" and self.deepspeed is not None:
+            raise ValueError("sharding ddp with a `deepspeed` section: set sharding to deepspeed (or auto), or drop it")
+        if self.sharding == "fsdp" and self.finetuning == "qlora" and self.quantization.compute_dtype != "bfloat16":
+            raise ValueError(
+                "QLoRA with FSDP stores the 4-bit weights in the compute dtype so FSDP can shard them; set "
+                "train.quantization.compute_dtype: bfloat16"
+            )
+        if self.liger and self.use_gpu is False:
+            raise ValueError("liger kernels run on GPUs (Triton) and use_gpu is false; drop train.liger")
+        if self.attn_implementation.startswith("flash") and self.use_gpu is False:
+            raise ValueError(
+                f"attn_implementation {self.attn_implementation} needs a GPU and use_gpu is false; use sdpa or auto"
+            )
         return self
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.sharding == "deepspeed" or (self.sharding == "auto" and self.deepspeed is not None)

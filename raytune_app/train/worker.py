@@ -221,6 +221,7 @@ def _train(config: dict, scratch_dir: str) -> None:
     from raytune_app.distill.loss import KeepWeights, multitask_trainer
     from raytune_app.train.deepspeed import deepspeed_config
     from raytune_app.train.model import load_for_training
+    from raytune_app.train.settings import DeepSpeedSection
 
     recipe = Recipe.model_validate(config["recipe"])
     if not config["use_gpu"]:
@@ -237,7 +238,9 @@ def _train(config: dict, scratch_dir: str) -> None:
     device = ray.train.torch.get_device()
     model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.get("parent_adapter"))
     ds_config = (
-        deepspeed_config(recipe.train.deepspeed, use_gpu, config.get("recipe_dir")) if recipe.train.deepspeed else None
+        deepspeed_config(recipe.train.deepspeed or DeepSpeedSection(), use_gpu, config.get("recipe_dir"))
+        if recipe.train.uses_deepspeed
+        else None
     )
     from raytune_app.train.scratch import CHECKPOINT_NAME, report_callback
 
