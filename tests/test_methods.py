@@ -127,13 +127,10 @@ def test_each_method_trains_on_ray_train_and_prefers_the_chosen_answers(
     manifest = train(recipe)
     assert manifest["method"] == method and manifest["global_step"] == 10
     final = manifest["final_eval"]
-    # Every method's own measure of preferring `chosen` on held-out pairs: the reward margin (DPO, ORPO,
-    # SimPO), or KTO's chosen reward above its rejected one.
-    if method == "kto":
-        chosen, rejected = final["eval_rewards/chosen_sum"], final["eval_rewards/rejected_sum"]
-        assert chosen > rejected, final
-    else:
-        assert final["eval_rewards/margins"] > 0, final
+    # Every method's own measure of preferring `chosen` on held-out pairs: the reward margin (chosen minus
+    # rejected; for KTO the two answers are judged apart and the margin compares their mean rewards).
+    assert final["eval_rewards/margins"] > 0, final
+    if method != "kto":  # KTO logs a margin only for the batches that hold both kinds of answer
         margins = [h["rewards/margins"] for h in _history(recipe) if "rewards/margins" in h]
         assert margins[-1] > margins[0], margins
 
