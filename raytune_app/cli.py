@@ -5,6 +5,7 @@
     raytune-app tune     --recipe recipes/tune_quickstart.yaml [--resume | --restart]
     raytune-app evaluate --recipe recipes/quickstart.yaml [--data FILE.jsonl] [--adapter PATH | models:/NAME@ALIAS]
     raytune-app registry list|show|promote|rollback [--recipe R | --tracking-uri URI]
+    raytune-app export   --recipe R --format merged|gguf --out DIR [--adapter PATH | models:/NAME@ALIAS]
     raytune-app run      --recipe recipes/quickstart.yaml      (or: raytune-app run recipes/quickstart.yaml)
     raytune-app <stage> --help
 
@@ -176,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--samples", type=int, default=1, help="answers sampled per prompt (1: greedy)")
     pairs.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     pairs.add_argument("--out", metavar="DIR", help="output folder (default: <run dir>/pairs)")
+
+    export = sub.add_parser(
+        "export",
+        help="merge a trained adapter into standalone weights (safetensors) or write it as GGUF",
+        description="Merge a trained LoRA / QLoRA adapter into its base and write standalone weights (merged "
+        "safetensors + tokenizer + generation config) or one GGUF file for llama.cpp / Ollama, with lineage.json.",
+    )
+    _add_recipe_args(export)
+    export.add_argument(
+        "--adapter", metavar="PATH|models:/NAME@ALIAS", help="these weights instead of the train stage's adapter"
+    )
+    export.add_argument("--format", dest="export_format", choices=["merged", "gguf"], default="merged")
+    export.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if not empty, see --force)")
+    export.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights (default bf16)"
+    )
+    export.add_argument(
+        "--quantization",
+        choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+        default="q8_0",
+        help="GGUF tensor type for matrices (--format gguf; default q8_0)",
+    )
+    export.add_argument(
+        "--register", action="store_true", help="also register the export in MLflow as a version of <name>-merged"
+    )
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
 
     registry = sub.add_parser(
         "registry",
@@ -609,6 +636,20 @@ def _command(args) -> int:
 
     from raytune_app.evaluate.run import evaluate
 
+    if args.command == "export":  # no Ray: one process merges and writes
+        from raytune_app.export.run import export
+
+        export(
+            recipe,
+            fmt=args.export_format,
+            out=args.out,
+            adapter=args.adapter,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            register=args.register,
+            force=args.force,
+        )
+        return 0
     if args.command == "evaluate" and args.data:
         # The metrics JSON is the only thing on stdout, so it can be piped; progress goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):

@@ -33,7 +33,7 @@ from raytune_app.guard.settings import GuardSection
 from raytune_app.registry.settings import RegistrySection
 from raytune_app.sections import Section
 from raytune_app.serve.settings import ServeSection
-from raytune_app.train.settings import PairsSection, TrainSection
+from raytune_app.train.settings import PREFERENCE_METHODS, PairsSection, TrainSection
 from raytune_app.tune.settings import TuneSection, search_problems
 
 STAGES = ("prepare", "distill", "train", "tune", "evaluate", "register", "serve")
@@ -161,7 +161,8 @@ class Recipe(Section):
                 "sources": [self.pairs_file(index)],
                 "generator": None,
                 "kind": "preference",
-                "format": "jsonl",
+                "format": "columns",
+                "file_format": "jsonl",
                 "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "system": "system"},
                 "keep_columns": [],
                 "packing": False,
@@ -296,10 +297,10 @@ def validate(raw: dict, source: str = "recipe", overrides: list[str] | None = No
                 f"chain.0 (step `{step.name}`): `pairs` are made by the previous step's model; the first "
                 "step has none (put an sft step before it)"
             )
-        if step.pairs is not None and step_recipe.train.method != "dpo":
+        if step.pairs is not None and step_recipe.train.method not in PREFERENCE_METHODS:
             problems.append(
-                f"chain.{index} (step `{step.name}`): `pairs` makes preference data; set train.method: dpo "
-                f"in this step (it is {step_recipe.train.method})"
+                f"chain.{index} (step `{step.name}`): `pairs` makes preference data; set train.method to one of "
+                f"{', '.join(PREFERENCE_METHODS)} in this step (it is {step_recipe.train.method})"
             )
         if step.pairs is not None and index > 0 and recipe.chain_step(index - 1).data.kind == "preference":
             problems.append(
@@ -321,12 +322,12 @@ def _method_problems(recipe: Recipe) -> list[str]:
     if train.method == "sft" and kind == "preference":
         return [
             "train.method sft needs prompt_response or chat data, and data.kind is preference; use train.method "
-            "dpo for preference pairs"
+            f"{' / '.join(PREFERENCE_METHODS)} for preference pairs"
         ]
-    if train.method == "dpo" and kind != "preference":
+    if train.method in PREFERENCE_METHODS and kind != "preference":
         return [
-            f"train.method dpo trains on preference pairs, and data.kind is {kind}; set data.kind: preference "
-            "(columns prompt / chosen / rejected), or make pairs from a previous chain step (chain[].pairs)"
+            f"train.method {train.method} trains on preference pairs, and data.kind is {kind}; set data.kind: "
+            "preference (columns prompt / chosen / rejected), or make pairs from a previous chain step (chain[].pairs)"
         ]
     if train.method != "grpo":
         return []

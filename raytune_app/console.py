@@ -43,6 +43,8 @@ STAGES = (
     "serve",
     "guard",
     "pairs",
+    "export",
+    "storage",
     "run",
 )
 _OURS = re.compile(r"^(\u200b?)\[(" + "|".join(re.escape(s) for s in STAGES) + r")\] ")

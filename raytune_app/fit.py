@@ -41,13 +41,35 @@ class FitReport:
         return not self.problems
 
 
+def _gpu_setup(train) -> str:
+    """The fits line's summary of how a GPU run trains: fine-tuning, sharding, kernels, optimizer."""
+    parts = [train.finetuning]
+    if train.uses_deepspeed:
+        parts.append(f"DeepSpeed ZeRO-{(train.deepspeed.stage if train.deepspeed else 2)}")
+    elif train.sharding == "fsdp":
+        parts.append("FSDP2" + (" + CPU offload" if train.fsdp.cpu_offload else ""))
+    if train.attn_implementation != "auto":
+        parts.append(train.attn_implementation)
+    if train.liger:
+        parts.append("Liger")
+    if train.optimizer != "adamw_torch":
+        parts.append(train.optimizer)
+    return ", ".join(parts)
+
+
 def _check_train(where: str, train, report: FitReport) -> None:
     plan = resources.plan_workers(train, report.gpus, report.cpus)
     if plan.problems:
         report.problems.extend(f"{where}: {problem}" for problem in plan.problems)
     elif plan.use_gpu:
-        zero = f", DeepSpeed ZeRO-{train.deepspeed.stage}" if train.deepspeed else ""
-        report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({train.finetuning}{zero})")
+        report.fits.append(f"{where}: {train.workers} worker(s) x 1 GPU ({_gpu_setup(train)})")
+        kernels = [
+            p
+            for on, p in ((train.liger, "liger-kernel"), (train.attn_implementation.startswith("flash"), "flash-attn"))
+            if on
+        ]
+        if kernels:
+            report.notes.append(f"{where}: the GPU workers' image needs {' and '.join(kernels)} (cluster/Dockerfile)")
     else:
         report.fits.append(f"{where}: {train.workers} worker(s) on CPUs")
 

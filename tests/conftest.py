@@ -363,3 +363,22 @@ class CliRun:
     @property
     def output(self) -> str:
         return "\n".join(line for _, line in self.lines)
+
+
+@pytest.fixture(scope="session")
+def one_process_group():
+    """The single-process gloo group a CPU Ray Train worker has (TrainingArguments with the gloo backend
+    asks for it while it sets up its devices): for recipe -> TRL argument tests without Ray."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -9,30 +9,14 @@ import pytest
 import torch
 
 from raytune_app import config
+from raytune_app.train.arguments import dpo_arguments, grpo_arguments, training_arguments
 from raytune_app.train.deepspeed import deepspeed_config
 from raytune_app.train.model import lora_config, quantization_config
 from raytune_app.train.settings import DeepSpeedSection
-from raytune_app.train.worker import dpo_arguments, grpo_arguments, training_arguments
 
 
 def recipe(kind="prompt_response", **train):
     return config.validate({"data": {"sources": ["x.jsonl"], "kind": kind}, "train": train})
-
-
-@pytest.fixture(scope="module")
-def one_process_group():
-    """The single-process gloo group a CPU Ray Train worker has (TrainingArguments with the gloo backend
-    asks for it while it sets up its devices)."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_lora_fields_reach_peft():

@@ -145,7 +145,7 @@ def test_bad_method_setups_are_refused_before_any_work(tmp_path):
     )
     chain = [{"name": "a", "train": {"method": "dpo"}, "pairs": {}}, {"name": "b", "pairs": {}}]
     text = _problems({**raw, "chain": chain})
-    assert "the first step has none" in text and "set train.method: dpo in this step (it is sft)" in text
+    assert "the first step has none" in text and "set train.method to one of dpo, " in text and "(it is sft)" in text
 
 
 @pytest.mark.slow  # prepare runs on Ray Data (it starts a local Ray when none is up)

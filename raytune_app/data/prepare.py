@@ -21,6 +21,7 @@ run loses nothing already there. A re-run whose inputs and settings are unchange
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -32,6 +33,9 @@ import pyarrow as pa
 from raytune_app import __version__, console, storage
 from raytune_app.config import Recipe
 from raytune_app.data import rows as rowlib
+from raytune_app.data.inputs import Inputs
+from raytune_app.data.inputs import resolve as resolve_inputs
+from raytune_app.data.mixing import mix_batch, realised
 from raytune_app.data.packing import pack
 from raytune_app.data.rows import RowProblem, RowSpec
 from raytune_app.errors import DataError, MissingInput
@@ -40,9 +44,14 @@ if TYPE_CHECKING:
     import ray.data
 
 # Bump when the output layout or the rules change, so old outputs are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tool calls in messages, a tools column, source layouts and weights
 
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# A chat message as stored: tool calls as JSON text (their arguments differ in shape from call to call).
+MESSAGES = pa.list_(
+    pa.struct(
+        [("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.string()), ("tool_call_id", pa.string())]
+    )
+)
 # The example itself, by data.kind: a chat for SFT, a prompt and two one-message answers for preference
 # (TRL's conversational formats, so the trainers take the columns as they are).
 EXAMPLE_COLUMNS = {
@@ -66,13 +75,23 @@ def pipeline_schema(kind: str, keep_columns: tuple[str, ...]) -> pa.Schema:
             ("split", pa.string()),
         ]
         + [(name, MESSAGES) for name in EXAMPLE_COLUMNS[kind]]
+        + ([("tools", pa.string())] if kind != "preference" else [])
         + [(name, pa.string()) for name in keep_columns]
     )
 
 
+def _stored(message: dict) -> dict:
+    calls = message.get("tool_calls")
+    return {**message, "tool_calls": json.dumps(calls, ensure_ascii=False)} if calls else message
+
+
 def _example_columns(example: dict) -> dict:
     if "messages" in example:
-        return {"messages": example["messages"]}
+        tools = example.get("tools")
+        return {
+            "messages": [_stored(m) for m in example["messages"]],
+            "tools": json.dumps(tools, ensure_ascii=False) if tools else None,
+        }
     return {
         "prompt": example["prompt"],
         "chosen": [{"role": "assistant", "content": example["chosen"]}],
@@ -95,7 +114,9 @@ def describe_row(source_file: str, row: int, field: str | None, message: str) ->
 def validate_batch(batch: pa.Table, spec: RowSpec, fail_fast: bool) -> pa.Table:
     schema = pipeline_schema(spec.kind, spec.keep_columns)
     out: dict[str, list] = {name: [] for name in schema.names}
-    empty = dict.fromkeys(EXAMPLE_COLUMNS[spec.kind] + list(spec.keep_columns))
+    empty = dict.fromkeys(
+        EXAMPLE_COLUMNS[spec.kind] + (["tools"] if spec.kind != "preference" else []) + list(spec.keep_columns)
+    )
     for source_file, source_row, raw in zip(*(batch[c].to_pylist() for c in ("_source_file", "_source_row", "_raw"))):
         row = {
             "source_file": source_file,
@@ -110,7 +131,7 @@ def validate_batch(batch: pa.Table, spec: RowSpec, fail_fast: bool) -> pa.Table:
         }
         try:
             record = rowlib.parse_json_line(raw)
-            example = rowlib.to_example(record, spec)
+            example = rowlib.to_example(record, spec, spec.layout_of(source_file))
             row.update(rowlib.kept_values(record, spec))
             row["content_hash"] = rowlib.content_hash(example)
             row["split"] = rowlib.assign_split(
@@ -211,7 +232,9 @@ def tokenize_batch(batch: pa.Table, model: dict, kind: str, max_length: int, tru
                 if length > max_length:
                     rejected[i] = ("too_long", None, f"{length} tokens, above data.max_seq_length={max_length}")
         else:
-            results = tokenize_examples(tokenizer, picked["messages"].to_pylist(), max_length, truncation)
+            chats = [rowlib.template_messages(m) for m in picked["messages"].to_pylist()]
+            tools = [json.loads(t) if t else None for t in picked["tools"].to_pylist()]
+            results = tokenize_examples(tokenizer, chats, max_length, truncation, tools)
             for i, (ids, mask, problem) in zip(ok, results):
                 if problem is not None:
                     rejected[i] = (problem.reason, problem.field, problem.message)
@@ -258,22 +281,23 @@ def _fingerprint(recipe: Recipe, files: list) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _inputs(recipe: Recipe) -> tuple[list[str], list, str]:
-    """The source paths, their (path, size, mtime) entries, and the fingerprint of the output they make."""
-    sources = source_paths(recipe)
-    files = [entry for source in sources for entry in storage.file_fingerprint(source)]
-    return sources, files, _fingerprint(recipe, files)
+def _inputs(recipe: Recipe) -> tuple[Inputs, str]:
+    """What to read (files, layouts, weights: raytune_app/data/inputs.py) and the fingerprint of the output."""
+    if recipe.data.generator is None:
+        inputs = resolve_inputs(recipe)
+    else:
+        generated = _generated_source(recipe)
+        inputs = Inputs(paths=[generated], files=storage.file_fingerprint(generated))
+    return inputs, _fingerprint(recipe, inputs.files)
 
 
 def expected_fingerprint(recipe: Recipe) -> str:
     """The fingerprint a prepare output made from this recipe's data and tokenizer settings carries."""
-    return _inputs(recipe)[2]
+    return _inputs(recipe)[1]
 
 
-def source_paths(recipe: Recipe) -> list[str]:
-    """The files to read: the recipe's sources, or the generated file (written on first use)."""
-    if recipe.data.generator is None:
-        return [recipe.resolve_source(s) for s in recipe.data.sources]
+def _generated_source(recipe: Recipe) -> str:
+    """The file `data.generator` writes (on first use)."""
     from raytune_app.data import arithmetic, extraction
 
     generators = {
@@ -282,12 +306,13 @@ def source_paths(recipe: Recipe) -> list[str]:
         "multi_step_arithmetic": arithmetic.generate,
     }
     gen = recipe.data.generator
+    assert gen is not None, "called only for recipes with data.generator"
     path = storage.absolute(storage.join(recipe.run_dir, "source", f"{gen.name}-{gen.rows}-seed{gen.seed}.jsonl"))
     if not storage.exists(path):  # written whole (storage.write_text): a crash never leaves half a file here
         storage.write_text(
             path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generators[gen.name](gen.rows, gen.seed))
         )
-    return [path]
+    return path
 
 
 def _token_stats(lengths: np.ndarray) -> dict:
@@ -322,7 +347,12 @@ def _merge_rejects(staging: str) -> int:
 SOURCE_BYTES_PER_BLOCK = 4 << 20
 
 
-def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> ray.data.Dataset:
+def mixes(inputs: Inputs) -> bool:
+    """Whether the mix step runs: with several sources (to report the realised mix) or any weight but 1."""
+    return len(inputs.described) > 1 or bool(inputs.weights)
+
+
+def _pipeline(recipe: Recipe, inputs: Inputs, seen) -> ray.data.Dataset:
     """The lazy Ray Data pipeline from source files to rows ready for PreparedSink."""
     import ray
 
@@ -335,15 +365,19 @@ def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> ray.data
     # (on 2 cores: half the machine) for as long as a big file streams. So reads reserve none, and at
     # most one runs per CPU of the cluster.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = max(cpus, -(-sum(size for _, size, _ in files) // SOURCE_BYTES_PER_BLOCK))
+    blocks = max(cpus, -(-sum(size for _, size, _ in inputs.files) // SOURCE_BYTES_PER_BLOCK))
     ds = ray.data.read_datasource(
-        SourceFiles(sources, fmt=data.format), num_cpus=0, concurrency=min(cpus, len(files)), override_num_blocks=blocks
+        SourceFiles(inputs.paths, fmt=data.file_format),
+        num_cpus=0,
+        concurrency=min(cpus, len(inputs.files)),
+        override_num_blocks=blocks,
     )
+    spec = dataclasses.replace(RowSpec.from_recipe(data), layouts=tuple(sorted(inputs.layouts.items())))
     ds = ds.map_batches(
         validate_batch,
         batch_format="pyarrow",
         batch_size=data.batch_size,
-        fn_kwargs={"spec": RowSpec.from_recipe(data), "fail_fast": data.on_error == "fail"},
+        fn_kwargs={"spec": spec, "fail_fast": data.on_error == "fail"},
     )
     if seen is not None:
         ds = ds.map_batches(
@@ -358,6 +392,13 @@ def _pipeline(recipe: Recipe, sources: list[str], files: list, seen) -> ray.data
         batch_size=data.batch_size,
         fn_kwargs={"model": model, "kind": data.kind, "max_length": data.max_seq_length, "truncation": data.truncation},
     )
+    if mixes(inputs):
+        ds = ds.map_batches(
+            mix_batch,
+            batch_format="pyarrow",
+            batch_size=data.batch_size,
+            fn_kwargs={"weights": inputs.weights, "seed": recipe.run.seed},
+        )
     if data.packing:
         ds = ds.map_batches(
             pack_batch, batch_format="pyarrow", batch_size=data.batch_size, fn_kwargs={"capacity": data.max_seq_length}
@@ -374,11 +415,17 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
 
     data = recipe.data
     out_dir = storage.absolute(recipe.stage_dir("prepare"))
-    sources, files, fingerprint = _inputs(recipe)
+    inputs, fingerprint = _inputs(recipe)
     earlier = storage.read_json(storage.join(storage.current(out_dir), "manifest.json"))
     previous = (
         earlier if not force and isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint else None
     )
+    for index, source in enumerate(inputs.described):
+        if source["detected"] and source["layout"] != "columns":
+            console.logger("prepare").info(
+                f"data.sources[{index}] ({source['source']}): {source['layout']} layout detected "
+                "(set data.format, or the source's `format`, to choose)"
+            )
     if previous is not None:
         console.logger("prepare").info(f"inputs and settings unchanged: reusing {out_dir}")
         outcomes.note(outcomes.label(recipe, "prepare"), outcomes.REUSED)
@@ -403,7 +450,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     with storage.new_version(out_dir, "the prepared data") as staging:
         sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
         try:
-            _pipeline(recipe, sources, files, seen).write_datasink(sink)
+            _pipeline(recipe, inputs, seen).write_datasink(sink)
         except Exception as exc:
             row_error = _find_cause(exc, RowError)
             if row_error is not None:
@@ -433,11 +480,15 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
             "recipe_hash": recipe.section_hash("data", "model"),
             "kind": data.kind,
             "packed": data.packing,
-            "sources": sources,
+            "sources": inputs.paths,
+            # Per source: files, row layout (and whether it was detected), weight; the realised mix of the train split.
+            "inputs": inputs.described,
+            "mix": realised(stats["mix"], inputs.weights) if stats["mix"] else None,
             "tokenizer": getattr(tokenizer, "name_or_path", recipe.model.path),
             "model": recipe.model.path,
             "max_seq_length": data.max_seq_length,
-            "rows_in": stats["rows_in"],
+            # A weighted source's repeated examples are counted once as inputs.
+            "rows_in": stats["rows_in"] - sum(used - available for available, used in stats["mix"].values()),
             "rows_out": {split: splits[split]["examples"] for split in SPLITS},
             "rejected": dict(sorted(stats["rejected"].items())),
             "rejected_rows": rejected_rows,

@@ -17,17 +17,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+from raytune_app.data import layouts
+from raytune_app.data.problems import RowProblem  # noqa: F401  (part of this module's API)
 
-
-class RowProblem(Exception):
-    """Why a row cannot be used: a reason code (counted in the manifest), the field and a message."""
-
-    def __init__(self, reason: str, field: str | None, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.field = field
-        self.message = message
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -50,6 +43,11 @@ class RowSpec:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_salt: str = ""
+    # Row layout per source file (raytune_app/data/layouts.py): ((file, layout), ...); files not listed: columns.
+    layouts: tuple[tuple[str, str], ...] = ()
+
+    def layout_of(self, source_file: str) -> str:
+        return dict(self.layouts).get(source_file, "columns")
 
     @classmethod
     def from_recipe(cls, data) -> RowSpec:
@@ -130,6 +128,37 @@ def _messages_field(record: dict, column: str) -> list[dict]:
                 column,
                 f"`{column}` must be a list of {{role, content}} messages, got a string that is not JSON",
             ) from None
+    return check_messages(value, column)
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's tool calls as [{type: function, function: {name, arguments: object}}, ...]."""
+    if not isinstance(calls, list) or not calls:
+        raise RowProblem(
+            "bad_messages", where, "tool_calls must be a non-empty list of {type, function: {name, arguments}}"
+        )
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowProblem("bad_messages", f"{where}[{j}]", "a tool call needs function: {name, arguments}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):  # the OpenAI API sends arguments as a JSON string
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise RowProblem("bad_messages", f"{where}[{j}]", "tool call arguments are not valid JSON") from None
+        if not isinstance(arguments, dict):
+            raise RowProblem("bad_messages", f"{where}[{j}]", "tool call arguments must be a JSON object")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def check_messages(value: Any, column: str) -> list[dict]:
+    """Validate and normalise a chat: roles, text content, tool calls; the last turn is the assistant's."""
     if not isinstance(value, list) or not value:
         raise RowProblem(
             "wrong_type",
@@ -138,20 +167,28 @@ def _messages_field(record: dict, column: str) -> list[dict]:
         )
     messages = []
     for i, message in enumerate(value):
-        if (
-            not isinstance(message, dict)
-            or message.get("role") not in ROLES
-            or not isinstance(message.get("content"), str)
-        ):
+        where = f"{column}[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise RowProblem(
                 "bad_messages",
-                f"{column}[{i}]",
-                f"message {i} must be {{role: system|user|assistant, content: string}}, got {str(message)[:80]}",
+                where,
+                f"message {i} must be {{role: system|user|assistant|tool, content: string}}, got {str(message)[:80]}",
             )
-        content = normalise_text(message["content"])
-        if not content:
-            raise RowProblem("empty_field", f"{column}[{i}]", f"message {i} ({message['role']}) is empty")
-        messages.append({"role": message["role"], "content": content})
+        calls = message.get("tool_calls") if message["role"] == "assistant" else None
+        content = message.get("content")
+        if content is None and calls:
+            content = ""  # an assistant turn that only calls tools
+        if not isinstance(content, str):
+            raise RowProblem("bad_messages", where, f"message {i} ({message['role']}) needs text content")
+        content = normalise_text(content)
+        if not content and not calls:
+            raise RowProblem("empty_field", where, f"message {i} ({message['role']}) is empty")
+        entry = {"role": message["role"], "content": content}
+        if calls:
+            entry["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        if message["role"] == "tool" and isinstance(message.get("tool_call_id"), str):
+            entry["tool_call_id"] = message["tool_call_id"]
+        messages.append(entry)
     if messages[-1]["role"] != "assistant":
         raise RowProblem(
             "bad_messages", column, "the last message must be the assistant's (it is what the model learns to write)"
@@ -159,6 +196,18 @@ def _messages_field(record: dict, column: str) -> list[dict]:
     if not any(m["role"] == "user" for m in messages):
         raise RowProblem("bad_messages", column, "the chat has no user message")
     return messages
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as read back from a prepared split (Arrow fills absent keys with None, tool calls are
+    JSON text) in the form chat templates take: absent keys dropped, tool calls as objects."""
+    out = []
+    for message in messages:
+        clean = {key: value for key, value in message.items() if value is not None}
+        if isinstance(clean.get("tool_calls"), str):
+            clean["tool_calls"] = json.loads(clean["tool_calls"])
+        out.append(clean)
+    return out
 
 
 def _system(record: dict, spec: RowSpec) -> str | None:
@@ -178,12 +227,18 @@ def _check_length(text: str, what: str, field: str, low: int, high: int) -> None
         )
 
 
-def to_example(record: Any, spec: RowSpec) -> dict:
-    """Validate and normalise one parsed source record into an example, or raise RowProblem."""
+def to_example(record: Any, spec: RowSpec, layout: str = "columns") -> dict:
+    """Validate and normalise one parsed source record (in `layout`, see layouts.py) into an example,
+    or raise RowProblem."""
     if not isinstance(record, dict):
         raise RowProblem("not_an_object", None, f"a row must be a JSON object, got {type(record).__name__}")
-    if spec.kind == "chat":
-        messages = _messages_field(record, spec.messages)
+    tools = None
+    if layout != "columns" or spec.kind == "chat":
+        if layout == "columns":
+            messages = _messages_field(record, spec.messages)
+        else:
+            raw_messages, tools = layouts.to_messages(record, layout, spec.messages)
+            messages = check_messages(raw_messages, "conversations" if layout == "sharegpt" else spec.messages)
         if messages[0]["role"] != "system":
             system = _system(record, spec)
             if system:
@@ -193,7 +248,8 @@ def to_example(record: Any, spec: RowSpec) -> dict:
         _check_length(
             messages[-1]["content"], "response", spec.messages, spec.min_response_chars, spec.max_response_chars
         )
-        return {"messages": messages}
+        # `tools` only where there are some: the content hash of every plain chat stays what it was.
+        return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
     prompt = _text_field(record, spec.prompt, "prompt")
     _check_length(prompt, "prompt", spec.prompt, spec.min_prompt_chars, spec.max_prompt_chars)

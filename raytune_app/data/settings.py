@@ -108,17 +108,61 @@ class SplitSection(Section):
         return self
 
 
+LAYOUTS = Literal["auto", "columns", "alpaca", "sharegpt", "openai"]
+
+
+class SourceSection(Section):
+    """One input with its own settings; a plain string in `data.sources` is `{path: <string>}`."""
+
+    path: str | None = Field(
+        None,
+        description="A file, directory or glob (local, s3://, gs://, ...), or a folder written by "
+        "`datasets.Dataset.save_to_disk` (read with load_from_disk). Relative to the recipe file.",
+    )
+    hf: str | None = Field(
+        None,
+        description="A Hugging Face dataset id (e.g. tatsu-lab/alpaca), read from the local datasets cache only: "
+        "nothing is downloaded at run time (download it once on a connected machine, or save_to_disk and use `path`).",
+    )
+    subset: str | None = Field(None, description="With `hf`: the dataset's configuration (subset) name.")
+    split: str = Field("train", description="With `hf` or a save_to_disk DatasetDict: the split to read.")
+    format: LAYOUTS | None = Field(None, description="This source's row layout; left out: `data.format`.")
+    weight: float = Field(
+        1.0,
+        ge=0,
+        description="Mixing weight: each training example of this source is used `weight` times on average "
+        "(0.5: a seeded half of them, 2: each twice, 1.5: all once and a seeded half twice). Validation and "
+        "test rows are never weighted. The realised mix is in the prepare manifest.",
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of `path` (files or a save_to_disk folder) or `hf` (a dataset id)")
+        return self
+
+
 class DataSection(Section):
-    sources: list[str] = Field(
+    sources: list[str | SourceSection] = Field(
         default_factory=list,
-        description="Input files, directories or globs: local paths or any pyarrow-supported URI (s3://, gs://, "
-        "hdfs://). Relative paths are relative to the recipe file.",
+        description="Inputs: files, directories or globs (local paths or any pyarrow URI: s3://, gs://, hdfs://), "
+        "save_to_disk folders, or {hf: <dataset id>} from the local cache; each either a string or "
+        "{path | hf, format, weight, ...} (see SourceSection). Relative paths are relative to the recipe file.",
     )
     generator: GeneratorSection | None = Field(
         None, description="Generate the input with a built-in generator instead of reading `sources`."
     )
-    format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
-        "auto", description="File format; `auto` goes by extension (.jsonl/.json/.ndjson, .parquet, .csv)."
+    format: LAYOUTS = Field(
+        "auto",
+        description="Row layout of the sources: `columns` (the fields `data.columns` names), `alpaca` (instruction, "
+        "input, output), `sharegpt` (conversations of {from, value}, incl. function_call / observation turns), "
+        "`openai` (messages with tool_calls and tool turns, plus `tools`). `auto`: detected from each source's first "
+        "row (and printed), unless `data.columns` maps a field or the kind is preference (then `columns`). The "
+        "alpaca, sharegpt and openai layouts give chats (trained like kind chat). A file type given here "
+        "(jsonl, parquet, csv), as recipes before `file_format` did, is read as `file_format`.",
+    )
+    file_format: Literal["auto", "jsonl", "parquet", "csv"] = Field(
+        "auto", description="File type; `auto` goes by extension (.jsonl/.json/.ndjson, .parquet, .csv)."
     )
     kind: Literal["prompt_response", "chat", "preference"] = Field(
         "prompt_response",
@@ -170,6 +214,26 @@ class DataSection(Section):
         description="Size of the Ray Data actor pool that renders templates and tokenises (one tokenizer each).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _file_type_in_format(cls, raw):
+        # `format` used to be the file type; a recipe written then keeps working.
+        if isinstance(raw, dict) and raw.get("format") in ("jsonl", "parquet", "csv") and "file_format" not in raw:
+            raw = {**raw, "file_format": raw["format"], "format": "auto"}
+        return raw
+
+    @property
+    def source_sections(self) -> list[SourceSection]:
+        return [SourceSection(path=s) if isinstance(s, str) else s for s in self.sources]
+
+    def layout_setting(self, source: SourceSection) -> str:
+        """The layout a source is read with: its own, else data.format; `auto` is decided per file later."""
+        layout = source.format or self.format
+        explicit_columns = any(v is not None for k, v in self.columns.model_dump().items() if k != "system")
+        if layout == "auto" and (self.kind == "preference" or explicit_columns):
+            return "columns"
+        return layout
+
     @model_validator(mode="after")
     def _check(self):
         if bool(self.sources) == (self.generator is not None):
@@ -188,6 +252,15 @@ class DataSection(Section):
             )
         if self.packing and self.kind == "preference":
             raise ValueError("packing applies to SFT data (kinds prompt_response, chat), not to preference pairs")
+        if self.kind == "preference":
+            chats = [
+                s.path or s.hf for s in self.source_sections if (s.format or self.format) not in ("auto", "columns")
+            ]
+            if chats or self.format not in ("auto", "columns"):
+                raise ValueError(
+                    f"kind preference reads prompt / chosen / rejected columns; the alpaca, sharegpt and openai "
+                    f"layouts are chats for SFT (set on: {', '.join(str(c) for c in chats) or 'data.format'})"
+                )
         return self
 
     def column_for(self, role: str) -> str:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from raytune_app import storage
+from raytune_app.data.mixing import TALLY
 
 SPLITS = ("train", "val", "test")
 HASH_MODULUS = 2**128
@@ -32,7 +33,11 @@ def split_columns(kind: str, packed: bool, keep_columns: tuple[str, ...]) -> lis
     """Columns of a prepared split file (packed applies to the train split of SFT data only)."""
     if packed:
         return PACKED_COLUMNS
-    example = ["prompt", "chosen", "rejected"] if kind == "preference" else ["messages", "input_ids", "completion_mask"]
+    example = (
+        ["prompt", "chosen", "rejected"]
+        if kind == "preference"
+        else ["messages", "tools", "input_ids", "completion_mask"]
+    )
     return [*example, "num_tokens", "content_hash", "source_file", "source_row", *keep_columns]
 
 
@@ -55,6 +60,7 @@ class PreparedSink(Datasink):
         return {
             "rows_in": 0,
             "rejected": Counter(),
+            "mix": {},  # source file -> [train examples available, used] (raytune_app/data/mixing.py)
             "splits": {
                 s: {
                     "rows": 0,
@@ -86,6 +92,12 @@ class PreparedSink(Datasink):
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.table(block)
+                is_tally = pc.fill_null(pc.equal(table["status"], TALLY), False)
+                for tally in table.filter(is_tally).select(["source_file", "message"]).to_pylist():
+                    counts = json.loads(tally["message"])
+                    seen = stats["mix"].setdefault(tally["source_file"], [0, 0])
+                    seen[0], seen[1] = seen[0] + counts["available"], seen[1] + counts["used"]
+                table = table.filter(pc.invert(is_tally))
                 ok = pc.fill_null(pc.equal(table["status"], "ok"), False)
                 bad = table.filter(pc.invert(ok)).select(list(REJECT_FIELDS)).to_pylist()
                 if bad:
@@ -136,6 +148,9 @@ class PreparedSink(Datasink):
         for stats in write_result.write_returns:
             total["rows_in"] += stats["rows_in"]
             total["rejected"].update(stats["rejected"])
+            for file, (available, used) in stats["mix"].items():
+                seen = total["mix"].setdefault(file, [0, 0])
+                seen[0], seen[1] = seen[0] + available, seen[1] + used
             for split in SPLITS:
                 mine, theirs = total["splits"][split], stats["splits"][split]
                 for key in ("rows", "examples", "tokens"):

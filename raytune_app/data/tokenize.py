@@ -15,20 +15,37 @@ from raytune_app.data.rows import RowProblem
 from raytune_app.errors import DataError
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {})
+    )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def _check_tools_rendered(text: str, messages: list[dict], tools: list | None) -> None:
+    """A template that ignores tool calls or tool specs would train the model on a chat without them."""
+    names = [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]
+    names += [t.get("function", t).get("name") for t in tools or [] if isinstance(t.get("function", t), dict)]
+    missing = sorted({n for n in names if n and n not in text})
+    if missing:
+        raise RowProblem(
+            "template_drops_tools",
+            None,
+            f"the chat template does not render the tool calls / tools {missing}; set model.chat_template to a "
+            "template that renders `tools` and `tool_calls` (the model's own may not support tools)",
+        )
+
+
+def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the (start, end) character spans of the assistant turns in it."""
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, tools=tools)
+    _check_tools_rendered(text, messages, tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         # The last turn's rendering is the whole text: one template call fewer per example.
-        through = text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
+        through = text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools)
         if not (through.startswith(before) and text.startswith(through)):
             # A template that rewrites earlier turns (some strip past reasoning) breaks the span logic.
             raise DataError(
@@ -52,16 +69,26 @@ def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
 
 
 def tokenize_examples(
-    tokenizer, chats: list[list[dict]], max_length: int, truncation: str
+    tokenizer, chats: list[list[dict]], max_length: int, truncation: str, tools: list | None = None
 ) -> list[tuple[list[int] | None, list[int] | None, RowProblem | None]]:
     """(input_ids, completion_mask, problem) per chat; `problem` set means the example is rejected.
 
     truncation `drop`: longer than max_length is rejected (too_long). `truncate`: the end is cut,
     as long as at least one answer token remains after the prompt.
     """
-    rendered = [assistant_spans(tokenizer, chat) for chat in chats]
+    rendered: list[tuple[str, list[tuple[int, int]]]] = []
+    problems: dict[int, RowProblem] = {}
+    for i, (chat, chat_tools) in enumerate(zip(chats, tools or [None] * len(chats))):
+        try:
+            rendered.append(assistant_spans(tokenizer, chat, chat_tools))
+        except RowProblem as problem:  # this example only: its batch-mates go on
+            problems[i] = problem
+            rendered.append(("", []))
     out: list[tuple[list[int] | None, list[int] | None, RowProblem | None]] = []
-    for (_, spans), (ids, starts) in zip(rendered, _encode(tokenizer, [text for text, _ in rendered])):
+    for i, ((_, spans), (ids, starts)) in enumerate(zip(rendered, _encode(tokenizer, [t for t, _ in rendered]))):
+        if i in problems:
+            out.append((None, None, problems[i]))
+            continue
         # Token start offsets only grow, so each span is a contiguous run of tokens found by bisection.
         mask = [0] * len(ids)
         for start, end in spans:

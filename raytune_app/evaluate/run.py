@@ -165,7 +165,7 @@ def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
     group = recipe.evaluate.group_column
     spec = rowlib.RowSpec.from_recipe(recipe.data.model_copy(update={"keep_columns": [group] if group else []}))
     prompts, golds, groups, ids, lines, problems = [], [], [], [], [], []
-    for line_number, raw in sources.raw_rows(uri, recipe.data.format):
+    for line_number, raw in sources.raw_rows(uri, recipe.data.file_format):
         try:
             record = rowlib.parse_json_line(raw)
             example = rowlib.to_example(record, spec)

@@ -358,6 +358,49 @@ def register_guard(recipe: Recipe, folder: str, summary: dict) -> dict:
     }
 
 
+def register_export(recipe: Recipe, folder: str, lineage: dict) -> dict:
+    """An export (`raytune-app export --register`: merged safetensors or GGUF in `folder`) as a version of
+    `<model name>-merged`, tagged `type: merged` with its lineage. A registered model of its own, so that
+    serving, which loads adapter versions of `<model name>`, never mistakes it for an adapter."""
+    adapters = lineage.get("registered_model") or model_name(recipe)
+    name = f"{adapters}-merged"
+    uri = tracking_uri(recipe)
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(
+        _experiment_id(mlflow_client, recipe), tags={"stage": "export", "mlflow.runName": f"export-{lineage['format']}"}
+    )
+    run_id = run.info.run_id
+    mlflow_client.log_artifacts(run_id, folder, "export")
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    parent = lineage.get("registered_version")
+    if parent is None and lineage.get("train_fingerprint"):
+        try:
+            found = _version_for(mlflow_client, adapters, lineage["train_fingerprint"])
+        except Exception:  # the adapter's registered model may not exist (never registered)
+            found = None
+        parent = found.version if found is not None else None
+    _ensure_registered_model(mlflow_client, name, f"Standalone exports (merged, GGUF) of the adapters of `{adapters}`.")
+    tags = {
+        "type": "merged",
+        "format": lineage["format"],
+        "dtype": lineage["dtype"],
+        "quantization": (lineage.get("gguf") or {}).get("quantization", ""),
+        "base_model": lineage.get("base_model") or "",
+        "train_fingerprint": lineage.get("train_fingerprint") or "",
+        "parent_model": adapters,
+        "parent_version": str(parent or ""),
+        "merge_max_abs_logit_diff": str(lineage["merge_check"]["max_abs_logit_diff"]),
+    }
+    version = mlflow_client.create_model_version(
+        name,
+        source=f"{mlflow_client.get_run(run_id).info.artifact_uri}/export",
+        run_id=run_id,
+        tags=tags,
+        description=f"{lineage['format']} export ({lineage['dtype']}) of {adapters} version {parent or '?'}",
+    )
+    return {"name": name, "version": str(version.version), "run_id": run_id, "tracking_uri": uri}
+
+
 def register_stage(recipe: Recipe) -> list[dict]:
     """The register stage: every trained run of the recipe (each chain step, in order, so a step's
     parent is already a version) becomes a version, with the evaluation of it where there is one."""

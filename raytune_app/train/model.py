@@ -12,7 +12,7 @@ import torch
 
 from raytune_app import models
 from raytune_app.config import ModelSection
-from raytune_app.train.settings import TrainSection
+from raytune_app.train.settings import QuantSection, TrainSection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,17 +31,40 @@ def lora_config(train: TrainSection):
     )
 
 
-def quantization_config(train: TrainSection):
-    """bitsandbytes' 4-bit config from the recipe's `train.quantization` (finetuning qlora)."""
+def four_bit_config(quant: QuantSection, fsdp: bool = False):
+    """bitsandbytes 4-bit settings of `train.quantization` (QLoRA training, and export's de-quantised base)."""
     from transformers import BitsAndBytesConfig
 
-    quant = train.quantization
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=COMPUTE_DTYPES[quant.compute_dtype],
+        **({"bnb_4bit_quant_storage": COMPUTE_DTYPES[quant.compute_dtype]} if fsdp else {}),
     )
+
+
+def quantization_config(train: TrainSection):
+    """bitsandbytes' 4-bit config from the recipe's `train.quantization` (finetuning qlora; under FSDP the
+    4-bit weights are stored in the compute dtype, so FSDP can flatten and shard them)."""
+    return four_bit_config(train.quantization, fsdp=train.sharding == "fsdp")
+
+
+def attention_kernel(requested: str, on_gpu: bool) -> str:
+    """The attention implementation to load the model with: `auto` is the fastest one installed (flash-attn 3 on
+    Hopper, flash-attn 2, else sdpa) on a GPU, and sdpa on a CPU."""
+    import importlib.util
+
+    if requested != "auto":
+        return requested
+    if not on_gpu:
+        return "sdpa"
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    if hopper and importlib.util.find_spec("flash_attn_interface") is not None:
+        return "flash_attention_3"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def load_for_training(
@@ -51,7 +74,11 @@ def load_for_training(
     from transformers import AutoModelForCausalLM
 
     path = models.resolve(model.path)
-    kwargs = {"dtype": DTYPES[train.precision], "trust_remote_code": model.trust_remote_code}
+    kwargs = {
+        "dtype": DTYPES[train.precision],
+        "trust_remote_code": model.trust_remote_code,
+        "attn_implementation": attention_kernel(train.attn_implementation, device.type == "cuda"),
+    }
 
     if train.finetuning == "full":
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -29,6 +29,7 @@ from raytune_app import console, integrity, outcomes, resources, runstate, stora
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train.manifest import TrainManifest
+from raytune_app.train.settings import PREFERENCE_METHODS
 
 
 class TrainError(DataError):
@@ -44,7 +45,13 @@ def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: TrainManifest | 
     # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
     # fingerprints of runs made before that setting existed.
     # The same holds for the settings of the methods not in use (dpo, grpo).
-    exclude = ({"distill"} if "distill" not in recipe.run.stages else set()) | ({"dpo", "grpo"} - {recipe.train.method})
+    # And where metrics are reported (report_to) changes no weights.
+    methods = {"dpo", "orpo", "simpo", "kto", "grpo"}
+    exclude = (
+        ({"distill"} if "distill" not in recipe.run.stages else set())
+        | (methods - {recipe.train.method})
+        | {"report_to"}
+    )
     payload = {
         "model": recipe.model.model_dump(mode="json"),
         "train": recipe.train.model_dump(mode="json", exclude=exclude),
@@ -76,7 +83,14 @@ def check_resources(recipe: Recipe) -> tuple[bool, float]:
 
 # The validation number that ranks checkpoints (Ray Train keeps the best K): the loss for SFT and DPO,
 # the mean reward of sampled answers for GRPO (its loss is not a measure of quality).
-CHECKPOINT_SCORE = {"sft": ("eval_loss", "min"), "dpo": ("eval_loss", "min"), "grpo": ("eval_reward", "max")}
+CHECKPOINT_SCORE = {
+    "sft": ("eval_loss", "min"),
+    "dpo": ("eval_loss", "min"),
+    "orpo": ("eval_loss", "min"),
+    "simpo": ("eval_loss", "min"),
+    "kto": ("eval_loss", "min"),
+    "grpo": ("eval_reward", "max"),
+}
 
 
 def _worker_recipe(recipe: Recipe) -> Recipe:
@@ -265,6 +279,33 @@ def write_manifest(
     return manifest
 
 
+# Optional packages a recipe may ask for: (recipe setting, module, pip name, why).
+OPTIONAL_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "'raytune-app[logging]'"),
+    "wandb": (("wandb",), "'raytune-app[logging]'"),
+    "liger": (("liger_kernel",), "liger-kernel"),
+    "flash_attention_2": (("flash_attn",), "flash-attn --no-build-isolation"),
+    "flash_attention_3": (("flash_attn_interface",), "flash-attn 3 (hopper/ in the flash-attention repository)"),
+    "8bit": (("bitsandbytes",), "bitsandbytes"),
+}
+
+
+def check_packages(recipe: Recipe, use_gpu: bool) -> None:
+    """TrainError, before any worker starts, for a setting whose package is missing here (logging targets,
+    kernels, 8-bit optimizers). GPU-only kernels on CPU workers are refused by check_resources first."""
+    import importlib.util
+
+    train = recipe.train
+    wanted: list[str] = [t for t in train.report_to if t != "mlflow"]
+    wanted += ["liger"] if train.liger else []
+    wanted += [train.attn_implementation] if train.attn_implementation.startswith("flash") else []
+    wanted += ["8bit"] if train.optimizer != "adamw_torch" else []
+    for setting in wanted:
+        modules, install = OPTIONAL_PACKAGES[setting]
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise TrainError(f"train setting {setting} needs the {modules[0]} package here: pip install {install}")
+
+
 def training_data(recipe: Recipe) -> tuple[str, dict]:
     """(folder, manifest) of the data a training run reads: the distilled data when the recipe distils,
     else the prepared splits; TrainError when it is missing or the method cannot train on it."""
@@ -280,10 +321,11 @@ def training_data(recipe: Recipe) -> tuple[str, dict]:
     # The complete version the manifest came from (on an object store: the one its pointer names).
     prepared_dir = storage.current(storage.absolute(recipe.stage_dir(source)))
     method = recipe.train.method
-    if (prepared["kind"] == "preference") != (method == "dpo"):
+    if (prepared["kind"] == "preference") != (method in PREFERENCE_METHODS):
         raise TrainError(
-            f"train.method {method} cannot train on the prepared data ({prepared['kind']}): dpo trains on "
-            "preference pairs, sft and grpo on prompt_response or chat data; re-run prepare after changing data.kind"
+            f"train.method {method} cannot train on the prepared data ({prepared['kind']}): "
+            f"{', '.join(PREFERENCE_METHODS)} train on preference pairs, sft and grpo on prompt_response or chat "
+            "data; re-run prepare after changing data.kind"
         )
     if prepared["rows_out"]["train"] == 0 or prepared["rows_out"]["val"] == 0:
         raise TrainError(
@@ -300,6 +342,7 @@ def train(
     one continues (a previous chain step)."""
     prepared_dir, prepared = training_data(recipe)
     use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
+    check_packages(recipe, use_gpu)
     out_dir = storage.absolute(recipe.stage_dir("train"))
     log = console.logger("train")
     current = fingerprint(recipe, prepared, parent)

@@ -29,17 +29,25 @@ DPO_LOSSES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "sft",  # the chosen answer's NLL: combined with a preference loss (e.g. [sigmoid, sft]) it keeps likelihood up
 )
+# Methods that learn from preference pairs (data.kind preference): DPO, and TRL's ORPO, SimPO (its CPO trainer
+# with the simpo loss) and KTO (the pairs unpaired into desirable / undesirable answers).
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 
 
 class DpoSection(Section):
     beta: float = Field(
         0.1, gt=0, description="Strength of the pull towards the reference model (higher: stay closer)."
     )
-    loss_type: Literal[DPO_LOSSES] = Field(  # type: ignore[valid-type]  # Literal over the tuple: one list of names
+    loss_type: Literal[DPO_LOSSES] | list[Literal[DPO_LOSSES]] = Field(  # type: ignore[valid-type]  # one list of names
         "sigmoid",
         description="DPO loss (TRL's names): `sigmoid` (the DPO paper), `ipo`, `hinge`, `robust` "
-        "(noisy labels, with label_smoothing), ...",
+        "(noisy labels, with label_smoothing), ...; a list combines losses, e.g. [sigmoid, sft] (DPO plus the "
+        "chosen answer's NLL, which keeps DPO from lowering the likelihood of good answers).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="Weights of the losses in a `loss_type` list (default: 1 each)."
     )
     label_smoothing: float = Field(
         0.0,
@@ -56,6 +64,48 @@ class DpoSection(Section):
         None,
         gt=8,
         description="Longest prompt + answer in tokens; longer pairs are cut at the end. Default: data.max_seq_length.",
+    )
+
+    @model_validator(mode="after")
+    def _weights_match(self):
+        losses = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss type(s)")
+        return self
+
+    @property
+    def losses(self) -> list[str]:
+        return self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+
+
+class OrpoSection(Section):
+    beta: float = Field(
+        0.1, gt=0, description="Weight of the odds-ratio term beside the SFT loss (ORPO's lambda); no reference model."
+    )
+    max_length: int | None = Field(
+        None, gt=8, description="Longest prompt + answer in tokens; longer pairs are cut. Default: data.max_seq_length."
+    )
+
+
+class SimpoSection(Section):
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (SimPO's beta; paper: 2-2.5).")
+    gamma_beta_ratio: float = Field(
+        0.5, ge=0, description="Target reward margin as a fraction of beta (SimPO's gamma / beta; paper: 0.3-0.8)."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen answer (CPO-SimPO); 0 is plain SimPO."
+    )
+    max_length: int | None = Field(
+        None, gt=8, description="Longest prompt + answer in tokens; longer pairs are cut. Default: data.max_seq_length."
+    )
+
+
+class KtoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of the desirable (chosen) answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of the undesirable (rejected) answers.")
+    max_length: int | None = Field(
+        None, gt=8, description="Longest prompt + answer in tokens; longer ones are cut. Default: data.max_seq_length."
     )
 
 
@@ -175,24 +225,58 @@ class DeepSpeedSection(Section):
         return self
 
 
+class FsdpSection(Section):
+    """PyTorch FSDP2 (fully_shard) through accelerate: parameters, gradients and optimizer state sharded
+    across the workers; works with LoRA and QLoRA (the route to QLoRA on models larger than one GPU)."""
+
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
+    reshard_after_forward: bool = Field(
+        True, description="Free each layer's gathered weights after its forward (ZeRO-3-like); false: ZeRO-2-like."
+    )
+
+
 class CheckpointSection(Section):
     every_steps: int = Field(50, gt=0, description="Save a checkpoint (and evaluate) every N optimizer steps.")
     keep_best: int = Field(2, gt=0, description="Keep the best K checkpoints by validation loss.")
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo", "grpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
         "sft",
-        description="Training method (TRL trainer): `sft` on prompt/response or chat data, `dpo` on preference "
-        "pairs (data.kind preference, or a chain step's `pairs`), `grpo` on the prompts of prompt/response or chat "
-        "data with reward functions (train.grpo.rewards).",
+        description="Training method (TRL trainer): `sft` on prompt/response or chat data; on preference pairs "
+        "(data.kind preference, or a chain step's `pairs`): `dpo`, `orpo` (SFT + odds ratio, no reference model), "
+        "`simpo` (length-normalised reward margin, no reference model), `kto` (each answer judged alone); `grpo` "
+        "on the prompts of prompt/response or chat data with reward functions (train.grpo.rewards).",
     )
     finetuning: Literal["full", "lora", "qlora"] = Field(
         "lora", description="Which weights train: all (`full`), LoRA adapters, or LoRA over a 4-bit base (`qlora`)."
     )
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings (finetuning lora/qlora).")
     quantization: QuantSection = Field(default_factory=QuantSection, description="4-bit settings (finetuning qlora).")
+    sharding: Literal["auto", "ddp", "deepspeed", "fsdp"] = Field(
+        "auto",
+        description="How workers share the model: `ddp` (a full copy each), `deepspeed` (ZeRO, `train.deepspeed`), "
+        "`fsdp` (PyTorch FSDP2, `train.fsdp`). `auto`: deepspeed when a `deepspeed` section is given, else ddp.",
+    )
     deepspeed: DeepSpeedSection | None = Field(None, description="DeepSpeed ZeRO; left out means plain DDP.")
+    fsdp: FsdpSection = Field(default_factory=FsdpSection, description="FSDP2 settings (sharding fsdp).")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager"] = Field(
+        "auto",
+        description="Attention kernel: `auto` picks the fastest installed on GPU (flash_attention_3 on Hopper with "
+        "flash-attn 3, flash_attention_2 with flash-attn, else sdpa) and sdpa on CPU. Packed data needs no "
+        "particular kernel (examples are kept apart from their position ids), but only the flash kernels skip the "
+        "attention between packed examples instead of masking it, which is where packing pays.",
+    )
+    liger: bool = Field(
+        False,
+        description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy; Triton, GPU only; the liger-kernel "
+        "package): less memory and more tokens/s on GPU.",
+    )
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch",
+        description="Optimizer: AdamW (torch), or bitsandbytes' 8-bit AdamW (a quarter of the optimizer memory), "
+        "`paged_adamw_8bit` also paging its state to CPU memory under pressure (GPU).",
+    )
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a GPU cluster).")
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="Workers take a GPU each; `auto`: when the cluster has GPUs."
@@ -216,6 +300,13 @@ class TrainSection(Section):
         default_factory=CheckpointSection, description="Checkpointing and evaluation cadence."
     )
     logging_steps: int = Field(5, gt=0, description="Log train loss, tokens/s and memory every N steps.")
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["mlflow"],  # type: ignore[arg-type]  # pydantic validates the default
+        description="Where per-step metrics go: `mlflow` (the run is tracked in the registry's store when it ends), "
+        "`tensorboard` (event files in <train dir>/tensorboard; needs the tensorboard package), `wandb` (Weights & "
+        "Biases, offline in <train dir>/wandb unless WANDB_MODE says otherwise; needs the wandb package). Install "
+        "both with `pip install 'raytune-app[logging]'`.",
+    )
     max_failures: int = Field(
         1,
         ge=0,
@@ -226,6 +317,9 @@ class TrainSection(Section):
         description="Multi-task training on distilled data (run.stages has distill).",
     )
     dpo: DpoSection = Field(default_factory=DpoSection, description="DPO settings (method dpo).")
+    orpo: OrpoSection = Field(default_factory=OrpoSection, description="ORPO settings (method orpo).")
+    simpo: SimpoSection = Field(default_factory=SimpoSection, description="SimPO settings (method simpo).")
+    kto: KtoSection = Field(default_factory=KtoSection, description="KTO settings (method kto).")
     grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO settings (method grpo).")
 
     @model_validator(mode="after")
@@ -239,4 +333,23 @@ class TrainSection(Section):
             )
         if self.precision == "fp16" and self.use_gpu is False:
             raise ValueError("precision fp16 needs a GPU (use_gpu is false); use fp32 or bf16 on CPU")
+        if self.sharding == "fsdp" and self.deepspeed is not None:
+            raise ValueError("sharding fsdp and a `deepspeed` section exclude each other; drop one")
+        if self.sharding == "ddp" and self.deepspeed is not None:
+            raise ValueError("sharding ddp with a `deepspeed` section: set sharding to deepspeed (or auto), or drop it")
+        if self.sharding == "fsdp" and self.finetuning == "qlora" and self.quantization.compute_dtype != "bfloat16":
+            raise ValueError(
+                "QLoRA with FSDP stores the 4-bit weights in the compute dtype so FSDP can shard them; set "
+                "train.quantization.compute_dtype: bfloat16"
+            )
+        if self.liger and self.use_gpu is False:
+            raise ValueError("liger kernels run on GPUs (Triton) and use_gpu is false; drop train.liger")
+        if self.attn_implementation.startswith("flash") and self.use_gpu is False:
+            raise ValueError(
+                f"attn_implementation {self.attn_implementation} needs a GPU and use_gpu is false; use sdpa or auto"
+            )
         return self
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.sharding == "deepspeed" or (self.sharding == "auto" and self.deepspeed is not None)

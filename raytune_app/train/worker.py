@@ -26,6 +26,14 @@ import torch
 
 from raytune_app import console, models, storage
 from raytune_app.config import Recipe
+from raytune_app.train.arguments import (
+    dpo_arguments,
+    grpo_arguments,
+    kto_arguments,
+    orpo_arguments,
+    simpo_arguments,
+    training_arguments,
+)
 
 # Fault drill: with this variable set where the driver runs, the workers exit abruptly after that many
 # optimizer steps, once per run directory (a marker file keeps restarted workers from failing again).
@@ -53,117 +61,6 @@ class WorkerConfig:
 
 # Logged values worth a place on the progress line, when the method logs them.
 PROGRESS_EXTRAS = (("rewards/margins", "margin"), ("rewards/accuracies", "pair acc"), ("reward", "reward"))
-
-
-def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None) -> dict:
-    """TrainingArguments fields every method shares: optimisation, precision, cadence, devices."""
-    train = recipe.train
-    length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
-    return dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.scheduler if train.scheduler != "constant" else "constant_with_warmup",
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        bf16=train.precision == "bf16",
-        fp16=train.precision == "fp16",
-        **_checkpointing_argument(train.gradient_checkpointing),
-        logging_steps=train.logging_steps,
-        eval_strategy="steps",
-        eval_steps=train.checkpoint.every_steps,
-        save_strategy="steps",
-        save_steps=train.checkpoint.every_steps,
-        save_total_limit=2,  # local scratch only; Ray Train keeps the durable copies
-        seed=recipe.run.seed,
-        data_seed=recipe.run.seed,
-        report_to=[],
-        use_cpu=not use_gpu,
-        ddp_backend=None if use_gpu else "gloo",
-        # Every parameter takes part in every step (LoRA or not); searching for unused ones costs a
-        # traversal of the autograd graph per step.
-        ddp_find_unused_parameters=False,
-        deepspeed=ds_config,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        warmup_steps=train.warmup,  # transformers reads a value below 1 as a fraction of all steps, as we do
-        **length,
-    )
-
-
-def _checkpointing_argument(enabled: bool) -> dict:
-    """Activation checkpointing under the name this transformers reads: `activation_checkpointing` from
-    5.2x on (the old `gradient_checkpointing` still works there, with a FutureWarning per run)."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
-
-
-def training_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, packed: bool, ds_config: dict | None):
-    """TRL's SFT arguments from the recipe.
-
-    Batching: packed data is fed padding-free (examples concatenated, position ids restarting at each
-    one, so attention stays inside each example). Unpacked data is fed as padded batches of similar
-    lengths (`group_by_length`): on CPU, and on GPU without a varlen flash-attention kernel, attention
-    over one long concatenated sequence with a block mask costs more than the little padding left
-    after grouping by length (measured: benchmarks/train_throughput.py, BENCHMARKS.md).
-    """
-    from trl import SFTConfig
-
-    return SFTConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
-        # Data arrives tokenised (and packed) from the prepare stage.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        completion_only_loss=True,
-        padding_free=packed,
-        train_sampling_strategy="random" if packed else "group_by_length",
-        max_length=None,
-        include_num_input_tokens_seen="non_padding",
-    )
-
-
-def dpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None):
-    """TRL's DPO arguments: the pairs are tokenised by the trainer with the model's chat template."""
-    from trl import DPOConfig
-
-    dpo = recipe.train.dpo
-    return DPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
-        beta=dpo.beta,
-        loss_type=[dpo.loss_type],
-        label_smoothing=dpo.label_smoothing,
-        precompute_ref_log_probs=dpo.precompute_reference,
-        max_length=dpo.max_length or recipe.data.max_seq_length,
-        # The prompt is what a long pair keeps; the end of the answers is cut.
-        truncation_mode="keep_start",
-        include_num_input_tokens_seen="non_padding",
-    )
-
-
-def grpo_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config: dict | None, reward_weights: list[float]):
-    """TRL's GRPO arguments. `batch_size` counts completions: batch_size / num_generations prompts per step."""
-    from trl import GRPOConfig
-
-    grpo = recipe.train.grpo
-    return GRPOConfig(
-        **_common_arguments(recipe, output_dir, use_gpu, ds_config),
-        num_generations=grpo.num_generations,
-        max_completion_length=grpo.max_completion_length,
-        temperature=grpo.temperature,
-        top_p=grpo.top_p,
-        beta=grpo.beta,
-        epsilon=grpo.epsilon,
-        loss_type=grpo.loss_type,
-        scale_rewards=grpo.scale_rewards,
-        reward_weights=reward_weights,
-        log_completions=False,
-    )
 
 
 def load_splits(prepared_dir: str, rationale_weight: float = 1.0):
@@ -315,6 +212,23 @@ def _load_last_step(trainer, checkpoint_dir: str) -> None:
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint_dir, "trainer_state.json"))
 
 
+def _logging_dir(recipe: Recipe, out_dir: str, scratch_dir: str) -> str | None:
+    """Where TensorBoard event files and the offline W&B run go (train.report_to): the run's train folder, or
+    this attempt's scratch when that folder is remote (copied there when training ends)."""
+    wanted = {"tensorboard", "wandb"} & set(recipe.train.report_to)
+    if not wanted:
+        return None
+    local = out_dir if "://" not in out_dir else os.path.join(scratch_dir, "logs")
+    if "wandb" in wanted:
+        # W&B reads these when the trainer starts: offline unless the user chose a mode, one project per run.
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_PROJECT", recipe.run.name)
+        os.environ["WANDB_DIR"] = local
+        os.makedirs(local, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(local, "tensorboard")  # read by transformers' callback
+    return os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -350,6 +264,7 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
     from raytune_app.distill.loss import KeepWeights, multitask_trainer
     from raytune_app.train.deepspeed import deepspeed_config
     from raytune_app.train.model import load_for_training
+    from raytune_app.train.settings import DeepSpeedSection
 
     recipe = config.recipe
     if not config.use_gpu:
@@ -365,12 +280,17 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
     )
     device = ray.train.torch.get_device()
     model = load_for_training(recipe.model, recipe.train, device, parent_adapter=config.parent_adapter)
-    ds_config = deepspeed_config(recipe.train.deepspeed, use_gpu, config.recipe_dir) if recipe.train.deepspeed else None
+    ds_config = (
+        deepspeed_config(recipe.train.deepspeed or DeepSpeedSection(), use_gpu, config.recipe_dir)
+        if recipe.train.uses_deepspeed
+        else None
+    )
     from raytune_app.train.scratch import CHECKPOINT_NAME, report_callback
 
     callbacks = [report_callback(), _progress_callback()]
     if config.fault_at_step:
         callbacks.append(_fault_callback(storage.join(config.out_dir, "fault-injected"), config.fault_at_step))
+    logs = _logging_dir(recipe, config.out_dir, scratch_dir)
     method, packed = recipe.train.method, False
     if method == "sft":
         train_set, val_set, packed = load_splits(config.prepared_dir, recipe.train.distill.rationale_weight)
@@ -396,6 +316,46 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
         trainer = DPOTrainer(
             model=model,
             args=dpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer
+
+        # ORPO and SimPO need no reference model: the policy's own odds / length-normalised rewards compare.
+        train_set, val_set = load_preference_splits(config.prepared_dir)
+        trainer = ORPOTrainer(
+            model=model,
+            args=orpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    elif method == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+
+        train_set, val_set = load_preference_splits(config.prepared_dir)
+        trainer = CPOTrainer(
+            model=model,
+            args=simpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    elif method == "kto":
+        from trl import KTOTrainer
+        from trl.data_utils import unpair_preference_dataset
+
+        # KTO judges each answer alone: every pair becomes a desirable and an undesirable example. With LoRA,
+        # as for DPO, the reference is the frozen starting adapter.
+        train_set, val_set = (unpair_preference_dataset(d) for d in load_preference_splits(config.prepared_dir))
+        trainer = KTOTrainer(
+            model=model,
+            args=kto_arguments(recipe, scratch_dir, use_gpu, ds_config),
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
@@ -463,3 +423,5 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
                 storage.join(config.out_dir, "metrics.jsonl"), "".join(json.dumps(entry) + "\n" for entry in history)
             )
             storage.write_text(storage.join(config.out_dir, "worker_summary.json"), json.dumps(summary, indent=2))
+            if logs is not None and "://" in config.out_dir:  # a remote run folder: the logs were local scratch
+                storage.upload_dir(os.path.dirname(logs), storage.join(config.out_dir, "logs"))

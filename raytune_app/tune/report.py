@@ -177,6 +177,13 @@ def plot(rows: list[dict], recipe: Recipe, space: dict, target: str) -> None:
     storage.write_bytes(target, buffer.getvalue())
 
 
+def _absolute_source(recipe: Recipe, source):
+    """A `data.sources` entry (a string or a source section's dict) with its path made absolute."""
+    if isinstance(source, str):
+        return recipe.resolve_source(source)
+    return {**source, "path": recipe.resolve_source(source["path"])} if source.get("path") else source
+
+
 def best_recipe(recipe: Recipe, best: dict) -> dict:
     """The recipe with the best trial's train section, ready to run from any folder: paths made
     absolute, the tune stage and section left out (running it trains the winner, it does not search)."""
@@ -189,7 +196,7 @@ def best_recipe(recipe: Recipe, best: dict) -> dict:
     if "train" not in stages:  # the winner is trained where the search was, after its data stages
         stages.insert(sum(s in ("prepare", "distill") for s in stages), "train")
     raw["run"]["stages"] = stages
-    raw["data"]["sources"] = [recipe.resolve_source(s) for s in recipe.data.sources]
+    raw["data"]["sources"] = [_absolute_source(recipe, source) for source in raw["data"]["sources"]]
     if raw["evaluate"].get("schema_file"):
         raw["evaluate"]["schema_file"] = recipe.resolve_source(raw["evaluate"]["schema_file"])
     if raw["train"].get("deepspeed") and raw["train"]["deepspeed"].get("config_file"):

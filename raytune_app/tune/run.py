@@ -285,7 +285,7 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
     """Run the tune stage; returns its summary (best trial, where the best recipe and adapter are)."""
     from ray import tune as ray_tune
 
-    from raytune_app.train.run import TrainError, training_data
+    from raytune_app.train.run import TrainError, check_packages, training_data
     from raytune_app.tune import report
 
     log = console.logger("tune")
@@ -301,6 +301,10 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
         raise TuneError(str(exc)) from None
     space = typed_space(recipe.tune, recipe.train)
     plan = plan_resources(recipe)  # before anything is written
+    try:
+        check_packages(recipe, plan["use_gpu"])
+    except TrainError as exc:
+        raise TuneError(str(exc)) from None
     out_dir = storage.absolute(recipe.stage_dir("tune"))
     current = fingerprint(recipe, prepared)
     state = runstate.decide(

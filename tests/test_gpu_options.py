@@ -1,0 +1,84 @@
+"""The GPU training options (attention kernel, Liger, 8-bit optimizers, FSDP2) on a CPU machine: each validates,
+is refused with its reason where it cannot apply, and reaches TRL's training arguments; FSDP2 (which runs on
+CPU with gloo) trains a tiny LoRA model with two Ray Train workers."""
+
+import pytest
+
+from raytune_app import config, fit, resources
+from raytune_app.train.arguments import training_arguments
+from raytune_app.train.model import attention_kernel
+from raytune_app.train.run import check_packages
+
+
+def recipe(**train):
+    return config.validate({"data": {"sources": ["x.jsonl"]}, "train": train})
+
+
+def test_each_option_validates_or_names_why_not():
+    assert recipe(attn_implementation="flash_attention_2", liger=True, optimizer="paged_adamw_8bit").train.liger
+    assert recipe(sharding="fsdp", fsdp={"cpu_offload": True}).train.fsdp.cpu_offload
+    refusals = {
+        "needs a GPU and use_gpu is false": dict(attn_implementation="flash_attention_2", use_gpu=False),
+        "liger kernels run on GPUs": dict(liger=True, use_gpu=False),
+        "exclude each other": dict(sharding="fsdp", deepspeed={"stage": 2}),
+        "set sharding to deepspeed": dict(sharding="ddp", deepspeed={"stage": 2}),
+        "compute_dtype: bfloat16": dict(sharding="fsdp", finetuning="qlora", quantization={"compute_dtype": "float32"}),
+    }
+    for reason, settings in refusals.items():
+        with pytest.raises(config.RecipeError, match=reason):
+            recipe(**settings)
+
+
+def test_gpu_only_kernels_are_refused_on_cpu_workers_before_training():
+    for gpu_only in (recipe(liger=True), recipe(attn_implementation="flash_attention_2")):
+        plan = resources.plan_workers(gpu_only.train, gpus=0, cpus=8)  # the rule train.check_resources applies
+        assert any("run on GPUs and the workers get none" in p for p in plan.problems)
+        report = fit.check(gpu_only, gpus=0, cpus=8)
+        assert not report.ok and any("run on GPUs" in p for p in report.problems)
+    check_packages(recipe(optimizer="adamw_8bit"), use_gpu=False)  # bitsandbytes' 8-bit AdamW runs on CPU too
+    report = fit.check(recipe(liger=True, sharding="fsdp", workers=4, attn_implementation="flash_attention_2"), gpus=8)
+    assert report.ok and any("FSDP2" in line and "Liger" in line for line in report.fits)
+    assert any("liger-kernel and flash-attn" in note for note in report.notes)
+
+
+def test_auto_attention_is_sdpa_on_cpu():
+    assert attention_kernel("auto", on_gpu=False) == "sdpa"
+    assert attention_kernel("eager", on_gpu=False) == "eager"
+
+
+def test_options_reach_the_training_arguments(tmp_path, one_process_group):
+    args = training_arguments(recipe(optimizer="adamw_8bit"), str(tmp_path), False, packed=False, ds_config=None)
+    assert args.optim == "adamw_bnb_8bit" and not args.fsdp
+    args = training_arguments(
+        recipe(
+            sharding="fsdp", fsdp={"cpu_offload": True, "reshard_after_forward": False}, gradient_checkpointing=True
+        ),
+        str(tmp_path),
+        False,
+        packed=False,
+        ds_config=None,
+    )
+    plugin = args.fsdp_plugin_args  # what accelerate's FSDP plugin is built from
+    assert args.fsdp and plugin["fsdp_version"] == 2 and plugin["cpu_offload"] and not plugin["reshard_after_forward"]
+    # Activation checkpointing under FSDP is FSDP's own, not the trainer's.
+    assert plugin["activation_checkpointing"] and not args.gradient_checkpointing
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_lora_with_two_cpu_workers(ray_local, tmp_path, tiny_model):
+    import json
+    import os
+
+    from conftest import toy_recipe
+
+    from raytune_app.data.prepare import prepare
+    from raytune_app.train.run import train
+
+    run = toy_recipe(tmp_path, tiny_model, workers=2, sharding="fsdp", max_steps=6)
+    prepare(run)
+    manifest = train(run)
+    assert manifest["global_step"] == 6
+    losses = [json.loads(line).get("loss") for line in open(os.path.join(run.stage_dir("train"), "metrics.jsonl"))]
+    losses = [loss for loss in losses if loss is not None]
+    assert losses[-1] < losses[0]
+    assert os.path.exists(os.path.join(manifest["weights"], "adapter_model.safetensors"))
