@@ -175,7 +175,8 @@ def toy_run(ray_local, tiny_model, tmp_path_factory):
     return recipe, root
 
 
-def _free_loopback_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for test servers and Ray heads)."""
     import socket
 
     with socket.socket() as s:
@@ -196,7 +197,7 @@ def s3_server():
     import sys
     import time
 
-    port = _free_loopback_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -285,14 +286,14 @@ def ray_head(s3_server):
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PATH=f"{ray.parent}{os.pathsep}{env.get('PATH', '')}")
     for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s start-up window
         temp_dir = tempfile.mkdtemp(prefix="rthead-", dir="/tmp")  # short: Ray's socket paths live under it
-        port = _free_loopback_port()
+        port = free_port()
         command = [str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port)]
         command += ["--temp-dir", temp_dir, "--num-cpus", "2", "--include-dashboard", "false"]
         command += ["--disable-usage-stats"]
         for name in ("ray-client-server-port", "node-manager-port", "object-manager-port", "metrics-export-port"):
-            command += [f"--{name}", str(_free_loopback_port())]
+            command += [f"--{name}", str(free_port())]
         for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
-            command += [f"--{name}", str(_free_loopback_port())]
+            command += [f"--{name}", str(free_port())]
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
         if started.returncode == 0:
             break

@@ -64,7 +64,7 @@ def preamble(repeats: int = 2) -> str:
     return " ".join(CHAT[6:10] * repeats)
 
 
-def adapter(base: str, folder, seed: int, scale: float) -> str:
+def adapter(base: str, folder, seed: int, scale: float, rank: int = 4, targets="all-linear") -> str:
     """A LoRA adapter of `base` with random (non-zero) weights: each seed answers differently."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -73,7 +73,7 @@ def adapter(base: str, folder, seed: int, scale: float) -> str:
     torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False),
     )
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
@@ -147,3 +147,20 @@ def guard(base_folder: str, folder: Path) -> str:
     tokenizer.save_pretrained(folder / "model")
     (folder / "guard.json").write_text(json.dumps({"threshold": 0.5, "max_length": 128}))
     return str(folder)
+
+
+def wait_until(condition, timeout_s: float = 120, what: str = "condition"):
+    """Poll `condition()` (errors count as not yet) until it holds; its last value."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception:
+            pass
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)

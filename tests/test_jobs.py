@@ -10,7 +10,6 @@ the module waits for job start-up once rather than three times.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,41 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, stop_ray_head
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 ANSWERS = ['{"status": "ok"}', '{"status": "refund"}', '{"status": "late"}']
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(temp_dir: str) -> None:
-    """Stop the head's processes (found by its own temp dir in their command line) and their children."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
-                found += [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            continue
-    found = list({p.pid: p for p in found}.values())
-    for proc in found:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(found, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +31,7 @@ def ray_head():
     # A short path: Ray's socket paths live under it and must stay below the OS limit.
     temp_dir = tempfile.mkdtemp(prefix="rtjob-", dir="/tmp")
     ports = {
-        name: _free_port()
+        name: free_port()
         for name in (
             "port",
             "dashboard-port",
@@ -101,11 +70,11 @@ def ray_head():
             started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
             if started.returncode == 0 or "timed out during startup" not in started.stderr + started.stdout:
                 break
-            _stop(temp_dir)
+            stop_ray_head(temp_dir)
         assert started.returncode == 0, started.stderr[-3000:]
         yield f"http://127.0.0.1:{ports['dashboard-port']}", env
     finally:
-        _stop(temp_dir)
+        stop_ray_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

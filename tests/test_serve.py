@@ -9,7 +9,7 @@ import json
 import shutil
 
 import pytest
-from serve_helpers import BENIGN, INJECTION, KEY, adapter, free_port, guard, long_policy, preamble, register
+from serve_helpers import BENIGN, INJECTION, KEY, adapter, free_port, guard, long_policy, preamble, register, wait_until
 
 from raytune_app import config
 from raytune_app.serve.engine import BASE, Engine, Row
@@ -718,23 +718,6 @@ def _kill_replica(deployment: str, app_name: str = "toy") -> str:
     raise AssertionError(f"no replica of {app_name}/{deployment} is running")
 
 
-def _wait(condition, timeout_s: float = 90, what: str = "condition"):
-    """Poll `condition()` (errors count as not yet) until it holds; its last value."""
-    import time
-
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception:
-            pass
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_a_drifting_challenger_is_rolled_back_durably(app, world):
     """Drift trips the rollback while the registry is locked by another writer: traffic leaves the challenger
     at once, the alias move is pending (metric) and retried; the router is killed meanwhile, and its
@@ -766,21 +749,29 @@ def test_a_drifting_challenger_is_rolled_back_durably(app, world):
     try:
         for i in range(12):
             ask(i)
-        stats = _wait(lambda: (s := _stats(app))["events"] and s["routing"]["rollback_pending"] and s, what="rollback")
+        stats = wait_until(
+            lambda: (s := _stats(app))["events"] and s["routing"]["rollback_pending"] and s,
+            timeout_s=90,
+            what="rollback",
+        )
         assert stats["events"][0]["event"] == "rollback" and stats["drift"]["mean_kl"] > 0.01
         assert stats["routing"]["canary_percent"] == 0 and stats["rollback_pending"] is True
         _kill_replica("router")
-        restored = _wait(lambda: (s := _stats(app))["events"] and s["events"][0].get("restored") and s, what="restart")
+        restored = wait_until(
+            lambda: (s := _stats(app))["events"] and s["events"][0].get("restored") and s, timeout_s=90, what="restart"
+        )
         assert restored["routing"]["canary_percent"] == 0 and restored["routing"]["rollback_pending"] is True
         assert {ask(i, 2).headers["x-raytune-route"] for i in range(4)} == {"champion"}
     finally:
         lock.rollback()
         lock.close()
-    _wait(lambda: not _stats(app)["routing"]["rollback_pending"], what="the retried alias move")
+    wait_until(lambda: not _stats(app)["routing"]["rollback_pending"], timeout_s=90, what="the retried alias move")
     assert store.show(world["uri"], "toy", "@challenger")["version"] == world["versions"][1]  # back to v2
     assert _stats(app)["events"][0]["registry"]["moved"] is True
     _kill_replica("router")
-    restarted = _wait(lambda: (s := _stats(app))["events"] and s["routing"] and s, what="second restart")
+    restarted = wait_until(
+        lambda: (s := _stats(app))["events"] and s["routing"] and s, timeout_s=90, what="second restart"
+    )
     assert restarted["routing"]["canary_percent"] == 0 and not restarted["routing"]["shadow"]
     assert {ask(i, 2).headers["x-raytune-route"] for i in range(6)} == {"champion"}
     serve.delete("toy")

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import BENIGN, INJECTION, KEY, adapter, free_port, guard
+from serve_helpers import BENIGN, INJECTION, KEY, adapter, free_port, guard, wait_until
 
 from raytune_app import config
 
@@ -111,20 +111,6 @@ def _kill(deployment: str) -> str:
     name = sorted(_replicas(deployment))[0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     return name
-
-
-def _wait(condition, timeout_s: float = 120, what: str = "condition"):
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception:
-            pass
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def _healthy(url: str) -> bool:
@@ -233,9 +219,9 @@ def test_a_wedged_llm_replica_is_replaced(faults):
     before = _replicas("llm")
     r = _chat(url, model="stuck")
     assert r.status_code == 200 and r.headers["x-raytune-failover"] == "true", r.text
-    _wait(lambda: _replicas("llm") and not (_replicas("llm") & before), what="a new llm replica")
-    _wait(lambda: _healthy(url), what="health")
-    ok = _wait(lambda: (r := _chat(url)).status_code == 200 and r.headers["x-raytune-failover"] == "false" and r)
+    wait_until(lambda: _replicas("llm") and not (_replicas("llm") & before), what="a new llm replica")
+    wait_until(lambda: _healthy(url), what="health")
+    ok = wait_until(lambda: (r := _chat(url)).status_code == 200 and r.headers["x-raytune-failover"] == "false" and r)
     assert ok.json()["choices"][0]["message"]["content"] is not None
 
 
@@ -246,13 +232,13 @@ def test_a_frozen_guard_fails_closed_and_is_replaced(faults):
     try:
         r = _chat(url)
         assert r.status_code == 503 and r.json()["error"]["code"] == "guard_unavailable", r.text
-        _wait(lambda: _info("guard")["pid"] != pid, what="a new guard replica")
+        wait_until(lambda: _info("guard")["pid"] != pid, what="a new guard replica")
     finally:
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass  # Serve killed it
-    _wait(lambda: _chat(url).status_code == 200, what="serving again")
+    wait_until(lambda: _chat(url).status_code == 200, what="serving again")
 
 
 class _Load:
@@ -304,11 +290,11 @@ def test_chaos_kills_under_steady_load(faults):
         for victim in ("router", "ingress", "llm"):
             before = _replicas(victim)
             kills.append({"victim": victim, "at": time.time(), "name": _kill(victim)})
-            _wait(lambda v=victim, b=before: len(_replicas(v) - b) >= 1, what=f"a new {victim} replica")
-            _wait(lambda: _healthy(url), what="health")
+            wait_until(lambda v=victim, b=before: len(_replicas(v) - b) >= 1, what=f"a new {victim} replica")
+            wait_until(lambda: _healthy(url), what="health")
             resumed = time.time()
             # Resumed by itself: the load's next requests all succeed.
-            _wait(lambda r=resumed: sum(1 for x in load.records if x["start"] > r and x["ok"]) >= 6, what="resume")
+            wait_until(lambda r=resumed: sum(1 for x in load.records if x["start"] > r and x["ok"]) >= 6, what="resume")
             kills[-1]["resumed"] = resumed
     records = load.records
     assert all(x["end"] - x["start"] < 60 for x in records)  # no hangs

@@ -15,6 +15,7 @@ returns the latest one, copied into the new attempt's empty scratch, and trainin
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -60,6 +61,15 @@ class WorkerConfig:
 
 
 # Logged values worth a place on the progress line, when the method logs them.
+# The preference methods' TRL trainers: (module, class, recipe -> arguments). No ref_model is passed: with
+# LoRA, DPO and KTO score the reference with a frozen copy of the starting adapter (the base itself for a
+# fresh adapter), so the base weights are held once; ORPO and SimPO (CPO's simpo loss) need no reference.
+PAIR_TRAINERS = {
+    "dpo": ("trl", "DPOTrainer", dpo_arguments),
+    "orpo": ("trl.experimental.orpo", "ORPOTrainer", orpo_arguments),
+    "simpo": ("trl.experimental.cpo", "CPOTrainer", simpo_arguments),
+    "kto": ("trl", "KTOTrainer", kto_arguments),
+}
 PROGRESS_EXTRAS = (("rewards/margins", "margin"), ("rewards/accuracies", "pair acc"), ("reward", "reward"))
 
 
@@ -307,55 +317,18 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
         )
         if multitask:
             trainer.data_collator = KeepWeights(trainer.data_collator)
-    elif method == "dpo":
-        from trl import DPOTrainer
-
-        # No ref_model: with LoRA, TRL scores the reference with a frozen copy of the starting adapter
-        # (the base itself for a fresh adapter), so the base weights are held once.
+    elif method in PAIR_TRAINERS:
+        trainer_module, trainer_name, arguments = PAIR_TRAINERS[method]
+        trainer_class = getattr(importlib.import_module(trainer_module), trainer_name)
         train_set, val_set = load_preference_splits(config.prepared_dir)
-        trainer = DPOTrainer(
-            model=model,
-            args=dpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
-            train_dataset=train_set,
-            eval_dataset=val_set,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    elif method == "orpo":
-        from trl.experimental.orpo import ORPOTrainer
+        if method == "kto":
+            from trl.data_utils import unpair_preference_dataset
 
-        # ORPO and SimPO need no reference model: the policy's own odds / length-normalised rewards compare.
-        train_set, val_set = load_preference_splits(config.prepared_dir)
-        trainer = ORPOTrainer(
+            # KTO judges each answer alone: every pair becomes a desirable and an undesirable example.
+            train_set, val_set = unpair_preference_dataset(train_set), unpair_preference_dataset(val_set)
+        trainer = trainer_class(
             model=model,
-            args=orpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
-            train_dataset=train_set,
-            eval_dataset=val_set,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    elif method == "simpo":
-        from trl.experimental.cpo import CPOTrainer
-
-        train_set, val_set = load_preference_splits(config.prepared_dir)
-        trainer = CPOTrainer(
-            model=model,
-            args=simpo_arguments(recipe, scratch_dir, use_gpu, ds_config),
-            train_dataset=train_set,
-            eval_dataset=val_set,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    elif method == "kto":
-        from trl import KTOTrainer
-        from trl.data_utils import unpair_preference_dataset
-
-        # KTO judges each answer alone: every pair becomes a desirable and an undesirable example. With LoRA,
-        # as for DPO, the reference is the frozen starting adapter.
-        train_set, val_set = (unpair_preference_dataset(d) for d in load_preference_splits(config.prepared_dir))
-        trainer = KTOTrainer(
-            model=model,
-            args=kto_arguments(recipe, scratch_dir, use_gpu, ds_config),
+            args=arguments(recipe, scratch_dir, use_gpu, ds_config),
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
