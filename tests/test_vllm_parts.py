@@ -158,6 +158,18 @@ def test_auto_backend_is_vllm_wherever_it_is_installed(monkeypatch):
     assert models.vllm_dtype("fp16", on_gpu=False) == "float32" and models.vllm_dtype("fp16", on_gpu=True) == "float16"
 
 
+def test_a_model_vllm_cannot_run_on_cpu_falls_back_or_is_refused(monkeypatch, tiny_model):
+    """The tiny random Llama has 16-dimensional heads, which vLLM's CPU attention has no kernel for: `auto`
+    picks transformers for it, `vllm` is refused by name before any engine starts; the bundled model runs."""
+    monkeypatch.setattr(models, "vllm_installed", lambda: True)
+    assert "head size 16" in models.vllm_cannot_run({"path": tiny_model})
+    assert models.generation_backend("auto", {"path": tiny_model}) == "transformers"
+    with pytest.raises(ValueError, match="head size 16.*choose backend transformers"):
+        models.generation_backend("vllm", {"path": tiny_model})
+    assert models.vllm_cannot_run({"path": "bundled:smollm2-135m-instruct"}) is None
+    assert models.generation_backend("auto", {"path": "bundled:smollm2-135m-instruct"}) == "vllm"
+
+
 def test_one_stop_token_helper_for_every_engine(tiny_model):
     tokenizer = models.load_tokenizer(tiny_model)
     stops = models.stop_token_ids(tokenizer)

@@ -163,7 +163,7 @@ def teach(ds, cfg, threads: int | None = None):
         return ds.map_batches(
             run_program, fn_kwargs={"program": t.program}, batch_size=t.batch_size, batch_format="pyarrow"
         )
-    if t.backend == "hf" and models.generation_backend(t.engine) == "vllm":
+    if t.backend == "hf" and models.generation_backend(t.engine, {"path": t.model}) == "vllm":
         return _vllm(ds, t)
     if t.backend == "hf":
         from raytune_app.evaluate.generation import Generator

@@ -307,7 +307,7 @@ def backend(recipe: Recipe) -> str:
     from raytune_app import models
 
     try:
-        return models.generation_backend(recipe.evaluate.backend)
+        return models.generation_backend(recipe.evaluate.backend, recipe.model.model_dump())
     except ValueError as exc:
         raise EvaluateError(f"evaluate.backend: {exc}") from None
 

@@ -159,7 +159,7 @@ def plan(recipe: config.Recipe) -> dict:
         2048,
     )
     try:
-        backend = models.generation_backend(s.backend)
+        backend = models.generation_backend(s.backend, model)
     except ValueError as exc:
         raise ServePlanError(f"serve.backend: {exc}") from None
     llm = {
@@ -182,7 +182,9 @@ def plan(recipe: config.Recipe) -> dict:
     if s.backup is not None:
         backup_model = model if s.backup == "base" else {"path": s.backup}
         try:
-            backup_backend = backend if s.backup_backend == "same" else models.generation_backend(s.backup_backend)
+            backup_backend = (
+                backend if s.backup_backend == "same" else models.generation_backend(s.backup_backend, backup_model)
+            )
         except ValueError as exc:
             raise ServePlanError(f"serve.backup_backend: {exc}") from None
         backup = llm | {"name": "backup", "backend": backup_backend, "model": backup_model, "adapters": {}}
