@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytune_app import storage
+from raytune_app.train.settings import METHODS
 
 
 class TrainManifest(BaseModel):
@@ -23,7 +24,7 @@ class TrainManifest(BaseModel):
 
     stage: Literal["train"] = "train"
     fingerprint: str = Field(description="Identifies the run: model, train section, seed, data, parent.")
-    method: Literal["sft", "dpo", "grpo"]
+    method: Literal[METHODS]  # type: ignore[valid-type]  # train/settings.py's list of methods
     finetuning: Literal["full", "lora", "qlora"]
     base_model: str = Field(description="model.path the run started from.")
     data_fingerprint: str = Field(description="The prepared (or distilled) data's fingerprint.")

@@ -34,6 +34,8 @@ DPO_LOSSES = (
 # Methods that learn from preference pairs (data.kind preference): DPO, and TRL's ORPO, SimPO (its CPO trainer
 # with the simpo loss) and KTO (the pairs unpaired into desirable / undesirable answers).
 PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
+# Every train.method (the recipe's field and the train manifest's read it from here).
+METHODS = ("sft", *PREFERENCE_METHODS, "grpo")
 
 
 class DpoSection(Section):
@@ -241,7 +243,7 @@ class CheckpointSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = Field(
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]  # Literal over the tuple: one list of names
         "sft",
         description="Training method (TRL trainer): `sft` on prompt/response or chat data; on preference pairs "
         "(data.kind preference, or a chain step's `pairs`): `dpo`, `orpo` (SFT + odds ratio, no reference model), "
