@@ -107,6 +107,21 @@ def pairs_file(tmp_path_factory):
     return path
 
 
+def _events(path: str):
+    """The Event records of a TensorBoard event file (TFRecord framing: length, its CRC, data, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            event = Event()
+            event.ParseFromString(f.read(length))
+            f.read(4)
+            yield event
+
+
 def _history(recipe):
     return [json.loads(line) for line in open(os.path.join(recipe.stage_dir("train"), "metrics.jsonl"))]
 
@@ -138,7 +153,6 @@ def test_each_method_trains_on_ray_train_and_prefers_the_chosen_answers(
 @pytest.mark.slow
 def test_per_step_metrics_reach_tensorboard_and_wandb(ray_local, tmp_path, tiny_model):
     from conftest import toy_recipe
-    from tensorboardX.event_file_loader import EventFileLoader
 
     from raytune_app.data.prepare import prepare
     from raytune_app.train.run import train
@@ -149,12 +163,7 @@ def test_per_step_metrics_reach_tensorboard_and_wandb(ray_local, tmp_path, tiny_
     train_dir = recipe.stage_dir("train")
     events = glob.glob(os.path.join(train_dir, "tensorboard", "**", "events.out.tfevents.*"), recursive=True)
     assert events, os.listdir(train_dir)
-    tags = {
-        value.tag
-        for path in events
-        for event in EventFileLoader(path).Load()
-        for value in getattr(event.summary, "value", [])
-    }
+    tags = {value.tag for path in events for event in _events(path) for value in event.summary.value}
     assert "train/loss" in tags and "eval/loss" in tags
     runs = glob.glob(os.path.join(train_dir, "wandb", "offline-run-*"))
     assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))
