@@ -73,14 +73,23 @@ def progress(log: logging.Logger, done: int, total: int, text: str) -> None:
 
 class _Console:
     """Writes our lines to the sys.stdout of the moment (so pytest's capsys and redirect_stdout see
-    them): progress lines update in place on a terminal, and are thinned out elsewhere."""
+    them), warnings and errors to sys.stderr: progress lines update in place on a terminal, and are
+    thinned out elsewhere."""
 
     def __init__(self) -> None:
         self.open_line = False  # a progress line is on screen without its newline
         self.last_progress: dict[str, float] = {}
 
-    def write(self, line: str, progress: tuple[int, int] | None = None, key: str = "") -> None:
+    def write(self, line: str, progress: tuple[int, int] | None = None, key: str = "", to_stderr: bool = False) -> None:
         out = sys.stdout
+        if to_stderr:
+            if self.open_line:  # end the progress line on screen before the warning
+                out.write("\n")
+                out.flush()
+                self.open_line = False
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            return
         tty = bool(getattr(out, "isatty", lambda: False)())
         if progress is not None:
             done, total = progress
@@ -126,7 +135,7 @@ class _ConsoleHandler(logging.Handler):
                 # In a Ray worker: mark the line so the driver's console can treat it as progress.
                 line = PROGRESS_MARK + line
                 progress = None
-            _console.write(line, progress, key=record.name)
+            _console.write(line, progress, key=record.name, to_stderr=record.levelno >= logging.WARNING)
         except Exception:  # a console that cannot be written to must not stop a stage
             self.handleError(record)
 

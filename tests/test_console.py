@@ -37,7 +37,7 @@ def test_stage_lines_and_verbosity(fresh_console, capsys):
     console.setup(console.QUIET)
     log.info("hidden when quiet")
     log.warning("could not log to MLflow")
-    assert capsys.readouterr().out == "[train] could not log to MLflow\n"
+    assert capsys.readouterr() == ("", "[train] could not log to MLflow\n")  # warnings and errors: stderr
 
 
 def test_progress_updates_in_place_on_a_terminal_and_is_thinned_in_a_pipe(fresh_console, monkeypatch):

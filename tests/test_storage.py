@@ -128,7 +128,7 @@ def test_damaged_state_files_read_as_not_done(tmp_path, capfd):
     path.write_text('{"fingerprint": "abc", "sta')  # cut short
     assert storage.read_json(str(path)) is None
     assert storage.unchanged(str(path), "abc") is None
-    assert "run.json is damaged" in "".join(capfd.readouterr())  # a warning on the console
+    assert "run.json is damaged" in capfd.readouterr().err
     with pytest.raises(storage.Damaged, match="run.json"):
         storage.load_json(str(path))
     assert storage.read_json(str(tmp_path / "missing.json")) is None
