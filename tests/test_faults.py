@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import toy_recipe
 
-from raytune_app import config, integrity, storage
+from raytune_app import config, errors, integrity, storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -169,8 +169,12 @@ def test_a_full_disk_names_the_folder_and_space_keeps_the_old_output_and_the_nex
         )
     )
     (tmp_path / "schema.json").write_text(json.dumps(TOY_SCHEMA))
-    recipe = toy_recipe(tmp_path, tiny_model)
-    recipe = config.validate(recipe.resolved() | {"run": recipe.resolved()["run"] | {"output_dir": str(small_device)}})
+    resolved = toy_recipe(tmp_path, tiny_model).resolved()
+    recipe = config.validate(
+        resolved
+        | {"run": resolved["run"] | {"output_dir": str(small_device)}}
+        | {"data": resolved["data"] | {"sources": [str(source)]}}  # the 2,000 rows, not the shared toy set
+    )
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(__import__("yaml").safe_dump(recipe.resolved(), sort_keys=False))
     args = ["prepare", "--recipe", str(recipe_file)]
@@ -185,13 +189,14 @@ def test_a_full_disk_names_the_folder_and_space_keeps_the_old_output_and_the_nex
     ballast = small_device / "ballast"
     ballast.write_bytes(b"\0" * (shutil.disk_usage(small_device).free - 32 * 1024))
     capsys.readouterr()
-    assert cli.main([*args, "--force"]) == cli.EXIT_NO_SPACE
+    assert cli.main([*args, "--force"]) == errors.EXIT_NO_SPACE
     error = capsys.readouterr().err
     assert f"no space left on the device holding {out_dir}" in error, error
     assert "the prepared data needs more than" in error and "previous output is intact" in error, error
     assert {name: open(os.path.join(out_dir, name), "rb").read() for name in before} == before
     assert sorted(os.listdir(os.path.join(out_dir, "train"))) == files_before
-    assert sorted(os.listdir(recipe.run_dir)) == ["prepare", "recipe.yaml"]  # no half-written version left
+    # No half-written version left (the log file is the run's console log).
+    assert sorted(os.listdir(recipe.run_dir)) == ["prepare", "raytune-app.log", "recipe.yaml"]
 
     ballast.unlink()  # space again: the next run succeeds, with the same data
     assert cli.main([*args, "--force"]) == 0
