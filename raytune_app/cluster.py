@@ -50,7 +50,7 @@ def connect(recipe=None, command: str | None = None) -> None:
     console.quiet_libraries(ray_data=False)
     options = {"log_to_driver": True, **console.ray_init_logging()}
     joined = True
-    if in_ray_job() or os.environ.get("RAY_ADDRESS"):
+    if in_ray_job() or os.environ.get("RAY_ADDRESS", "local") != "local":  # RAY_ADDRESS=local: a new local Ray
         # No address and no num_cpus: Ray reads RAY_ADDRESS, which the job supervisor (or the user) set.
         ray.init(**options)
     elif _JOIN_ONLY:

@@ -12,6 +12,7 @@ that reuses everything and a distill re-run that asks the teacher nothing.
 import json
 import signal
 import socket
+import time
 
 import pytest
 import yaml
@@ -27,6 +28,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _checkpointed(train_uri: str) -> bool:
+    """Whether Ray Train has recorded a checkpoint of the run in the bucket (its manager snapshot is written
+    once a checkpoint is persisted)."""
+    return storage.exists(f"{train_uri}/checkpoint_manager_snapshot.json")
 
 
 @pytest.fixture
@@ -100,7 +107,10 @@ def test_the_pipeline_on_s3_with_a_killed_driver_resume_registry_and_serving(
 
     # 1. Killed mid-training, after a checkpoint reached the bucket (the driver, like a lost spot node).
     first = CliRun(["run", str(recipe_file)], ray_head["env"])
-    assert first.wait_for("[train] step 4/6", TIMEOUT) is not None, first.output[-4000:]
+    deadline = time.monotonic() + TIMEOUT
+    while not _checkpointed(f"{run_dir}/train") and first.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _checkpointed(f"{run_dir}/train"), first.output[-4000:]
     first.process.send_signal(signal.SIGKILL)
     first.finish(60)
     assert storage.exists(f"{run_dir}/prepare/CURRENT")  # the pointer layout: no folder renames on S3

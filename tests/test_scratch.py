@@ -67,6 +67,14 @@ def durable_steps(train_dir: str) -> list[int]:
     return sorted(json.load(open(path))["global_step"] for path in states)
 
 
+def _checkpointed(train_dir: str) -> bool:
+    """Whether Ray Train holds a checkpoint of this run yet (one being copied in counts as not yet)."""
+    try:
+        return bool(durable_steps(train_dir))
+    except (OSError, ValueError):
+        return False
+
+
 def cli(*args: str) -> tuple[list[str], dict]:
     # RAY_ADDRESS=local: the CLI starts its own Ray, never joins another cluster running on this machine.
     env = os.environ | {"RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -83,25 +91,22 @@ def test_killed_run_resumes_from_its_own_checkpoint_not_another_runs(tmp_path, t
     assert not os.path.exists(scratch.run_scratch(recipe_a.stage_dir("train")))
 
     # Run "b": the same recipe under another name, killed (driver, raylet, workers: the whole process
-    # group) once step 3 is logged, i.e. after its first checkpoint (step 2).
+    # group) as soon as Ray Train holds its first durable checkpoint (step 2).
     recipe_b_path = write_recipe(tmp_path, tiny_model, "b")
     recipe_b = config.load(recipe_b_path)
     prepare(recipe_b)
-    command, env = cli("train", "--recipe", recipe_b_path)
-    driver = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    seen, deadline = [], time.time() + 600
-    try:
-        for line in driver.stdout:
-            seen.append(line)
-            if "[train] step 3/8" in line or time.time() > deadline:
-                break
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-    assert any("[train] step 3/8" in line for line in seen), "".join(seen[-30:])
     train_b = recipe_b.stage_dir("train")
+    command, env = cli("train", "--recipe", recipe_b_path)
+    with open(tmp_path / "b.log", "w") as log:
+        driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        try:
+            while not _checkpointed(train_b) and driver.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=60)
+    assert durable_steps(train_b), (tmp_path / "b.log").read_text()[-3000:]
     assert not os.path.exists(os.path.join(train_b, "manifest.json"))
     # Its durable checkpoints are its own (steps <= 3), never run a's step 6 or 8.
     kept = durable_steps(train_b)
