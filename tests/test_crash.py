@@ -31,7 +31,7 @@ from conftest import CliRun
 
 from raytune_app import storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 STAGES = ["prepare", "distill", "train", "evaluate", "register"]
 # The processes a stage keeps busy, by the title Ray gives them (ray::<task or actor>).

@@ -20,7 +20,7 @@ from conftest import CliRun
 
 from raytune_app import storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 TIMEOUT = 600
 
 

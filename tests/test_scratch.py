@@ -81,7 +81,7 @@ def cli(*args: str) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "raytune_app.cli", *args], env
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.usefixtures("ray_local")
 def test_killed_run_resumes_from_its_own_checkpoint_not_another_runs(tmp_path, tiny_model):
     # Run "a" finishes, leaving (before the fix) checkpoints of steps 6 and 8 in the shared scratch folder.
@@ -129,7 +129,7 @@ def test_killed_run_resumes_from_its_own_checkpoint_not_another_runs(tmp_path, t
     assert not os.path.exists(scratch.run_scratch(train_b))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.usefixtures("ray_local")
 def test_two_concurrent_runs_of_one_recipe_keep_their_own_checkpoints(tmp_path, tiny_model):
     # Side by side on one machine, as two users would: one `raytune-app train` process (its own Ray), one

@@ -137,6 +137,7 @@ def test_docs_when_enabled_and_the_guard_score_when_exposed(faults):
     assert refused.status_code == 400 and refused.json()["error"]["guard_score"] >= 0.5
 
 
+@pytest.mark.extended
 def test_overload_sheds_the_surplus_fast_and_recovers(faults):
     """10 x (1 replica x 2 ongoing) requests at once: each answer is 200, 429 (with Retry-After) or 503,
     the 429s come back while admitted requests are still generating, and latency returns to baseline."""
@@ -278,6 +279,7 @@ class _Load:
             t.join(timeout=90)
 
 
+@pytest.mark.extended
 def test_chaos_kills_under_steady_load(faults):
     """The router, one of two ingress replicas and the LLM replica, each killed under steady load: the
     requests that fail are those in flight around the kill, each with a clean error (an HTTP status with
