@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -235,9 +236,28 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_WARNED_BF16: list[bool] = []
+
+
+def compute_precision(precision: str, on_gpu: bool) -> str:
+    """The precision a recipe's fp32 / bf16 / fp16 runs in on this device: as asked on a GPU; on a CPU,
+    bf16 only where it is native (AVX-512 BF16 / AMX) and never fp16 (no fp16 kernels on CPUs).
+
+    Emulated bf16 is not a little slower: a bf16 matmul took 63x the fp32 time on this project's 2-core CI
+    machine (no AVX-512 BF16), which turned the quickstart's three LoRA steps into ten minutes. The one
+    rule for training, evaluation and serving (and vLLM's dtype); said once per process when it applies."""
+    if on_gpu or precision == "fp32" or (precision == "bf16" and cpu_has_bf16()):
+        return precision
+    if not _WARNED_BF16:
+        _WARNED_BF16.append(True)
+        logging.getLogger("raytune_app").warning(
+            "%s asked, but this CPU has no native %s: running in fp32 (emulated, it is many times slower)",
+            precision,
+            precision,
+        )
+    return "fp32"
+
+
 def vllm_dtype(precision: str, on_gpu: bool) -> str:
-    """vLLM's dtype for a recipe precision (fp32 / bf16 / fp16): on a CPU bf16 only where it is native, and
-    never fp16 (no fp16 kernels on CPUs)."""
-    if not on_gpu and (precision == "fp16" or (precision == "bf16" and not cpu_has_bf16())):
-        return "float32"
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    """vLLM's dtype for a recipe precision (fp32 / bf16 / fp16), after `compute_precision`."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[compute_precision(precision, on_gpu)]

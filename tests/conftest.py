@@ -1,9 +1,15 @@
 """Shared fixtures: a real local Ray (2 CPUs), a tiny random Llama with its tokenizer, data writers.
 
-Test lanes: `pytest -m "not slow"` is the fast lane (unit and mapping tests, no Ray: about a minute);
-plain `pytest` (scripts/test.sh, CI) runs everything. A test is slow when it is marked so, or when it
-uses a fixture that starts Ray or trains (`RAY_FIXTURES` below): that rule marks it here, at
-collection, so a new Ray test lands in the right lane without anyone remembering the mark.
+Test lanes (README.md, CONTRIBUTING.md):
+- fast: `pytest -m "not slow"`: unit and mapping tests, no Ray (about a minute);
+- default: plain `pytest` (scripts/test.sh, CI): the fast lane plus one end-to-end test per stage and the
+  serving app on both backends (about twelve minutes on 2 cores);
+- extended: `RAYTUNE_EXTENDED=1 pytest -m extended`: the long tail (fault drills that kill whole pipelines,
+  the other training methods and engines, second apps, the variants of a stage the default lane already
+  drives end to end), an hour and more on 2 cores. Marked `extended`, skipped unless RAYTUNE_EXTENDED=1.
+A test is slow when it is marked so, or when it uses a fixture that starts Ray or trains (`RAY_FIXTURES`
+below): that rule marks it here, at collection, so a new Ray test lands in the right lane without anyone
+remembering the mark. A new slow test that takes minutes belongs in `extended`.
 """
 
 import atexit
@@ -26,9 +32,9 @@ RAY_FIXTURES = {"ray_local", "ray_head", "toy_run", "searched", "app"}
 
 def pytest_collection_modifyitems(config, items):
     slow = pytest.mark.slow
-    # The extended drills (each many minutes on 2 cores) keep the default suite within CI's time; they run
-    # with RAYTUNE_EXTENDED=1 (e.g. `RAYTUNE_EXTENDED=1 bash scripts/test.sh -m extended`).
-    extended = pytest.mark.skip(reason="extended fault drill: RAYTUNE_EXTENDED=1 runs it")
+    # The extended lane (an hour and more on 2 cores) keeps the default suite within its twelve minutes; it
+    # runs with RAYTUNE_EXTENDED=1 (e.g. `RAYTUNE_EXTENDED=1 bash scripts/test.sh -m extended`).
+    extended = pytest.mark.skip(reason="extended lane: RAYTUNE_EXTENDED=1 runs it")
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "slow" not in item.keywords:
             item.add_marker(slow)

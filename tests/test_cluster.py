@@ -420,6 +420,7 @@ def test_serve_defaults_match_the_serve_app():
     assert fit._SERVE_DEFAULT_CPUS == DEFAULT_CPUS
 
 
+@pytest.mark.extended
 def test_waiting_for_gpus_the_cluster_cannot_get_gives_up_with_the_reason(ray_local):
     with pytest.raises(
         cluster.NoCluster, match=r"still has 0 GPU\(s\) after 1 s, this stage needs 8: check the GPU worker"

@@ -223,6 +223,7 @@ def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, 
 
 
 @pytest.mark.usefixtures("ray_local")
+@pytest.mark.extended
 def test_hf_teacher_runs_on_an_actor_pool(tmp_path, tiny_model):
     from raytune_app.distill.run import distill
 

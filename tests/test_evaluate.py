@@ -12,6 +12,7 @@ from raytune_app import cli, config
 from raytune_app.evaluate.run import EvaluateError, evaluate
 
 
+@pytest.mark.extended
 def test_base_and_tuned_side_by_side_with_report(toy_run):
     recipe, _ = toy_run
     summary = evaluate(recipe)
@@ -68,6 +69,7 @@ def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
     assert read(batched) == read(one_by_one)
 
 
+@pytest.mark.extended
 def test_data_file_on_the_command_line_prints_metrics_json(toy_run, write_jsonl, tmp_path, capsys):
     recipe, root = toy_run
     recipe_file = tmp_path / "recipe.yaml"
@@ -104,6 +106,7 @@ def test_data_file_on_the_command_line_prints_metrics_json(toy_run, write_jsonl,
         evaluate(recipe, adapter=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.extended
 def test_classification_metrics_with_calibration(toy_run, write_jsonl):
     recipe, _ = toy_run
     rows = [{"q": f"is {i} even?", "a": ["yes", "no"][i % 2]} for i in range(6)]

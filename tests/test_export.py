@@ -198,6 +198,7 @@ def _saved(recipe, tmp_path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_export_of_a_trained_run_carries_its_lineage_and_registers(toy_run, tmp_path):
     from raytune_app.registry import store
 

@@ -50,6 +50,7 @@ def _weights(recipe) -> dict:
     return {name: tensor.clone() for name, tensor in load_file(path).items()}
 
 
+@pytest.mark.extended
 def test_a_cut_short_adapter_is_named_by_every_reader_and_made_again_from_the_checkpoint(toy_run, tmp_path, capfd):
     from raytune_app.evaluate.run import evaluate
     from raytune_app.registry import store
@@ -81,6 +82,7 @@ def test_a_cut_short_adapter_is_named_by_every_reader_and_made_again_from_the_ch
         torch.testing.assert_close(again[name], tensor, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.extended
 def test_a_cut_short_train_manifest_is_named_by_readers_and_the_stage_finishes_again(toy_run, tmp_path):
     from raytune_app.evaluate.run import EvaluateError, evaluate
     from raytune_app.registry import store
@@ -99,6 +101,7 @@ def test_a_cut_short_train_manifest_is_named_by_readers_and_the_stage_finishes_a
         torch.testing.assert_close(_weights(recipe)[name], tensor, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.extended
 def test_a_damaged_checkpoint_stops_a_resume_by_name_and_a_damaged_ray_record_starts_over(toy_run, tmp_path):
     from raytune_app.train.run import TrainError, train
 
@@ -153,6 +156,7 @@ def small_device(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.extended
 def test_a_full_disk_names_the_folder_and_space_keeps_the_old_output_and_the_next_run_succeeds(
     small_device, tiny_model, tmp_path, capsys
 ):

@@ -65,6 +65,7 @@ def test_options_reach_the_training_arguments(tmp_path, one_process_group):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_fsdp2_trains_lora_with_two_cpu_workers(ray_local, tmp_path, tiny_model):
     import json
     import os

@@ -117,6 +117,7 @@ def test_encoded_attacks_decode_back_to_the_instruction(trick, decode):
 
 
 @pytest.mark.slow  # loads the bundled pretrained encoder
+@pytest.mark.extended
 def test_int8_path_keeps_the_real_encoders_representations():
     """Dynamic int8 quantisation of the bundled MiniLM: the Linear layers are swapped, sentence vectors barely move."""
     import torch
@@ -145,6 +146,7 @@ def test_int8_path_keeps_the_real_encoders_representations():
 
 
 @pytest.mark.usefixtures("ray_local")
+@pytest.mark.extended
 def test_train_on_ray_then_eval_and_score_from_the_cli(tmp_path, write_jsonl, capsys):
     from raytune_app.tiny import build_tiny_bert
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import free_port, stop_ray_head
 
+pytestmark = pytest.mark.extended  # the long tail beyond the default suite (tests/conftest.py)
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 ANSWERS = ['{"status": "ok"}', '{"status": "refund"}', '{"status": "late"}']

@@ -35,7 +35,10 @@ def test_qlora_fields_reach_bitsandbytes():
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16  # the section's default
 
 
-def test_sft_arguments_follow_the_recipe(tmp_path, one_process_group):
+def test_sft_arguments_follow_the_recipe(tmp_path, one_process_group, monkeypatch):
+    from raytune_app import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)  # a CPU with native bf16 trains in bf16
     r = recipe(
         max_steps=12,
         batch_size=3,
@@ -55,6 +58,9 @@ def test_sft_arguments_follow_the_recipe(tmp_path, one_process_group):
     # "constant" keeps its warm-up: transformers' plain constant schedule would ignore it.
     assert args.lr_scheduler_type == "constant_with_warmup" and args.warmup_steps == 0.1
     assert args.bf16 and not args.fp16 and args.use_cpu and args.ddp_backend == "gloo"
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)  # emulated bf16 is many times slower: fp32
+    emulated = training_arguments(r, str(tmp_path), use_gpu=False, packed=True, ds_config=None)
+    assert not emulated.bf16 and not emulated.fp16
     # Evaluation and checkpoints share the cadence: every checkpoint is ranked by its validation loss.
     assert args.eval_steps == args.save_steps == 4 and args.logging_steps == 3
     assert args.seed == args.data_seed == r.run.seed and args.report_to == []

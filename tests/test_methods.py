@@ -131,6 +131,7 @@ def _history(recipe):
     "method, settings",
     [("orpo", {}), ("simpo", {}), ("kto", {}), ("dpo", {"dpo": {"loss_type": ["sigmoid", "sft"]}})],
 )
+@pytest.mark.extended
 def test_each_method_trains_on_ray_train_and_prefers_the_chosen_answers(
     ray_local, tmp_path, tiny_model, pairs_file, method, settings
 ):
@@ -151,6 +152,7 @@ def test_each_method_trains_on_ray_train_and_prefers_the_chosen_answers(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_per_step_metrics_reach_tensorboard_and_wandb(ray_local, tmp_path, tiny_model):
     from conftest import toy_recipe
 

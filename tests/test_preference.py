@@ -230,6 +230,7 @@ def test_dpo_raises_the_reward_margin_on_a_learnable_set(ray_local, tmp_path, ti
     assert not os.path.exists(os.path.join(adapter, "ref")) and _lora_b_norm(adapter) > 0
 
 
+@pytest.mark.extended
 def test_grpo_computes_and_logs_rewards_and_updates_the_policy(ray_local, tmp_path, tiny_model):
     from raytune_app.train.run import train
 
@@ -266,6 +267,7 @@ def test_grpo_computes_and_logs_rewards_and_updates_the_policy(ray_local, tmp_pa
     assert _lora_b_norm(manifest["weights"]) > 0  # a fresh adapter's B is zero: the policy update ran
 
 
+@pytest.mark.extended
 def test_sft_then_dpo_on_the_models_own_failures(ray_local, tmp_path, tiny_model):
     from raytune_app.train.run import train_chain
 

@@ -121,6 +121,7 @@ def test_bad_rows_are_rejected_with_file_line_and_reason_and_valid_rows_all_arri
     assert record["messages"][-1]["role"] == "assistant" and len(record["input_ids"]) == record["num_tokens"]
 
 
+@pytest.mark.extended
 def test_csv_parquet_and_jsonl_sources_together(tmp_path, tiny_model, write_jsonl):
     data = good_rows(30)
     jsonl = write_jsonl("a.jsonl", data[:10])
@@ -164,6 +165,7 @@ def test_unchanged_inputs_are_reused_and_changes_recompute(tmp_path, tiny_model,
     )
 
 
+@pytest.mark.extended
 def test_split_is_stable_when_rows_are_added_and_reordered(tmp_path, tiny_model, write_jsonl):
     base = good_rows(60)
     prepare(make_recipe(tmp_path / "one", tiny_model, [write_jsonl("one.jsonl", base)]))
@@ -175,6 +177,7 @@ def test_split_is_stable_when_rows_are_added_and_reordered(tmp_path, tiny_model,
     assert len(after) == 90
 
 
+@pytest.mark.extended
 def test_packing_fills_train_sequences_and_leaves_val_test_whole(tmp_path, tiny_model, write_jsonl):
     source = write_jsonl("p.jsonl", good_rows(80))
     recipe = make_recipe(tmp_path, tiny_model, [source], packing=True, max_seq_length=128, batch_size=64)
@@ -190,6 +193,7 @@ def test_packing_fills_train_sequences_and_leaves_val_test_whole(tmp_path, tiny_
     assert "messages" in load_split(recipe.stage_dir("prepare"), "val").column_names
 
 
+@pytest.mark.extended
 def test_preference_data(tmp_path, tiny_model, write_jsonl):
     pairs = [
         {"prompt": f"Say something nice {i}", "chosen": f"You are great {i}", "rejected": f"Go away {i}"}

@@ -210,6 +210,7 @@ def test_concurrent_requests_share_a_batch_and_match_alone(app, world):
     assert max(grown) > 1, grown
 
 
+@pytest.mark.extended
 def test_two_adapters_on_one_base_each_answer_their_own(app, world):
     client = _client(app)
     prompts = ["order 77 is late", "refund order 5"]
@@ -718,6 +719,7 @@ def _kill_replica(deployment: str, app_name: str = "toy") -> str:
     raise AssertionError(f"no replica of {app_name}/{deployment} is running")
 
 
+@pytest.mark.extended
 def test_a_drifting_challenger_is_rolled_back_durably(app, world):
     """Drift trips the rollback while the registry is locked by another writer: traffic leaves the challenger
     at once, the alias move is pending (metric) and retried; the router is killed meanwhile, and its
@@ -814,6 +816,7 @@ def test_every_serve_config_is_valid_and_builds(path, world, tmp_path, monkeypat
         assert type(built).__name__ == "Application"
 
 
+@pytest.mark.extended
 def test_cli_serve_starts_the_app_and_refuses_a_missing_guard(world, app, tmp_path, capsys):
     """`raytune-app serve --recipe` (the test app was deleted by the drift test, so "/" is free again)."""
     import httpx

@@ -18,7 +18,7 @@ from serve_helpers import BENIGN, INJECTION, KEY, adapter, free_port, guard, wai
 
 from raytune_app import config
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow, pytest.mark.extended]
 ONGOING, QUEUED = 2, 2  # per LLM replica, and per caller: the capacity the overload test multiplies by 10
 TIMEOUT_S = 3.0  # serve.limits.timeout_s: what a model has before the router gives up on it
 

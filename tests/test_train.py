@@ -72,6 +72,7 @@ def adapter_weights(recipe):
     return load_file(os.path.join(recipe.stage_dir("train"), "adapter", "adapter_model.safetensors"))
 
 
+@pytest.mark.extended
 def test_lora_two_workers_learn_survive_a_lost_worker_and_write_everything(
     tmp_path, tiny_model, toy_source, monkeypatch
 ):
@@ -142,6 +143,7 @@ def test_an_interrupted_run_resumes_exactly_and_resume_refuses_what_it_cannot_co
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.extended
 def test_qlora_on_cpu(tmp_path, tiny_model, toy_source):
     recipe = make_recipe(
         tmp_path,
@@ -157,6 +159,7 @@ def test_qlora_on_cpu(tmp_path, tiny_model, toy_source):
     assert os.path.exists(os.path.join(manifest["weights"], "adapter_model.safetensors"))
 
 
+@pytest.mark.extended
 def test_deepspeed_zero2_two_workers(tmp_path, tiny_model, toy_source):
     recipe = make_recipe(tmp_path, tiny_model, toy_source, max_steps=4, deepspeed={"stage": 2})
     manifest = train(recipe)
@@ -178,6 +181,7 @@ def test_invalid_setups_fail_before_workers_start(tmp_path, tiny_model, toy_sour
         train(config.validate({"run": {"output_dir": str(tmp_path / "none")}, "data": {"sources": ["x.jsonl"]}}))
 
 
+@pytest.mark.extended
 def test_multi_stage_chain_continues_from_the_previous_adapter(tmp_path, tiny_model, toy_source, write_jsonl):
     style = write_jsonl(
         "style.jsonl",
@@ -210,6 +214,7 @@ def test_multi_stage_chain_continues_from_the_previous_adapter(tmp_path, tiny_mo
     assert train_chain(recipe)["fingerprint"] == final["fingerprint"]
 
 
+@pytest.mark.extended
 def test_deepspeed_zero3_two_workers_saves_whole_adapter(tmp_path, tiny_model, toy_source):
     recipe = make_recipe(
         tmp_path,

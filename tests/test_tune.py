@@ -61,6 +61,7 @@ def attempts(recipe, trial_id):
         return len(lines.readlines())
 
 
+@pytest.mark.extended
 def test_interrupted_search_resumes_without_rerunning_finished_trials(searched):
     recipe, first, final = searched
     # Two trials had ended; the others were running, or not started yet, when the search stopped.
@@ -76,6 +77,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(searched):
     assert tune(recipe) == final
 
 
+@pytest.mark.extended
 def test_asha_stops_bad_trials_and_the_best_recipe_reproduces_the_best_trial(searched, capfd):
     from raytune_app.train.run import train
 
@@ -199,6 +201,7 @@ def test_a_trial_that_can_never_fit_fails_before_anything_starts(ray_local, tmp_
     assert not os.path.exists(too_big.stage_dir("tune"))
 
 
+@pytest.mark.extended
 def test_the_cli_reports_a_finished_search_and_run_includes_tune(searched, tmp_path, capsys):
     recipe, _, summary = searched
     path = tmp_path / "tune.yaml"
@@ -241,6 +244,7 @@ def test_optuna_samples_the_recipe_space_through_ray_tune(tmp_path, tiny_model):
         searcher.on_trial_complete(f"t{index}", {"eval_loss": 1.0 + index})
 
 
+@pytest.mark.extended
 def test_stopped_trials_leave_no_placement_groups_or_cleaner_actors(searched):
     """ASHA and the interruption ended trials abruptly: their Train controllers died without giving back
     the workers' placement group, and Train's detached cleaner actors stay when they cannot reach the

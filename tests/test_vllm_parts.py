@@ -11,7 +11,14 @@ from raytune_app import config, models
 from raytune_app.serve import options
 from raytune_app.serve.drift import top_k_kl
 from raytune_app.serve.protocol import APIError
-from raytune_app.serve.vllm_stream import adapter_rank, engine_error, merge_logprobs, sse_data
+from raytune_app.serve.vllm_stream import (
+    adapter_rank,
+    adapter_targets,
+    engine_error,
+    lora_target_modules,
+    merge_logprobs,
+    sse_data,
+)
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
@@ -123,6 +130,19 @@ def test_adapter_rank_reads_r_and_rank_pattern(tmp_path):
     assert adapter_rank(str(tmp_path)) == 32
 
 
+def test_lora_is_served_on_the_decoder_linear_layers_only(tmp_path, tiny_model):
+    """vLLM gets the decoder's linear layers as LoRA targets (never the output head, whose LoRA logits path
+    kills vLLM 0.32's engine on prompt logprobs in a shared batch), and an adapter that trains anything
+    else is named by its modules."""
+    served = lora_target_modules(tiny_model)
+    assert set(served) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    config = {"r": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert adapter_targets(str(tmp_path)) - set(served) == {"lm_head"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ".*proj"}))
+    assert adapter_targets(str(tmp_path)) == set()  # a regular expression: vLLM matches it itself
+
+
 def test_recipe_checks_for_the_vllm_settings():
     data = {"data": {"generator": {"name": "order_extraction"}}}
     default = config.validate(data)
@@ -156,6 +176,15 @@ def test_auto_backend_is_vllm_wherever_it_is_installed(monkeypatch):
     with pytest.raises(ValueError, match="scripts/setup.sh"):
         models.generation_backend("vllm")
     assert models.vllm_dtype("fp16", on_gpu=False) == "float32" and models.vllm_dtype("fp16", on_gpu=True) == "float16"
+
+
+def test_one_precision_rule_for_every_engine(monkeypatch):
+    """bf16 on a CPU only where it is native (emulated it is many times slower), never fp16 on a CPU."""
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert [models.compute_precision(p, on_gpu=False) for p in ("fp32", "bf16", "fp16")] == ["fp32"] * 3
+    assert [models.compute_precision(p, on_gpu=True) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.compute_precision("bf16", on_gpu=False) == "bf16" and models.vllm_dtype("bf16", False) == "bfloat16"
 
 
 def test_a_model_vllm_cannot_run_on_cpu_falls_back_or_is_refused(monkeypatch, tiny_model):

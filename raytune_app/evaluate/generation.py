@@ -58,7 +58,7 @@ class Generator:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = dtype
+        self.dtype = dtype = models.compute_precision(dtype, self.device == "cuda")
         self.model, self.tokenizer = load_model(model, weights, self.device, dtype)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

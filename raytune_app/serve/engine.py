@@ -96,6 +96,7 @@ class Engine:
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = models.compute_precision(dtype, self.device == "cuda")
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.tokenizer = models.load_tokenizer(
             model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)

@@ -48,7 +48,15 @@ from raytune_app.serve import prompt
 from raytune_app.serve.drift import top_k_kl
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.options import ModelRequestError
-from raytune_app.serve.vllm_stream import adapter_rank, chat_logprobs, engine_error, merge_logprobs, sse_data
+from raytune_app.serve.vllm_stream import (
+    adapter_rank,
+    adapter_targets,
+    chat_logprobs,
+    engine_error,
+    lora_target_modules,
+    merge_logprobs,
+    sse_data,
+)
 
 logger = logging.getLogger("ray.serve")
 _LORA_IDS = itertools.count(1)
@@ -76,7 +84,22 @@ def engine_kwargs(spec: dict, on_gpu: bool) -> dict:
     if spec["adapters"]:
         n = spec["max_loaded_adapters"]
         kwargs |= {"enable_lora": True, "max_lora_rank": v["max_lora_rank"], "max_loras": n, "max_cpu_loras": n}
+        # The decoder's linear layers only: the output head left to vLLM's LoRA wrapper crashes the
+        # engine on drift measurements (vllm_stream.lora_target_modules says why).
+        kwargs["lora_target_modules"] = served_lora_targets(spec)
     return kwargs | v["engine_kwargs"]
+
+
+def served_lora_targets(spec: dict) -> list[str]:
+    """The modules the engine serves LoRA on: serve.vllm.engine_kwargs' lora_target_modules where given,
+    else the decoder's linear layers (vllm_stream.lora_target_modules)."""
+    from raytune_app import models
+
+    given = spec["vllm"]["engine_kwargs"].get("lora_target_modules")
+    if given:
+        return list(given)
+    model = spec["model"]
+    return list(lora_target_modules(models.resolve(model["path"]), model.get("trust_remote_code", False)))
 
 
 def llm_config(spec: dict, options: dict):
@@ -163,6 +186,18 @@ class AdapterLoader:
                 "adapter_rank_too_large",
                 "model",
             )
+        served = set(served_lora_targets(self.spec))
+        unserved = sorted(adapter_targets(folder) - served)
+        if unserved:
+            raise ModelRequestError(
+                400,
+                f"The adapter behind `{self.spec['labels'].get(key, key)}` trains {', '.join(unserved)}, which "
+                f"this server does not serve LoRA on (it serves {', '.join(sorted(served))}: the decoder's "
+                "linear layers); retrain it with train.lora.target_modules among those (the default all-linear "
+                "is).",
+                "adapter_targets_unsupported",
+                "model",
+            )
         return folder
 
     async def load_model_from_config(self, lora_model_id: str, llm_config):
@@ -183,6 +218,7 @@ class VLLMServer(LLMServer):
 
         self.spec = spec
         self.requests, self.cancelled, self.refused = 0, 0, 0
+        self.loading: dict[str, asyncio.Lock] = {}
         self.tokenizer = models.load_tokenizer(
             spec["model"]["path"],
             spec["model"].get("tokenizer"),
@@ -203,10 +239,15 @@ class VLLMServer(LLMServer):
         if key not in self.spec["adapters"]:
             raise ModelRequestError(404, f"adapter {key!r} is not served here", "model_not_found", "model")
         disk = await self._load_model(key)
-        try:
-            await self.engine.resolve_lora(disk)
-        except ValueError as exc:  # vLLM could not load it (a broken file): the model failed, not the request
-            raise RuntimeError(f"adapter {key} could not be loaded: {exc}") from None
+        # One load at a time per adapter: resolve_lora checks "loaded?" and then awaits the load, so two
+        # requests for a cold adapter (a drift measurement asks for champion and challenger at once) would
+        # both load it, and vLLM refuses the second ("has already been loaded").
+        async with self.loading.setdefault(key, asyncio.Lock()):
+            try:
+                await self.engine.resolve_lora(disk)
+            except ValueError as exc:  # vLLM could not load it (a broken file): the model failed, not the request
+                if "already been loaded" not in str(exc):
+                    raise RuntimeError(f"adapter {key} could not be loaded: {exc}") from None
         return key
 
     def _request(self, payload: dict, model: str):

@@ -5,6 +5,7 @@ No Ray, no vLLM import: unit-tested on their own (tests/test_vllm_parts.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -16,6 +17,43 @@ def adapter_rank(folder: str) -> int:
     with open(os.path.join(folder, "adapter_config.json")) as f:
         config = json.load(f)
     return max([int(config.get("r", 0)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def adapter_targets(folder: str) -> set[str]:
+    """The module names a PEFT adapter folder trains (`target_modules`, names or one regular expression:
+    a regular expression is matched by vLLM itself, so it comes back as an empty set), plus any
+    `modules_to_save` (whole modules, e.g. an lm_head, which vLLM serves as LoRA targets too)."""
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        config = json.load(f)
+    targets = config.get("target_modules") or []
+    names = set() if isinstance(targets, str) else {t.split(".")[-1] for t in targets}
+    return names | {m.split(".")[-1] for m in config.get("modules_to_save") or []}
+
+
+@functools.cache
+def lora_target_modules(model_path: str, trust_remote_code: bool = False) -> list[str]:
+    """The linear layers of a causal LM's decoder (PEFT's `all-linear`: every `nn.Linear` but the output
+    head), read from its config on the meta device (no weights are loaded).
+
+    vLLM gets these as `lora_target_modules`. Left to itself it also wraps the output head's logits for
+    LoRA, and vLLM 0.32's LoRA logits path indexes prompt positions by request (vllm-project/vllm#16668):
+    a request with prompt logprobs (the drift monitor's) in a batch with another request kills the
+    engine (`einsum(): subscript b has size 2 ... size 37`). Adapters trained here never touch the head."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.split(".")[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
 
 
 def sse_data(item: str):

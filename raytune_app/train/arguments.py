@@ -9,6 +9,7 @@ each method's own section (`train.dpo`, `train.orpo`, ...) adds its fields. The 
 
 from __future__ import annotations
 
+from raytune_app import models
 from raytune_app.config import Recipe
 
 # train.optimizer -> the name transformers' Trainer knows it by.
@@ -48,6 +49,7 @@ def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config:
     """TrainingArguments fields every method shares: optimisation, precision, cadence, devices, logging."""
     train = recipe.train
     length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
+    precision = models.compute_precision(train.precision, use_gpu)  # fp32 on a CPU without native bf16
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=train.batch_size,
@@ -57,8 +59,8 @@ def _common_arguments(recipe: Recipe, output_dir: str, use_gpu: bool, ds_config:
         lr_scheduler_type=train.scheduler if train.scheduler != "constant" else "constant_with_warmup",
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        bf16=train.precision == "bf16",
-        fp16=train.precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         # FSDP checkpoints activations itself (fsdp_arguments)
         **_checkpointing_argument(train.gradient_checkpointing and train.sharding != "fsdp"),
         logging_steps=train.logging_steps,

@@ -75,7 +75,7 @@ def load_for_training(
 
     path = models.resolve(model.path)
     kwargs = {
-        "dtype": DTYPES[train.precision],
+        "dtype": DTYPES[models.compute_precision(train.precision, device.type == "cuda")],
         "trust_remote_code": model.trust_remote_code,
         "attn_implementation": attention_kernel(train.attn_implementation, device.type == "cuda"),
     }

@@ -296,7 +296,12 @@ class TrainSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision; fp16 needs a GPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Training precision; fp16 needs a GPU. bf16 runs as bf16 on GPUs and on CPUs with native "
+        "bf16 (AVX-512 BF16 / AMX), and as fp32 on other CPUs, where emulated bf16 is many times slower "
+        "(models.compute_precision).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     checkpoint: CheckpointSection = Field(
         default_factory=CheckpointSection, description="Checkpointing and evaluation cadence."
