@@ -107,6 +107,7 @@ def _recipe(tmp_path, model, teacher, **distill):
 
 
 @pytest.mark.usefixtures("ray_local")
+@pytest.mark.extended
 def test_program_teacher_filters_caches_and_trains_both_tasks(tmp_path, tiny_model):
     from raytune_app.data.prepare import load_split
     from raytune_app.distill.run import distill
@@ -186,6 +187,7 @@ class _FlakyTeacher(BaseHTTPRequestHandler):
 
 
 @pytest.mark.usefixtures("ray_local")
+@pytest.mark.extended
 def test_openai_teacher_retries_injected_errors_against_a_real_server(tmp_path, tiny_model):
     from raytune_app.distill.run import distill
 

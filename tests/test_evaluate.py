@@ -55,6 +55,7 @@ def test_base_and_tuned_side_by_side_with_report(toy_run):
     )
 
 
+@pytest.mark.extended
 def test_greedy_batched_generation_matches_one_at_a_time(toy_run):
     """Left padding in a batch must not change a greedy reply: batch 4 and batch 1 agree."""
     recipe, _ = toy_run

@@ -185,6 +185,7 @@ def _lora_b_norm(adapter_dir):
     return sum(float(t.abs().sum()) for name, t in weights.items() if "lora_B" in name)
 
 
+@pytest.mark.extended
 def test_dpo_raises_the_reward_margin_on_a_learnable_set(ray_local, tmp_path, tiny_model, write_jsonl):
     from raytune_app.data.prepare import prepare
     from raytune_app.train.run import train

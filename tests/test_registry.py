@@ -29,6 +29,7 @@ def read_manifest(recipe):
     return json.load(open(os.path.join(recipe.stage_dir("train"), "manifest.json")))
 
 
+@pytest.mark.extended
 def test_versions_lineage_aliases_and_rollback(toy_run, tiny_model, tmp_path, capsys):
     first_recipe, _ = toy_run
     uri = f"sqlite:///{tmp_path}/mlflow.db"

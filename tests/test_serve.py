@@ -144,6 +144,7 @@ def _stats(app):
     return httpx.get(app["url"] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
 
 
+@pytest.mark.extended
 def test_openai_client_chat_completion_stream_and_models(app, world):
     client = _client(app)
     assert {m.id for m in client.models.list().data} == {"toy", "base", "style-b", "broken"}
@@ -183,6 +184,7 @@ def test_openai_client_chat_completion_stream_and_models(app, world):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
+@pytest.mark.extended
 def test_concurrent_requests_share_a_batch_and_match_alone(app, world):
     import httpx
 
@@ -236,6 +238,7 @@ def test_two_adapters_on_one_base_each_answer_their_own(app, world):
     assert len(_stats(app)["llm"]["adapters_loaded"]) <= 2
 
 
+@pytest.mark.extended
 def test_guard_refuses_an_injection_before_any_model_and_passes_benign(app):
     import httpx
 
@@ -306,6 +309,7 @@ def _joined(messages: list[dict]) -> str:
     )
 
 
+@pytest.mark.extended
 def test_the_guard_reads_whole_conversations_over_http(app, world):
     """Every case is refused with the injection and served with a benign text in its place. The guard
     alone on its old input (all messages joined, cut at its max length) lets each long attack through,
@@ -334,6 +338,7 @@ def test_the_guard_reads_whole_conversations_over_http(app, world):
         assert (r.status_code, r.json()["error"]["code"]) == (400, "hidden_text")
 
 
+@pytest.mark.extended
 def test_forged_template_tokens_neither_forge_a_turn_nor_crash(app, world):
     import httpx
 
@@ -369,6 +374,7 @@ def test_forged_template_tokens_neither_forge_a_turn_nor_crash(app, world):
     )
 
 
+@pytest.mark.extended
 def test_failover_to_the_backup_when_the_primary_fails(app, world):
     import httpx
 
@@ -387,6 +393,7 @@ def test_failover_to_the_backup_when_the_primary_fails(app, world):
     assert _stats(app)["failovers"] >= 1
 
 
+@pytest.mark.extended
 def test_bad_requests_get_openai_errors_and_keys_are_enforced(app):
     import httpx
 
@@ -453,6 +460,7 @@ def _assert_openai_4xx(r, status: int | None = None, code: str | None = None):
     assert code is None or error["code"] == code, error
 
 
+@pytest.mark.extended
 def test_limits_are_checked_before_any_tokenising_or_model_work(app):
     """The client mistakes that returned 500 (or took seconds) get a fast OpenAI 4xx."""
     import time
@@ -515,6 +523,7 @@ def test_limits_are_checked_before_any_tokenising_or_model_work(app):
         assert "at least" in r.json()["error"]["message"]
 
 
+@pytest.mark.extended
 def test_extreme_sampling_values_never_fail_their_batch_mates(app):
     """The request that made all eight of a batch answer 503 (temperature 1e-300) now batches with seven
     ordinary ones and every one is answered."""
@@ -534,6 +543,7 @@ def test_extreme_sampling_values_never_fail_their_batch_mates(app):
     assert asyncio.run(ask_all()) == [200] * 8
 
 
+@pytest.mark.extended
 def test_abandoned_streams_stop_generating(app):
     """Streams closed after their first chunk: the engine stops decoding them (tokens counted on the replica)."""
     import time
@@ -587,6 +597,7 @@ def test_abandoned_streams_stop_generating(app):
     assert spent < len(prompts) * full / 2, (spent, full)  # far less than reading them all to the end
 
 
+@pytest.mark.extended
 def test_health_and_docs(app):
     import httpx
 
@@ -601,6 +612,7 @@ def test_health_and_docs(app):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_fuzzed_requests_always_get_an_openai_4xx_or_an_answer(app):
     """Random JSON, wrong types, lone surrogates, NUL, huge numbers, deep nesting, NaN / Infinity literals
     and extreme sampling values, as request fields and as raw bodies: every answer is a 200 or an OpenAI
@@ -685,6 +697,7 @@ def test_fuzzed_requests_always_get_an_openai_4xx_or_an_answer(app):
     fuzz_raw()
 
 
+@pytest.mark.extended
 def test_canary_split_and_no_rollback_for_an_identical_challenger(app):
     import httpx
 

@@ -114,6 +114,7 @@ def test_lora_two_workers_learn_survive_a_lost_worker_and_write_everything(
     assert again == manifest
 
 
+@pytest.mark.extended
 def test_an_interrupted_run_resumes_exactly_and_resume_refuses_what_it_cannot_continue(
     tmp_path, tiny_model, toy_source, monkeypatch
 ):
