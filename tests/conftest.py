@@ -35,7 +35,16 @@ def pytest_collection_modifyitems(config, items):
     # The extended lane (an hour and more on 2 cores) keeps the default suite within its twelve minutes; it
     # runs with RAYTUNE_EXTENDED=1 (e.g. `RAYTUNE_EXTENDED=1 bash scripts/test.sh -m extended`).
     extended = pytest.mark.skip(reason="extended lane: RAYTUNE_EXTENDED=1 runs it")
+    # GPU tests skip at collection where there is no CUDA GPU, before their fixtures start Ray or build models.
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    if any("gpu" in item.keywords for item in items):
+        import torch
+
+        if torch.cuda.is_available():
+            no_gpu = None
     for item in items:
+        if no_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(no_gpu)
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "slow" not in item.keywords:
             item.add_marker(slow)
         if "extended" in item.keywords:

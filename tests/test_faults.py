@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import toy_recipe
+from conftest import prepare_once, toy_recipe
 
 from raytune_app import config, errors, integrity, storage
 
@@ -126,10 +126,11 @@ def test_a_damaged_checkpoint_stops_a_resume_by_name_and_a_damaged_ray_record_st
         torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=1e-4)
 
 
-def test_a_cut_short_prepared_manifest_means_not_prepared(toy_run, tmp_path, capfd):
+def test_a_cut_short_prepared_manifest_means_not_prepared(tiny_model, tmp_path, capfd):
     from raytune_app.data.prepare import NotPrepared, current_manifest, prepare
 
-    recipe = _copy_of(toy_run, tmp_path)
+    recipe = toy_recipe(tmp_path, tiny_model)
+    prepare_once(recipe)  # prepared data only: nothing here needs a trained run
     manifest_path = os.path.join(recipe.stage_dir("prepare"), "manifest.json")
     whole = json.load(open(manifest_path))
     _cut(manifest_path)
