@@ -282,6 +282,21 @@ def test_base_and_two_adapters_each_answer_as_their_own_weights(app, alone):
                 # near-tie may go the other way: then the reply must still be the own weights' most likely.
                 likelihood = {m: alone.loglik(w, p, got) for m, w in weights.items()}
                 assert max(likelihood, key=likelihood.get) == model, (model, p, got, wanted, likelihood)
+    # Base and adapter requests at once, so vLLM batches them together: base rows must stay base (vLLM 0.32's
+    # CPU LoRA kernels gave them the last slot's adapter until the engine got a spare slot: lora_slots).
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(job):
+        model, p = job
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=8)
+        return model, p, reply.choices[0].message.content
+
+    jobs = [(m, p) for p in prompts for m in ("style-b", "base", "style-b", "base")]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for model, p, got in pool.map(ask, jobs):
+            if got != expected[model][prompts.index(p)]:
+                likelihood = {m: alone.loglik(w, p, got) for m, w in weights.items()}
+                assert max(likelihood, key=likelihood.get) == model, (model, p, got, likelihood)
 
 
 def test_sampling_options_stop_seed_and_logprobs(app):

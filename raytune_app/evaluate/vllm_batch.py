@@ -99,7 +99,19 @@ def _config(source: str, adapters: list[str], longest: int, s: Settings, model: 
     if model.get("tokenizer"):
         engine["tokenizer"] = models.resolve(model["tokenizer"])
     if adapters:
-        engine |= {"enable_lora": True, "max_lora_rank": _max_rank(adapters), "max_loras": len(adapters)}
+        from raytune_app.serve.vllm_stream import lora_slots, lora_target_modules
+
+        # One spare LoRA slot: the base candidate's rows share batches with the adapters' (lora_slots).
+        slots = lora_slots(len(adapters))
+        engine |= {
+            "enable_lora": True,
+            "max_lora_rank": _max_rank(adapters),
+            "max_loras": slots,
+            "max_cpu_loras": slots,
+        }
+        # LoRA on the decoder's linear layers only: label scoring asks for prompt logprobs, which vLLM 0.32's
+        # LoRA logits path cannot compute in a shared batch (vllm_stream.lora_target_modules).
+        engine["lora_target_modules"] = list(lora_target_modules(source, model.get("trust_remote_code", False)))
     engine |= s.extra
     return vLLMEngineProcessorConfig(
         model_source=source,
