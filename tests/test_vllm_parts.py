@@ -15,6 +15,7 @@ from raytune_app.serve.vllm_stream import (
     adapter_rank,
     adapter_targets,
     engine_error,
+    lora_slots,
     lora_target_modules,
     merge_logprobs,
     sse_data,
@@ -141,6 +142,12 @@ def test_lora_is_served_on_the_decoder_linear_layers_only(tmp_path, tiny_model):
     assert adapter_targets(str(tmp_path)) - set(served) == {"lm_head"}
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ".*proj"}))
     assert adapter_targets(str(tmp_path)) == set()  # a regular expression: vLLM matches it itself
+
+
+def test_a_cpu_engine_keeps_a_spare_lora_slot_for_base_rows():
+    """On a CPU the last LoRA slot must stay empty (a base row's index -1 selects it in vLLM 0.32's torch
+    kernels); on a GPU the adapters alone."""
+    assert lora_slots(3, on_gpu=False) == 4 and lora_slots(3, on_gpu=True) == 3
 
 
 def test_recipe_checks_for_the_vllm_settings():

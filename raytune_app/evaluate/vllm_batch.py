@@ -101,8 +101,8 @@ def _config(source: str, adapters: list[str], longest: int, s: Settings, model: 
     if adapters:
         from raytune_app.serve.vllm_stream import lora_slots, lora_target_modules
 
-        # One spare LoRA slot: the base candidate's rows share batches with the adapters' (lora_slots).
-        slots = lora_slots(len(adapters))
+        # On a CPU one spare LoRA slot: the base candidate's rows share batches with the adapters' (lora_slots).
+        slots = lora_slots(len(adapters), s.use_gpu)
         engine |= {
             "enable_lora": True,
             "max_lora_rank": _max_rank(adapters),

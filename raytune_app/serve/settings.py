@@ -343,8 +343,9 @@ class ServeSection(Section):
     max_loaded_adapters: int = Field(
         4,
         ge=1,
-        description="Adapters a replica keeps loaded at once (LRU eviction beyond); with vLLM also the "
-        "engine's LoRA slots (max_loras, max_cpu_loras).",
+        description="Adapters a replica keeps loaded at once (LRU eviction beyond); with vLLM on a GPU also "
+        "the engine's LoRA slots (max_loras, max_cpu_loras). vLLM on a CPU keeps every adapter of the app "
+        "plus a spare slot (vllm_stream.lora_slots: a workaround for vLLM 0.32's CPU LoRA kernels).",
     )
     backup: str | None = Field(
         "base",

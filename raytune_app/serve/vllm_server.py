@@ -26,8 +26,8 @@ id and the LoRA name vLLM knows. LLMServer's own downloader takes only s3 / gs /
 `AdapterLoader` stands in for it (LLMServer's `model_downloader` argument): a registry version is
 downloaded once, an s3:// folder is fetched, a local folder is used as it is, and an adapter whose rank
 is above the engine's max_lora_rank is refused with HTTP 400 while the replica serves on. vLLM keeps
-`max_loaded_adapters` adapters (max_loras / max_cpu_loras, plus one spare slot: vllm_stream.lora_slots) and
-reloads an evicted one from its folder.
+`max_loaded_adapters` adapters (max_loras / max_cpu_loras) and reloads an evicted one from its folder; on a
+CPU it keeps every adapter of the app and one spare slot (vllm_stream.lora_slots says why).
 
 Ray 2.60 internals used (pinned by pyproject's ray==2.60.*): LLMServer's `model_downloader` argument,
 its `engine` and multiplexed `_load_model`, and `DiskMultiplexConfig`.
@@ -84,8 +84,9 @@ def engine_kwargs(spec: dict, on_gpu: bool) -> dict:
     if v["max_model_len"]:
         kwargs["max_model_len"] = v["max_model_len"]
     if spec["adapters"]:
-        # One spare slot, so that base requests batched with adapter requests stay base (lora_slots says why).
-        n = lora_slots(spec["max_loaded_adapters"])
+        # On a CPU a slot for every adapter and a spare one, so that base requests batched with adapter
+        # requests stay base (lora_slots says why); on a GPU max_loaded_adapters slots.
+        n = spec["max_loaded_adapters"] if on_gpu else lora_slots(len(spec["adapters"]), on_gpu)
         kwargs |= {"enable_lora": True, "max_lora_rank": v["max_lora_rank"], "max_loras": n, "max_cpu_loras": n}
         # The decoder's linear layers only: the output head left to vLLM's LoRA wrapper crashes the
         # engine on drift measurements (vllm_stream.lora_target_modules says why).

@@ -56,15 +56,17 @@ def lora_target_modules(model_path: str, trust_remote_code: bool = False) -> lis
     )
 
 
-def lora_slots(adapters: int) -> int:
-    """vLLM's `max_loras` (and `max_cpu_loras`) for at most `adapters` LoRA adapters at once: one slot more.
+def lora_slots(adapters: int, on_gpu: bool) -> int:
+    """vLLM's `max_loras` (and `max_cpu_loras`) for an engine that serves `adapters` LoRA adapters.
 
-    vLLM 0.32's CPU LoRA kernels (lora/ops/torch_ops) pick each row's LoRA weights by slot index, and a row
-    without an adapter has index -1, which in torch indexing is the *last* slot: with every slot filled, a
-    request for the base model that shares a batch with adapter requests is answered by the adapter in the
-    last slot (measured here: 5 of 6 base replies in a mixed batch were the adapter's). Slots fill first-free,
-    so with one more slot than adapters the last one stays empty (zeros) and base rows get the base model."""
-    return adapters + 1
+    On a GPU, `adapters` (vLLM swaps adapters in and out of its slots). On a CPU, one slot more than all of
+    them: vLLM 0.32's CPU LoRA kernels (lora/ops/torch_ops) pick each row's LoRA weights by slot index, and a
+    row without an adapter has index -1, which in torch indexing is the *last* slot. With every slot filled
+    (and vLLM keeps adapters in their slots until it needs the room), a request for the base model that
+    shares a batch with adapter requests is answered by the adapter in the last slot (measured here: 5 of 6
+    base replies in a mixed batch were the adapter's). Slots fill first-free, so with a slot for every
+    adapter plus one, the last stays empty (zeros) and base rows get the base model."""
+    return adapters if on_gpu else adapters + 1
 
 
 def sse_data(item: str):
