@@ -86,7 +86,7 @@ def engine_kwargs(spec: dict, on_gpu: bool) -> dict:
     if spec["adapters"]:
         # On a CPU a slot for every adapter and a spare one, so that base requests batched with adapter
         # requests stay base (lora_slots says why); on a GPU max_loaded_adapters slots.
-        n = spec["max_loaded_adapters"] if on_gpu else lora_slots(len(spec["adapters"]), on_gpu)
+        n = lora_slots(spec["max_loaded_adapters"] if on_gpu else len(spec["adapters"]), on_gpu)
         kwargs |= {"enable_lora": True, "max_lora_rank": v["max_lora_rank"], "max_loras": n, "max_cpu_loras": n}
         # The decoder's linear layers only: the output head left to vLLM's LoRA wrapper crashes the
         # engine on drift measurements (vllm_stream.lora_target_modules says why).
