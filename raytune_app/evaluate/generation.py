@@ -126,6 +126,8 @@ class Generator:
         continuation of the prompt, normalised over the labels (a softmax of the sums)."""
         import torch
 
+        if not self.labels:
+            raise ValueError("label scoring needs the task's labels (data.labels in the recipe)")
         scores = torch.zeros(len(prompts), len(self.labels))
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         pad = self.tokenizer.pad_token_id

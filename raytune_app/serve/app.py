@@ -301,7 +301,8 @@ def _llm_deployment(recipe: config.Recipe, spec: dict):
         return build_deployment(spec, options)
     from raytune_app.serve.llm import LLMServer
 
-    return LLMServer.options(**options).bind(spec)
+    # `.options` below: @serve.deployment made these classes Deployments at import; mypy sees the class.
+    return LLMServer.options(**options).bind(spec)  # type: ignore[attr-defined]
 
 
 def build(recipe: config.Recipe, spec: dict | None = None):
@@ -313,9 +314,15 @@ def build(recipe: config.Recipe, spec: dict | None = None):
     spec = spec or plan(recipe)
     primary = _llm_deployment(recipe, spec["llm"])
     backup = _llm_deployment(recipe, spec["backup"]) if spec["backup"] else None
-    guard = GuardScorer.options(**_options(recipe, "guard")).bind(spec["guard"]) if spec["guard"] else None
-    router = Router.options(**_options(recipe, "router")).bind(spec["router"], primary, backup, guard)
-    return Ingress.options(**_options(recipe, "ingress")).bind(spec["ingress"], router)
+    guard = (
+        GuardScorer.options(**_options(recipe, "guard")).bind(spec["guard"])  # type: ignore[attr-defined]
+        if spec["guard"]
+        else None
+    )
+    router = Router.options(**_options(recipe, "router")).bind(  # type: ignore[attr-defined]
+        spec["router"], primary, backup, guard
+    )
+    return Ingress.options(**_options(recipe, "ingress")).bind(spec["ingress"], router)  # type: ignore[attr-defined]
 
 
 def build_app(args: dict):

@@ -40,7 +40,7 @@ def top_k_kl(reference: list[dict], candidate: list[dict]) -> dict:
         if p_rest > 1e-12:
             kl += p_rest * (math.log(p_rest) - math.log(q_rest))
         kls.append(max(0.0, kl))
-        agree.append(max(p, key=p.get) == max(q, key=q.get))
+        agree.append(max(p, key=p.__getitem__) == max(q, key=q.__getitem__))
     if not kls:
         return {"kl": 0.0, "top1_agreement": 1.0, "positions": 0}
     return {"kl": fmean(kls), "top1_agreement": fmean(agree), "positions": len(kls)}
@@ -79,7 +79,7 @@ class DriftMonitor:
 
     @property
     def tripped(self) -> bool:
-        return len(self.kl) >= self.min_samples and self.mean_kl > self.threshold
+        return len(self.kl) >= self.min_samples and fmean(self.kl) > self.threshold
 
     def reset(self) -> None:
         for window in (self.kl, self.agreement, self.same_reply, self.length_ratio):

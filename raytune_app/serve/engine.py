@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from raytune_app import integrity, models, storage
 from raytune_app.serve import prompt
@@ -197,7 +198,7 @@ class Engine:
                 return done | torch.tensor(ended, device=ids.device)
 
         sampling = any(r.temperature > 0 for r in rows)
-        options = dict(do_sample=False)
+        options: dict[str, Any] = dict(do_sample=False)
         per_row = RowSampling(rows)
         if sampling:
             # Each row's own temperature / top-p is applied by RowSampling; neutralise the model's defaults.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 from ray import serve
 
@@ -65,7 +66,7 @@ class GuardScorer:
             first = [sum(len(r) for r in requests[:index]) for index in range(len(requests))]
             ids, text_of = self.guard.windows(texts, self.overlap)
             owners, windows = [], []
-            results = [{"windows": 0, "over_limit": False} for _ in requests]
+            results: list[dict[str, Any]] = [{"windows": 0, "over_limit": False} for _ in requests]
             for window, text in zip(ids, text_of):
                 index = request_of[text]
                 results[index]["windows"] += 1

@@ -79,7 +79,7 @@ def _where(path: list) -> str:
 
 def _check(value: Any, max_depth: int) -> None:
     """Depth and lone surrogates, without recursion (the value may be thousands of levels deep)."""
-    stack = [(value, 1, [])]
+    stack: list[tuple[Any, int, list]] = [(value, 1, [])]
     while stack:
         node, depth, path = stack.pop()
         if isinstance(node, (dict, list)) and depth > max_depth:

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 from ray import serve
 
@@ -41,6 +42,7 @@ class _LoadedAdapter:
     """What the multiplexed loader caches: eviction calls __del__, which unloads the adapter."""
 
     def __init__(self, server: LLMServer, key: str):
+        self.server: LLMServer | None
         self.server, self.key = server, key
         self.generation = server.loads[key]
 
@@ -196,7 +198,7 @@ class LLMServer:
                 raise tokens
             if tokens is None:
                 break
-            out = []
+            out: list[Any] = []
             for i, (stream, token) in enumerate(zip(streams, tokens)):
                 if rows[i].cancelled and not ended[i]:
                     ended[i] = True  # nobody listens: no more text for it (its caller is gone)

@@ -89,4 +89,6 @@ class Rollout:
         from raytune_app.registry import store
 
         reg = self.registry
+        if not reg:
+            raise RuntimeError("no challenger registry to move the alias in")
         return store.retire(reg["tracking_uri"], reg["name"], "challenger", reg["version"], reason)

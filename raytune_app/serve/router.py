@@ -109,7 +109,8 @@ class Router:
         self.stats = Stats(spec["pricing"], export=True, models=sorted(spec["routes"]) + [UNKNOWN_MODEL])
         self.background: set = set()
         self.retry_after = {"retry-after": str(spec.get("retry_after_s", 1))}
-        self.rollout, self.rollback_pending, self._retry_later = None, False, False
+        self.rollout: Rollout | None = None
+        self.rollback_pending, self._retry_later = False, False
         if spec["challenger"]:
             # The registry (and Ray's GCS) may say this challenger was rolled back before: by an earlier router.
             label = spec["versions"].get(spec["challenger"], spec["challenger"])
@@ -185,11 +186,9 @@ class Router:
             refusal["error"]["body"]["error"]["guard_score"] = verdict["score"]
         return refusal, verdict["score"]
 
-    def _target(self, model: str) -> tuple[str, str] | None:
-        """(adapter key, route label) for a requested model id; None when the id is unknown."""
-        key = self.spec["routes"].get(model)
-        if key is None:
-            return None
+    def _target(self, model: str) -> tuple[str, str]:
+        """(adapter key, route label) for a served model id (the caller has refused unknown ids)."""
+        key = self.spec["routes"][model]
         if key != ROUTED:
             return key, "direct"
         if self.canary > 0 and self.rng.random() * 100 < self.canary:
@@ -436,6 +435,13 @@ class Router:
         self.rollback_pending = pending
         self.stats.rollback_pending(pending)
 
+    @property
+    def _rollout(self) -> Rollout:
+        # Only a router with a challenger rolls back, and that router made its Rollout when it started.
+        if self.rollout is None:
+            raise RuntimeError("this router has no challenger to roll back")
+        return self.rollout
+
     async def _roll_back(self) -> None:
         summary = self.monitor.summary()
         challenger = self.spec["versions"].get(self.spec["challenger"], self.spec["challenger"])
@@ -456,7 +462,7 @@ class Router:
         if wants_move:
             event["registry"] = {"moved": False, "why": "pending"}
             self._set_pending(True)
-        await asyncio.get_running_loop().run_in_executor(None, self.rollout.remember, event)
+        await asyncio.get_running_loop().run_in_executor(None, self._rollout.remember, event)
         logger.warning("challenger %s rolled back: %s", challenger, reason)
         if wants_move:
             await self._move_alias(event)
@@ -466,14 +472,14 @@ class Router:
     async def _move_alias(self, event: dict) -> None:
         loop = asyncio.get_running_loop()
         try:
-            event["registry"] = await loop.run_in_executor(None, self.rollout.move_alias, event["reason"])
+            event["registry"] = await loop.run_in_executor(None, self._rollout.move_alias, event["reason"])
         except Exception as exc:
             event["registry"] = {"moved": False, "why": _describe(exc), "pending": True}
             logger.warning("moving the challenger alias back failed (%s); retrying", _describe(exc))
-            await loop.run_in_executor(None, self.rollout.remember, event)
+            await loop.run_in_executor(None, self._rollout.remember, event)
             return
         self._set_pending(False)
-        await loop.run_in_executor(None, self.rollout.remember, event)
+        await loop.run_in_executor(None, self._rollout.remember, event)
         logger.warning("challenger alias: %s", event["registry"])
 
     def _spawn_retry(self, event: dict) -> None:

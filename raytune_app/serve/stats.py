@@ -19,8 +19,8 @@ def _percentiles(values) -> dict:
 
     if not values:
         return {"p50": None, "p99": None}
-    p50, p99 = np.percentile(list(values), [50, 99])
-    return {"p50": round(float(p50), 4), "p99": round(float(p99), 4)}
+    observed = np.asarray(list(values), dtype=float)
+    return {f"p{q}": round(float(np.percentile(observed, q)), 4) for q in (50, 99)}
 
 
 class Stats:
@@ -31,10 +31,10 @@ class Stats:
         self.models = set(models) if models is not None else None
         self.started = time.time()
         self.requests: Counter = Counter()  # (model, status) -> n
-        self.tokens = defaultdict(lambda: {"prompt": 0, "completion": 0})
+        self.tokens: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"prompt": 0, "completion": 0})
         self.cost: Counter = Counter()
-        self.latency = defaultdict(lambda: deque(maxlen=window))
-        self.ttft = defaultdict(lambda: deque(maxlen=window))
+        self.latency: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self.ttft: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
         self.served_by: Counter = Counter()
         self.failovers = 0
         self.errors: Counter = Counter()

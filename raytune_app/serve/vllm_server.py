@@ -217,7 +217,7 @@ class AdapterLoader:
 
 
 class VLLMServer(LLMServer):
-    async def __init__(self, llm_config, spec: dict):
+    async def __init__(self, llm_config, spec: dict):  # type: ignore[misc]  # Serve awaits an async constructor
         from raytune_app import models
 
         self.spec = spec
@@ -304,7 +304,9 @@ class VLLMServer(LLMServer):
         chat = payload["kind"] == "chat"
         as_chat = hasattr(request, "messages")  # False for a chat sent as token ids (see _request)
         run = self.engine.chat if as_chat else self.engine.completions
-        finish, usage, prompt_ids, completion_ids = None, None, [], []
+        finish, usage = None, None
+        prompt_ids: list[int] = []
+        completion_ids: list[int] = []
         try:
             async for item in run(request, None):
                 if not isinstance(item, str):  # an ErrorResponse: the request was refused before decoding
