@@ -40,7 +40,7 @@ def main() -> None:
     from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import train
 
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     out = args.out or tempfile.mkdtemp(prefix="dss-experiment-")
     results, base = [], None
     for fraction in args.fractions:

@@ -91,7 +91,7 @@ def train_if_missing(recipe) -> str:
         import ray
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, logging_level="ERROR")
+            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
         train_guard(recipe)
     return folder
 

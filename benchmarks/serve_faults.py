@@ -76,7 +76,9 @@ def serve_forever(port: int, model: str, out: str) -> None:
         "serve.limits.timeout_s=60",
     ]
     recipe = config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     run(recipe)
     print("READY", flush=True)
     for line in sys.stdin:

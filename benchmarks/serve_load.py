@@ -91,7 +91,13 @@ def serve_forever(side: str, port: int, out: str, model: str, precision: str, gu
     import ray
 
     recipe = _recipe(side, port, out, model, precision, guard, gpu)
-    ray.init(num_cpus=max(2, os.cpu_count()), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(2, os.cpu_count()),
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     if side == "serve-llm":
         from ray import serve
         from ray.serve.llm import build_openai_app

@@ -61,7 +61,9 @@ def run_ours(out: str, examples: int, workers: int, precision: str) -> dict:
     from raytune_app.data.prepare import load_split, prepare
     from raytune_app.train.run import train
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     recipe = recipe_for(out, examples, workers, precision)
     prepare(recipe)
@@ -91,7 +93,9 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
     from raytune_app.data.prepare import load_split, prepare
 
     # The same prepared splits (so the same examples), reduced to their text.
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     recipe = recipe_for(out, examples, 1, precision)
     prepare(recipe)
     ray.shutdown()

@@ -64,7 +64,11 @@ def ray_local():
             if os.environ.get("RAYTUNE_TEST_RAY_ADDRESS"):  # a 2-CPU head started beforehand
                 ray.init(address=os.environ["RAYTUNE_TEST_RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
             else:
-                ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+                # address="local": a Ray of the tests' own, never one another process left on the machine
+                # (a bare ray.init() joins the cluster named in /tmp/ray/ray_current_cluster).
+                ray.init(
+                    address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+                )
         except Exception as exc:  # Ray's raylet gives its agents a fixed 15 s to start (ray-project/ray#65983)
             if "timed out during startup" not in str(exc) or attempt == 2:
                 raise
