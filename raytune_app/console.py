@@ -258,6 +258,15 @@ def quiet_libraries(ray_data: bool = True) -> None:
             lg.addHandler(handler)
             if lg.level > logging.INFO:
                 lg.setLevel(logging.INFO)  # e.g. transformers' WARNING: its notices belong in the log file
+    if handler is not None and _state.verbosity < VERBOSE:
+        # Ray's LLM modules give each of their loggers a console handler when it is first made (mid-stage,
+        # e.g. ray.data.llm's "No cloud storage mirror configured") unless "ray.llm" has a handler already:
+        # it gets the log file's, and those later loggers write there through it.
+        llm = logging.getLogger("ray.llm")
+        if handler not in llm.handlers:
+            llm.addHandler(handler)
+            llm.propagate = False  # "ray" also writes to the log file: each line once
+            llm.setLevel(logging.INFO)
 
 
 def ray_init_logging() -> dict:

@@ -105,6 +105,20 @@ def test_the_log_file_gets_our_lines_and_library_records(fresh_console, tmp_path
         library.removeHandler(noisy)
 
 
+def test_ray_llm_loggers_made_mid_run_write_to_the_log_file(fresh_console, tmp_path, capsys):
+    # Ray's LLM modules make their loggers (each with a console handler of its own) when first imported,
+    # often in the middle of a stage: after the log file is attached.
+    from ray.llm._internal.common.observability.logging import get_logger
+
+    console.setup(console.NORMAL)
+    path = console.attach_log_file(str(tmp_path))
+    get_logger("made_mid_run_for_a_test").info("No cloud storage mirror configured")
+    console.detach_log_file()
+    captured = capsys.readouterr()
+    assert "No cloud storage mirror" not in captured.out + captured.err
+    assert open(path).read().count("No cloud storage mirror configured") == 1
+
+
 def test_quiet_and_verbose_go_before_or_after_the_command():
     from raytune_app.cli import build_parser
 
