@@ -31,6 +31,8 @@ def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys
     ]
     assert cli.main(["run", RECIPE, *reduced]) == 0
     out = capsys.readouterr().out
+    # The default console fits on one screen: stage lines, progress, the table (the rest is in the log file).
+    assert len(out.splitlines()) <= 30, out
     # The closing table: base vs tuned, schema-valid rate, field F1, p50 latency; then the report.
     heading = re.search(r"structured metrics on split test \((\d+) examples\):", out)
     assert heading and 1 <= int(heading.group(1)) <= 4, out[-3000:]  # evaluate.limit=4
