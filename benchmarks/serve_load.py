@@ -9,7 +9,8 @@ at once and the levels are interleaved (side A at 1 client, side B at 1 client, 
 a burst of load from other work on a shared machine hits every side alike. At each level that many clients send
 streamed chat requests back to back (greedy, `max_tokens`, the same prompts for every side) until
 `requests = max(8, 2 x clients)` are answered. Per level: completion tokens per second of wall time, p50 / p99
-request latency and p50 time to first token (the first content chunk), medians over `--repeats`.
+request latency, p50 time to first token (the first content chunk) and how many requests the server shed
+(429 / 503: the client waits Retry-After and asks again, as a well-behaved client does), medians over `--repeats`.
 
 Sides:
   transformers  serve.backend=transformers with its best CPU setting (dynamic batching up to 16, 150 ms wait)
@@ -136,10 +137,10 @@ def start_server(side: str, args, out: str, guard: bool) -> tuple[subprocess.Pop
 async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
-    latencies, ttfts, tokens, queue = [], [], 0, list(range(requests))
+    latencies, ttfts, tokens, shed, queue = [], [], 0, 0, list(range(requests))
 
     async def client(http):
-        nonlocal tokens
+        nonlocal tokens, shed
         while queue:
             i = queue.pop()
             body = {
@@ -152,6 +153,11 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
             }
             began, first = time.perf_counter(), None
             async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                if r.status_code in (429, 503):  # shed by the server's backpressure: back off as told, ask again
+                    shed += 1
+                    queue.append(i)
+                    await asyncio.sleep(float(r.headers.get("retry-after", 1)))
+                    continue
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if not line.startswith("data:") or line.strip() == "data: [DONE]":
@@ -174,6 +180,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
         "p50_s": statistics.median(latencies),
         "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "ttft_p50_s": statistics.median(ttfts),
+        "shed": shed,  # requests refused with 429 / 503 and sent again after Retry-After
     }
 
 
@@ -236,13 +243,16 @@ def main() -> None:
     base = table.get("transformers")
     where = f"{args.model} ({args.precision}) on {'a GPU' if args.gpu else f'{os.cpu_count()} CPUs'}"
     print(f"\n{where}, max_tokens {args.max_tokens}, guard {'on' if guard else 'off'}, medians of {args.repeats}\n")
-    print(f"{'side':<14}{'clients':>8}{'tokens/s':>10}{'x transf.':>10}{'p50 s':>8}{'p99 s':>8}{'TTFT p50 s':>12}")
+    print(
+        f"{'side':<14}{'clients':>8}{'tokens/s':>10}{'x transf.':>10}{'p50 s':>8}{'p99 s':>8}{'TTFT p50 s':>12}"
+        f"{'shed':>6}"
+    )
     for side, levels in table.items():
         for clients, r in levels.items():
             ratio = f"{r['tokens_per_s'] / base[clients]['tokens_per_s']:.2f}" if base else "-"
             print(
                 f"{side:<14}{clients:>8}{r['tokens_per_s']:>10.1f}{ratio:>10}{r['p50_s']:>8.2f}{r['p99_s']:>8.2f}"
-                f"{r['ttft_p50_s']:>12.3f}"
+                f"{r['ttft_p50_s']:>12.3f}{r['shed']:>6.0f}"
             )
     if "vllm" in table and "serve-llm" in table:
         one = min(args.concurrency)
