@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -381,7 +382,12 @@ class CliRun:
     def finish(self, timeout: float) -> int:
         try:
             code = self.process.wait(timeout=timeout)
-        except Exception:
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.reader.join(timeout=10)
+            # What the run printed is what tells a hang from a slow machine: fail with it, not a bare timeout.
+            pytest.fail(f"`raytune-app` still running after {timeout} s; its last output:\n{self.output[-4000:]}")
+        except BaseException:
             self.process.kill()
             raise
         self.reader.join(timeout=10)
