@@ -282,6 +282,13 @@ class VLLMServeSection(Section):
         False,
         description="Skip torch.compile / CUDA graphs: starts faster, decodes slower (tests and tiny models).",
     )
+    stream_interval_ms: float = Field(
+        50,
+        ge=0,
+        description="A streamed reply goes out in pieces gathered over this many milliseconds (Ray Serve LLM's "
+        "stream batching), not a token at a time: fewer hops through router and ingress under load, at up to this "
+        "much added time to first token; 0 streams every token as it comes.",
+    )
     drift_top_k: int = Field(
         20,
         ge=1,

@@ -36,6 +36,7 @@ its `engine` and multiplexed `_load_model`, and `DiskMultiplexConfig`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -144,6 +145,7 @@ def llm_config(spec: dict, options: dict):
         lora_config={"max_num_adapters_per_replica": spec["max_loaded_adapters"]} if spec["adapters"] else None,
         runtime_env={"env_vars": env} if env else None,
         log_engine_metrics=True,
+        experimental_configs={"stream_batching_interval_ms": spec["vllm"]["stream_interval_ms"]},
     )
 
 
@@ -308,23 +310,32 @@ class VLLMServer(LLMServer):
         prompt_ids: list[int] = []
         completion_ids: list[int] = []
         try:
-            async for item in run(request, None):
-                if not isinstance(item, str):  # an ErrorResponse: the request was refused before decoding
-                    raise engine_error(item.error.model_dump())
-                for data in sse_data(item):
-                    if "error" in data:
-                        raise engine_error(data["error"])
-                    prompt_ids = data.get("prompt_token_ids") or prompt_ids
-                    usage = data.get("usage") or usage
-                    for choice in data.get("choices") or []:
-                        completion_ids.extend(choice.get("token_ids") or [])
-                        delta = (choice.get("delta") or {}).get("content") if as_chat else choice.get("text")
-                        logprobs = choice.get("logprobs")
-                        if chat and not as_chat:  # a chat sent as token ids: its logprobs in the chat shape
-                            logprobs = chat_logprobs(logprobs, payload.get("top_logprobs") or 0)
-                        finish = choice.get("finish_reason") or finish
-                        if delta or logprobs:
-                            yield {"delta": delta or "", "logprobs": logprobs}
+            # One event per stream_batching_interval_ms (LLMServer's batcher, as Ray Serve LLM's own OpenAI
+            # app streams), not one per token: each event crosses the router and the ingress, and at 32
+            # streams a per-token hop costs more CPU than decoding on a small machine. Closed on the way out
+            # so a caller that goes away cancels the engine's generator (vLLM then aborts the request).
+            async with contextlib.aclosing(self._batch_output_stream(run(request, None))) as batches:
+                async for items in batches:
+                    text, logprobs = [], None
+                    for item in items:
+                        if not isinstance(item, str):  # an ErrorResponse: refused before decoding
+                            raise engine_error(item.error.model_dump())
+                        for data in sse_data(item):
+                            if "error" in data:
+                                raise engine_error(data["error"])
+                            prompt_ids = data.get("prompt_token_ids") or prompt_ids
+                            usage = data.get("usage") or usage
+                            for choice in data.get("choices") or []:
+                                completion_ids.extend(choice.get("token_ids") or [])
+                                delta = (choice.get("delta") or {}).get("content") if as_chat else choice.get("text")
+                                piece = choice.get("logprobs")
+                                if chat and not as_chat:  # a chat sent as token ids: logprobs in the chat shape
+                                    piece = chat_logprobs(piece, payload.get("top_logprobs") or 0)
+                                finish = choice.get("finish_reason") or finish
+                                text.append(delta or "")
+                                logprobs = merge_logprobs(logprobs, piece)
+                    if any(text) or logprobs:
+                        yield {"delta": "".join(text), "logprobs": logprobs}
         except ModelRequestError:
             self.refused += 1
             raise
