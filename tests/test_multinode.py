@@ -11,7 +11,10 @@ What is proven:
 - training with 2 workers runs them on 2 different nodes (gloo across raylets), and the manifest says where;
 - a worker node killed mid-training (its raylet and every process on it) costs nothing: Ray Train restarts
   the group on the surviving nodes from the last checkpoint and the final weights equal an uninterrupted
-  run's.
+  run's;
+- serving puts the LLM replica, the guard and the ingress on the nodes their custom resources name, and a
+  request crosses them; the LLM replica's node killed under load fails at most the requests in flight
+  (cleanly), the backup on another node answers meanwhile, and the replica comes back on a replacement node.
 
 Extended lane (RAYTUNE_EXTENDED=1): starting the cluster alone takes about a minute on 2 busy cores. Every
 wait is bounded (`time_limit`), so a hang fails the test instead of stalling the suite.
@@ -31,6 +34,7 @@ import time
 import pytest
 import torch
 from conftest import free_port, prepare_once, start_local_ray, toy_recipe
+from serve_helpers import BENIGN, INJECTION, KEY, guard, wait_until
 
 from raytune_app import config
 
@@ -315,3 +319,155 @@ def test_a_node_lost_mid_training_resumes_on_the_others_with_the_same_weights(
         killer.join(timeout=5)
         for name, _ in killed:  # the next tests get the cluster's full shape back
             ray_cluster.add(name)
+
+
+# --- Serving: the LLM replica, the guard and the ingress each on its own node ----------------------------
+
+APP = "mnserve"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model, tmp_path_factory):
+    """The serving app of a tiny model on the cluster: the LLM replica pinned to n1, the guard and the backup
+    to n2, the ingress to n3 (custom resources), the router wherever Serve puts it. Serve's HTTP proxy runs on
+    the head only: every node of this cluster shares one address, so per-node proxies would fight for the
+    port (on a real cluster each node has its own address)."""
+    from ray import serve
+
+    from raytune_app.serve.app import run
+    from raytune_app.tiny import build_tiny_bert
+
+    root = tmp_path_factory.mktemp("serve")
+    guard_folder = guard(build_tiny_bert(root / "guard-bert"), root / "guard")
+    keys = root / "keys.txt"
+    keys.write_text(KEY + "\n")
+    health = {"health_check_period_s": 1, "health_check_timeout_s": 10}
+    recipe = config.validate(
+        {
+            "run": {"name": APP, "output_dir": str(root / "runs")},
+            "model": {"path": tiny_model},
+            "data": {"generator": {"name": "order_extraction"}},
+            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "model_name": APP},
+            "serve": {
+                "port": free_port(),
+                "backend": "transformers",
+                "name": "toy",
+                "champion": "base",
+                "backup": "base",
+                "batching": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05},
+                "limits": {"default_max_tokens": 8, "default_temperature": 0.0, "timeout_s": 20},
+                "guard": {"model": guard_folder},
+                "access": {"api_keys_env": None, "api_keys_file": str(keys)},
+                "deployments": {
+                    "llm": {"num_cpus": 0.5, "resources": {"n1": 0.1}} | health,
+                    "backup": {"num_cpus": 0.5, "resources": {"n2": 0.1}} | health,
+                    "guard": {"num_cpus": 0.25, "resources": {"n2": 0.1}} | health,
+                    "ingress": {"num_cpus": 0.25, "resources": {"n3": 0.1}},
+                    "router": {"num_cpus": 0.25},
+                },
+            },
+        }
+    )
+    with time_limit(600):
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": recipe.serve.port})
+        url = run(recipe)
+        wait_until(lambda: _chat(url).status_code == 200, timeout_s=300, what="the app to answer")
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def _chat(url: str, content: str = BENIGN, timeout: float = 120):
+    import httpx
+
+    body = {"model": "toy", "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    return httpx.post(url + "/v1/chat/completions", headers=AUTH, json=body, timeout=timeout)
+
+
+def _replica_nodes(ray_cluster, deployment: str) -> dict[str, str]:
+    """{replica actor name: node name} of the deployment's live replicas (from the GCS's actor table)."""
+    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+    table = ray_cluster.cluster.global_state.actor_table(None)
+    return {
+        actor["Name"]: ray_cluster.name_of(actor["Address"]["NodeID"])
+        for actor in table.values()
+        if actor["Name"].startswith(prefix) and actor["State"] == "ALIVE"
+    }
+
+
+def test_serving_runs_the_llm_guard_and_ingress_on_their_own_nodes(ray_cluster, served):
+    assert set(_replica_nodes(ray_cluster, "llm").values()) == {"n1"}
+    assert set(_replica_nodes(ray_cluster, "guard").values()) == {"n2"}
+    assert set(_replica_nodes(ray_cluster, "backup").values()) == {"n2"}
+    assert set(_replica_nodes(ray_cluster, "ingress").values()) == {"n3"}
+    # A request crosses the nodes: proxy (head) -> ingress (n3) -> router -> guard (n2) -> LLM (n1).
+    answer = _chat(served)
+    assert answer.status_code == 200 and answer.json()["model"] != "backup", answer.text
+    refused = _chat(served, INJECTION)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (400, "prompt_refused"), refused.text
+
+
+def test_a_node_lost_under_serving_load_fails_only_requests_in_flight_and_the_replica_comes_back(ray_cluster, served):
+    import httpx
+
+    records: list[dict] = []
+    stop = threading.Event()
+
+    def client(index: int):
+        with httpx.Client(timeout=90, headers=AUTH) as http:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                body = {"model": "toy", "max_tokens": 8, "messages": [{"role": "user", "content": f"order {i}"}]}
+                began = time.time()
+                try:
+                    r = http.post(served + "/v1/chat/completions", json=body)
+                    status, text = r.status_code, r.text
+                except httpx.HTTPError as exc:  # a connection the server dropped: clean, but a failure
+                    status, text = type(exc).__name__, ""
+                records.append({"start": began, "end": time.time(), "status": status, "text": text})
+
+    before = _replica_nodes(ray_cluster, "llm")
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(2)]
+    try:
+        with time_limit(900):
+            for thread in clients:
+                thread.start()
+            wait_until(lambda: sum(r["status"] == 200 for r in records) >= 4, what="steady load")
+            killed_at = time.time()
+            ray_cluster.kill("n1")  # the LLM replica's node, without warning
+            # While n1 is gone the backup (on n2) answers: new requests still succeed.
+            wait_until(
+                lambda: any(r["start"] > killed_at and r["status"] == 200 for r in records),
+                timeout_s=180,
+                what="an answer after the node was lost",
+            )
+            # A replacement node joins (as an autoscaler would start one) and Serve puts the LLM replica there.
+            ray_cluster.add("n1")
+            wait_until(
+                lambda: (
+                    set(_replica_nodes(ray_cluster, "llm").values()) == {"n1"}
+                    and not set(_replica_nodes(ray_cluster, "llm")) & set(before)
+                ),
+                timeout_s=300,
+                what="the LLM replica rescheduled on the new node",
+            )
+            wait_until(lambda: _chat(served).json()["model"] != "backup", timeout_s=180, what="the LLM answering")
+            recovered = time.time()
+            time.sleep(2)  # a few more requests of the load after recovery
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=100)
+    assert all(r["end"] - r["start"] < 90 for r in records)  # nothing hung
+    failures = [r for r in records if r["status"] != 200]
+    for failure in failures:
+        # Clean: an HTTP error with a body that is no traceback (or a dropped connection), and only for a
+        # request in flight around the loss, never after recovery.
+        assert "Traceback" not in failure["text"], failure
+        assert failure["status"] in (429, 500, 503, 504) or isinstance(failure["status"], str), failure
+        assert killed_at - 90 <= failure["start"] <= recovered, (failure, killed_at, recovered)
+    assert len(failures) <= 6, failures
+    assert any(r["start"] > recovered and r["status"] == 200 for r in records)
