@@ -389,7 +389,11 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
                 storage_filesystem=search_fs,
                 callbacks=[progress],
                 verbose=0,
-                failure_config=ray_tune.FailureConfig(max_failures=0),
+                # A trial whose own actor is lost (its node went away: the trial function runs wherever
+                # Ray places it) is started again, up to train.max_failures times; its Ray Train run
+                # then continues from the trial's latest checkpoint (storage_path is the trial's folder).
+                # Its workers' failures are Ray Train's to restart, within the trial.
+                failure_config=ray_tune.FailureConfig(max_failures=recipe.train.max_failures),
             ),
         )
     log.info(
