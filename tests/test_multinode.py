@@ -14,7 +14,11 @@ What is proven:
   run's;
 - serving puts the LLM replica, the guard and the ingress on the nodes their custom resources name, and a
   request crosses them; the LLM replica's node killed under load fails at most the requests in flight
-  (cleanly), the backup on another node answers meanwhile, and the replica comes back on a replacement node.
+  (cleanly), the backup on another node answers meanwhile, and the replica comes back on a replacement node;
+- tune runs two trials at once on two nodes; one trial's node killed after its first checkpoint costs no
+  trial: it finishes on the spare node from that checkpoint.
+Not covered here: prepare's and evaluate's Ray Data work spread over nodes (they read and write only the
+shared run directory, as the tests above do).
 
 Extended lane (RAYTUNE_EXTENDED=1): starting the cluster alone takes about a minute on 2 busy cores. Every
 wait is bounded (`time_limit`), so a hang fails the test instead of stalling the suite.
