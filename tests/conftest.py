@@ -28,7 +28,7 @@ import pytest
 
 # Fixtures that start Ray (or need a run made on it); a test using any of them, directly or through
 # another fixture, is in the slow lane.
-RAY_FIXTURES = {"ray_local", "ray_head", "toy_run", "searched", "app"}
+RAY_FIXTURES = {"ray_local", "ray_head", "toy_run", "searched", "app", "ray_cluster"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,8 +54,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(extended)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
+def start_local_ray():
+    """The test session's local Ray (2 CPUs), or the head RAYTUNE_TEST_RAY_ADDRESS names."""
     import ray
 
     for attempt in range(3):
@@ -76,6 +76,12 @@ def ray_local():
             ray.shutdown()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

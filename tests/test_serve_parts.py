@@ -369,3 +369,46 @@ def test_background_work_is_capped():
 
     started, running = asyncio.run(run())
     assert started == [0, 1] and running == 2 and router.stats.skipped_background == 3
+
+
+def _pinned_recipe():
+    deployments = {"llm": {"num_cpus": 2, "resources": {"serving_node": 1}}, "guard": {"resources": {"edge": 0.5}}}
+    return config.validate(
+        {
+            "run": {"name": "pin"},
+            "model": {"path": "bundled:smollm2-135m-instruct"},
+            "data": {"generator": {"name": "order_extraction"}},
+            "serve": {"deployments": deployments},
+        }
+    )
+
+
+def test_custom_resources_pin_replicas_to_nodes():
+    from raytune_app.serve.app import _options
+
+    recipe = _pinned_recipe()
+    assert _options(recipe, "guard")["ray_actor_options"]["resources"] == {"edge": 0.5}
+    assert "resources" not in _options(recipe, "ingress")["ray_actor_options"]
+    bad = recipe.resolved()["serve"] | {"deployments": {"llm": {"resources": {"CPU": 1}}}}
+    with pytest.raises(config.RecipeError, match="num_cpus / num_gpus"):
+        config.validate(recipe.resolved() | {"serve": bad})
+
+
+@pytest.mark.slow  # imports Ray Serve LLM (vLLM): tens of seconds
+def test_custom_resources_go_into_the_vllm_engine_bundle():
+    from raytune_app.serve.app import _options
+    from raytune_app.serve.vllm_server import llm_config
+
+    recipe = _pinned_recipe()
+    spec = {
+        "model_id": "m",
+        "model": {"path": "/nonexistent"},
+        "vllm": recipe.serve.vllm.model_dump(),
+        "precision": "fp32",
+        "adapters": {},
+        "max_loaded_adapters": 1,
+    }
+    # The bundle the replica and the engine's workers run in carries them; the replica actor itself does not.
+    llm = llm_config(spec, _options(recipe, "llm", "vllm"))
+    assert llm.placement_group_config["bundles"][0]["serving_node"] == 1
+    assert "resources" not in llm.deployment_config["ray_actor_options"]

@@ -281,6 +281,8 @@ def _options(recipe: config.Recipe, name: str, backend: str = "transformers") ->
         actor["num_cpus"] = cfg.num_cpus
     if cfg.num_gpus is not None:
         actor["num_gpus"] = cfg.num_gpus
+    if cfg.resources:  # custom resources: which nodes the replicas may go to
+        actor["resources"] = dict(cfg.resources)
     options["ray_actor_options"] = actor
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas

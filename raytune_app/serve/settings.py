@@ -224,6 +224,12 @@ class DeploymentSection(Section):
     num_gpus: float | None = Field(
         None, ge=0, description="GPUs each replica reserves (1 for an LLM replica on a GPU node)."
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica asks for (name -> amount), e.g. {serving_node: 1} to "
+        "keep the replicas on the nodes that declare it (`ray start --resources`, a node type's `resources:`). "
+        "For a vLLM deployment they go into the engine's placement group, which holds the replica too.",
+    )
     max_ongoing_requests: int | None = Field(
         None,
         ge=1,
@@ -250,6 +256,12 @@ class DeploymentSection(Section):
     def _one_way(self):
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set num_replicas or autoscaling, not both")
+        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources))
+        if builtin:
+            raise ValueError(f"resources: set {builtin} with num_cpus / num_gpus; name only custom resources here")
+        bad = sorted(name for name, amount in self.resources.items() if amount <= 0)
+        if bad:
+            raise ValueError(f"resources: amounts must be above 0 ({bad})")
         return self
 
 

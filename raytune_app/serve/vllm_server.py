@@ -116,6 +116,9 @@ def llm_config(spec: dict, options: dict):
     actor = dict(options.get("ray_actor_options") or {})
     gpus = actor.pop("num_gpus", 0) or 0
     cpus = actor.pop("num_cpus", 1.0)
+    # Custom resources (serve.deployments.<name>.resources) go into every bundle: the engine's workers and
+    # the replica (which runs in the first bundle) then land on the nodes that declare them.
+    custom = actor.pop("resources", None) or {}
     engine = engine_kwargs(spec, bool(gpus))
     # The engine's workers run in the placement group's bundles (one per tensor / pipeline shard); the
     # replica actor (request handling only) shares the first one. The deployment's num_cpus is split
@@ -123,7 +126,7 @@ def llm_config(spec: dict, options: dict):
     # the replica takes in all. Its GPU is the bundle's, not the actor's own.
     replica_cpus = min(0.1, cpus / 2)
     actor["num_cpus"] = replica_cpus
-    bundle = {"CPU": round(cpus - replica_cpus, 4)} | ({"GPU": 1} if gpus else {})
+    bundle = {"CPU": round(cpus - replica_cpus, 4)} | ({"GPU": 1} if gpus else {}) | custom
     shards = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
     if gpus:
         engine.setdefault("gpu_memory_utilization", spec["vllm"]["gpu_memory_utilization"])

@@ -44,6 +44,15 @@ class TrainManifest(BaseModel):
     seconds_this_session: float = 0.0
     workers: int = Field(ge=1)
     use_gpu: bool
+    worker_nodes: list[str] = Field(
+        default_factory=list,
+        description="The Ray node id of each worker (by world rank) in the attempt that finished the run.",
+    )
+    resumed_from_step: int | None = Field(
+        None,
+        description="The checkpoint step the attempt that finished the run started from (after a restart: Ray "
+        "Train's after a failure, or --resume); None when it trained from the start.",
+    )
     mlflow_run_id: str | None = Field(None, description="The MLflow run that tracks it, once logged.")
     chain: list[dict] | None = Field(None, description="For a chain's last step: every step's lineage.")
 

@@ -45,12 +45,13 @@ def fingerprint(recipe: Recipe, prepare_manifest: dict, parent: TrainManifest | 
     # train.distill matters only when training on distilled data; leaving it out otherwise keeps the
     # fingerprints of runs made before that setting existed.
     # The same holds for the settings of the methods not in use (dpo, grpo).
-    # And where metrics are reported (report_to) changes no weights.
+    # And where metrics are reported (report_to) or which nodes the workers use (worker_resources) changes
+    # no weights.
     methods = {"dpo", "orpo", "simpo", "kto", "grpo"}
     exclude = (
         ({"distill"} if "distill" not in recipe.run.stages else set())
         | (methods - {recipe.train.method})
-        | {"report_to"}
+        | {"report_to", "worker_resources"}
     )
     payload = {
         "model": recipe.model.model_dump(mode="json"),
@@ -75,7 +76,8 @@ def check_resources(recipe: Recipe) -> tuple[bool, float]:
     import ray
 
     total = ray.cluster_resources()
-    plan = resources.plan_workers(recipe.train, int(total.get("GPU", 0)), int(total.get("CPU", 0)))
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    plan = resources.plan_workers(recipe.train, int(total.get("GPU", 0)), int(total.get("CPU", 0)), nodes=nodes)
     if plan.problems:
         raise TrainError("; ".join(plan.problems))
     return plan.use_gpu, plan.cpus_per_worker
@@ -207,7 +209,9 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=train_cfg.workers,
             use_gpu=use_gpu,
-            resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker},
+            # Custom resources (train.worker_resources) pin the workers to the nodes that declare them.
+            resources_per_worker=(({} if use_gpu else {"CPU": cpus_per_worker}) | dict(train_cfg.worker_resources))
+            or None,
         ),
         run_config=ray.train.RunConfig(
             name="train",
@@ -270,6 +274,8 @@ def write_manifest(
             "seconds_this_session": round(time.time() - began, 1),
             "workers": train_cfg.workers,
             "use_gpu": use_gpu,
+            "worker_nodes": summary.get("worker_nodes", []),
+            "resumed_from_step": summary.get("resumed_from_step"),
         }
     )
     # The manifest marks the run finished before MLflow is contacted (a store that hangs or fails must
@@ -383,6 +389,11 @@ def train(
     )
     began = time.time()
     result = trainer.fit()
+    # A worker that died (its node lost, killed) left its attempt's scratch on its node, and the group Ray
+    # Train restarted may have gone elsewhere, so no later attempt there removes it.
+    from raytune_app.train import scratch
+
+    scratch.remove_on_every_node([out_dir])
     manifest = write_manifest(
         recipe, out_dir, result, fingerprint=current, prepared=prepared, parent=parent, use_gpu=use_gpu, began=began
     )

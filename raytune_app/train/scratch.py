@@ -15,7 +15,10 @@ on the worker's node, and it must belong to one run and one attempt only:
   Ray Train restarts after a failure, or a `--resume` after a killed driver, starts from an empty folder:
   nothing a dead attempt left behind is read again (the resume itself reads only the durable checkpoint).
 - Earlier attempts of the same run on this node are removed when an attempt starts (a SIGKILL leaves
-  them behind), and an attempt removes its own folder when it ends, failed or not.
+  them behind), and an attempt removes its own folder when it ends, failed or not. On a cluster a restarted
+  group may not come back to a node whose worker died (Ray Train places it where there is room): the train
+  stage removes the run's scratch on every node once the run ends (`remove_on_every_node`).
+- One worker per node (the lowest world rank there: `node_leader`) makes and removes the folder.
 
 `ReportSavedCheckpoint` replaces Ray's RayTrainReportCallback, which reports the highest-numbered
 checkpoint folder it finds in `output_dir` whatever wrote it: ours reports the folder of the step just
@@ -65,9 +68,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-def start_attempt(out_dir: str, local_rank: int, device=None) -> str:
+def all_gather(value) -> list:
+    """`value` from every worker, by world rank (a one-item list with one worker)."""
+    dist = _distributed()
+    if dist is None:
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def node_leader(node_id: str) -> bool:
+    """Whether this worker is the first (lowest world rank) of the workers on its Ray node: the one that
+    makes and removes the node's scratch folder. Grouped by Ray node id rather than by Ray Train's local
+    rank, which groups workers by IP address: nodes that share an address (several raylets on one machine,
+    as a simulated cluster has) would otherwise have one local rank 0 between them, and the other nodes'
+    scratch would be neither emptied at the start nor removed at the end."""
+    nodes = all_gather(node_id)
+    dist = _distributed()
+    return nodes.index(node_id) == (dist.get_rank() if dist is not None else 0)
+
+
+def start_attempt(out_dir: str, leader: bool, device=None) -> str:
     """A fresh, empty scratch folder for this attempt, the same on every worker of a node; earlier
-    attempts of this run on the node are removed first."""
+    attempts of this run on the node are removed first (by the node's `leader`: node_leader)."""
     attempt = [uuid.uuid4().hex[:12]]
     dist = _distributed()
     if dist is not None:
@@ -75,7 +99,7 @@ def start_attempt(out_dir: str, local_rank: int, device=None) -> str:
         dist.broadcast_object_list(attempt, src=0, device=device)
     root = run_scratch(out_dir)
     folder = os.path.join(root, attempt[0])
-    if local_rank == 0:
+    if leader:
         if os.path.isdir(root):
             for stale in os.listdir(root):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
@@ -84,10 +108,10 @@ def start_attempt(out_dir: str, local_rank: int, device=None) -> str:
     return folder
 
 
-def end_attempt(folder: str, local_rank: int) -> None:
-    """Remove this attempt's scratch (and the run's folder once empty). Every worker must have finished
-    with it: call after a barrier on success; on failure the group is going down anyway."""
-    if local_rank != 0:
+def end_attempt(folder: str, leader: bool) -> None:
+    """Remove this attempt's scratch (and the run's folder once empty), on the node's leader. Every worker
+    must have finished with it: call after a barrier on success; on failure the group is going down anyway."""
+    if not leader:
         return
     shutil.rmtree(folder, ignore_errors=True)
     try:

@@ -283,6 +283,12 @@ class TrainSection(Section):
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="Workers take a GPU each; `auto`: when the cluster has GPUs."
     )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker asks for besides its CPUs / GPU (name -> amount), e.g. "
+        "{spot_a100: 1} to keep workers on the nodes that declare that resource (`ray start --resources`, a node "
+        "type's `resources:` in the cluster config). Placement only: it changes no weights and no fingerprint.",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, gt=0, description="Sequences per worker per micro-step.")
@@ -333,6 +339,15 @@ class TrainSection(Section):
     def _check(self):
         if isinstance(self.warmup, float) and self.warmup >= 1:
             raise ValueError(f"warmup as a fraction must be below 1, got {self.warmup} (write an int for steps)")
+        builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(self.worker_resources))
+        if builtin:
+            raise ValueError(
+                f"worker_resources: {builtin} are set by train.workers / use_gpu (and tune.cpus_per_worker); "
+                "name only custom resources here"
+            )
+        bad = sorted(name for name, amount in self.worker_resources.items() if amount <= 0)
+        if bad:
+            raise ValueError(f"worker_resources: amounts must be above 0 ({bad})")
         if self.finetuning == "qlora" and self.deepspeed is not None and self.deepspeed.stage == 3:
             raise ValueError(
                 "QLoRA with DeepSpeed ZeRO-3 is not supported here: 4-bit weights cannot be "

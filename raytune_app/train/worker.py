@@ -248,24 +248,25 @@ def _peak_memory_mb() -> float:
 def train_worker(loop_config: dict) -> None:
     """Ray Train's `train_loop_per_worker` (its `train_loop_config` is {"worker": WorkerConfig}): one attempt
     of the run, in its own scratch folder (removed at the end)."""
+    import ray
     import ray.train
     import ray.train.torch
 
     from raytune_app.train import scratch
 
     config: WorkerConfig = loop_config["worker"]
-    context = ray.train.get_context()
-    folder = scratch.start_attempt(
-        config.out_dir, context.get_local_rank(), device=ray.train.torch.get_device() if config.use_gpu else None
-    )
+    device = ray.train.torch.get_device() if config.use_gpu else None
+    leader = scratch.node_leader(ray.get_runtime_context().get_node_id())
+    folder = scratch.start_attempt(config.out_dir, leader, device=device)
     try:
         _train(config, folder)
         scratch.barrier()  # every rank has saved its part of the final weights
     finally:
-        scratch.end_attempt(folder, context.get_local_rank())
+        scratch.end_attempt(folder, leader)
 
 
 def _train(config: WorkerConfig, scratch_dir: str) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from transformers import set_seed
@@ -360,14 +361,14 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
 
     trainer.remove_callback(PrinterCallback)
 
-    resume_from = None
+    resume_from, resumed_step = None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         restored = checkpoint.to_directory(os.path.join(scratch_dir, "restored"))
         resume_from = os.path.join(restored, CHECKPOINT_NAME)
+        resumed_step = json.load(open(os.path.join(resume_from, "trainer_state.json")))["global_step"]
         if rank == 0:
-            state = json.load(open(os.path.join(resume_from, "trainer_state.json")))
-            console.logger("train").info(f"resuming from step {state['global_step']} ({checkpoint.path})")
+            console.logger("train").info(f"resuming from step {resumed_step} ({checkpoint.path})")
     if resume_from is not None and method == "sft" and not ds_config and _at_last_step(resume_from):
         _load_last_step(trainer, resume_from)
     else:
@@ -377,6 +378,11 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
     # DPO / GRPO added a frozen "ref" adapter to score the reference; the saved adapter is the trained one alone.
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")
+    # Where the workers of the attempt that finished ran (by world rank), for the manifest: on a cluster,
+    # which nodes trained (and, after a lost node, where Ray Train restarted them). Every rank takes part.
+    from raytune_app.train.scratch import all_gather
+
+    nodes = all_gather(ray.get_runtime_context().get_node_id())
     # Rank 0 writes the final artefacts; with ZeRO-3 every rank takes part in gathering the weights.
     with tempfile.TemporaryDirectory() as staging:
         trainer.save_model(staging)
@@ -391,6 +397,8 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
                 "tokens_seen": trainer.state.num_input_tokens_seen,
                 "packed": packed,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "worker_nodes": nodes,
+                "resumed_from_step": resumed_step,
             }
             storage.write_text(
                 storage.join(config.out_dir, "metrics.jsonl"), "".join(json.dumps(entry) + "\n" for entry in history)

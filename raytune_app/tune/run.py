@@ -66,7 +66,7 @@ def fingerprint(recipe: Recipe, prepared: dict) -> str:
     """Identifies a search: what its trials train from and how, and how the search runs."""
     payload = {
         "model": recipe.model.model_dump(mode="json"),
-        "train": recipe.train.model_dump(mode="json"),
+        "train": recipe.train.model_dump(mode="json", exclude={"worker_resources"}),  # placement only
         "tune": recipe.tune.model_dump(mode="json", exclude={"register_best"}),
         "seed": recipe.run.seed,
         "data": prepared["fingerprint"],
@@ -85,7 +85,21 @@ def plan_resources(recipe: Recipe) -> dict:
     plan = resources.plan_workers(recipe.train, gpus, cpus, cpus_per_worker=per_worker)
     if plan.problems:
         raise TuneError(f"one trial can never start: {'; '.join(plan.problems)}")
-    fits = int(cpus // (workers * per_worker))
+    # Workers fit node by node (a worker never spans nodes): three 3-CPU nodes hold four 2-CPU workers'
+    # worth of cores but only three such workers.
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    # Custom resources no node declares yet (an autoscaler may add such nodes): counted by CPUs alone.
+    extra = recipe.train.worker_resources
+    fits = resources.worker_slots(nodes, per_worker, extra) // workers
+    if fits == 0 and extra and not resources.worker_slots(nodes, 0, extra):
+        fits = resources.worker_slots(nodes, per_worker, {}) // workers
+    if fits == 0:
+        largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+        raise TuneError(
+            f"one trial can never start: its {workers} worker(s) of tune.cpus_per_worker={per_worker:g} CPUs "
+            f"each must each fit on one node, and the nodes (largest: {largest:g} CPUs) hold fewer; lower "
+            "tune.cpus_per_worker or train.workers"
+        )
     if plan.use_gpu:
         fits = min(fits, gpus // workers)
     wanted = recipe.tune.max_concurrent_trials
@@ -375,7 +389,11 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
                 storage_filesystem=search_fs,
                 callbacks=[progress],
                 verbose=0,
-                failure_config=ray_tune.FailureConfig(max_failures=0),
+                # A trial whose own actor is lost (its node went away: the trial function runs wherever
+                # Ray places it) is started again, up to train.max_failures times; its Ray Train run
+                # then continues from the trial's latest checkpoint (storage_path is the trial's folder).
+                # Its workers' failures are Ray Train's to restart, within the trial.
+                failure_config=ray_tune.FailureConfig(max_failures=recipe.train.max_failures),
             ),
         )
     log.info(

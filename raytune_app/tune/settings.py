@@ -35,6 +35,7 @@ FIXED = {
     "train.checkpoint.every_steps": "trials report (and ASHA compares them) at every checkpoint; set it, not search it",
     "train.checkpoint.keep_best": "a storage setting, not a hyper-parameter",
     "train.max_failures": "a fault-tolerance setting, not a hyper-parameter",
+    "train.worker_resources": "a placement setting, not a hyper-parameter",
     "train.method": "the method decides the data the trial reads; tune one method at a time",
     "train.logging_steps": "a logging setting, not a hyper-parameter",
 }

@@ -1,0 +1,570 @@
+"""Multi-node behaviour on a simulated cluster: a Ray head and three worker nodes on this one machine.
+
+Each node is its own raylet (`ray.cluster_utils.Cluster`) with its own CPUs, its own custom resources
+(`trainer` on every worker node, and `n1` / `n2` / `n3` naming one node each) and its own temp folder
+(TMPDIR in the raylet's environment, which its workers inherit: where node-local scratch goes, as on a
+real node's local disk). The run directory is the one folder every node sees, standing for the cluster's
+shared filesystem (README "Multi-node"). The head has no CPUs: nothing but the drivers' own actors (Ray
+Train's controller, Serve's controller and proxy) runs there, so every piece of work is on a worker node.
+
+What is proven:
+- training with 2 workers runs them on 2 different nodes (gloo across raylets), and the manifest says where;
+- a worker node killed mid-training (its raylet and every process on it) costs nothing: Ray Train restarts
+  the group on the surviving nodes from the last checkpoint and the final weights equal an uninterrupted
+  run's;
+- serving puts the LLM replica, the guard and the ingress on the nodes their custom resources name, and a
+  request crosses them; the LLM replica's node killed under load fails at most the requests in flight
+  (cleanly), the backup on another node answers meanwhile, and the replica comes back on a replacement node;
+- tune runs two trials at once on two nodes; one trial's node killed after its first checkpoint costs no
+  trial: it finishes on the spare node from that checkpoint.
+Not covered here: prepare's and evaluate's Ray Data work spread over nodes (they read and write only the
+shared run directory, as the tests above do).
+
+Extended lane (RAYTUNE_EXTENDED=1): starting the cluster alone takes about a minute on 2 busy cores. Every
+wait is bounded (`time_limit`), so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+from conftest import free_port, prepare_once, start_local_ray, toy_recipe
+from serve_helpers import BENIGN, INJECTION, KEY, guard, wait_until
+
+from raytune_app import config
+
+pytestmark = [pytest.mark.extended, pytest.mark.slow]
+
+WORKER_NODES = ("n1", "n2", "n3")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail (TimeoutError in the test's thread) when the block runs past `seconds`: pytest-timeout is not
+    a dependency, and a lost node must never leave the suite waiting for ever."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"the test ran past its limit of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class SimulatedCluster:
+    """The head and worker nodes, with each node's temp folder; nodes can be killed and replaced.
+
+    A node is known by its name: the custom resource only it declares (`n1`...), and its TMPDIR, which
+    every process of the node (raylet, agents, workers) has in its environment. Killing a node is a SIGKILL
+    to all of those at once, as a lost machine does. On a busy machine Ray's fixed 30 s start-up window can
+    pass before a raylet registers: the node is then waited for here rather than started twice."""
+
+    def __init__(self, root: str):
+        from ray.cluster_utils import Cluster
+
+        self.root = root
+        self.tmp: dict[str, str] = {}  # node name -> its TMPDIR
+        for attempt in range(3):
+            head_tmp = self._tmpdir("head")
+            try:
+                self.cluster = Cluster(
+                    initialize_head=True,
+                    head_node_args={
+                        "num_cpus": 0,
+                        "include_dashboard": False,
+                        "env_vars": self._env(head_tmp),
+                        **self._ports(),
+                    },
+                )
+                break
+            except Exception as exc:
+                self._kill_processes(head_tmp)
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+        for name in WORKER_NODES:
+            self.add(name)
+
+    @staticmethod
+    def _env(tmp: str) -> dict:
+        # A raylet waits a fixed time for its agents (dashboard, runtime env) to report the ports they
+        # picked and aborts past it (ray-project/ray#65983); on 2 busy cores they can take longer to import.
+        return {"TMPDIR": tmp, "RAY_agent_register_timeout_ms": "180000"}
+
+    @staticmethod
+    def _ports() -> dict:
+        """Ports chosen here for a node's agents, so its raylet has none to wait for."""
+        names = ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port", "runtime_env_agent_port")
+        return {name: free_port() for name in names}
+
+    def _tmpdir(self, name: str) -> str:
+        folder = tempfile.mkdtemp(prefix=f"{name}-", dir=self.root)
+        self.tmp[name] = folder
+        return folder
+
+    def add(self, name: str) -> None:
+        """Start worker node `name`: 2 logical CPUs (more than the machine's share: the tiny models need
+        little), a `trainer` slot and its own name as a resource, its own TMPDIR; wait until it is up."""
+        try:
+            self.cluster.add_node(
+                num_cpus=2,
+                resources={"trainer": 1, name: 1},
+                env_vars=self._env(self._tmpdir(name)),
+                **self._ports(),
+            )
+        except Exception as exc:
+            if "timed out during startup" not in str(exc):
+                raise
+        deadline = time.monotonic() + 180
+        while self._alive(name) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {name} did not join the cluster")
+            time.sleep(0.5)
+
+    def _alive(self, name: str) -> str | None:
+        table = self.cluster.global_state.node_table()
+        return next((n["NodeID"] for n in table if n["Alive"] and name in n["Resources"]), None)
+
+    def node_id(self, name: str) -> str:
+        found = self._alive(name)
+        assert found is not None, f"node {name} is not alive"
+        return found
+
+    def name_of(self, node_id: str) -> str:
+        table = self.cluster.global_state.node_table()
+        resources = next(n["Resources"] for n in table if n["NodeID"] == node_id)
+        return next(name for name in WORKER_NODES if name in resources)
+
+    @staticmethod
+    def _kill_processes(tmp: str) -> int:
+        import psutil
+
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("TMPDIR") == tmp:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        for proc in found:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(found, timeout=30)
+        return len(found)
+
+    def kill(self, name: str) -> None:
+        """Kill worker node `name` without warning: its raylet and every process on it (a lost spot node)."""
+        assert self._kill_processes(self.tmp[name]) > 0
+        deadline = time.monotonic() + 120  # until the cluster knows (GCS health checks), so nothing goes there
+        while self._alive(name) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+        for folder in self.tmp.values():  # nodes whose start-up timed out are not the Cluster's to stop
+            self._kill_processes(folder)
+
+    def scratch_holders(self) -> list[str]:
+        """Nodes whose temp folder holds training scratch now (where a run's workers are)."""
+        held = []
+        for name in WORKER_NODES:
+            scratch = os.path.join(self.tmp[name], "raytune_app", "scratch")
+            try:
+                if any(os.listdir(os.path.join(scratch, run)) for run in os.listdir(scratch)):
+                    held.append(name)
+            except OSError:  # none yet, or removed while we looked
+                continue
+        return held
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    was_local = ray.is_initialized()
+    if was_local:  # the session's local Ray (other modules' tests): this module needs its own cluster
+        ray.shutdown()
+    root = tempfile.mkdtemp(prefix="rtmn-", dir="/tmp")  # short: Ray's socket paths live under node folders
+    sim = None
+    try:
+        with time_limit(900):
+            sim = SimulatedCluster(root)
+            ray.init(address=sim.cluster.address, logging_level="ERROR", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield sim
+    finally:
+        ray.shutdown()
+        if sim is not None:
+            sim.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+        if was_local:
+            start_local_ray()
+
+
+def _recipe(root, model, **train):
+    """The toy recipe trained by 2 workers, one per `trainer` slot (so on 2 different nodes), with a
+    checkpoint every 4 of 24 steps; `root` is the run directory every node sees."""
+    recipe = toy_recipe(
+        root,
+        model,
+        workers=2,
+        worker_resources={"trainer": 1},
+        max_steps=24,
+        checkpoint={"every_steps": 4, "keep_best": 2},
+        max_failures=2,
+        **train,
+    )
+    return config.validate(recipe.resolved() | {"run": recipe.resolved()["run"] | {"name": "mn"}})
+
+
+def _weights(recipe) -> dict:
+    from safetensors.torch import load_file
+
+    path = os.path.join(recipe.stage_dir("train"), "adapter", "adapter_model.safetensors")
+    return {name: tensor.clone() for name, tensor in load_file(path).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tiny_model, tmp_path_factory):
+    """(recipe, manifest) of an uninterrupted 2-node run of `_recipe`."""
+    from raytune_app.train.run import train
+
+    recipe = _recipe(tmp_path_factory.mktemp("reference"), tiny_model)
+    with time_limit(600):
+        prepare_once(recipe)
+        manifest = train(recipe)
+    return recipe, manifest
+
+
+def test_training_runs_two_workers_on_two_nodes(ray_cluster, reference):
+    recipe, manifest = reference
+    nodes = manifest["worker_nodes"]
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one worker per node: the `trainer` slots
+    assert {ray_cluster.name_of(node) for node in nodes} <= set(WORKER_NODES)
+    assert manifest["global_step"] == 24 and manifest["resumed_from_step"] is None
+    # The driver read what rank 0 wrote on its node (metrics, summary) through the shared run directory.
+    assert os.path.exists(os.path.join(recipe.stage_dir("train"), "metrics.jsonl"))
+    # Every node's scratch was removed when its worker ended.
+    assert ray_cluster.scratch_holders() == []
+
+
+def test_a_node_lost_mid_training_resumes_on_the_others_with_the_same_weights(
+    ray_cluster, reference, tiny_model, tmp_path
+):
+    from raytune_app.train.run import train
+
+    expected, _ = reference
+    recipe = _recipe(tmp_path, tiny_model)
+    prepare_once(recipe)
+    train_dir = recipe.stage_dir("train")
+    killed: list[tuple[str, str]] = []  # (node name, node id)
+    problems: list[str] = []
+
+    def kill_after_first_checkpoint():
+        try:
+            kill_when_saved()
+        except Exception as exc:  # reported by the test, not lost with the thread
+            problems.append(f"{type(exc).__name__}: {exc}")
+
+    def kill_when_saved():
+        # Ray Train records each checkpoint it has (all workers' files uploaded) in this snapshot; the first
+        # one recorded means step 4 is saved, and 20 steps (4 more checkpoints) are still to go. (A
+        # checkpoint_<time>/ folder appears earlier, while the upload is under way.)
+        snapshot = os.path.join(train_dir, "checkpoint_manager_snapshot.json")
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            try:
+                saved = json.load(open(snapshot)).get("latest_checkpoint_result") is not None
+            except (OSError, ValueError):  # not written yet, or being replaced
+                saved = False
+            holders = ray_cluster.scratch_holders()
+            if saved and holders:
+                victim = holders[0]
+                killed.append((victim, ray_cluster.node_id(victim)))
+                ray_cluster.kill(victim)
+                return
+            time.sleep(0.1)
+        problems.append("no checkpoint appeared in time")
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        with time_limit(600):
+            manifest = train(recipe)
+            killer.join(timeout=60)
+        assert not problems and killed, problems
+        victim, victim_id = killed[0]
+        # Ray Train restarted the group on the two surviving nodes, from a checkpoint, not from the start.
+        assert victim_id not in manifest["worker_nodes"] and len(set(manifest["worker_nodes"])) == 2
+        assert manifest["resumed_from_step"] in (4, 8, 12, 16, 20), manifest["resumed_from_step"]
+        assert manifest["global_step"] == 24
+        # Same world size, same data shards, same restored optimizer and RNG states: the same weights as the
+        # uninterrupted run, up to float rounding.
+        reference_weights = _weights(expected)
+        weights = _weights(recipe)
+        assert weights.keys() == reference_weights.keys()
+        for name, tensor in reference_weights.items():
+            torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=1e-5)
+    finally:
+        killer.join(timeout=5)
+        for name, _ in killed:  # the next tests get the cluster's full shape back
+            ray_cluster.add(name)
+
+
+# --- Serving: the LLM replica, the guard and the ingress each on its own node ----------------------------
+
+APP = "mnserve"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model, tmp_path_factory):
+    """The serving app of a tiny model on the cluster: the LLM replica pinned to n1, the guard and the backup
+    to n2, the ingress to n3 (custom resources), the router wherever Serve puts it. Serve's HTTP proxy runs on
+    the head only: every node of this cluster shares one address, so per-node proxies would fight for the
+    port (on a real cluster each node has its own address)."""
+    from ray import serve
+
+    from raytune_app.serve.app import run
+    from raytune_app.tiny import build_tiny_bert
+
+    root = tmp_path_factory.mktemp("serve")
+    guard_folder = guard(build_tiny_bert(root / "guard-bert"), root / "guard")
+    keys = root / "keys.txt"
+    keys.write_text(KEY + "\n")
+    health = {"health_check_period_s": 1, "health_check_timeout_s": 10}
+    recipe = config.validate(
+        {
+            "run": {"name": APP, "output_dir": str(root / "runs")},
+            "model": {"path": tiny_model},
+            "data": {"generator": {"name": "order_extraction"}},
+            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "model_name": APP},
+            "serve": {
+                "port": free_port(),
+                "backend": "transformers",
+                "name": "toy",
+                "champion": "base",
+                "backup": "base",
+                "batching": {"max_batch_size": 2, "batch_wait_timeout_s": 0.05},
+                "limits": {"default_max_tokens": 8, "default_temperature": 0.0, "timeout_s": 20},
+                "guard": {"model": guard_folder},
+                "access": {"api_keys_env": None, "api_keys_file": str(keys)},
+                "deployments": {
+                    "llm": {"num_cpus": 0.5, "resources": {"n1": 0.1}} | health,
+                    "backup": {"num_cpus": 0.5, "resources": {"n2": 0.1}} | health,
+                    "guard": {"num_cpus": 0.25, "resources": {"n2": 0.1}} | health,
+                    "ingress": {"num_cpus": 0.25, "resources": {"n3": 0.1}},
+                    "router": {"num_cpus": 0.25},
+                },
+            },
+        }
+    )
+    with time_limit(600):
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": recipe.serve.port})
+        url = run(recipe)
+        wait_until(lambda: _chat(url).status_code == 200, timeout_s=300, what="the app to answer")
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def _chat(url: str, content: str = BENIGN, timeout: float = 120):
+    import httpx
+
+    body = {"model": "toy", "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    return httpx.post(url + "/v1/chat/completions", headers=AUTH, json=body, timeout=timeout)
+
+
+def _replica_nodes(ray_cluster, deployment: str) -> dict[str, str]:
+    """{replica actor name: node name} of the deployment's live replicas (from the GCS's actor table)."""
+    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+    table = ray_cluster.cluster.global_state.actor_table(None)
+    return {
+        actor["Name"]: ray_cluster.name_of(actor["Address"]["NodeID"])
+        for actor in table.values()
+        if actor["Name"].startswith(prefix) and actor["State"] == "ALIVE"
+    }
+
+
+def test_serving_runs_the_llm_guard_and_ingress_on_their_own_nodes(ray_cluster, served):
+    assert set(_replica_nodes(ray_cluster, "llm").values()) == {"n1"}
+    assert set(_replica_nodes(ray_cluster, "guard").values()) == {"n2"}
+    assert set(_replica_nodes(ray_cluster, "backup").values()) == {"n2"}
+    assert set(_replica_nodes(ray_cluster, "ingress").values()) == {"n3"}
+    # A request crosses the nodes: proxy (head) -> ingress (n3) -> router -> guard (n2) -> LLM (n1).
+    answer = _chat(served)
+    assert answer.status_code == 200 and answer.headers["x-raytune-failover"] == "false", answer.text
+    refused = _chat(served, INJECTION)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (400, "prompt_refused"), refused.text
+
+
+def test_a_node_lost_under_serving_load_fails_only_requests_in_flight_and_the_replica_comes_back(ray_cluster, served):
+    import httpx
+
+    records: list[dict] = []
+    stop = threading.Event()
+
+    def client(index: int):
+        with httpx.Client(timeout=90, headers=AUTH) as http:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                body = {"model": "toy", "max_tokens": 8, "messages": [{"role": "user", "content": f"order {i}"}]}
+                began = time.time()
+                try:
+                    r = http.post(served + "/v1/chat/completions", json=body)
+                    status, text = r.status_code, r.text
+                    failover = r.headers.get("x-raytune-failover") == "true"
+                except httpx.HTTPError as exc:  # a connection the server dropped: clean, but a failure
+                    status, text, failover = type(exc).__name__, "", False
+                records.append(
+                    {"start": began, "end": time.time(), "status": status, "text": text, "failover": failover}
+                )
+
+    before = _replica_nodes(ray_cluster, "llm")
+    clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(2)]
+    try:
+        with time_limit(900):
+            for thread in clients:
+                thread.start()
+            wait_until(lambda: sum(r["status"] == 200 for r in records) >= 4, what="steady load")
+            killed_at = time.time()
+            ray_cluster.kill("n1")  # the LLM replica's node, without warning
+            # While n1 is gone the backup (on n2) answers: new requests still succeed.
+            wait_until(
+                lambda: any(r["start"] > killed_at and r["status"] == 200 for r in records),
+                timeout_s=180,
+                what="an answer after the node was lost",
+            )
+            # A replacement node joins (as an autoscaler would start one) and Serve puts the LLM replica there.
+            ray_cluster.add("n1")
+            wait_until(
+                lambda: (
+                    set(_replica_nodes(ray_cluster, "llm").values()) == {"n1"}
+                    and not set(_replica_nodes(ray_cluster, "llm")) & set(before)
+                ),
+                timeout_s=300,
+                what="the LLM replica rescheduled on the new node",
+            )
+            wait_until(
+                lambda: _chat(served).headers["x-raytune-failover"] == "false", timeout_s=180, what="the LLM answering"
+            )
+            recovered = time.time()
+            wait_until(
+                lambda: any(r["start"] > recovered and r["status"] == 200 for r in records),
+                timeout_s=120,
+                what="the load answered after recovery",
+            )
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=100)
+    assert all(r["end"] - r["start"] < 90 for r in records)  # nothing hung
+    failures = [r for r in records if r["status"] != 200]
+    by_status = {str(s): sum(f["status"] == s for f in failures) for s in {f["status"] for f in failures}}
+    print(
+        f"serving through a lost node: {len(records)} requests, {sum(r['failover'] for r in records)} answered by the "
+        f"backup, failures by status: {by_status}"
+    )
+    for failure in failures:
+        # Clean: an HTTP error with a body that is no traceback (or a dropped connection), and only for a
+        # request in flight around the loss, never after recovery.
+        assert "Traceback" not in failure["text"], failure
+        assert failure["status"] in (429, 500, 503, 504) or isinstance(failure["status"], str), failure
+        assert killed_at - 90 <= failure["start"] <= recovered, (failure, killed_at, recovered)
+    assert len(failures) <= 6, failures
+    # While n1 was gone, the router gave up on the LLM deployment (no replica to take the request within
+    # serve.limits.timeout_s) and the backup on n2 answered.
+    assert any(r["failover"] and r["start"] > killed_at for r in records)
+    assert any(r["start"] > recovered and r["status"] == 200 for r in records)
+
+
+# --- Tuning: trials on different nodes, a node lost mid-search ---------------------------------------------
+
+
+def test_tune_trials_run_on_different_nodes_and_a_lost_node_costs_no_trial(ray_cluster, tiny_model, tmp_path):
+    """Two trials at once, each one worker holding a `trainer` slot, so on two different nodes. The node of
+    one of them is killed after its first checkpoint: Ray Train restarts that trial's worker on the spare
+    node from the checkpoint, and the search ends with both trials complete."""
+    from raytune_app.tune.run import tune
+
+    base = toy_recipe(
+        tmp_path,
+        tiny_model,
+        workers=1,
+        worker_resources={"trainer": 1},
+        max_steps=16,
+        checkpoint={"every_steps": 4, "keep_best": 1},
+        max_failures=2,
+    )
+    raw = base.resolved()
+    raw["run"] |= {"name": "mntune", "stages": ["prepare", "train", "tune"]}
+    raw["tune"] = {
+        "search_space": {"train.learning_rate": {"choice": [5e-3, 2e-3]}},
+        "algorithm": "grid",
+        "num_samples": 1,
+        "max_concurrent_trials": 2,
+        "cpus_per_worker": 1,
+        "early_stopping": {"asha": False},
+    }
+    recipe = config.validate(raw)
+    prepare_once(recipe)
+    trials_dir = os.path.join(recipe.stage_dir("tune"), "trials")
+    killed: list[str] = []
+    problems: list[str] = []
+
+    def kill_after_a_trial_checkpoint():
+        deadline = time.monotonic() + 600
+        try:
+            while time.monotonic() < deadline:
+                for trial in os.listdir(trials_dir) if os.path.isdir(trials_dir) else []:
+                    snapshot = os.path.join(trials_dir, trial, "train", "checkpoint_manager_snapshot.json")
+                    try:
+                        saved = json.load(open(snapshot)).get("latest_checkpoint_result") is not None
+                    except (OSError, ValueError):
+                        saved = False
+                    holders = ray_cluster.scratch_holders()
+                    if saved and len(holders) == 2:  # both trials are training, each on its node
+                        killed.append(holders[0])
+                        ray_cluster.kill(holders[0])
+                        return
+                time.sleep(0.1)
+            problems.append("no trial checkpoint while both trials ran")
+        except Exception as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+
+    killer = threading.Thread(target=kill_after_a_trial_checkpoint, daemon=True)
+    killer.start()
+    try:
+        with time_limit(900):
+            summary = tune(recipe)
+            killer.join(timeout=60)
+        assert not problems and killed, problems
+        assert summary["trials"] == 2 and not summary.get("interrupted"), summary
+        rows = json.load(open(os.path.join(recipe.stage_dir("tune"), "trials.json")))
+        assert [row["status"] for row in rows] == ["completed", "completed"], rows
+        manifests = [json.load(open(os.path.join(row["dir"], "manifest.json"))) for row in rows]
+        finished_on = [ray_cluster.name_of(m["worker_nodes"][0]) for m in manifests]
+        # The two trials ended on two nodes, neither the lost one; one of them resumed from its checkpoint.
+        assert len(set(finished_on)) == 2 and killed[0] not in finished_on, (finished_on, killed)
+        assert sorted(m["resumed_from_step"] is not None for m in manifests) == [False, True], manifests
+        assert all(m["global_step"] == 16 for m in manifests)
+    finally:
+        killer.join(timeout=5)
+        for name in killed:
+            ray_cluster.add(name)
