@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from raytune_app import config, storage
 from raytune_app.errors import DataError
@@ -261,7 +262,7 @@ def _options(recipe: config.Recipe, name: str, backend: str = "transformers") ->
     from ray.serve.config import BackpressureConfig
 
     cfg = recipe.serve.deployments.get(name)
-    actor = {"num_cpus": DEFAULT_CPUS[name]}
+    actor: dict[str, Any] = {"num_cpus": DEFAULT_CPUS[name]}
     ongoing, queued = _queues(recipe, name, backend)
     options: dict = {"name": name, "max_ongoing_requests": ongoing}
     if cfg is not None and cfg.max_queued_requests is not None:
