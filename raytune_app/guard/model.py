@@ -341,9 +341,9 @@ def window_ids(
 ) -> tuple[list[list[int]], list[int]]:
     """Each text read through `view` (default guard_view) cut into overlapping windows of `max_length` tokens,
     special tokens included: the tokenizer's own overflow windows, each repeating the last `overlap` share of
-    the one before, so any stretch of up to that many tokens + 1 lies whole inside one window whatever precedes it. A text that fits
-    is one window holding exactly what truncation gives, so it scores as it always did. Returns the windows'
-    input ids and, for each, the index of its text."""
+    the one before, so any stretch of up to that many tokens + 1 lies whole inside one window whatever
+    precedes it. A text that fits is one window holding exactly what truncation gives, so it scores as it
+    always did. Returns the windows' input ids and, for each, the index of its text."""
     from raytune_app.guard.deobfuscate import guard_view
 
     view = view or guard_view
