@@ -9,7 +9,7 @@
    each classifier's own threshold (chosen on the recipe's validation rows for guard.target_fpr) the FPR
    and the attack success rate. Rows: a TF-IDF + logistic regression baseline trained on the same rows as
    the guard, the previous guard (`--previous`, when there is one), the guard through torch's int8 path
-   (shipped) and through ONNX Runtime int8 (its own threshold, chosen the same way). The same metrics
+   (shipped); ONNX Runtime's int8 scores are compared with the shipped path's (largest difference). The same metrics
    again on the public val rows whose exact text does not occur in the public train split (the split
    repeats template-made prompts: most val rows have a twin in train).
 2. Robustness: every public val attack under each obfuscation (guard/robustness.py KINDS), recall at the
@@ -144,7 +144,7 @@ def main() -> None:
 
     from raytune_app import config
     from raytune_app.guard import data, onnx_path
-    from raytune_app.guard.metrics import detection_metrics, threshold_for_fpr
+    from raytune_app.guard.metrics import detection_metrics
     from raytune_app.guard.model import Guard
     from raytune_app.guard.normalize import normalize
     from raytune_app.guard.overdefence import overdefence_rows
@@ -161,7 +161,6 @@ def main() -> None:
         else set()
     )
     target = recipe.guard.target_fpr
-    val_texts, val_labels = [r["text"] for r in val_rows], [r["label"] for r in val_rows]
 
     shipped = Guard.load(folder, threads=args.threads)
     baseline_score, baseline_threshold = tfidf_baseline(train_rows, val_rows, target)
@@ -173,10 +172,8 @@ def main() -> None:
     sides["guard, torch int8 (shipped)"] = (shipped.scores, shipped.threshold)
     onnx = None
     if not args.no_onnx and onnx_path.available():
+        # Timed beside torch's path (section 4); its scores are compared to the shipped path's on the public set.
         onnx = onnx_path.OnnxScorer.build(f"{folder}/model", f"{folder}/onnx", shipped.max_length, threads=args.threads)
-        # ONNX's own threshold, chosen as the shipped one was: its scores on the same validation rows.
-        onnx_threshold = threshold_for_fpr(one_by_one(onnx.scores, val_texts), val_labels, target)
-        sides["guard, ONNX Runtime int8"] = (onnx.scores, onnx_threshold)
     elif not args.no_onnx:
         print("ONNX Runtime path left out: pip install onnxruntime onnx", file=sys.stderr)
 
@@ -199,6 +196,12 @@ def main() -> None:
     )
     table(everything, "\n1. promptshield val, every row")
     table(fresh, f"\n   promptshield val rows whose text is not in the public train split ({len(unseen)})")
+    if onnx is not None:
+        sample = texts[:: max(1, len(texts) // 200)]
+        gap = max(abs(a - b) for a, b in zip(one_by_one(onnx.scores, sample), one_by_one(shipped.scores, sample)))
+        print(
+            f"   ONNX Runtime int8 vs torch int8 scores on {len(sample)} public prompts: largest difference {gap:.4f}"
+        )
 
     # 2. Robustness: the public attacks under each obfuscation, at each guard's own threshold.
     attacks = [r["text"] for r in public if r["label"] == 1]
