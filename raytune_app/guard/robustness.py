@@ -121,7 +121,8 @@ def obfuscated_rows(rows: int, seed: int = 0) -> list[dict]:
     """`rows` training rows (half attacks, half benign), every kind in turn; attack_type names the kind
     (`obfuscated_<kind>` or `benign_obfuscated_<kind>`), source `authored_obfuscated`."""
     rng = random.Random(seed)
-    out, seen = [], set()
+    out: list[dict] = []
+    seen: set[str] = set()
     for i in range(rows * 10):
         if len(out) >= rows:
             break
