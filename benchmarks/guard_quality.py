@@ -1,25 +1,29 @@
-"""Guard quality on a public set nobody here wrote: our fine-tuned encoder vs TF-IDF + logistic regression,
-and the guard's int8 CPU path vs its float32 model (quality and batch-1 latency, interleaved).
+"""Guard quality on a public set nobody here wrote, robustness to obfuscation, over-defence, and latency.
 
-    .venv/bin/python benchmarks/guard_quality.py [--recipe recipes/guard.yaml]
-        [--data ../shared/data/promptshield/val.jsonl] [--repeats 3] [--threads N]
-        [--in-domain ../shared/data/promptshield/train.jsonl]
+    .venv/bin/python benchmarks/guard_quality.py [--recipe recipes/guard_public.yaml]
+        [--previous runs/guard/guard] [--data ../shared/data/promptshield/val.jsonl]
+        [--public-train ../shared/data/promptshield/train.jsonl] [--repeats 3] [--threads 1] [--no-onnx]
 
-Both classifiers learn from the same rows (the guard recipe's training set: authored + bastioncorpus)
-with the same hash split, and both get their threshold on the same validation rows for the same
-target false-positive rate (guard.target_fpr). Then both score the public set, which neither saw:
-AUC, TPR at 1% FPR (threshold chosen on the public set itself: the ranking quality), and at the
-shipped threshold the FPR and the attack success rate (attacks let through). The guard is trained
-first when the recipe's run has none yet.
+1. Detection on the public validation set (promptshield val: never trained on, never used to choose a
+   threshold): AUC, TPR at 1% FPR (ranking quality, threshold chosen on the public set itself), and at
+   each classifier's own threshold (chosen on the recipe's validation rows for guard.target_fpr) the FPR
+   and the attack success rate. Rows: a TF-IDF + logistic regression baseline trained on the same rows as
+   the guard, the previous guard (`--previous`, when there is one), the guard through torch's int8 path
+   (shipped); ONNX Runtime's int8 scores are compared with the shipped path's (largest difference). The same metrics
+   again on the public val rows whose exact text does not occur in the public train split (the split
+   repeats template-made prompts: most val rows have a twin in train).
+2. Robustness: every public val attack under each obfuscation (guard/robustness.py KINDS), recall at the
+   shipped threshold beside the plain recall of the same attacks; and the hand-translated held-out attacks
+   (robustness.translated_attacks) beside their English originals.
+3. Over-defence: the false-alarm rate on guard/overdefence.py's benign trigger-word prompts.
+4. Latency at batch 1 on one thread (as the serving GuardScorer runs): prompts of exactly 128 tokens, timed
+   interleaved (each prompt by every path in turn, `--repeats` passes): the previous path (torch int8 over
+   `normalize`, the text the previous guard read), the shipped path (torch int8 over guard_view) and ONNX
+   Runtime int8; median over passes of each pass's p50 / p99. Then a 2,000-token conversation (20
+   messages) scored whole in 128-token windows (Guard.score_segments, no cache): p99 over conversations.
 
-Latency is per prompt at batch 1 on CPU. The machine is shared, so the guard's two precisions are
-timed interleaved (for every prompt: the baseline, float32, int8, int8 on one thread) over `--repeats` passes,
-and the table gives the median over passes of each pass's p50 / p99, plus the int8 / float32 ratio.
-
-`--in-domain FILE` adds a separate row: a guard that also trains on FILE (the public set's own train
-split: in-distribution data the project does not ship). It shows what in-domain data adds; it is
-not the shipped guard and does not count for the aim.
-Skips cleanly when the public set is absent (a user's machine has no ../shared/data).
+The guard is trained first (in this process) when the recipe's run has none yet. Skips cleanly when the
+public set is absent (a user's machine has no ../shared/data).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "promptshield"
 
 
 def tfidf_baseline(train_rows, val_rows, target_fpr: float):
@@ -55,22 +61,25 @@ def tfidf_baseline(train_rows, val_rows, target_fpr: float):
     return score, threshold
 
 
-def interleaved(sides: dict, rows: list[dict], repeats: int) -> dict:
-    """{side: {"scores", "p50s", "p99s"}}: every prompt scored by every side in turn, `repeats` passes."""
+def one_by_one(score, texts: list[str]) -> list[float]:
+    """Scores at batch 1, as eval / score / serving read a prompt (int8 activations scale per batch)."""
+    return [score([t])[0] for t in texts]
+
+
+def interleaved(sides: dict, texts: list[str], repeats: int) -> dict:
+    """{side: {"p50s", "p99s"}}: every text scored by every side in turn, `repeats` passes."""
     import numpy as np
 
     for score in sides.values():
-        score([rows[0]["text"]])  # warm-up: the first call allocates
-    out = {name: {"scores": [], "p50s": [], "p99s": []} for name in sides}
+        score([texts[0]])  # warm-up: the first call allocates
+    out = {name: {"p50s": [], "p99s": []} for name in sides}
     for rep in range(repeats):
-        latencies = {name: [] for name in sides}
-        for row in rows:
+        latencies: dict[str, list[float]] = {name: [] for name in sides}
+        for text in texts:
             for name, score in sides.items():
                 began = time.perf_counter()
-                value = score([row["text"]])
+                score([text])
                 latencies[name].append((time.perf_counter() - began) * 1000)
-                if rep == 0:
-                    out[name]["scores"] += value
         for name, values in latencies.items():
             p50, p99 = np.percentile(values, [50, 99])
             out[name]["p50s"].append(float(p50))
@@ -88,22 +97,44 @@ def train_if_missing(recipe) -> str:
 
     folder = recipe.stage_dir("guard")
     if not os.path.exists(os.path.join(folder, "guard.json")):
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
-        train_guard(recipe)
+        train_guard(recipe, in_process=True)
     return folder
+
+
+def long_prompts(tokenizer, texts: list[str], tokens: int, count: int, seed: int = 0) -> list[str]:
+    """`count` prompts of at least `tokens` tokens, each public prompts joined until long enough."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        parts: list[str] = []
+        while len(tokenizer(" ".join(parts))["input_ids"]) < tokens + 2:
+            parts.append(rng.choice(texts))
+        out.append(" ".join(parts))
+    return out
+
+
+def table(results: dict, title: str) -> None:
+    print(title)
+    print(f"{'classifier':<44} {'n':>5} {'AUC':>6} {'TPR@1%FPR':>9} {'FPR':>7} {'TPR':>6} {'attack success':>14}")
+    for name, r in results.items():
+        print(
+            f"{name:<44} {r['n']:>5} {r['auc']:>6.4f} {r['tpr_at_fpr_1pct']:>9.3f} {r['fpr']:>7.4f} {r['tpr']:>6.3f} "
+            f"{r['attack_success_rate']:>14.3f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "guard.yaml"))
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "promptshield" / "val.jsonl"))
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "guard_public.yaml"))
+    parser.add_argument("--previous", help="a previously trained guard folder to compare (guard.json + model/)")
+    parser.add_argument("--data", default=str(SHARED / "val.jsonl"))
+    parser.add_argument("--public-train", default=str(SHARED / "train.jsonl"))
     parser.add_argument("--text-field", default="prompt")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved latency passes over the public set")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the guard (CPU)")
-    parser.add_argument("--in-domain", metavar="FILE", help="also train a guard on FILE too (separate, labelled row)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved latency passes")
+    parser.add_argument("--latency-prompts", type=int, default=200, help="128-token prompts per latency pass")
+    parser.add_argument("--conversations", type=int, default=20, help="2,000-token conversations timed")
+    parser.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (serving uses 1)")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime path")
     args = parser.parse_args()
     if not os.path.exists(args.data):
         print(f"skipped: {args.data} is not here (the public sets live in ../shared/data)")
@@ -112,91 +143,155 @@ def main() -> None:
     import torch
 
     from raytune_app import config
-    from raytune_app.guard import data
-    from raytune_app.guard.metrics import detection_metrics, threshold_for_fpr
+    from raytune_app.guard import data, onnx_path
+    from raytune_app.guard.metrics import detection_metrics
     from raytune_app.guard.model import Guard
+    from raytune_app.guard.normalize import normalize
+    from raytune_app.guard.overdefence import overdefence_rows
+    from raytune_app.guard.robustness import KINDS, obfuscate, translated_attacks
 
+    torch.set_num_threads(args.threads)
     recipe = config.load(args.recipe)
     folder = train_if_missing(recipe)
     train_rows, val_rows = data.split(data.training_rows(recipe), recipe.guard.val_fraction)
     public = data.read_labelled(args.data, args.text_field, "label")
-    torch.set_num_threads(args.threads)
-    shipped = Guard.load(folder)  # the precision guard.json names (int8 for guards trained with inference: int8)
-    other = Guard.load(folder, precision="float32" if shipped.precision == "int8" else "int8")
-    # The comparison precision gets its own threshold, chosen the same way on the same validation rows.
-    other.threshold = threshold_for_fpr(
-        [other.scores([r["text"]])[0] for r in val_rows], [r["label"] for r in val_rows], recipe.guard.target_fpr
+    seen = (
+        {r["text"] for r in data.read_labelled(args.public_train, args.text_field, "label")}
+        if os.path.exists(args.public_train)
+        else set()
     )
-    baseline_score, baseline_threshold = tfidf_baseline(train_rows, val_rows, recipe.guard.target_fpr)
-    sides = {
-        "TF-IDF + logistic regression": (baseline_score, baseline_threshold),
-        f"guard {other.precision}": (other.scores, other.threshold),
-        f"guard {shipped.precision} (shipped)": (shipped.scores, shipped.threshold),
-    }
-    if args.threads > 1:  # serving runs the guard with one thread: time that too (same model, same scores)
+    target = recipe.guard.target_fpr
 
-        def one_thread(texts, score=shipped.scores):
-            torch.set_num_threads(1)
-            try:
-                return score(texts)
-            finally:
-                torch.set_num_threads(args.threads)
+    shipped = Guard.load(folder, threads=args.threads)
+    baseline_score, baseline_threshold = tfidf_baseline(train_rows, val_rows, target)
+    sides = {"TF-IDF + logistic regression (same rows)": (baseline_score, baseline_threshold)}
+    previous = None
+    if args.previous:
+        previous = Guard.load(args.previous, threads=args.threads)
+        sides[f"previous guard ({Path(args.previous).name})"] = (previous.scores, previous.threshold)
+    sides["guard, torch int8 (shipped)"] = (shipped.scores, shipped.threshold)
+    onnx = None
+    if not args.no_onnx and onnx_path.available():
+        # Timed beside torch's path (section 4); its scores are compared to the shipped path's on the public set.
+        onnx = onnx_path.OnnxScorer.build(f"{folder}/model", f"{folder}/onnx", shipped.max_length, threads=args.threads)
+    elif not args.no_onnx:
+        print("ONNX Runtime path left out: pip install onnxruntime onnx", file=sys.stderr)
 
-        sides[f"guard {shipped.precision}, 1 thread (as served)"] = (one_thread, shipped.threshold)
-    if args.in_domain:
-        extra = config.load(
-            args.recipe,
-            [
-                f"run.name={recipe.run.name}-in-domain",
-                f"guard.sources=[{os.path.abspath(args.in_domain)}]",
-                "guard.text_field=prompt",
-                f"guard.registered_name={recipe.guard.registered_name}-in-domain",
-            ],
+    # 1. Detection on the public set, all rows and the rows without a twin in the public train split.
+    texts, labels = [r["text"] for r in public], [r["label"] for r in public]
+    types = [r["attack_type"] for r in public]
+    unseen = [i for i, r in enumerate(public) if r["text"] not in seen]
+    scores, everything, fresh = {}, {}, {}
+    for name, (score, threshold) in sides.items():
+        scores[name] = one_by_one(score, texts)
+        everything[name] = detection_metrics(scores[name], labels, threshold, types)
+        fresh[name] = detection_metrics(
+            [scores[name][i] for i in unseen], [labels[i] for i in unseen], threshold, [types[i] for i in unseen]
         )
-        in_domain = Guard.load(train_if_missing(extra))
-        sides["guard + public train split (not shipped)"] = (in_domain.scores, in_domain.threshold)
-    timed = interleaved({name: score for name, (score, _) in sides.items()}, public, args.repeats)
-    labels = [r["label"] for r in public]
-    results = {}
-    for name, (_, threshold) in sides.items():
-        t = timed[name]
-        results[name] = detection_metrics(t["scores"], labels, threshold, [r["attack_type"] for r in public]) | {
-            "latency_ms_p50": statistics.median(t["p50s"]),
-            "latency_ms_p99": statistics.median(t["p99s"]),
-            "p99_runs": [round(v, 2) for v in t["p99s"]],
-        }
-    fp, q = results[f"guard {other.precision}"], results[f"guard {shipped.precision} (shipped)"]
     print(
-        f"machine: {os.cpu_count()} CPUs, {args.threads} torch threads; public set {args.data}: {len(public)} rows "
-        f"({sum(labels)} attacks); trained on {len(train_rows)} rows, thresholds for FPR <= {recipe.guard.target_fpr} "
-        f"on {len(val_rows)} validation rows; latency: median of {args.repeats} interleaved passes"
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start, {args.threads} "
+        f"thread(s); public set {args.data}: {len(public)} rows ({sum(labels)} attacks); guard {folder} trained on "
+        f"{len(train_rows)} rows ({', '.join(shipped.info['sources'])}), thresholds for FPR <= {target} on "
+        f"{len(val_rows)} validation rows of the recipe (never on the public val set)"
     )
-    print(
-        f"{'classifier':<42} {'AUC':>6} {'TPR@1%FPR':>9} {'FPR':>7} {'TPR':>6} {'attack success':>14} "
-        f"{'p50 ms':>7} {'p99 ms':>7}"
-    )
-    for name, r in results.items():
+    table(everything, "\n1. promptshield val, every row")
+    table(fresh, f"\n   promptshield val rows whose text is not in the public train split ({len(unseen)})")
+    if onnx is not None:
+        sample = texts[:: max(1, len(texts) // 200)]
+        gap = max(abs(a - b) for a, b in zip(one_by_one(onnx.scores, sample), one_by_one(shipped.scores, sample)))
         print(
-            f"{name:<42} {r['auc']:>6.3f} {r['tpr_at_fpr_1pct']:>9.3f} {r['fpr']:>7.4f} {r['tpr']:>6.3f} "
-            f"{r['attack_success_rate']:>14.3f} {r['latency_ms_p50']:>7.2f} {r['latency_ms_p99']:>7.2f}"
+            f"   ONNX Runtime int8 vs torch int8 scores on {len(sample)} public prompts: largest difference {gap:.4f}"
         )
+
+    # 2. Robustness: the public attacks under each obfuscation, at each guard's own threshold.
+    attacks = [r["text"] for r in public if r["label"] == 1]
+    rng = random.Random(0)
+    variants = {"plain": attacks} | {kind: [obfuscate(kind, t, rng) for t in attacks] for kind in KINDS}
+    translated = translated_attacks()
+    guards = {"shipped": (shipped.scores, shipped.threshold)}
+    if previous is not None:
+        guards["previous"] = (previous.scores, previous.threshold)
+    print(f"\n2. recall on the {len(attacks)} public val attacks under each obfuscation (plain = as written)")
+    robustness: dict = {}
+    for gname, (score, threshold) in guards.items():
+        recall = {
+            kind: sum(s >= threshold for s in one_by_one(score, variant)) / len(variant)
+            for kind, variant in variants.items()
+        }
+        by_lang: dict[str, list[bool]] = {}
+        for row, s in zip(translated, one_by_one(score, [r["text"] for r in translated])):
+            by_lang.setdefault(row["attack_type"], []).append(s >= threshold)
+        recall |= {kind: sum(hits) / len(hits) for kind, hits in by_lang.items() if kind != "plain"}
+        recall["translated_english_originals"] = sum(by_lang["plain"]) / len(by_lang["plain"])
+        robustness[gname] = recall
+        worst = min(v for k, v in recall.items() if k in KINDS)
+        print(
+            f"{gname:<9} "
+            + ", ".join(f"{k} {v:.3f}" for k, v in recall.items())
+            + f"\n          largest drop from plain: {recall['plain'] - worst:.3f}"
+        )
+
+    # 3. Over-defence: benign prompts with trigger words.
+    benign = overdefence_rows()
+    overdefence = {}
+    for name, (score, threshold) in sides.items():
+        values = one_by_one(score, [r["text"] for r in benign])
+        overdefence[name] = sum(s >= threshold for s in values) / len(values)
+    print(f"\n3. over-defence: false-alarm rate on {len(benign)} benign trigger-word prompts (guard/overdefence.py)")
+    for name, rate in overdefence.items():
+        print(f"{name:<44} {rate:.3f}")
+
+    # 4. Latency at batch 1, one thread, 128-token prompts, interleaved.
+    def previous_path(batch, guard=shipped):
+        # What the previous guard ran: the same int8 MiniLM over the shared normalisation only.
+        from raytune_app.guard.model import score_texts
+
+        return score_texts(guard.tokenizer, guard.model, batch, guard.max_length, batch_size=1, view=normalize)
+
+    timed = {
+        "previous path: torch int8 over normalize": previous_path,
+        "shipped: torch int8 over guard_view": shipped.scores,
+    }
+    if onnx is not None:
+        timed["ONNX Runtime int8 over guard_view"] = onnx.scores
+    prompts = long_prompts(shipped.tokenizer, [r["text"] for r in public], 128, args.latency_prompts)
+    latency = interleaved(timed, prompts, args.repeats)
     print(
-        f"int8 / float32 latency: p50 x{q['latency_ms_p50'] / fp['latency_ms_p50']:.2f}, "
-        f"p99 x{q['latency_ms_p99'] / fp['latency_ms_p99']:.2f}"
-        if shipped.precision == "int8"
-        else ""
+        f"\n4. latency, batch 1, {args.threads} thread(s), {len(prompts)} prompts cut at 128 tokens, "
+        f"{args.repeats} interleaved passes"
     )
-    print(
-        "shipped guard, recall by public attack type (read after the run, never tuned on): "
-        + ", ".join(
-            f"{k} {v['recall']:.2f} (n={v['n']})" for k, v in q["recall_by_attack_type"].items() if k != "benign"
+    print(f"{'path':<44} {'p50 ms':>7} {'p99 ms':>7}  p99 per pass")
+    for name, t in latency.items():
+        print(
+            f"{name:<44} {statistics.median(t['p50s']):>7.2f} {statistics.median(t['p99s']):>7.2f}  "
+            + " ".join(f"{v:.2f}" for v in t["p99s"])
         )
+    conversations = []
+    for i in range(args.conversations):
+        messages = long_prompts(shipped.tokenizer, [r["text"] for r in public], 100, 20, seed=100 + i)
+        conversations.append(messages)
+    windows, took = [], []
+    shipped.score_segments(conversations[0])
+    for messages in conversations:
+        began = time.perf_counter()
+        windows.append(shipped.score_segments(messages)["windows"])
+        took.append((time.perf_counter() - began) * 1000)
+    import numpy as np
+
+    tokens = len(shipped.tokenizer(" ".join(conversations[0]))["input_ids"])
+    print(
+        f"2,000-token conversation ({tokens} tokens, 20 messages, {statistics.median(windows):.0f} windows of 128, "
+        f"torch int8, batch 32): p50 {np.percentile(took, 50):.1f} ms, p99 {np.percentile(took, 99):.1f} ms "
+        f"over {len(took)} conversations"
     )
     print(
         json.dumps(
             {
-                k: {m: v for m, v in r.items() if m not in ("recall_by_attack_type", "fpr_by_benign_type")}
-                for k, r in results.items()
+                "public_val": {k: {m: v for m, v in r.items() if "_by_" not in m} for k, r in everything.items()},
+                "public_val_unseen": {k: {m: v for m, v in r.items() if "_by_" not in m} for k, r in fresh.items()},
+                "robustness": robustness,
+                "overdefence_fpr": overdefence,
+                "latency_p99_ms": {k: statistics.median(t["p99s"]) for k, t in latency.items()},
             }
         )
     )

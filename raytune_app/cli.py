@@ -247,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="FILE",
             help=f"recipe with a `guard` section (default: {DEFAULT_GUARD_RECIPE})",
         )
+        if action == "train":
+            g.add_argument(
+                "--in-process",
+                action="store_true",
+                help="train in this process on its CPU, without Ray (same loop and data; for a machine too loaded "
+                "for a local Ray to come up)",
+            )
         if action != "train":
             g.add_argument(
                 "--model",
@@ -424,8 +431,10 @@ def _guard(args) -> int:
         not getattr(args, "model", None) and not os.path.exists(os.path.join(folder, "guard.json"))
     ):
         with contextlib.redirect_stdout(sys.stderr if args.action != "train" else sys.stdout):
-            ensure_ray()
-            train_guard(recipe)
+            in_process = getattr(args, "in_process", False)
+            if not in_process:
+                ensure_ray()
+            train_guard(recipe, in_process=in_process)
         if args.action == "train":
             return 0
     if args.action == "eval":

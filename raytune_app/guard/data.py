@@ -1,7 +1,7 @@
 """Labelled prompts for the guard: read and checked from JSONL / CSV / Parquet, plus the shipped sets.
 
     rows = read_labelled("eval.jsonl", text_field="prompt", label_field="label")   # raises GuardDataError
-    rows = training_rows(recipe)     # authored + bastioncorpus + guard.sources, deduplicated
+    rows = training_rows(recipe)     # authored (+ obfuscated) + bastioncorpus + guard.sources / optional_sources
 
 Every row becomes {"text", "label" (1 attack, 0 benign), "attack_type", "source"}. A row with a
 missing or empty text, a missing label or a label that is not binary stops the read with an error
@@ -108,10 +108,22 @@ def training_rows(recipe: Recipe) -> list[dict]:
         if cfg.authored_rows
         else []
     )
+    if cfg.obfuscated_rows:
+        from raytune_app.guard.robustness import obfuscated_rows
+
+        rows += obfuscated_rows(cfg.obfuscated_rows, seed=recipe.run.seed)
     if cfg.include_bastioncorpus:
         rows += bastioncorpus_rows()
-    for source in cfg.sources:
-        rows += read_labelled(recipe.resolve_source(source), cfg.text_field, cfg.label_field, cfg.attack_type_field)
+    files = [(source, True) for source in cfg.sources] + [(source, False) for source in cfg.optional_sources]
+    for source, required in files:
+        path = recipe.resolve_source(source)
+        if not required and not storage.exists(storage.absolute(path)):
+            from raytune_app import console
+
+            console.logger("guard").info(f"guard.optional_sources: {source} is not here; training without it")
+            continue
+        read = read_labelled(path, cfg.text_field, cfg.label_field, cfg.attack_type_field)
+        rows += cap_per_type(read, cfg.max_rows_per_type) if cfg.max_rows_per_type else read
     seen, unique = set(), []
     for row in rows:
         if row["text"] not in seen:
@@ -120,6 +132,22 @@ def training_rows(recipe: Recipe) -> list[dict]:
     if len({r["label"] for r in unique}) < 2:
         raise GuardDataError("the guard's training rows hold only one class; it needs attacks and benign prompts")
     return unique
+
+
+def cap_per_type(rows: list[dict], cap: int) -> list[dict]:
+    """At most `cap` distinct texts of each attack_type (the lowest text hashes: stable when the file grows),
+    in the file's order; repeated texts are dropped here (a public split can repeat a template's prompt)."""
+    by_type: dict[str | None, list[dict]] = {}
+    seen: set[str] = set()
+    for row in rows:
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            by_type.setdefault(row["attack_type"], []).append(row)
+    kept = set()
+    for group in by_type.values():
+        group = sorted(group, key=lambda r: hashlib.sha256(r["text"].encode()).hexdigest())
+        kept |= {id(r) for r in group[:cap]}
+    return [r for r in rows if id(r) in kept]
 
 
 def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:

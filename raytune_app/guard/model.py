@@ -26,39 +26,52 @@ from raytune_app.errors import MissingInput
 
 
 def _worker(config: dict) -> None:
-    """Ray Train worker loop: fine-tune, then score the validation rows (rank 0 writes the model)."""
-    import ray.train
-    import ray.train.torch
+    """Ray Train worker loop: fine-tune, then write the model (rank 0). With config["in_process"] the same
+    loop runs in the calling process on its CPU, without Ray (train_guard(in_process=True))."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from raytune_app.guard.normalize import normalize
+    from raytune_app.guard.deobfuscate import guard_view
 
     torch.manual_seed(config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(config["base"])
     model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2)
-    model = ray.train.torch.prepare_model(model)
+    if config.get("in_process"):
+        device, rank, report = torch.device("cpu"), 0, lambda metrics: None
+    else:
+        import ray.train
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+        device, rank, report = ray.train.torch.get_device(), ray.train.get_context().get_world_rank(), ray.train.report
     train_rows = config["train"]
 
+    for row in train_rows:
+        row["view"] = guard_view(row["text"])
+        row["tokens"] = len(tokenizer(row["view"], truncation=True, max_length=config["max_length"])["input_ids"])
+
     def batches(rows, shuffle: bool, seed: int):
-        order = (
-            torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-            if shuffle
-            else list(range(len(rows)))
-        )
-        for i in range(0, len(order), config["batch_size"]):
-            chunk = [rows[j] for j in order[i : i + config["batch_size"]]]
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(rows), generator=generator).tolist() if shuffle else list(range(len(rows)))
+        # Length buckets: within each stretch of 16 batches the rows are sorted by length, so a batch pads to
+        # about its own rows' length (short public prompts no longer pad to a long jailbreak); the batches
+        # are then shuffled. On CPU this halves a step's cost on a mix of one-liners and long prompts.
+        size = config["batch_size"]
+        stretch = 16 * size
+        chunks = []
+        for i in range(0, len(order), stretch):
+            part = sorted(order[i : i + stretch], key=lambda j: rows[j]["tokens"])
+            chunks += [part[k : k + size] for k in range(0, len(part), size)]
+        for c in torch.randperm(len(chunks), generator=generator).tolist() if shuffle else range(len(chunks)):
+            chunk = [rows[j] for j in chunks[c]]
             encoded = tokenizer(
-                [normalize(r["text"]) for r in chunk],  # the text serving will score (guard/normalize.py)
+                [r["view"] for r in chunk],  # the text serving will score (guard/deobfuscate.py)
                 truncation=True,
                 max_length=config["max_length"],
                 padding=True,
                 return_tensors="pt",
             )
-            yield (
-                encoded.to(ray.train.torch.get_device()),
-                torch.tensor([r["label"] for r in chunk], device=ray.train.torch.get_device()),
-            )
+            yield encoded.to(device), torch.tensor([r["label"] for r in chunk], device=device)
 
     steps = config["epochs"] * -(-len(train_rows) // config["batch_size"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
@@ -73,25 +86,44 @@ def _worker(config: dict) -> None:
             schedule.step()
             optimizer.zero_grad()
             step += 1
-            if step % 20 == 0 or step == steps:
+            if step % 10 == 0 or step == steps:
                 console.logger("guard").info(
                     f"step {step}/{steps}  loss {loss.item():.4f}  "
                     f"ETA {(time.time() - began) / step * (steps - step) / 60:.1f} min"
                 )
     # The validation rows are scored by the driver afterwards, with the precision that ships (guard.inference).
-    if ray.train.get_context().get_world_rank() == 0:
+    if rank == 0:
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.save_pretrained(config["model_dir"])
         tokenizer.save_pretrained(config["model_dir"])
-    ray.train.report({"steps": step, "last_loss": loss.item()})
+    report({"steps": step, "last_loss": loss.item()})
 
 
-def train_guard(recipe: Recipe) -> dict:
-    """Train the guard of this recipe and choose its threshold; returns guard.json's content."""
+def _fit_on_ray(loop_config: dict, out_dir: str) -> None:
+    """The training loop on one Ray Train worker: a GPU where the cluster has one, else all its CPUs."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=1,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)))},
+        ),
+        run_config=RunConfig(name="guard", storage_path=f"{out_dir}/ray"),
+    )
+    trainer.fit()
+
+
+def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
+    """Train the guard of this recipe and choose its threshold; returns guard.json's content.
+
+    `in_process`: run the training loop in this process on its CPU instead of on a Ray Train worker (the
+    same loop and data); for a machine so loaded that a local Ray does not come up in time."""
     from raytune_app.guard import data
     from raytune_app.guard.metrics import detection_metrics, threshold_for_fpr
 
@@ -104,29 +136,21 @@ def train_guard(recipe: Recipe) -> dict:
     if "://" in out_dir:
         raise data.GuardDataError("guard training writes its model locally; set run.output_dir to a local path")
     model_dir = f"{out_dir}/model"
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     console.logger("guard").info(f"{len(train_rows)} train / {len(val_rows)} validation rows; base {cfg.base}")
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={
-            "base": models.resolve(cfg.base),
-            "train": train_rows,
-            "val": val_rows,
-            "seed": recipe.run.seed,
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "learning_rate": cfg.learning_rate,
-            "max_length": cfg.max_length,
-            "model_dir": model_dir,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=1,
-            use_gpu=use_gpu,
-            resources_per_worker=None if use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)))},
-        ),
-        run_config=RunConfig(name="guard", storage_path=f"{out_dir}/ray"),
-    )
-    trainer.fit()
+    loop_config = {
+        "base": models.resolve(cfg.base),
+        "train": train_rows,
+        "seed": recipe.run.seed,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "max_length": cfg.max_length,
+        "model_dir": model_dir,
+    }
+    if in_process:
+        _worker(loop_config | {"in_process": True})
+    else:
+        _fit_on_ray(loop_config, out_dir)
     # Threshold on the scores of the model exactly as eval / score / serving will run it (int8 or float32).
     tokenizer, model = load_classifier(model_dir, cfg.inference)
     # One prompt at a time, as `guard eval` and `guard score` run: int8 activations are quantised with one scale
@@ -140,6 +164,7 @@ def train_guard(recipe: Recipe) -> dict:
         "target_fpr": cfg.target_fpr,
         "max_length": cfg.max_length,
         "inference": cfg.inference,
+        "text_view": TEXT_VIEW,
         "train_rows": len(train_rows),
         "val_rows": len(val_rows),
         "sources": sorted({r["source"] for r in rows}),
@@ -184,6 +209,9 @@ class Guard:
         self.precision = precision or info.get("inference", "float32")
         self.tokenizer, self.model = load_classifier(f"{folder}/model", self.precision)
         self.max_length = info["max_length"]
+        # The text the model was trained to read: guards trained before guard/deobfuscate.py existed read
+        # `normalize` only, and keep scoring that way (their threshold was chosen on it).
+        self.view = view_of(info)
 
     @classmethod
     def load(cls, folder: str, threads: int | None = None, precision: str | None = None) -> Guard:
@@ -194,14 +222,16 @@ class Guard:
         return cls(folder, threads, precision)
 
     def scores(self, texts: list[str]) -> list[float]:
-        return score_texts(self.tokenizer, self.model, texts, self.max_length, batch_size=max(1, len(texts)))
+        return score_texts(
+            self.tokenizer, self.model, texts, self.max_length, batch_size=max(1, len(texts)), view=self.view
+        )
 
     def blocks(self, texts: list[str]) -> list[bool]:
         return [s >= self.threshold for s in self.scores(texts)]
 
     def windows(self, segments: list[str], overlap: float = 0.5) -> tuple[list[list[int]], list[int]]:
         """Every window the guard reads of `segments` (see `window_ids`): (input ids, segment index of each)."""
-        return window_ids(self.tokenizer, segments, self.max_length, overlap)
+        return window_ids(self.tokenizer, segments, self.max_length, overlap, view=self.view)
 
     def score_windows(
         self, windows: list[list[int]], batch_size: int = 32, cache: WindowCache | None = None, on_batch=None
@@ -273,18 +303,30 @@ def load_classifier(model_dir: str, precision: str):
     return tokenizer, quantize_int8(model) if precision == "int8" else model
 
 
-def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size: int = 32) -> list[float]:
-    """Attack probabilities of `texts` (normalised, cut at `max_length` tokens), in batches (padding only to
-    the longest prompt of a batch)."""
-    import torch
+TEXT_VIEW = "deobfuscate"  # guard.json's `text_view` for guards that read guard/deobfuscate.py's guard_view
 
+
+def view_of(info: dict):
+    """The function a guard reads its text through, from its guard.json."""
+    from raytune_app.guard.deobfuscate import guard_view
     from raytune_app.guard.normalize import normalize
 
+    return guard_view if info.get("text_view") == TEXT_VIEW else normalize
+
+
+def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size: int = 32, view=None) -> list[float]:
+    """Attack probabilities of `texts` read through `view` (default guard/deobfuscate.py's guard_view), cut at
+    `max_length` tokens, in batches (padding only to the longest prompt of a batch)."""
+    import torch
+
+    from raytune_app.guard.deobfuscate import guard_view
+
+    view = view or guard_view
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             encoded = tokenizer(
-                [normalize(t) for t in texts[i : i + batch_size]],
+                [view(t) for t in texts[i : i + batch_size]],
                 truncation=True,
                 max_length=max_length,
                 padding=True,
@@ -294,18 +336,21 @@ def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size:
     return out
 
 
-def window_ids(tokenizer, texts: list[str], max_length: int, overlap: float = 0.5) -> tuple[list[list[int]], list[int]]:
-    """Each text (normalised) cut into overlapping windows of `max_length` tokens, special tokens included:
-    the tokenizer's own overflow windows, each repeating the last `overlap` share of the one before, so any
-    stretch of up to that many tokens + 1 lies whole inside one window whatever precedes it. A text that fits
-    is one window holding exactly what truncation gives, so it scores as it always did. Returns the windows'
-    input ids and, for each, the index of its text."""
-    from raytune_app.guard.normalize import normalize
+def window_ids(
+    tokenizer, texts: list[str], max_length: int, overlap: float = 0.5, view=None
+) -> tuple[list[list[int]], list[int]]:
+    """Each text read through `view` (default guard_view) cut into overlapping windows of `max_length` tokens,
+    special tokens included: the tokenizer's own overflow windows, each repeating the last `overlap` share of
+    the one before, so any stretch of up to that many tokens + 1 lies whole inside one window whatever
+    precedes it. A text that fits is one window holding exactly what truncation gives, so it scores as it
+    always did. Returns the windows' input ids and, for each, the index of its text."""
+    from raytune_app.guard.deobfuscate import guard_view
 
+    view = view or guard_view
     room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
     stride = min(room - 1, max(0, int(room * overlap)))
     encoded = tokenizer(
-        [normalize(t) for t in texts],
+        [view(t) for t in texts],
         truncation=True,
         max_length=max_length,
         stride=stride,

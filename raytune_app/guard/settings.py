@@ -21,6 +21,26 @@ class GuardSection(Section):
     sources: list[str] = Field(
         default_factory=list, description="Extra labelled JSONL / Parquet files (relative to the recipe) to train on."
     )
+    optional_sources: list[str] = Field(
+        default_factory=list,
+        description="Labelled files trained on when present and skipped (with a log line) when absent, e.g. "
+        "a public data set kept outside the project (recipes/guard_public.yaml: ../shared/data/promptshield). "
+        "guard.json lists the sources a guard was trained on.",
+    )
+    max_rows_per_type: int | None = Field(
+        None,
+        gt=0,
+        description="Keep at most this many rows of one attack_type from one file of sources / optional_sources "
+        "(chosen by a hash of the text, so stable). A public set's thousands of template-made benign prompts "
+        "otherwise dominate the training time and the class mix; left out: every row.",
+    )
+    obfuscated_rows: int = Field(
+        0,
+        ge=0,
+        description="Extra authored rows that hide attacks, and benign prompts alike, behind each obfuscation "
+        "(char spacing, homoglyphs, full-width, zero-width and tag characters, leetspeak, base64, hex, ROT13, "
+        "quoted documents, translations; guard/robustness.py), half attacks, half benign.",
+    )
     text_field: str = Field("text", description="Column of `sources` holding the prompt.")
     label_field: str = Field(
         "label",
