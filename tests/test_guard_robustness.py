@@ -220,7 +220,8 @@ def test_trained_guard_catches_every_obfuscation_family_and_keeps_its_false_alar
     assert sum(s >= guard.threshold for s in benign) / len(benign) <= info["target_fpr"]
 
 
-@pytest.mark.slow  # exports a (tiny) model to ONNX and quantises it
+# Exports a model to ONNX and quantises it (~20 s): extended, as the ONNX path serves only the benchmark so far.
+@pytest.mark.extended
 def test_onnx_runtime_path_scores_like_torch(tmp_path):
     pytest.importorskip("onnxruntime")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
