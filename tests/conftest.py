@@ -54,21 +54,53 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(extended)
 
 
+_S3_ENV: dict[str, str] = {}
+
+
+def s3_test_env() -> dict[str, str]:
+    """The standard AWS_* variables that point the AWS SDKs (raytune_app.storage, pyarrow, Ray, MLflow's boto3)
+    at this test session's S3 server. The port is chosen once per session, before the local Ray starts, so
+    Ray's workers carry the variables from the start (`start_local_ray`); the server itself starts only
+    when a test asks for `s3_server`."""
+    if not _S3_ENV:
+        _S3_ENV.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+            AWS_EC2_METADATA_DISABLED="true",  # no instance-metadata lookups (no network here)
+        )
+    return dict(_S3_ENV)
+
+
 def start_local_ray():
-    """The test session's local Ray (2 CPUs), or the head RAYTUNE_TEST_RAY_ADDRESS names."""
+    """The test session's local Ray (2 CPUs), or the head RAYTUNE_TEST_RAY_ADDRESS names. Its workers carry
+    the session's S3 variables (`s3_test_env`: a job-level runtime env, so this process's own environment
+    is untouched) for the tests that run a pipeline on a bucket."""
     import ray
 
+    workers_env = {"env_vars": s3_test_env()}
     for attempt in range(3):
         if ray.is_initialized():
             break
         try:
             if os.environ.get("RAYTUNE_TEST_RAY_ADDRESS"):  # a 2-CPU head started beforehand
-                ray.init(address=os.environ["RAYTUNE_TEST_RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+                ray.init(
+                    address=os.environ["RAYTUNE_TEST_RAY_ADDRESS"],
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                    runtime_env=workers_env,
+                )
             else:
                 # address="local": a Ray of the tests' own, never one another process left on the machine
                 # (a bare ray.init() joins the cluster named in /tmp/ray/ray_current_cluster).
                 ray.init(
-                    address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+                    address="local",
+                    num_cpus=2,
+                    include_dashboard=False,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                    runtime_env=workers_env,
                 )
         except Exception as exc:  # Ray's raylet gives its agents a fixed 15 s to start (ray-project/ray#65983)
             if "timed out during startup" not in str(exc) or attempt == 2:
@@ -219,7 +251,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto's, from PyPI) on a free loopback port, for this test session.
+    """A real S3-compatible server (moto's, from PyPI) on the session's loopback port (`s3_test_env`).
 
     Returns the environment that points the AWS SDKs at it (the standard AWS_* variables, which
     raytune_app.storage, pyarrow, Ray and MLflow's boto3 all read) and a `bucket(name)` helper that
@@ -230,7 +262,8 @@ def s3_server():
     import sys
     import time
 
-    port = free_port()
+    env = s3_test_env()
+    port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -246,13 +279,6 @@ def s3_server():
                 server.kill()
                 pytest.fail(f"the S3 test server (moto) did not start on port {port}")
             time.sleep(0.2)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (no network here)
-    }
 
     def bucket(name: str) -> str:
         import boto3

@@ -1,12 +1,16 @@
-"""The whole pipeline with `run.output_dir: s3://...` on a real S3-compatible server (moto's, started on a
-loopback port by conftest `s3_server` and stopped after), configured only through the standard AWS_*
-variables, as it would be against real S3.
+"""Pipelines with `run.output_dir: s3://...` on a real S3-compatible server (moto's, started on a loopback port
+by conftest `s3_server` and stopped after), configured only through the standard AWS_* variables, as it would
+be against real S3.
 
-prepare (reading its data from the bucket too) -> distill (program teacher; the cache persisted in the
-bucket) -> train (the driver killed mid-run; the next run resumes from the Ray Train checkpoint in the
-bucket) -> tune (one trial, its checkpoints in the bucket) -> evaluate -> register (MLflow artefacts in
-the same bucket) -> serve (an adapter loaded from the bucket, and the registry's champion), then a run
-that reuses everything and a distill re-run that asks the teacher nothing.
+Default lane: prepare (reading its data from the bucket) -> train (checkpoints in the bucket) -> evaluate ->
+register (MLflow artefacts in the bucket), in this process on the session's local Ray, then a run that
+reuses every stage.
+
+Extended lane, the whole drill: prepare -> distill (program teacher; the cache persisted in the bucket) ->
+train (the driver killed mid-run; the next run resumes from the Ray Train checkpoint in the bucket) -> tune
+(one trial, its checkpoints in the bucket) -> evaluate -> register -> serve (an adapter loaded from the
+bucket, and the registry's champion), then a run that reuses everything and a distill re-run that asks the
+teacher nothing.
 """
 
 import json
@@ -20,7 +24,7 @@ from conftest import CliRun
 
 from raytune_app import storage
 
-pytestmark = [pytest.mark.slow, pytest.mark.extended]
+pytestmark = pytest.mark.slow
 TIMEOUT = 600
 
 
@@ -44,19 +48,85 @@ def bucket_env(s3_server, monkeypatch):
     return s3_server
 
 
+def _arithmetic_rows_in(bucket: str, count: int) -> list[dict]:
+    from raytune_app.data import arithmetic
+
+    rows = arithmetic.generate(count, seed=5)
+    storage.write_text(
+        f"{bucket}/data/arith.jsonl",
+        "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows),
+    )
+    return rows
+
+
+def test_a_pipeline_on_s3_trains_evaluates_registers_and_then_reuses_every_stage(
+    bucket_env, ray_local, tiny_model, tmp_path, capsys
+):
+    from raytune_app import cli
+    from raytune_app.registry import store
+
+    bucket = bucket_env["bucket"]("default-lane")
+    _arithmetic_rows_in(bucket, 24)
+    recipe = {
+        "run": {
+            "name": "s3run",
+            "output_dir": f"{bucket}/runs",
+            "stages": ["prepare", "train", "evaluate", "register"],
+        },
+        "model": {"path": tiny_model},
+        "data": {
+            "sources": [f"{bucket}/data/arith.jsonl"],
+            "columns": {"prompt": "question", "response": "answer"},
+            "max_seq_length": 128,
+            "split": {"val": 0.2, "test": 0.2},
+        },
+        "train": {
+            "workers": 1,
+            "max_steps": 2,
+            "batch_size": 4,
+            "warmup": 0,
+            "logging_steps": 1,
+            "checkpoint": {"every_steps": 2, "keep_best": 1},
+            "lora": {"rank": 4, "dropout": 0.0},
+        },
+        "evaluate": {"task": "free_text", "backend": "transformers", "max_new_tokens": 4, "batch_size": 4, "limit": 4},
+        # The registry's database cannot live in a bucket; its artefacts go to <run dir>/mlartifacts there.
+        "registry": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    }
+    recipe_file = tmp_path / "s3.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_dir = f"{bucket}/runs/s3run"
+
+    assert cli.main(["run", str(recipe_file)]) == 0
+    first = capsys.readouterr().out
+    assert "[run] done: prepare" in first, first[-3000:]
+    assert storage.exists(f"{run_dir}/prepare/CURRENT")  # the pointer layout: no folder renames on S3
+    trained = storage.load_json(f"{run_dir}/train/manifest.json")
+    assert trained["global_step"] == 2 and trained["weights"] == f"{run_dir}/train/adapter"
+    # The adapter folder is a pointer too: its complete version is the one CURRENT names.
+    assert storage.exists(f"{storage.current(run_dir + '/train/adapter')}/adapter_model.safetensors")
+    assert _checkpointed(f"{run_dir}/train")  # Ray Train persisted its checkpoint in the bucket
+    metrics = storage.load_json(f"{storage.current(run_dir + '/evaluate')}/metrics.json")
+    assert set(metrics["models"]) == {"base", "tuned"} and metrics["backend"] == "transformers"
+    version = store.show(f"sqlite:///{tmp_path}/mlflow.db", "s3run", "@champion")
+    assert version["source"].startswith(f"{run_dir}/mlartifacts/"), version["source"]
+    assert storage.exists(f"{version['source']}/adapter_model.safetensors")
+
+    assert cli.main(["run", str(recipe_file)]) == 0
+    again = capsys.readouterr().out
+    summary = next(line for line in again.splitlines() if line.startswith("[run] stages: "))
+    assert all(f"{stage} reused" in summary for stage in ("prepare", "train", "evaluate")), summary
+    assert f"[register] models:/s3run/{version['version']} " in again, again[-3000:]
+
+
+@pytest.mark.extended
 def test_the_pipeline_on_s3_with_a_killed_driver_resume_registry_and_serving(
     bucket_env, ray_head, tiny_model, tmp_path
 ):
     import httpx
 
-    from raytune_app.data import arithmetic
-
     bucket = bucket_env["bucket"]("pipeline")
-    rows = arithmetic.generate(40, seed=5)
-    storage.write_text(
-        f"{bucket}/data/arith.jsonl",
-        "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows),
-    )
+    rows = _arithmetic_rows_in(bucket, 40)
     port = _free_port()
     recipe = {
         "run": {
