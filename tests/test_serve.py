@@ -26,11 +26,22 @@ STRICT_CHATML = (
 
 
 @pytest.fixture(scope="module")
-def world(tiny_model, tmp_path_factory):
-    """Adapters, a registry with champion v1 and an identical challenger v2, a guard, and a key file."""
+def guard_folder(tmp_path_factory):
+    """The test guard: a tiny BERT taught to tell INJECTION from BENIGN."""
     from raytune_app.guard.model import Guard
-    from raytune_app.registry import store
     from raytune_app.tiny import build_tiny_bert
+
+    base = tmp_path_factory.getbasetemp()
+    folder = guard(build_tiny_bert(base / "guard-bert"), base / "guard")
+    scores = Guard.load(folder).scores([INJECTION, BENIGN])
+    assert scores[0] > 0.9 and scores[1] < 0.1, scores
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model, guard_folder, tmp_path_factory):
+    """Adapters, a registry with champion v1 and an identical challenger v2, a guard, and a key file."""
+    from raytune_app.registry import store
 
     root = tmp_path_factory.mktemp("serve")
     a = adapter(tiny_model, root / "a", seed=1, scale=0.5)
@@ -45,10 +56,6 @@ def world(tiny_model, tmp_path_factory):
     store.set_alias(client, "toy", "champion", v1)
     store.set_alias(client, "toy", "challenger", v1)
     store.set_alias(client, "toy", "challenger", v2)
-    base = tmp_path_factory.getbasetemp()
-    guard_folder = guard(build_tiny_bert(base / "guard-bert"), base / "guard")
-    scores = Guard.load(guard_folder).scores([INJECTION, BENIGN])
-    assert scores[0] > 0.9 and scores[1] < 0.1, scores
     keys = root / "keys.txt"
     keys.write_text(f"# one key per line\n{KEY}\n")
     return {
@@ -798,7 +805,7 @@ def test_a_drifting_challenger_is_rolled_back_durably(app, world):
         __import__("glob").glob(str(__import__("pathlib").Path(__file__).parent.parent / "serve_configs" / "*.yaml"))
     ),
 )
-def test_every_serve_config_is_valid_and_builds(path, world, tmp_path, monkeypatch):
+def test_every_serve_config_is_valid_and_builds(path, guard_folder, tmp_path, monkeypatch):
     """Each shipped serve config passes Ray's schema, and its import_path builds the app from its args
     (here with an empty registry, so the base model is served, and the test guard). A config that listens
     beyond loopback builds only with an API key configured."""
@@ -819,7 +826,7 @@ def test_every_serve_config_is_valid_and_builds(path, world, tmp_path, monkeypat
         args["recipe"] = str(__import__("pathlib").Path(path).parent.parent / args["recipe"])
         args["overrides"] = list(args.get("overrides") or []) + [
             f"run.output_dir={tmp_path}",
-            f"serve.guard.model={world['guard']}",
+            f"serve.guard.model={guard_folder}",
         ]
         if raw["http_options"]["host"] not in ("127.0.0.1", "localhost"):
             with pytest.raises(ServePlanError, match="no API key is configured"):
