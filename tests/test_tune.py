@@ -189,6 +189,15 @@ def test_invalid_search_spaces_are_refused_before_any_trial(tmp_path, tiny_model
     assert main(["run", str(empty)]) == 2  # run.stages has tune: refused before prepare and train run
 
 
+def test_a_grid_runs_once_unless_num_samples_says_otherwise():
+    from raytune_app.tune.settings import TuneSection
+
+    space = {"train.learning_rate": {"choice": [1e-3, 2e-3]}}
+    assert TuneSection.model_validate({"algorithm": "grid", "search_space": space}).num_samples == 1
+    assert TuneSection.model_validate({"algorithm": "grid", "search_space": space, "num_samples": 2}).num_samples == 2
+    assert TuneSection.model_validate({"search_space": space}).num_samples == 8  # random: 8 samples
+
+
 def test_a_trial_that_can_never_fit_fails_before_anything_starts(ray_local, tmp_path, tiny_model):
     raw = tune_recipe(tmp_path, tiny_model).resolved()
     too_big = config.validate(raw | {"train": raw["train"] | {"workers": 3}})

@@ -115,7 +115,10 @@ class TuneSection(Section):
         "from the results so far.",
     )
     num_samples: int = Field(
-        8, gt=0, description="Trials to run (for `grid`: how many times the whole grid runs, usually 1)."
+        8,
+        gt=0,
+        description="Trials to run (for `grid`: how many times the whole grid runs). Left out: 8, and 1 with "
+        "`grid` (a second pass over the same grid with the same seed would only repeat the first).",
     )
     metric: str = Field(
         "eval_loss",
@@ -144,6 +147,13 @@ class TuneSection(Section):
         description="Register the best trial's adapter in the MLflow model registry (every trial is logged as a "
         "run either way).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_runs_once(cls, data):
+        if isinstance(data, dict) and data.get("algorithm") == "grid" and "num_samples" not in data:
+            return data | {"num_samples": 1}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
