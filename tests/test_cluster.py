@@ -261,7 +261,7 @@ CLUSTERS = [*LAUNCHER, KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
 def test_gpu_recipe_fits_the_cluster_and_one_training_node(recipe_file, cluster_file):
     recipe = config.load(recipe_file)
     document = fit.load_cluster_file(str(cluster_file))
-    report = fit.check(recipe, *fit.capacity(document))
+    report = fit.check(recipe, *fit.capacity(document), fit.groups(document))  # custom resources checked too
     assert report.ok, report.problems
     biggest = max(g.gpus_per_node for g in fit.groups(document))
     steps = [recipe.chain_step(i) for i in range(len(recipe.chain))] or [recipe]
@@ -280,12 +280,61 @@ def test_serving_recipe_fits_the_serving_group(cluster_file):
     deployments = fit.serve_replicas(recipe)
     low = sum(d["min"] * d["gpus"] for d in deployments.values())
     high = sum(d["max"] * d["gpus"] for d in deployments.values())
-    (serving,) = [g for g in fit.groups(fit.load_cluster_file(str(cluster_file))) if 0 < g.gpus_per_node < 8]
+    document = fit.load_cluster_file(str(cluster_file))
+    (serving,) = [g for g in fit.groups(document) if 0 < g.gpus_per_node < 8]
     assert 0 < low <= serving.min_nodes * serving.gpus_per_node, "the endpoint starts without waiting for a node"
+    report = fit.check(recipe, *fit.capacity(document), fit.groups(document))
+    assert report.ok and not [n for n in report.notes if "resources" in n], report.notes
     assert high <= serving.max_nodes * serving.gpus_per_node, "autoscaling reaches every replica"
     # The recipe's layout is serve_configs/gpu-cluster.yaml's.
     (app,) = _load(REPO / "serve_configs" / "gpu-cluster.yaml")["applications"]
     assert _serve_config_gpus(app) == (low, high)
+
+
+CUSTOM = {"train_gpu": "training", "serve_gpu": "serving"}  # custom resource -> the group that alone declares it
+
+
+@pytest.mark.parametrize("cluster_file", CLUSTERS + [KUBERAY / "rayservice.yaml"], ids=lambda p: p.name)
+def test_cluster_groups_declare_the_custom_resources_the_recipes_ask_for(cluster_file):
+    """train_gpu on the training group, serve_gpu on the serving group, one per GPU; and every custom resource
+    a shipped recipe or serve config names (train.worker_resources, serve.deployments.<name>.resources) is one
+    of these, so a job never waits for a node that no group can start."""
+    found = fit.groups(fit.load_cluster_file(str(cluster_file)))
+    kinds = {g.name: ("training" if g.gpus_per_node >= 8 else "serving" if g.gpus_per_node else "head") for g in found}
+    for group in found:
+        assert set(group.custom) <= set(CUSTOM), (group.name, group.custom)
+        for name, amount in group.custom.items():
+            assert CUSTOM[name] == kinds[group.name] and amount == group.gpus_per_node, (group.name, group.custom)
+    declared = {name for g in found for name in g.custom}
+    assert declared == {name for name, kind in CUSTOM.items() if kind in kinds.values()}, declared
+    asked: dict[str, set[str]] = {}
+    for path in GPU_RECIPES:
+        recipe = config.load(path)
+        asked.setdefault("train_gpu", set()).update(recipe.train.worker_resources)
+        for deployment in recipe.serve.deployments.values():
+            asked.setdefault("serve_gpu", set()).update(deployment.resources)
+    (app,) = _load(REPO / "serve_configs" / "gpu-cluster.yaml")["applications"]
+    served = config.load(REPO / app["args"]["recipe"], app["args"]["overrides"])
+    asked["serve_gpu"].update(*(d.resources for d in served.serve.deployments.values()))
+    assert asked == {"train_gpu": {"train_gpu"}, "serve_gpu": {"serve_gpu"}}, asked
+
+
+def test_validate_names_a_custom_resource_no_group_declares(capsys):
+    recipe = str(REPO / "recipes" / "gpu-qlora-sft.yaml")
+    cluster_file = str(REPO / "cluster" / "aws.yaml")
+    assert main(["validate", recipe, "train.worker_resources={spot_h100: 1}", "--cluster", cluster_file]) == 2
+    err = capsys.readouterr().err
+    assert "train: train.worker_resources names ['spot_h100'], which no node group of the cluster declares" in err
+    assert "(it declares: serve_gpu, train_gpu)" in err
+    # 9 workers of one train_gpu and one GPU each: the two 8-GPU training nodes hold 16, one node 8.
+    assert main(["validate", recipe, "train.workers=9", "--cluster", cluster_file]) == 0
+    bigger = ["serve.deployments.llm.resources={serve_gpu: 13}", "run.stages=[serve]"]
+    assert main(["validate", recipe, *bigger, "--cluster", cluster_file]) == 2
+    err = capsys.readouterr().err
+    assert "serve: serve.deployments.llm.resources: the minimum 1 replica(s) ask for 13 serve_gpu" in err
+    assert "the cluster declares 12 at its largest" in err
+    # Without a cluster file there is nothing to check them against.
+    assert main(["validate", recipe, "train.worker_resources={spot_h100: 1}", "--gpus", "8"]) == 0
 
 
 def test_gpu_dpo_recipe_trains_dpo_on_preference_data():
