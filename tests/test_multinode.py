@@ -16,9 +16,20 @@ What is proven:
   request crosses them; the LLM replica's node killed under load fails at most the requests in flight
   (cleanly), the backup on another node answers meanwhile, and the replica comes back on a replacement node;
 - tune runs two trials at once on two nodes; one trial's node killed after its first checkpoint costs no
-  trial: it finishes on the spare node from that checkpoint.
-Not covered here: prepare's and evaluate's Ray Data work spread over nodes (they read and write only the
-shared run directory, as the tests above do).
+  trial: it finishes on the spare node from that checkpoint;
+- prepare's blocks are processed and written on several nodes (its manifest says which), and the splits are
+  the ones a one-node run (`raytune-app run` with a local Ray of its own) writes, row for row;
+- evaluate's two replicas run on two nodes and give the predictions and metrics of a one-node run;
+- a node that does not see the run directory (BLIND_NODE sees an empty folder of its own at that path: a
+  mount namespace, tests/node_view/sitecustomize.py) stops prepare, train and tune at once with an error
+  naming the node and the path, before any work.
+Not covered: evaluate's vLLM engine across nodes (the tiny random model is for transformers; one vLLM engine
+per replica would add minutes per node on these 2 cores).
+
+One pytest session runs the whole module (`RAYTUNE_EXTENDED=1 pytest tests/test_multinode.py`): one
+cluster for all the tests; a test that kills a node adds it back. The simulated head writes its address to
+/tmp/ray/ray_current_cluster and Ray deletes that file on shutdown: the fixture puts back what was there, so
+a bare `ray.init()` elsewhere on the machine (another session's `raytune-app`) never joins this cluster.
 
 Extended lane (RAYTUNE_EXTENDED=1): starting the cluster alone takes about a minute on 2 busy cores. Every
 wait is bounded (`time_limit`), so a hang fails the test instead of stalling the suite.
@@ -459,7 +470,8 @@ def _spread_recipe(root: Path, data: Path, model: str) -> config.Recipe:
 @pytest.fixture(scope="module")
 def one_node_run(spread_data, tiny_model, tmp_path_factory):
     """The recipe's prepare and evaluate stages on one node: `raytune-app run` in a subprocess with a local
-    Ray of its own (2 CPUs: its 2 evaluate replicas share the one node). Returns the recipe (its run dir)."""
+    Ray of its own (this machine's 2 CPUs), with one evaluate replica of 2 CPUs, as a one-node run has it
+    (`auto`; replicas are no part of the evaluation's fingerprint). Returns the recipe (its run dir)."""
     import subprocess
     import sys
 
@@ -472,6 +484,7 @@ def one_node_run(spread_data, tiny_model, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env |= {"RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
     command = [str(Path(sys.executable).parent / "raytune-app"), "run", "--recipe", str(recipe_file)]
+    command.append("evaluate.replicas=1")
     began = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -530,8 +543,8 @@ def test_evaluate_runs_its_replicas_on_two_nodes_with_the_metrics_of_one_node(
     ray_cluster, spread_data, tiny_model, one_node_run, tmp_path
 ):
     """Two transformers replicas (an actor pool of 2): each takes the 2 CPUs of one node (a share one node can
-    grant), so they run on two different nodes; greedy decoding of the same batches gives the same replies
-    as the two replicas on one node, so the same metrics."""
+    grant, not 6 / 2 = 3), so they run on two different nodes; greedy decoding of the same batches gives the
+    replies the one replica of a one-node run gives, so the same metrics."""
     import pyarrow.parquet as pq
 
     from raytune_app.evaluate.run import evaluate
