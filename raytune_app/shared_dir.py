@@ -18,6 +18,8 @@ with one `NotShared` error naming each such node (id, host, address), the path a
 still starting its first worker on a busy machine) is reported as a warning, not an error: this is a check
 of the filesystem, not of the node's health. One node: nothing to check. A run directory checked once for
 the same set of nodes is not checked again in this process (`raytune-app run` goes through five stages).
+Only the nodes alive at the start are checked: a node an autoscaler adds later is not (a job whose recipe
+takes GPUs waits for its GPU nodes before the stage starts: raytune_app/cluster.py).
 """
 
 from __future__ import annotations

@@ -137,9 +137,16 @@ class SimulatedCluster:
         self.tmp[name] = folder
         return folder
 
+    def restore(self) -> None:
+        """Start again every worker node that is not alive (killed by an earlier test)."""
+        for name in WORKER_NODES:
+            if self._alive(name) is None:
+                self.add(name)
+
     def add(self, name: str) -> None:
         """Start worker node `name`: 2 logical CPUs (more than the machine's share: the tiny models need
-        little), a `trainer` slot and its own name as a resource, its own TMPDIR; wait until it is up."""
+        little), a `trainer` slot and its own name as a resource, its own TMPDIR; wait until it is up (up to
+        5 minutes: on 2 cores shared with other work a raylet and its agents have taken over 3 to start)."""
         try:
             self.cluster.add_node(
                 num_cpus=2,
@@ -150,7 +157,7 @@ class SimulatedCluster:
         except Exception as exc:
             if "timed out during startup" not in str(exc):
                 raise
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while self._alive(name) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {name} did not join the cluster")
@@ -237,6 +244,16 @@ def _ray_address_kept():
             else:
                 with open(path, "w") as out:
                     out.write(before)
+
+
+@pytest.fixture(autouse=True)
+def _every_node_up(request):
+    """Before each test on the cluster: all three worker nodes up. A test that kills a node does not start
+    its replacement itself (that is minutes on 2 busy cores); the next test that needs the cluster does, so
+    the last test of the session pays for none."""
+    if "ray_cluster" in request.fixturenames:
+        with time_limit(600):
+            request.getfixturevalue("ray_cluster").restore()
 
 
 @pytest.fixture(scope="module")
@@ -368,9 +385,7 @@ def test_a_node_lost_mid_training_resumes_on_the_others_with_the_same_weights(
         for name, tensor in reference_weights.items():
             torch.testing.assert_close(weights[name], tensor, atol=1e-6, rtol=1e-5)
     finally:
-        killer.join(timeout=5)
-        for name, _ in killed:  # the next tests get the cluster's full shape back
-            ray_cluster.add(name)
+        killer.join(timeout=5)  # the killed node comes back before the next test (_every_node_up)
 
 
 # --- The run directory must be shared: the check before a stage's work -----------------------------------
@@ -553,12 +568,12 @@ def test_evaluate_runs_its_replicas_on_two_nodes_with_the_metrics_of_one_node(
     shutil.copytree(one_node_run.stage_dir("prepare"), recipe.stage_dir("prepare"))  # same prepared data
     with time_limit(400):
         summary = evaluate(recipe)
-    nodes = summary["models"]["base"]["nodes"]
+    nodes = summary["nodes"]["base"]
     assert len(nodes) == 2 and {ray_cluster.name_of(node) for node in nodes} <= set(WORKER_NODES), nodes
     assert sum(nodes.values()) == summary["examples"]
     single = json.load(open(os.path.join(one_node_run.stage_dir("evaluate"), "metrics.json")))
-    assert len(single["models"]["base"]["nodes"]) == 1
-    timing = ("latency", "seconds", "nodes")
+    assert len(single["nodes"]["base"]) == 1
+    timing = ("latency", "seconds")
     assert {k: v for k, v in summary["models"]["base"].items() if k not in timing} == {
         k: v for k, v in single["models"]["base"].items() if k not in timing
     }
@@ -567,6 +582,80 @@ def test_evaluate_runs_its_replicas_on_two_nodes_with_the_metrics_of_one_node(
     ours = pq.read_table(os.path.join(recipe.stage_dir("evaluate"), "predictions.parquet"), columns=columns)
     theirs = pq.read_table(os.path.join(one_node_run.stage_dir("evaluate"), "predictions.parquet"), columns=columns)
     assert ours.to_pylist() == theirs.to_pylist()
+
+
+# --- Tuning: trials on different nodes, a node lost mid-search ---------------------------------------------
+
+
+def test_tune_trials_run_on_different_nodes_and_a_lost_node_costs_no_trial(ray_cluster, tiny_model, tmp_path):
+    """Two trials at once, each one worker holding a `trainer` slot, so on two different nodes. The node of
+    one of them is killed after its first checkpoint: Ray Train restarts that trial's worker on the spare
+    node from the checkpoint, and the search ends with both trials complete."""
+    from raytune_app.tune.run import tune
+
+    base = toy_recipe(
+        tmp_path,
+        tiny_model,
+        workers=1,
+        worker_resources={"trainer": 1},
+        max_steps=16,
+        checkpoint={"every_steps": 4, "keep_best": 1},
+        max_failures=2,
+    )
+    raw = base.resolved()
+    raw["run"] |= {"name": "mntune", "stages": ["prepare", "train", "tune"]}
+    raw["tune"] = {
+        "search_space": {"train.learning_rate": {"choice": [5e-3, 2e-3]}},
+        "algorithm": "grid",
+        "num_samples": 1,
+        "max_concurrent_trials": 2,
+        "cpus_per_worker": 1,
+        "early_stopping": {"asha": False},
+    }
+    recipe = config.validate(raw)
+    prepare_once(recipe)
+    trials_dir = os.path.join(recipe.stage_dir("tune"), "trials")
+    killed: list[str] = []
+    problems: list[str] = []
+
+    def kill_after_a_trial_checkpoint():
+        deadline = time.monotonic() + 600
+        try:
+            while time.monotonic() < deadline:
+                for trial in os.listdir(trials_dir) if os.path.isdir(trials_dir) else []:
+                    snapshot = os.path.join(trials_dir, trial, "train", "checkpoint_manager_snapshot.json")
+                    try:
+                        saved = json.load(open(snapshot)).get("latest_checkpoint_result") is not None
+                    except (OSError, ValueError):
+                        saved = False
+                    holders = ray_cluster.scratch_holders()
+                    if saved and len(holders) == 2:  # both trials are training, each on its node
+                        killed.append(holders[0])
+                        ray_cluster.kill(holders[0])
+                        return
+                time.sleep(0.1)
+            problems.append("no trial checkpoint while both trials ran")
+        except Exception as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+
+    killer = threading.Thread(target=kill_after_a_trial_checkpoint, daemon=True)
+    killer.start()
+    try:
+        with time_limit(900):
+            summary = tune(recipe)
+            killer.join(timeout=60)
+        assert not problems and killed, problems
+        assert summary["trials"] == 2 and not summary.get("interrupted"), summary
+        rows = json.load(open(os.path.join(recipe.stage_dir("tune"), "trials.json")))
+        assert [row["status"] for row in rows] == ["completed", "completed"], rows
+        manifests = [json.load(open(os.path.join(row["dir"], "manifest.json"))) for row in rows]
+        finished_on = [ray_cluster.name_of(m["worker_nodes"][0]) for m in manifests]
+        # The two trials ended on two nodes, neither the lost one; one of them resumed from its checkpoint.
+        assert len(set(finished_on)) == 2 and killed[0] not in finished_on, (finished_on, killed)
+        assert sorted(m["resumed_from_step"] is not None for m in manifests) == [False, True], manifests
+        assert all(m["global_step"] == 16 for m in manifests)
+    finally:
+        killer.join(timeout=5)  # the killed node comes back before the next test (_every_node_up)
 
 
 # --- Serving: the LLM replica, the guard and the ingress each on its own node ----------------------------
@@ -736,79 +825,3 @@ def test_a_node_lost_under_serving_load_fails_only_requests_in_flight_and_the_re
     # serve.limits.timeout_s) and the backup on n2 answered.
     assert any(r["failover"] and r["start"] > killed_at for r in records)
     assert any(r["start"] > recovered and r["status"] == 200 for r in records)
-
-
-# --- Tuning: trials on different nodes, a node lost mid-search ---------------------------------------------
-
-
-def test_tune_trials_run_on_different_nodes_and_a_lost_node_costs_no_trial(ray_cluster, tiny_model, tmp_path):
-    """Two trials at once, each one worker holding a `trainer` slot, so on two different nodes. The node of
-    one of them is killed after its first checkpoint: Ray Train restarts that trial's worker on the spare
-    node from the checkpoint, and the search ends with both trials complete."""
-    from raytune_app.tune.run import tune
-
-    base = toy_recipe(
-        tmp_path,
-        tiny_model,
-        workers=1,
-        worker_resources={"trainer": 1},
-        max_steps=16,
-        checkpoint={"every_steps": 4, "keep_best": 1},
-        max_failures=2,
-    )
-    raw = base.resolved()
-    raw["run"] |= {"name": "mntune", "stages": ["prepare", "train", "tune"]}
-    raw["tune"] = {
-        "search_space": {"train.learning_rate": {"choice": [5e-3, 2e-3]}},
-        "algorithm": "grid",
-        "num_samples": 1,
-        "max_concurrent_trials": 2,
-        "cpus_per_worker": 1,
-        "early_stopping": {"asha": False},
-    }
-    recipe = config.validate(raw)
-    prepare_once(recipe)
-    trials_dir = os.path.join(recipe.stage_dir("tune"), "trials")
-    killed: list[str] = []
-    problems: list[str] = []
-
-    def kill_after_a_trial_checkpoint():
-        deadline = time.monotonic() + 600
-        try:
-            while time.monotonic() < deadline:
-                for trial in os.listdir(trials_dir) if os.path.isdir(trials_dir) else []:
-                    snapshot = os.path.join(trials_dir, trial, "train", "checkpoint_manager_snapshot.json")
-                    try:
-                        saved = json.load(open(snapshot)).get("latest_checkpoint_result") is not None
-                    except (OSError, ValueError):
-                        saved = False
-                    holders = ray_cluster.scratch_holders()
-                    if saved and len(holders) == 2:  # both trials are training, each on its node
-                        killed.append(holders[0])
-                        ray_cluster.kill(holders[0])
-                        return
-                time.sleep(0.1)
-            problems.append("no trial checkpoint while both trials ran")
-        except Exception as exc:
-            problems.append(f"{type(exc).__name__}: {exc}")
-
-    killer = threading.Thread(target=kill_after_a_trial_checkpoint, daemon=True)
-    killer.start()
-    try:
-        with time_limit(900):
-            summary = tune(recipe)
-            killer.join(timeout=60)
-        assert not problems and killed, problems
-        assert summary["trials"] == 2 and not summary.get("interrupted"), summary
-        rows = json.load(open(os.path.join(recipe.stage_dir("tune"), "trials.json")))
-        assert [row["status"] for row in rows] == ["completed", "completed"], rows
-        manifests = [json.load(open(os.path.join(row["dir"], "manifest.json"))) for row in rows]
-        finished_on = [ray_cluster.name_of(m["worker_nodes"][0]) for m in manifests]
-        # The two trials ended on two nodes, neither the lost one; one of them resumed from its checkpoint.
-        assert len(set(finished_on)) == 2 and killed[0] not in finished_on, (finished_on, killed)
-        assert sorted(m["resumed_from_step"] is not None for m in manifests) == [False, True], manifests
-        assert all(m["global_step"] == 16 for m in manifests)
-    finally:
-        killer.join(timeout=5)
-        for name in killed:
-            ray_cluster.add(name)

@@ -469,7 +469,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         schema = validator.schema if ev.schema_constrained and validator is not None else None
         generated = generate_vllm(examples, models, recipe, labels, schema)
         say(f"vLLM generated for {len(models)} model(s) in {time.time() - began_all:.0f} s")
-    results, tables = {}, []
+    results, tables, placed = {}, [], {}
     for candidate in models:
         began = time.time()
         table = generated[candidate.name] if generated else generate_transformers(examples, candidate, recipe, labels)
@@ -483,7 +483,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             "seconds": round(wall if generated else time.time() - began, 1),
         }
         if "node" in table.column_names:  # where the replicas ran: {node id: examples} (transformers engine)
-            result["nodes"] = dict(sorted(Counter(table.column("node").to_pylist()).items()))
+            placed[candidate.name] = dict(sorted(Counter(table.column("node").to_pylist()).items()))
         if generated and f"{candidate.name}:constrained" in generated:
             constrained = generated[f"{candidate.name}:constrained"]
             result["constrained"] = score(ev.task, constrained, validator, labels)[0]
@@ -515,6 +515,9 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         "base_model": recipe.model.path,
         "backend": engine,
         "models": results,
+        # Per model, the nodes its replicas ran on: {node id: examples}. Beside `models`, not in it: where the
+        # work ran is no result (comparisons of two runs' model results stay equal across clusters).
+        "nodes": placed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # Built as a new version and swapped in whole (metrics.json last): a killed run leaves the previous
