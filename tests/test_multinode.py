@@ -147,21 +147,43 @@ class SimulatedCluster:
         """Start worker node `name`: 2 logical CPUs (more than the machine's share: the tiny models need
         little), a `trainer` slot and its own name as a resource, its own TMPDIR; wait until it is up (up to
         5 minutes: on 2 cores shared with other work a raylet and its agents have taken over 3 to start)."""
-        try:
-            self.cluster.add_node(
-                num_cpus=2,
-                resources={"trainer": 1, name: 1},
-                env_vars=self._env(self._tmpdir(name), name),
-                **self._ports(),
-            )
-        except Exception as exc:
-            if "timed out during startup" not in str(exc):
-                raise
-        deadline = time.monotonic() + 300
-        while self._alive(name) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"node {name} did not join the cluster")
-            time.sleep(0.5)
+        for _ in range(3):
+            tmp = self._tmpdir(name)
+            try:
+                self.cluster.add_node(
+                    num_cpus=2,
+                    resources={"trainer": 1, name: 1},
+                    env_vars=self._env(tmp, name),
+                    **self._ports(),
+                )
+            except Exception as exc:
+                if "timed out during startup" not in str(exc):
+                    raise
+            deadline = time.monotonic() + 300
+            while self._alive(name) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node {name} did not join the cluster")
+                if not self._raylet_running(tmp):
+                    # The raylet gave up on its dashboard agent: it waits a fixed ~15 s for the agent's port
+                    # file and exits past it (ray-project/ray#65983), which a busy machine can exceed. Again.
+                    self._kill_processes(tmp)
+                    break
+                time.sleep(2)
+            else:
+                return
+        raise TimeoutError(f"node {name}: its raylet exited during start-up 3 times (see raylet.*.out of the session)")
+
+    @staticmethod
+    def _raylet_running(tmp: str) -> bool:
+        import psutil
+
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "raylet" and proc.environ().get("TMPDIR") == tmp:
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def _alive(self, name: str) -> str | None:
         table = self.cluster.global_state.node_table()
