@@ -138,10 +138,19 @@ class SimulatedCluster:
         return folder
 
     def restore(self) -> None:
-        """Start again every worker node that is not alive (killed by an earlier test)."""
+        """Start again every worker node that is not alive (killed by an earlier test). A node whose raylet is
+        gone counts as dead even while the GCS still lists it (its health checks take a while to give up: on 2
+        busy cores more than `kill`'s two minutes); its replacement is started once the GCS has let it go, so
+        its name resource names one node only."""
         for name in WORKER_NODES:
-            if self._alive(name) is None:
-                self.add(name)
+            if self._alive(name) is not None and self._raylet_running(self.tmp[name]):
+                continue
+            deadline = time.monotonic() + 300
+            while self._alive(name) is not None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node {name} is gone, but the cluster still lists it as alive after 5 min")
+                time.sleep(1)
+            self.add(name)
 
     def add(self, name: str) -> None:
         """Start worker node `name`: 2 logical CPUs (more than the machine's share: the tiny models need
