@@ -31,8 +31,10 @@ cluster for all the tests; a test that kills a node adds it back. The simulated 
 /tmp/ray/ray_current_cluster and Ray deletes that file on shutdown: the fixture puts back what was there, so
 a bare `ray.init()` elsewhere on the machine (another session's `raytune-app`) never joins this cluster.
 
-Extended lane (RAYTUNE_EXTENDED=1): starting the cluster alone takes about a minute on 2 busy cores. Every
-wait is bounded (`time_limit`), so a hang fails the test instead of stalling the suite.
+Extended lane (RAYTUNE_EXTENDED=1): the whole module takes about 32 minutes in one session on 2 cores shared
+with other work (2026-11-29: cluster start and the reference training 6 min, the lost-node training 4.5,
+prepare 2 + 2 with its one-node reference, evaluate 1.5, tune 4, the shared-folder check 10 s). Every wait is
+bounded (`time_limit`), so a hang fails the test instead of stalling the suite.
 """
 
 from __future__ import annotations
@@ -281,7 +283,8 @@ def _ray_address_kept():
 def _every_node_up(request):
     """Before each test on the cluster: all three worker nodes up. A test that kills a node does not start
     its replacement itself (that is minutes on 2 busy cores); the next test that needs the cluster does, so
-    the last test of the session pays for none."""
+    the last test of the session pays for none. (Function-scoped: module fixtures that need every node, like
+    `served`, call `restore` themselves.)"""
     if "ray_cluster" in request.fixturenames:
         with time_limit(600):
             request.getfixturevalue("ray_cluster").restore()
@@ -615,80 +618,6 @@ def test_evaluate_runs_its_replicas_on_two_nodes_with_the_metrics_of_one_node(
     assert ours.to_pylist() == theirs.to_pylist()
 
 
-# --- Tuning: trials on different nodes, a node lost mid-search ---------------------------------------------
-
-
-def test_tune_trials_run_on_different_nodes_and_a_lost_node_costs_no_trial(ray_cluster, tiny_model, tmp_path):
-    """Two trials at once, each one worker holding a `trainer` slot, so on two different nodes. The node of
-    one of them is killed after its first checkpoint: Ray Train restarts that trial's worker on the spare
-    node from the checkpoint, and the search ends with both trials complete."""
-    from raytune_app.tune.run import tune
-
-    base = toy_recipe(
-        tmp_path,
-        tiny_model,
-        workers=1,
-        worker_resources={"trainer": 1},
-        max_steps=16,
-        checkpoint={"every_steps": 4, "keep_best": 1},
-        max_failures=2,
-    )
-    raw = base.resolved()
-    raw["run"] |= {"name": "mntune", "stages": ["prepare", "train", "tune"]}
-    raw["tune"] = {
-        "search_space": {"train.learning_rate": {"choice": [5e-3, 2e-3]}},
-        "algorithm": "grid",
-        "num_samples": 1,
-        "max_concurrent_trials": 2,
-        "cpus_per_worker": 1,
-        "early_stopping": {"asha": False},
-    }
-    recipe = config.validate(raw)
-    prepare_once(recipe)
-    trials_dir = os.path.join(recipe.stage_dir("tune"), "trials")
-    killed: list[str] = []
-    problems: list[str] = []
-
-    def kill_after_a_trial_checkpoint():
-        deadline = time.monotonic() + 600
-        try:
-            while time.monotonic() < deadline:
-                for trial in os.listdir(trials_dir) if os.path.isdir(trials_dir) else []:
-                    snapshot = os.path.join(trials_dir, trial, "train", "checkpoint_manager_snapshot.json")
-                    try:
-                        saved = json.load(open(snapshot)).get("latest_checkpoint_result") is not None
-                    except (OSError, ValueError):
-                        saved = False
-                    holders = ray_cluster.scratch_holders()
-                    if saved and len(holders) == 2:  # both trials are training, each on its node
-                        killed.append(holders[0])
-                        ray_cluster.kill(holders[0])
-                        return
-                time.sleep(0.1)
-            problems.append("no trial checkpoint while both trials ran")
-        except Exception as exc:
-            problems.append(f"{type(exc).__name__}: {exc}")
-
-    killer = threading.Thread(target=kill_after_a_trial_checkpoint, daemon=True)
-    killer.start()
-    try:
-        with time_limit(900):
-            summary = tune(recipe)
-            killer.join(timeout=60)
-        assert not problems and killed, problems
-        assert summary["trials"] == 2 and not summary.get("interrupted"), summary
-        rows = json.load(open(os.path.join(recipe.stage_dir("tune"), "trials.json")))
-        assert [row["status"] for row in rows] == ["completed", "completed"], rows
-        manifests = [json.load(open(os.path.join(row["dir"], "manifest.json"))) for row in rows]
-        finished_on = [ray_cluster.name_of(m["worker_nodes"][0]) for m in manifests]
-        # The two trials ended on two nodes, neither the lost one; one of them resumed from its checkpoint.
-        assert len(set(finished_on)) == 2 and killed[0] not in finished_on, (finished_on, killed)
-        assert sorted(m["resumed_from_step"] is not None for m in manifests) == [False, True], manifests
-        assert all(m["global_step"] == 16 for m in manifests)
-    finally:
-        killer.join(timeout=5)  # the killed node comes back before the next test (_every_node_up)
-
-
 # --- Serving: the LLM replica, the guard and the ingress each on its own node ----------------------------
 
 APP = "mnserve"
@@ -706,6 +635,10 @@ def served(ray_cluster, tiny_model, tmp_path_factory):
     from raytune_app.serve.app import run
     from raytune_app.tiny import build_tiny_bert
 
+    # Module fixtures are set up before the function-scoped _every_node_up: a node an earlier test killed is
+    # started again here, or the replica pinned to it never schedules.
+    with time_limit(600):
+        ray_cluster.restore()
     root = tmp_path_factory.mktemp("serve")
     guard_folder = guard(build_tiny_bert(root / "guard-bert"), root / "guard")
     keys = root / "keys.txt"
@@ -856,3 +789,77 @@ def test_a_node_lost_under_serving_load_fails_only_requests_in_flight_and_the_re
     # serve.limits.timeout_s) and the backup on n2 answered.
     assert any(r["failover"] and r["start"] > killed_at for r in records)
     assert any(r["start"] > recovered and r["status"] == 200 for r in records)
+
+
+# --- Tuning: trials on different nodes, a node lost mid-search ---------------------------------------------
+
+
+def test_tune_trials_run_on_different_nodes_and_a_lost_node_costs_no_trial(ray_cluster, tiny_model, tmp_path):
+    """Two trials at once, each one worker holding a `trainer` slot, so on two different nodes. The node of
+    one of them is killed after its first checkpoint: Ray Train restarts that trial's worker on the spare
+    node from the checkpoint, and the search ends with both trials complete."""
+    from raytune_app.tune.run import tune
+
+    base = toy_recipe(
+        tmp_path,
+        tiny_model,
+        workers=1,
+        worker_resources={"trainer": 1},
+        max_steps=16,
+        checkpoint={"every_steps": 4, "keep_best": 1},
+        max_failures=2,
+    )
+    raw = base.resolved()
+    raw["run"] |= {"name": "mntune", "stages": ["prepare", "train", "tune"]}
+    raw["tune"] = {
+        "search_space": {"train.learning_rate": {"choice": [5e-3, 2e-3]}},
+        "algorithm": "grid",
+        "num_samples": 1,
+        "max_concurrent_trials": 2,
+        "cpus_per_worker": 1,
+        "early_stopping": {"asha": False},
+    }
+    recipe = config.validate(raw)
+    prepare_once(recipe)
+    trials_dir = os.path.join(recipe.stage_dir("tune"), "trials")
+    killed: list[str] = []
+    problems: list[str] = []
+
+    def kill_after_a_trial_checkpoint():
+        deadline = time.monotonic() + 600
+        try:
+            while time.monotonic() < deadline:
+                for trial in os.listdir(trials_dir) if os.path.isdir(trials_dir) else []:
+                    snapshot = os.path.join(trials_dir, trial, "train", "checkpoint_manager_snapshot.json")
+                    try:
+                        saved = json.load(open(snapshot)).get("latest_checkpoint_result") is not None
+                    except (OSError, ValueError):
+                        saved = False
+                    holders = ray_cluster.scratch_holders()
+                    if saved and len(holders) == 2:  # both trials are training, each on its node
+                        killed.append(holders[0])
+                        ray_cluster.kill(holders[0])
+                        return
+                time.sleep(0.1)
+            problems.append("no trial checkpoint while both trials ran")
+        except Exception as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
+
+    killer = threading.Thread(target=kill_after_a_trial_checkpoint, daemon=True)
+    killer.start()
+    try:
+        with time_limit(900):
+            summary = tune(recipe)
+            killer.join(timeout=60)
+        assert not problems and killed, problems
+        assert summary["trials"] == 2 and not summary.get("interrupted"), summary
+        rows = json.load(open(os.path.join(recipe.stage_dir("tune"), "trials.json")))
+        assert [row["status"] for row in rows] == ["completed", "completed"], rows
+        manifests = [json.load(open(os.path.join(row["dir"], "manifest.json"))) for row in rows]
+        finished_on = [ray_cluster.name_of(m["worker_nodes"][0]) for m in manifests]
+        # The two trials ended on two nodes, neither the lost one; one of them resumed from its checkpoint.
+        assert len(set(finished_on)) == 2 and killed[0] not in finished_on, (finished_on, killed)
+        assert sorted(m["resumed_from_step"] is not None for m in manifests) == [False, True], manifests
+        assert all(m["global_step"] == 16 for m in manifests)
+    finally:
+        killer.join(timeout=5)  # the killed node comes back before the next test (_every_node_up)
