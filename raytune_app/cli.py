@@ -503,10 +503,12 @@ def _fits(recipe: config.Recipe, args) -> int:
     """`validate --gpus N` / `--cluster FILE`: what fits the cluster, or exit 2 with what does not."""
     from raytune_app import fit
 
-    gpus, cpus, where = args.gpus, args.cpus, ""
+    gpus, cpus, where, groups = args.gpus, args.cpus, "", None
     if args.cluster:
         try:
-            found_gpus, found_cpus = fit.capacity(fit.load_cluster_file(args.cluster))
+            document = fit.load_cluster_file(args.cluster)
+            found_gpus, found_cpus = fit.capacity(document)
+            groups = fit.groups(document)
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: --cluster {args.cluster}: {exc}", file=sys.stderr)
             return EXIT_BAD_RECIPE
@@ -516,7 +518,7 @@ def _fits(recipe: config.Recipe, args) -> int:
     if gpus < 0 or (cpus is not None and cpus < 0):
         print("error: --gpus and --cpus must be 0 or more", file=sys.stderr)
         return EXIT_BAD_RECIPE
-    report = fit.check(recipe, gpus, cpus)
+    report = fit.check(recipe, gpus, cpus, groups)
     size = f"{gpus} GPU(s)" + (f", {cpus} CPU(s)" if cpus is not None else "") + where
     for line in report.fits:
         print(f"  fits: {line}")

@@ -9,7 +9,11 @@ submitted, so a job does not wait forever for GPUs the cluster can never have:
 - evaluate: `evaluate.replicas` model replicas, one GPU each on a GPU cluster;
 - distill: a `vllm` teacher takes one GPU per replica;
 - serve: every deployment's `num_gpus` x replicas from `serve.deployments` (the minimum must fit; a
-  maximum beyond the cluster only caps autoscaling, which is reported, not refused).
+  maximum beyond the cluster only caps autoscaling, which is reported, not refused);
+- custom resources, with a cluster file (`groups`): every one `train.worker_resources` and
+  `serve.deployments.<name>.resources` name must be declared by a node group (launcher `resources:`, KubeRay
+  `rayStartParams.resources`), in amounts that hold the training workers (with their GPUs) and the
+  deployments' minimum replicas: else Ray would wait for ever for a node that can never exist.
 
 Stages run one after another (serve stays up at the end), so each is checked against the whole
 cluster on its own. `capacity(path)` reads the GPUs and CPUs a cluster file can scale to: a Ray
@@ -23,6 +27,10 @@ from dataclasses import dataclass, field
 
 from raytune_app import resources
 from raytune_app.config import Recipe
+from raytune_app.train.settings import TrainSection
+
+# Resources Ray itself names; the rest of a node's resources are custom ones (cluster/*.yaml: train_gpu, serve_gpu).
+BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 # CPUs a Serve replica reserves when serve.deployments does not say (raytune_app/serve/app.py's defaults).
 _SERVE_DEFAULT_CPUS = {"llm": 1.0, "backup": 0.5, "guard": 0.25, "router": 0.0, "ingress": 0.25}
@@ -181,8 +189,69 @@ def _check_serve(recipe: Recipe, report: FitReport) -> None:
         report.fits.append(f"serve: {low:g}..{high:g} GPUs ({shape})")
 
 
-def check(recipe: Recipe, gpus: int, cpus: int | None = None) -> FitReport:
-    """What of `recipe` fits a cluster that can have `gpus` GPUs (and `cpus` CPUs, when given)."""
+def _train_steps(recipe: Recipe) -> list[tuple[str, TrainSection]]:
+    """(where, train section) of the train stage, or of every chain step."""
+    if recipe.chain:
+        return [
+            (f"train, chain step {i + 1} `{step.name}`", recipe.chain_step(i).train)
+            for i, step in enumerate(recipe.chain)
+        ]
+    return [("train", recipe.train)]
+
+
+def _check_custom(recipe: Recipe, found: list[Group], report: FitReport) -> None:
+    """Custom resources the recipe asks for against the groups that declare them (each group at its maximum)."""
+    declared = sorted({name for g in found for name in g.custom})
+    shown = ", ".join(declared) or "none"
+
+    def undeclared(option: str, wanted: dict, found_in: list[str]) -> bool:
+        missing = sorted(set(wanted) - set(declared))
+        if missing:
+            found_in.append(
+                f"{option} names {missing}, which no node group of the cluster declares (it declares: {shown}); "
+                "add it to a group's `resources:` (launcher) or `rayStartParams.resources` (KubeRay), or remove it"
+            )
+        return bool(missing)
+
+    if "train" in recipe.run.stages or "tune" in recipe.run.stages:
+        for where, train in _train_steps(recipe):
+            wanted = dict(train.worker_resources)
+            if not wanted or undeclared(f"{where}: train.worker_resources", wanted, report.problems):
+                continue
+            need = wanted | ({"GPU": 1.0} if resources.workers_on_gpu(train, report.gpus) else {})
+            slots = sum(g.max_nodes * resources.worker_slots([g.node], 0, need) for g in found)
+            workers = train.workers
+            if slots < workers:
+                report.problems.append(
+                    f"{where}: train.workers={workers}, each asking for {need}, and the groups that declare "
+                    f"{sorted(wanted)} hold {slots} such worker(s) at their largest; raise that resource (or the "
+                    "group's max nodes) in the cluster file, or lower train.workers"
+                )
+            else:
+                report.fits.append(f"{where}: {workers} worker(s) on the nodes that declare {sorted(wanted)}")
+    # Serving is checked whatever run.stages says (`raytune-app serve` serves any recipe), but a cluster file
+    # may be for training only (cluster/kuberay/rayjob.yaml): there, what serving lacks is a note.
+    serving = report.problems if "serve" in recipe.run.stages else report.notes
+    replicas = serve_replicas(recipe)
+    for name, section in recipe.serve.deployments.items():
+        if name not in replicas or not section.resources:
+            continue
+        option = f"serve: serve.deployments.{name}.resources"
+        if undeclared(option, section.resources, serving):
+            continue
+        for resource, amount in section.resources.items():
+            have = sum(g.max_nodes * g.custom.get(resource, 0.0) for g in found)
+            low = replicas[name]["min"] * amount
+            if low > have:
+                serving.append(
+                    f"{option}: the minimum {replicas[name]['min']} replica(s) ask for {low:g} {resource}, the "
+                    f"cluster declares {have:g} at its largest; raise it in the cluster file or lower the replicas"
+                )
+
+
+def check(recipe: Recipe, gpus: int, cpus: int | None = None, groups: list[Group] | None = None) -> FitReport:
+    """What of `recipe` fits a cluster that can have `gpus` GPUs (and `cpus` CPUs, when given); with the
+    cluster's node `groups` (a cluster file), also whether the custom resources it asks for exist."""
     report = FitReport(gpus=gpus, cpus=cpus)
     stages = recipe.run.stages
     if "distill" in stages:
@@ -198,6 +267,8 @@ def check(recipe: Recipe, gpus: int, cpus: int | None = None) -> FitReport:
     if "evaluate" in stages:
         _check_evaluate(recipe, report)
     _check_serve(recipe, report)  # `raytune-app serve` serves any recipe, whether or not serve is in run.stages
+    if groups is not None:
+        _check_custom(recipe, groups, report)
     return report
 
 
@@ -211,6 +282,28 @@ class Group:
     max_nodes: int
     gpus_per_node: int
     cpus_per_node: float
+    custom: dict[str, float] = field(default_factory=dict)  # custom resources per node (name -> amount)
+
+    @property
+    def node(self) -> dict[str, float]:
+        """One node's resources as `ray.nodes()` lists them (for raytune_app/resources.py)."""
+        return {"CPU": self.cpus_per_node, "GPU": float(self.gpus_per_node), **self.custom}
+
+
+def _custom(declared: dict) -> dict[str, float]:
+    return {name: float(amount) for name, amount in declared.items() if name not in BUILTIN_RESOURCES}
+
+
+def _start_params_resources(group: dict) -> dict[str, float]:
+    """Custom resources of a KubeRay group: `rayStartParams.resources`, JSON inside a quoted string
+    ('"{\\"train_gpu\\": 8}"', which KubeRay hands to `ray start --resources`), or plain JSON."""
+    import json
+
+    text = (group.get("rayStartParams") or {}).get("resources")
+    if not text:
+        return {}
+    value = json.loads(text)
+    return _custom(json.loads(value) if isinstance(value, str) else value)
 
 
 def _k8s_quantity(value) -> float:
@@ -238,7 +331,7 @@ def groups(document: dict) -> list[Group]:
                 if name == head
                 else (node.get("min_workers", 0), node.get("max_workers", document.get("max_workers", 0)))
             )
-            out.append(Group(name, low, high, int(res.get("GPU", 0)), float(res.get("CPU", 0))))
+            out.append(Group(name, low, high, int(res.get("GPU", 0)), float(res.get("CPU", 0)), _custom(res)))
         return sorted(out, key=lambda g: g.name != head)
     kind = document.get("kind")
     spec = document.get("spec", {})
@@ -251,11 +344,13 @@ def groups(document: dict) -> list[Group]:
         raise ValueError(
             f"not a Ray cluster launcher config nor a KubeRay RayCluster / RayJob / RayService (kind {kind!r})"
         )
-    gpus, cpus = _pod_resources(cluster["headGroupSpec"]["template"])
-    out = [Group("head", 1, 1, gpus, cpus)]
+    head = cluster["headGroupSpec"]
+    gpus, cpus = _pod_resources(head["template"])
+    out = [Group("head", 1, 1, gpus, cpus, _start_params_resources(head))]
     for group in cluster.get("workerGroupSpecs", []):
         gpus, cpus = _pod_resources(group["template"])
-        out.append(Group(group["groupName"], group.get("minReplicas", 0), group.get("maxReplicas", 0), gpus, cpus))
+        low, high = group.get("minReplicas", 0), group.get("maxReplicas", 0)
+        out.append(Group(group["groupName"], low, high, gpus, cpus, _start_params_resources(group)))
     return out
 
 

@@ -74,6 +74,8 @@ def test_launcher_config_has_our_groups(path):
     serve = [g for g in groups.values() if 0 < g.gpus_per_node < 8]
     assert len(train) == 1 and train[0].min_nodes == 0 and train[0].max_nodes >= 1, "an 8-GPU training group from zero"
     assert len(serve) == 1 and serve[0].min_nodes >= 1, "a GPU serving group that is always up"
+    # The custom resources the GPU recipes pin training workers and LLM replicas with, one per GPU.
+    assert head.custom == {} and train[0].custom == {"train_gpu": 8} and serve[0].custom == {"serve_gpu": 4}
     assert document["max_workers"] >= sum(g.max_nodes for g in groups.values() if g is not head)
     assert 0 < document["idle_timeout_minutes"] <= 30
     nodes = document["available_node_types"]
@@ -150,6 +152,9 @@ def test_kuberay_manifest_has_the_fields_of_its_kind(name):
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         gpus, _ = fit._pod_resources(group["template"])
         assert gpus > 0, f"{name}: worker group {group['groupName']} has no GPU"
+        # One `train_gpu` / `serve_gpu` per GPU (rayStartParams.resources): what the GPU recipes ask for.
+        custom = {"gpu-train": "train_gpu", "gpu-serve": "serve_gpu"}[group["groupName"]]
+        assert fit._start_params_resources(group) == {custom: gpus}, group["rayStartParams"]
         # GPU pods tolerate the GPU taint and land on the matching nodes.
         pod = group["template"]["spec"]
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
@@ -220,7 +225,13 @@ def test_rayservice_serves_the_gpu_cluster_serve_config():
     }
     module, attribute = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attribute))
-    assert config.load(_in_repo(app["args"]["recipe"]), app["args"]["overrides"]).serve.host == "0.0.0.0"
+    served_recipe = config.load(_in_repo(app["args"]["recipe"]), app["args"]["overrides"])
+    assert served_recipe.serve.host == "0.0.0.0"
+    # The LLM replicas ask for the custom resource the serving group declares (cluster/*, rayStartParams).
+    assert {n: served_recipe.serve.deployments[n].resources for n in ("llm", "backup")} == {
+        "llm": {"serve_gpu": 1},
+        "backup": {"serve_gpu": 1},
+    }
     spec = document["spec"]["rayClusterConfig"]
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"containerPort": served["http_options"]["port"], "name": "serve"} in head["ports"]
@@ -261,13 +272,14 @@ CLUSTERS = [*LAUNCHER, KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"]
 def test_gpu_recipe_fits_the_cluster_and_one_training_node(recipe_file, cluster_file):
     recipe = config.load(recipe_file)
     document = fit.load_cluster_file(str(cluster_file))
-    report = fit.check(recipe, *fit.capacity(document))
+    report = fit.check(recipe, *fit.capacity(document), fit.groups(document))  # custom resources checked too
     assert report.ok, report.problems
     biggest = max(g.gpus_per_node for g in fit.groups(document))
     steps = [recipe.chain_step(i) for i in range(len(recipe.chain))] or [recipe]
     for step in steps:
         # ZeRO-2 keeps its all-reduce inside one node: the workers fit the largest GPU node.
         assert step.train.use_gpu is True and step.train.workers <= biggest
+        assert step.train.worker_resources == {"train_gpu": 1}, "training workers stay on the training nodes"
         assert step.train.workers == 1 or step.train.deepspeed.stage == 2  # one-GPU runs (tune trials) need no ZeRO
     assert cluster.gpus_wanted(recipe) <= biggest
     if "evaluate" in recipe.run.stages:
@@ -280,8 +292,15 @@ def test_serving_recipe_fits_the_serving_group(cluster_file):
     deployments = fit.serve_replicas(recipe)
     low = sum(d["min"] * d["gpus"] for d in deployments.values())
     high = sum(d["max"] * d["gpus"] for d in deployments.values())
-    (serving,) = [g for g in fit.groups(fit.load_cluster_file(str(cluster_file))) if 0 < g.gpus_per_node < 8]
+    document = fit.load_cluster_file(str(cluster_file))
+    (serving,) = [g for g in fit.groups(document) if 0 < g.gpus_per_node < 8]
     assert 0 < low <= serving.min_nodes * serving.gpus_per_node, "the endpoint starts without waiting for a node"
+    report = fit.check(recipe, *fit.capacity(document), fit.groups(document))
+    assert report.ok and not [n for n in report.notes if "resources" in n], report.notes
+    # The LLM replicas stay on the serving nodes: the custom resource only that group declares.
+    assert serving.custom == {"serve_gpu": serving.gpus_per_node}
+    for name in ("llm", "backup"):
+        assert recipe.serve.deployments[name].resources == {"serve_gpu": 1}
     assert high <= serving.max_nodes * serving.gpus_per_node, "autoscaling reaches every replica"
     # The recipe's layout is serve_configs/gpu-cluster.yaml's.
     (app,) = _load(REPO / "serve_configs" / "gpu-cluster.yaml")["applications"]
@@ -328,6 +347,19 @@ def test_validate_against_a_cluster_file_and_on_cpus(capsys):
     assert main(["validate", quickstart, "train.workers=4", "--gpus", "0", "--cpus", "2"]) == 2
     assert "train: train.workers=4 needs 4 CPUs, the cluster has 2" in capsys.readouterr().err
     assert main(["validate", quickstart, "--cluster", str(REPO / "README.md")]) == 2
+    capsys.readouterr()
+    # Custom resources no group declares, or more than the groups hold at their largest: never placed.
+    pinned = ["train.worker_resources={spot_h100: 1}", "serve.deployments.llm.resources={serve_gpu: 13}"]
+    sft = str(REPO / "recipes" / "gpu-qlora-sft.yaml")
+    assert (
+        main(["validate", sft, *pinned, "run.stages=[train,serve]", "--cluster", str(REPO / "cluster/aws.yaml")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "train: train.worker_resources names ['spot_h100'], which no node group of the cluster declares" in err
+    assert "(it declares: serve_gpu, train_gpu)" in err
+    assert (
+        "serve.deployments.llm.resources: the minimum 1 replica(s) ask for 13 serve_gpu, the cluster declares 12" in err
+    )
 
 
 def test_vllm_teacher_and_tune_trials_are_counted():

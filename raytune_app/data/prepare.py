@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from raytune_app import __version__, console, storage
+from raytune_app import __version__, console, shared_dir, storage
 from raytune_app.config import Recipe
 from raytune_app.data import rows as rowlib
 from raytune_app.data.inputs import Inputs
@@ -438,6 +438,8 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     tokenizer = _tokenizer(
         recipe.model.path, recipe.model.tokenizer, recipe.model.chat_template, recipe.model.trust_remote_code
     )
+    # Write tasks on any node put the splits' parts there, and the driver lists them.
+    shared_dir.check(recipe.run_dir)
     started = time.time()
 
     context = ray.data.DataContext.get_current()
@@ -493,6 +495,8 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
             "rejected": dict(sorted(stats["rejected"].items())),
             "rejected_rows": rejected_rows,
             "splits": splits,
+            # Where the blocks were processed and written: {node id: {blocks, rows}} (data/sink.py).
+            "nodes": dict(sorted(stats["nodes"].items())),
             "seconds": round(time.time() - started, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

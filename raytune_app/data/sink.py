@@ -6,6 +6,10 @@ per write task, one row group per block) and the rejected rows to a JSONL part f
 counts, a token-length histogram and an order-independent content hash per split; `on_write_complete`
 adds them up on the driver. Writing all outputs in one pass means the pipeline (parse, validate,
 tokenise) runs once, not once per split. The work stays in Arrow: only rejected rows become Python.
+
+Each write task also records the node it ran on (blocks and rows per node id): Ray Data fuses the map steps
+into the write task, so this is where each block was parsed, tokenised and written. The manifest keeps it
+(`nodes`), which says how the work spread over a multi-node cluster, and from which node each part came.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class PreparedSink(Datasink):
     def _empty_stats(self) -> dict:
         return {
             "rows_in": 0,
+            "nodes": {},  # node id -> {"blocks": n, "rows": n} written by tasks on that node
             "rejected": Counter(),
             "mix": {},  # source file -> [train examples available, used] (raytune_app/data/mixing.py)
             "splits": {
@@ -85,13 +90,18 @@ class PreparedSink(Datasink):
         stats["rows_in"] += len(hashes)
 
     def write(self, blocks, ctx) -> dict:
+        import ray
+
         stats = self._empty_stats()
+        node = stats["nodes"].setdefault(ray.get_runtime_context().get_node_id(), {"blocks": 0, "rows": 0})
         fs, root = storage.filesystem(self.out_dir)
         writers: dict[str, pq.ParquetWriter] = {}
         rejects = None
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.table(block)
+                node["blocks"] += 1
+                node["rows"] += table.num_rows
                 is_tally = pc.fill_null(pc.equal(table["status"], TALLY), False)
                 for tally in table.filter(is_tally).select(["source_file", "message"]).to_pylist():
                     counts = json.loads(tally["message"])
@@ -147,6 +157,10 @@ class PreparedSink(Datasink):
         total = self._empty_stats()
         for stats in write_result.write_returns:
             total["rows_in"] += stats["rows_in"]
+            for node, counts in stats["nodes"].items():
+                mine = total["nodes"].setdefault(node, {"blocks": 0, "rows": 0})
+                mine["blocks"] += counts["blocks"]
+                mine["rows"] += counts["rows"]
             total["rejected"].update(stats["rejected"])
             for file, (available, used) in stats["mix"].items():
                 seen = total["mix"].setdefault(file, [0, 0])

@@ -66,7 +66,7 @@ def run_program(batch: pa.Table, program: str) -> pa.Table:
 
 def _from_prediction(batch: pa.Table) -> pa.Table:
     texts = batch.column("prediction")
-    batch = batch.drop_columns(["prediction", "new_tokens", "latency_s", "batch_start", "batch_end"])
+    batch = batch.drop_columns(["prediction", "new_tokens", "latency_s", "batch_start", "batch_end", "node"])
     return batch.append_column("teacher_text", texts).append_column(
         "teacher_error", pa.nulls(batch.num_rows, pa.string())
     )

@@ -10,7 +10,8 @@ as a continuation of the prompt, giving the label probabilities ECE is computed 
 
 Columns in: `prompt` (list of {role, content} messages). Columns added: `prediction`, `new_tokens`,
 `latency_s` (time of the generate call that produced the row), `batch_start`, `batch_end` (wall
-clock, for tokens/s over the whole pool) and, for classification, `label_probs`.
+clock, for tokens/s over the whole pool), `node` (the Ray node id of the replica: where the pool's replicas
+ran on a multi-node cluster, reported in metrics.json) and, for classification, `label_probs`.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class Generator:
         labels: list[str] | None = None,
         prompt_prefix: str = "",
     ):
+        import ray
         import torch
 
         from raytune_app import models
 
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +112,7 @@ class Generator:
             "latency_s": pa.array([end - start] * n, pa.float64()),
             "batch_start": pa.array([start] * n, pa.float64()),
             "batch_end": pa.array([end] * n, pa.float64()),
+            "node": pa.array([self.node] * n, pa.string()),
         }
         if self.labels:
             columns["label_probs"] = pa.array(self.label_probabilities(prompts), pa.list_(pa.float64()))

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from raytune_app import __version__, console, integrity, storage
+from raytune_app import __version__, console, integrity, shared_dir, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.evaluate import metrics as M
@@ -220,8 +221,12 @@ def load_schema(recipe: Recipe):
 
 
 def _replicas(recipe: Recipe) -> tuple[int, int, bool]:
-    """(replicas, CPUs per replica, use GPU) for this cluster."""
+    """(replicas, CPUs per replica, use GPU) for this cluster. On CPUs a replica's share is also what one node
+    can grant (resources.even_share): 2 replicas on a cluster of three 2-CPU nodes take 2 CPUs each, not the
+    3 that "6 CPUs / 2" says, which no node has (Ray would wait for ever to place the actor)."""
     import ray
+
+    from raytune_app import resources
 
     total = ray.cluster_resources()
     gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
@@ -234,7 +239,15 @@ def _replicas(recipe: Recipe) -> tuple[int, int, bool]:
     replicas = 1 if wanted == "auto" else wanted
     if replicas > cpus:
         raise EvaluateError(f"evaluate.replicas={replicas} needs at least {replicas} CPUs, the cluster has {cpus}")
-    return replicas, max(1, cpus // replicas), False
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    per_node = resources.even_share(nodes, replicas, {}) if nodes else cpus
+    if per_node == 0:
+        sizes = ", ".join(f"{node.get('CPU', 0):g}" for node in nodes)
+        raise EvaluateError(
+            f"evaluate.replicas={replicas}: each replica takes at least 1 CPU of one node, and the nodes ({sizes} "
+            f"CPUs) cannot hold {replicas}; lower evaluate.replicas"
+        )
+    return replicas, max(1, min(cpus // replicas, per_node)), False
 
 
 def _precision(recipe: Recipe, use_gpu: bool) -> str:
@@ -439,6 +452,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         return {**earlier, "output_dir": storage.current(out_dir)}
     why = "--force" if force else ("models, data or settings changed" if earlier else "no complete earlier output")
 
+    shared_dir.check(recipe.run_dir)  # replicas on any node load the weights from there
     engine = backend(recipe)
     if ev.schema_constrained and (validator is None or engine != "vllm"):
         raise EvaluateError(
@@ -455,7 +469,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         schema = validator.schema if ev.schema_constrained and validator is not None else None
         generated = generate_vllm(examples, models, recipe, labels, schema)
         say(f"vLLM generated for {len(models)} model(s) in {time.time() - began_all:.0f} s")
-    results, tables = {}, []
+    results, tables, placed = {}, [], {}
     for candidate in models:
         began = time.time()
         table = generated[candidate.name] if generated else generate_transformers(examples, candidate, recipe, labels)
@@ -468,6 +482,8 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             "latency": M.latency(table.column("latency_s").to_pylist(), table.column("new_tokens").to_pylist(), wall),
             "seconds": round(wall if generated else time.time() - began, 1),
         }
+        if "node" in table.column_names:  # where the replicas ran: {node id: examples} (transformers engine)
+            placed[candidate.name] = dict(sorted(Counter(table.column("node").to_pylist()).items()))
         if generated and f"{candidate.name}:constrained" in generated:
             constrained = generated[f"{candidate.name}:constrained"]
             result["constrained"] = score(ev.task, constrained, validator, labels)[0]
@@ -499,6 +515,9 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         "base_model": recipe.model.path,
         "backend": engine,
         "models": results,
+        # Per model, the nodes its replicas ran on: {node id: examples}. Beside `models`, not in it: where the
+        # work ran is no result (comparisons of two runs' model results stay equal across clusters).
+        "nodes": placed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     # Built as a new version and swapped in whole (metrics.json last): a killed run leaves the previous
@@ -525,7 +544,7 @@ def _write_predictions(table: pa.Table, uri: str) -> None:
 
     fs, path = storage.filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    keep = [c for c in table.column_names if c not in ("batch_start", "batch_end")]
+    keep = [c for c in table.column_names if c not in ("batch_start", "batch_end", "node")]
     pq.write_table(table.select(keep), path, filesystem=fs)
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from raytune_app import config, storage
+from raytune_app import config, shared_dir, storage
 from raytune_app.errors import DataError
 from raytune_app.serve.engine import BASE
 from raytune_app.serve.router import ROUTED
@@ -343,6 +343,7 @@ def run(recipe: config.Recipe, blocking: bool = False, spec: dict | None = None)
     application = build(recipe, spec)  # plan first: a bad serve section fails before Ray starts
     if not ray.is_initialized():
         ray.init()
+    shared_dir.check(recipe.run_dir)  # replicas on any node load what the run directory holds
     serve.start(http_options={"host": recipe.serve.host, "port": recipe.serve.port})
     serve.run(application, name=recipe.run.name, route_prefix="/", blocking=blocking)
     return f"http://{recipe.serve.host}:{recipe.serve.port}"

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from raytune_app import config as recipe_config
-from raytune_app import console, integrity, outcomes, resources, runstate, storage
+from raytune_app import console, integrity, outcomes, resources, runstate, shared_dir, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train.manifest import TrainManifest
@@ -346,6 +346,9 @@ def train(
 ) -> TrainManifest:
     """Run the train stage; returns its manifest. `parent`: the manifest of the run whose adapter this
     one continues (a previous chain step)."""
+    # First: on a cluster whose nodes do not share the run directory, nothing below can work (rank 0 writes
+    # checkpoints and weights on its node that the driver and restarted workers read on theirs).
+    shared_dir.check(recipe.run_dir)
     prepared_dir, prepared = training_data(recipe)
     use_gpu, cpus_per_worker = check_resources(recipe)  # before anything is written
     check_packages(recipe, use_gpu)

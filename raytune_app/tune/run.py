@@ -33,7 +33,7 @@ import signal
 import time
 
 from raytune_app import config as recipe_config
-from raytune_app import console, outcomes, resources, runstate, storage
+from raytune_app import console, outcomes, resources, runstate, shared_dir, storage
 from raytune_app.config import Recipe
 from raytune_app.errors import DataError
 from raytune_app.train import scratch
@@ -309,6 +309,8 @@ def tune(recipe: Recipe, resume: bool = False, restart: bool = False) -> dict:
         )
     if recipe.train.method != "sft":
         raise TuneError(f"train.method {recipe.train.method}: the tune stage searches sft runs so far")
+    # Trials on any node write checkpoints there and resume from them on another: first, that every node sees it.
+    shared_dir.check(recipe.run_dir)
     try:
         prepared_dir, prepared = training_data(recipe)
     except TrainError as exc:
