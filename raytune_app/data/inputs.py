@@ -119,11 +119,12 @@ def resolve(recipe: Recipe) -> Inputs:
     inputs = Inputs(paths=[], files=[])
     for index, source in enumerate(data.source_sections):
         given = recipe.resolve_source(source.path) if source.path is not None else None
+        identity = None  # what the output depends on, where it is not the file read (an adapter's copy)
         if source.adapter is not None and given is not None:
             from raytune_app.data import public
 
             try:
-                path = public.materialise(recipe, source.adapter, given, source.split)
+                path, identity = public.materialise(recipe, source.adapter, given, source.split)
             except public.AdapterError as exc:
                 raise SourceError(f"data.sources[{index}]: {exc}") from None
         elif source.hf is not None or given is None or _is_saved_dataset(given):
@@ -141,7 +142,9 @@ def resolve(recipe: Recipe) -> Inputs:
         if detected:
             layout = layouts.detect(_first_record(files[0][0], data.file_format))
         inputs.paths.append(path)
-        inputs.files.extend(files)
+        # An adapter's copy lives in the run directory: fingerprinting the original files instead lets two
+        # run directories (the cells of an experiment) share one prepared output.
+        inputs.files.extend(identity if identity is not None else files)
         for file, _, _ in files:
             inputs.layouts[file] = layout
             if source.weight != 1.0:

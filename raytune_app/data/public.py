@@ -115,8 +115,9 @@ def _source_files(adapter: str, given: str, split: str) -> list:
     return storage.file_fingerprint(given)
 
 
-def materialise(recipe, adapter: str, given: str, split: str) -> str:
-    """The JSONL file the adapter makes of `given` (written on first use; see the module docstring)."""
+def materialise(recipe, adapter: str, given: str, split: str) -> tuple[str, list]:
+    """The JSONL file the adapter makes of `given` (written on first use; see the module docstring), and
+    the identity of what it was made from (adapter, split and the source files' path / size / mtime)."""
     try:
         files = _source_files(adapter, given, split)
     except FileNotFoundError:
@@ -126,11 +127,11 @@ def materialise(recipe, adapter: str, given: str, split: str) -> str:
             f"adapter {adapter}: {given} not found. The public data sets live outside the project "
             "(../shared/data, see its README) and are not shipped with it: point the source's `path` at your copy"
         )
-    identity = json.dumps([ADAPTER_VERSION, adapter, split, files], sort_keys=True, default=str)
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    identity = [[f"adapter {adapter} v{ADAPTER_VERSION} {split}: {path}", size, mtime] for path, size, mtime in files]
+    digest = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:12]
     target = storage.absolute(storage.join(recipe.run_dir, "source", f"{adapter}-{split}-{digest}.jsonl"))
     if not storage.exists(target):
         rows = esnli_rows(given, split) if adapter == "esnli" else gsm8k_rows(given)
         storage.write_text(target, "".join(row + "\n" for row in rows))  # written whole: never half a file
         console.logger("prepare").info(f"{given} ({adapter}, {split}): {len(rows)} rows written once as {target}")
-    return target
+    return target, identity
