@@ -197,7 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(RECIPES), default="arithmetic")
     parser.add_argument(
-        "--sizes", type=float, nargs="+", default=[0.5, 1.0], help="training inputs per cell: counts (> 1) or shares"
+        "--sizes",
+        "--fractions",  # the flag's name before sizes could be counts (BENCHMARKS.md, 2026-11-26)
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0],
+        help="training inputs per cell: counts (> 1) or shares of the train split (<= 1)",
     )
     parser.add_argument(
         "--lambdas", type=float, nargs="+", default=[0.0, 1.0], help="rationale weights; 0 = label-only"
@@ -226,38 +231,40 @@ def main() -> None:
         for w in args.lambdas
         if json.dumps(cell_key(args, s, w, seed), sort_keys=True) not in done
     ]
-    print(f"[dss-experiment] {len(done)} cell(s) in {results}; {len(todo)} to run", file=sys.stderr, flush=True)
-    if todo:
-        import ray
+    todo = todo if args.max_cells is None else todo[: args.max_cells]
+    print(f"[dss-experiment] {len(done)} cell(s) in {results}; running {len(todo)}", file=sys.stderr, flush=True)
+    try:
+        if todo:
+            run_grid(args, out, results, cells, todo)
+    finally:  # also after Ctrl-C or a failed cell: the table of every cell finished so far
+        print(table(args, cells, str(results)))
 
-        from raytune_app import config
-        from raytune_app.data.prepare import prepare
 
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        first = config.load(ROOT / "recipes" / RECIPES[args.dataset], _overrides(args, out, "prepared", 0))
-        available = prepare(first)["rows_out"]["train"]
-        where, base_done = first.stage_dir("prepare"), any("base_correct" in c for c in cells)
-        host = machine()
-        for count, (size, weight, seed) in enumerate(todo):
-            if args.max_cells is not None and count >= args.max_cells:
-                break
-            result = run_cell(args, out, where, size, weight, seed, available, base=not base_done)
-            base_done = True
-            record = {
-                "key": cell_key(args, size, weight, seed),
-                **result,
-                "machine": host,
-                "date": time.strftime("%Y-%m-%d"),
-            }
-            with results.open("a") as sink:  # one whole line per finished cell
-                sink.write(json.dumps(record) + "\n")
-            cells.append(record)
-            print(
-                f"[dss-experiment] {record['key']}: {result['accuracy']} in {result['seconds']} s",
-                file=sys.stderr,
-                flush=True,
-            )
-    print(table(args, cells, str(results)))
+def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple]) -> None:
+    """Prepare once, then run each cell and append its line to `results` as soon as it is done."""
+    import ray
+
+    from raytune_app import config
+    from raytune_app.data.prepare import prepare
+
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    first = config.load(ROOT / "recipes" / RECIPES[args.dataset], _overrides(args, out, "prepared", 0))
+    available = prepare(first)["rows_out"]["train"]
+    same_eval = [c for c in cells if c["key"]["dataset"] == args.dataset and c["key"]["eval_limit"] == args.eval_limit]
+    base_done, host = any("base_correct" in c for c in same_eval), machine()
+    for size, weight, seed in todo:
+        result = run_cell(args, out, first.stage_dir("prepare"), size, weight, seed, available, base=not base_done)
+        base_done = True
+        record = {
+            "key": cell_key(args, size, weight, seed),
+            **result,
+            "machine": host,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        with results.open("a") as sink:  # one whole line per finished cell
+            sink.write(json.dumps(record) + "\n")
+        cells.append(record)
+        print(f"[dss-experiment] {record['key']}: {result['accuracy']} in {result['seconds']} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
