@@ -77,6 +77,7 @@ def cell_key(args, size: int | float | None, weight: float | None, seed: int) ->
         "epochs": None if args.steps else args.epochs,
         "eval_limit": args.eval_limit,
         "rows": args.rows if args.dataset == "arithmetic" else None,
+        "set": sorted(args.set or []),  # recipe overrides change the result too
     }
 
 
