@@ -1,20 +1,34 @@
-"""Distilling Step-by-Step vs label-only fine-tuning at equal data (recipes/dss.yaml).
+"""Distilling Step-by-Step vs label-only fine-tuning at equal data, over data sizes and lambda values.
 
-    .venv/bin/python benchmarks/dss_experiment.py [--fractions 0.5 1.0] [--rows 800] [--epochs 2]
+    .venv/bin/python benchmarks/dss_experiment.py --dataset esnli --sizes 200 400 800 --lambdas 0 1 \\
+        --steps 60 --eval-limit 300 --results runs/dss-esnli-pilot.jsonl
 
-For each share of the training inputs (`distill.subsample`, chosen by content hash, so every variant
-of a share sees the same inputs) it trains two students from the same recipe:
-  label-only:  train.distill.rationale_weight = 0   (plain fine-tuning on "[label] question -> answer")
-  step-by-step: rationale_weight = 1                (plus "[rationale] question -> worked solution")
-and evaluates both, asked with the label prefix, on the same held-out test split (normalised answer
-match, greedy). The base model is evaluated once, asked plainly. Teacher: the arithmetic program
-(exact, so the gold filter keeps every rationale); the student: the bundled SmolLM2-135M-Instruct.
-Prints one table; each cell is one training run (seeded), so small differences are within noise.
+Data sets (each a shipped recipe, so the experiment runs what a user runs):
+  arithmetic  recipes/dss.yaml        generated word problems, the arithmetic program as teacher
+  esnli       recipes/dss_esnli.yaml  ../shared/data/esnli, its human explanations as rationales
+  gsm8k       recipes/dss_gsm8k.yaml  ../shared/data/gsm8k, its worked solutions as rationales
+One cell is (data set, training inputs, lambda, seed): `distill.subsample` picks the inputs by content
+hash (so every lambda of a size sees the same inputs, and a smaller size is a subset of a larger one);
+lambda is `train.distill.rationale_weight` (0: the label-only baseline on the same inputs); the student
+(the bundled SmolLM2-135M-Instruct) trains for `--steps` optimizer steps (the same budget for every
+cell, so step-by-step is not given more updates) or `--epochs`; then it is asked with the label prefix
+on the first `--eval-limit` rows of the held-out test split (normalised match, greedy). The base model
+is evaluated once, asked plainly.
+
+Each finished cell is appended to the `--results` JSONL at once; a rerun with the same file skips the
+cells already there (same data set, size, lambda, seed, budget and evaluation), so a table cut short by
+a crash or a time limit is finished by running the same command again. The data is prepared once and
+copied into each cell's run directory. Prints the table with 95% Wilson intervals and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -23,73 +37,235 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+RECIPES = {"arithmetic": "dss.yaml", "esnli": "dss_esnli.yaml", "gsm8k": "dss_gsm8k.yaml"}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--rows", type=int, default=800)
-    parser.add_argument("--epochs", type=float, default=2)
-    parser.add_argument("--out", default=None, help="output root (default: a temporary folder)")
-    args = parser.parse_args()
 
-    import ray
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sound at small n and near 0 or 1, unlike p ± 2se)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
+
+def machine() -> str:
+    """CPU model, cores, memory, GPU and torch version: what a reader needs to compare timings."""
+    import psutil
+    import torch
+
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{model}, {os.cpu_count()} vCPUs, {memory:.0f} GiB, {gpu}, torch {torch.__version__}"
+
+
+def cell_key(args, size: int | float | None, weight: float | None, seed: int) -> dict:
+    """Everything a cell's result depends on; a rerun skips a cell whose key is in the results file."""
+    return {
+        "dataset": args.dataset,
+        "size": size,
+        "lambda": weight,
+        "seed": seed,
+        "steps": args.steps,
+        "epochs": None if args.steps else args.epochs,
+        "eval_limit": args.eval_limit,
+        "rows": args.rows if args.dataset == "arithmetic" else None,
+        "set": sorted(args.set or []),  # recipe overrides change the result too
+    }
+
+
+def done_cells(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    cells = []
+    for line in path.read_text().splitlines():
+        try:
+            cells.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: that cell runs again
+    return cells
+
+
+def _overrides(args, out: str, name: str, seed: int) -> list[str]:
+    common = [
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"run.seed={seed}",
+        "run.stages=[prepare,distill,train,evaluate]",
+    ]
+    if args.dataset == "arithmetic":
+        common.append(f"data.generator.rows={args.rows}")
+    if args.steps:
+        common += [f"train.max_steps={args.steps}", f"train.checkpoint.every_steps={args.steps}"]
+    else:
+        common += ["train.max_steps=null", f"train.epochs={args.epochs}"]
+    if args.eval_limit:
+        common.append(f"evaluate.limit={args.eval_limit}")
+    return common + list(args.set or [])
+
+
+def _share(size: float, available: int) -> float:
+    """`--sizes` are input counts (> 1) or shares (<= 1) of the prepared train split."""
+    return min(1.0, size / available) if size > 1 else size
+
+
+def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, available: int, base: bool) -> dict:
     from raytune_app import config
     from raytune_app.data.prepare import prepare
     from raytune_app.distill.run import distill
     from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import train
 
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    out = args.out or tempfile.mkdtemp(prefix="dss-experiment-")
-    results, base = [], None
-    for fraction in args.fractions:
-        for weight in (0.0, 1.0):
-            name = f"dss-{fraction}-{weight}"
-            recipe = config.load(
-                ROOT / "recipes" / "dss.yaml",
-                [
-                    f"run.output_dir={out}",
-                    f"run.name={name}",
-                    f"data.generator.rows={args.rows}",
-                    f"distill.subsample={fraction}",
-                    f"train.distill.rationale_weight={weight}",
-                    f"train.epochs={args.epochs}",
-                    f"evaluate.include_base={'true' if base is None else 'false'}",
-                ],
-            )
-            began = time.time()
-            prepare(recipe)
-            distilled = distill(recipe)
-            train(recipe)
-            summary = evaluate(recipe)
-            if base is None:
-                base = summary["models"]["base"]["normalised_match"]
-            tuned = summary["models"]["tuned"]
-            results.append(
-                (
-                    fraction,
-                    weight,
-                    distilled["inputs"],
-                    distilled["tasks"],
-                    tuned["normalised_match"],
-                    summary["examples"],
-                    time.time() - began,
-                )
-            )
-            print(f"[dss-experiment] {name}: {tuned['normalised_match']}", file=sys.stderr, flush=True)
-
-    print(
-        f"\nmulti-step arithmetic, SmolLM2-135M-Instruct student, {args.epochs} epochs; answer accuracy on the "
-        f"test split ({results[0][5]} problems); base model (asked plainly): {base}\n"
+    name = f"{args.dataset}-{size}-{weight}-s{seed}"
+    recipe = config.load(
+        ROOT / "recipes" / RECIPES[args.dataset],
+        _overrides(args, out, name, seed)
+        + [
+            f"distill.subsample={_share(size, available)}",
+            f"train.distill.rationale_weight={weight}",
+            f"evaluate.include_base={'true' if base else 'false'}",
+        ],
     )
-    print(f"{'share':>6}{'inputs':>8}{'variant':>15}{'train rows':>12}{'accuracy':>10}{'minutes':>9}")
-    for fraction, weight, inputs, tasks, accuracy, _, seconds in results:
-        variant = "step-by-step" if weight else "label-only"
-        print(
-            f"{fraction:>6}{inputs:>8}{variant:>15}{sum(tasks.values()) if weight else tasks['label']:>12}"
-            f"{accuracy:>10.3f}{seconds / 60:>9.1f}"
+    target = recipe.stage_dir("prepare")
+    if not os.path.exists(target):
+        shutil.copytree(prepared_dir, target)  # same inputs and settings: prepare finds it and reuses it
+    began = time.time()
+    prepare(recipe)
+    distilled = distill(recipe)
+    trained = train(recipe)
+    summary = evaluate(recipe)
+    tuned = summary["models"]["tuned"]
+    n = summary["examples"]
+    result = {
+        "inputs": distilled["inputs"],
+        "tasks": distilled["tasks"],
+        "kept_rationales": distilled["kept_rationales"],
+        "train_rows": sum(distilled["tasks"].values()) if weight else distilled["tasks"].get("label", 0),
+        "steps": trained.get("global_step"),
+        "n": n,
+        "correct": round(tuned["normalised_match"] * n),
+        "accuracy": tuned["normalised_match"],
+        "seconds": round(time.time() - began, 1),
+    }
+    if base:
+        result["base_correct"] = round(summary["models"]["base"]["normalised_match"] * n)
+    return result
+
+
+def table(args, cells: list[dict], where: str) -> str:
+    """The cells of this command's grid (from the results file, finished in any run) as text."""
+    wanted = {
+        json.dumps(cell_key(args, s, w, seed), sort_keys=True)
+        for s in args.sizes
+        for w in args.lambdas
+        for seed in args.seeds
+    }
+    rows = [c for c in cells if json.dumps(c["key"], sort_keys=True) in wanted]
+    rows.sort(key=lambda c: (c["key"]["size"], c["key"]["lambda"], c["key"]["seed"]))
+    budget = f"{args.steps} steps" if args.steps else f"{args.epochs} epochs"
+    lines = [
+        f"\n{args.dataset}: SmolLM2-135M-Instruct student, LoRA, {budget} per cell; accuracy = normalised match on "
+        f"the first {args.eval_limit or 'all'} test rows, 95% Wilson interval",
+        f"machine: {rows[0]['machine'] if rows else machine()}; results: {where}",
+        "",
+        f"{'size':>6}{'inputs':>8}{'lambda':>8}{'seed':>6}{'train rows':>12}{'accuracy':>10}{'95% CI':>17}"
+        f"{'minutes':>9}",
+    ]
+    for c in rows:
+        low, high = wilson(c["correct"], c["n"])
+        lines.append(
+            f"{c['key']['size']:>6}{c['inputs']:>8}{c['key']['lambda']:>8}{c['key']['seed']:>6}{c['train_rows']:>12}"
+            f"{c['accuracy']:>10.3f}{f'[{low:.3f}, {high:.3f}]':>17}{c['seconds'] / 60:>9.1f}"
         )
+    base = next((c for c in rows if "base_correct" in c), None)
+    if base:
+        low, high = wilson(base["base_correct"], base["n"])
+        lines.append(f"base model (asked plainly): {base['base_correct'] / base['n']:.3f} [{low:.3f}, {high:.3f}]")
+    missing = len(wanted) - len(rows)
+    if missing:
+        lines.append(f"{missing} cell(s) of this grid not run yet: run the same command again to finish them")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(RECIPES), default="arithmetic")
+    parser.add_argument(
+        "--sizes",
+        "--fractions",  # the flag's name before sizes could be counts (BENCHMARKS.md, 2026-11-26)
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0],
+        help="training inputs per cell: counts (> 1) or shares of the train split (<= 1)",
+    )
+    parser.add_argument(
+        "--lambdas", type=float, nargs="+", default=[0.0, 1.0], help="rationale weights; 0 = label-only"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per cell (same for every cell)")
+    parser.add_argument("--epochs", type=float, default=2, help="passes over the data, where --steps is not given")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test rows (default: all)")
+    parser.add_argument("--rows", type=int, default=800, help="arithmetic: generated problems")
+    parser.add_argument("--set", nargs="*", help="more recipe overrides, key=value (e.g. train.batch_size=4)")
+    parser.add_argument("--results", default=None, help="JSONL of finished cells (default: <out>/results.jsonl)")
+    parser.add_argument("--out", default=None, help="output root (default: a temporary folder)")
+    parser.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells (time-boxing)")
+    args = parser.parse_args()
+    args.sizes = [int(s) if s > 1 else s for s in args.sizes]
+
+    out = args.out or tempfile.mkdtemp(prefix="dss-experiment-")
+    results = Path(args.results or os.path.join(out, "results.jsonl"))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    cells = done_cells(results)
+    done = {json.dumps(c["key"], sort_keys=True) for c in cells}
+    todo = [
+        (s, w, seed)
+        for seed in args.seeds
+        for s in args.sizes
+        for w in args.lambdas
+        if json.dumps(cell_key(args, s, w, seed), sort_keys=True) not in done
+    ]
+    todo = todo if args.max_cells is None else todo[: args.max_cells]
+    print(f"[dss-experiment] {len(done)} cell(s) in {results}; running {len(todo)}", file=sys.stderr, flush=True)
+    try:
+        if todo:
+            run_grid(args, out, results, cells, todo)
+    finally:  # also after Ctrl-C or a failed cell: the table of every cell finished so far
+        print(table(args, cells, str(results)))
+
+
+def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple]) -> None:
+    """Prepare once, then run each cell and append its line to `results` as soon as it is done."""
+    import ray
+
+    from raytune_app import config
+    from raytune_app.data.prepare import prepare
+
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    first = config.load(ROOT / "recipes" / RECIPES[args.dataset], _overrides(args, out, "prepared", 0))
+    available = prepare(first)["rows_out"]["train"]
+    same_eval = [c for c in cells if c["key"]["dataset"] == args.dataset and c["key"]["eval_limit"] == args.eval_limit]
+    base_done, host = any("base_correct" in c for c in same_eval), machine()
+    for size, weight, seed in todo:
+        result = run_cell(args, out, first.stage_dir("prepare"), size, weight, seed, available, base=not base_done)
+        base_done = True
+        record = {
+            "key": cell_key(args, size, weight, seed),
+            **result,
+            "machine": host,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        with results.open("a") as sink:  # one whole line per finished cell
+            sink.write(json.dumps(record) + "\n")
+        cells.append(record)
+        print(f"[dss-experiment] {record['key']}: {result['accuracy']} in {result['seconds']} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

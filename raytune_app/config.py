@@ -359,6 +359,14 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
     ev, data = recipe.evaluate, recipe.data
     if "distill" in recipe.run.stages:
         problems += recipe.distill.teacher_problems()
+        teacher = recipe.distill.teacher
+        for option in ("rationale_column", "label_column") if teacher.backend == "columns" else ():
+            column = getattr(teacher, option)
+            if column is not None and column not in data.keep_columns:
+                problems.append(
+                    f"distill.teacher.{option}: `{column}` is not in data.keep_columns "
+                    f"({data.keep_columns or 'empty'}); add it there so prepare carries it to the distill stage"
+                )
     if recipe.tune.search_space:
         problems += search_problems(recipe.tune, recipe.train, has_chain=bool(recipe.chain))
     if ev.group_column is not None and ev.group_column not in data.keep_columns:

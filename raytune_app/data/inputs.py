@@ -8,6 +8,9 @@
   fingerprint, so an unchanged dataset is not written again) and read like any Parquet file. Nothing is
   downloaded: `HF_DATASETS_OFFLINE` is set while looking, and a dataset not in the cache is an error that
   says how to get it there.
+- A public data set named by `adapter` (e-SNLI's line-aligned files, GSM8K's `#### N` answers) is
+  written once as JSONL with prompt / response / rationale columns (raytune_app/data/public.py) and read
+  with the `columns` layout.
 - The layout of each source (`format`, else `data.format`) is looked up on its first row when it is `auto`
   (raytune_app/data/layouts.py), and what was detected is printed and kept in the manifest.
 
@@ -116,7 +119,15 @@ def resolve(recipe: Recipe) -> Inputs:
     inputs = Inputs(paths=[], files=[])
     for index, source in enumerate(data.source_sections):
         given = recipe.resolve_source(source.path) if source.path is not None else None
-        if source.hf is not None or given is None or _is_saved_dataset(given):
+        identity = None  # what the output depends on, where it is not the file read (an adapter's copy)
+        if source.adapter is not None and given is not None:
+            from raytune_app.data import public
+
+            try:
+                path, identity = public.materialise(recipe, source.adapter, given, source.split)
+            except public.AdapterError as exc:
+                raise SourceError(f"data.sources[{index}]: {exc}") from None
+        elif source.hf is not None or given is None or _is_saved_dataset(given):
             path = _materialise(recipe, source, given)  # a hub dataset (no path) or a save_to_disk folder
         else:
             path = given
@@ -126,12 +137,14 @@ def resolve(recipe: Recipe) -> Inputs:
             raise SourceError(f"data.sources[{index}]: {path} not found") from None
         if not files:
             raise SourceError(f"data.sources[{index}]: {path} matches no files")
-        layout = data.layout_setting(source)
+        layout = "columns" if source.adapter is not None else data.layout_setting(source)
         detected = layout == "auto"
         if detected:
             layout = layouts.detect(_first_record(files[0][0], data.file_format))
         inputs.paths.append(path)
-        inputs.files.extend(files)
+        # An adapter's copy lives in the run directory: fingerprinting the original files instead lets two
+        # run directories (the cells of an experiment) share one prepared output.
+        inputs.files.extend(identity if identity is not None else files)
         for file, _, _ in files:
             inputs.layouts[file] = layout
             if source.weight != 1.0:

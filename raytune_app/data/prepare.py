@@ -369,7 +369,8 @@ def _pipeline(recipe: Recipe, inputs: Inputs, seen) -> ray.data.Dataset:
     ds = ray.data.read_datasource(
         SourceFiles(inputs.paths, fmt=data.file_format),
         num_cpus=0,
-        concurrency=min(cpus, len(inputs.files)),
+        # The files read (an adapter's source fingerprints the files its one copy was made from).
+        concurrency=min(cpus, len(inputs.layouts) or len(inputs.files)),
         override_num_blocks=blocks,
     )
     spec = dataclasses.replace(RowSpec.from_recipe(data), layouts=tuple(sorted(inputs.layouts.items())))

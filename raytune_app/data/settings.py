@@ -125,7 +125,18 @@ class SourceSection(Section):
         "nothing is downloaded at run time (download it once on a connected machine, or save_to_disk and use `path`).",
     )
     subset: str | None = Field(None, description="With `hf`: the dataset's configuration (subset) name.")
-    split: str = Field("train", description="With `hf` or a save_to_disk DatasetDict: the split to read.")
+    split: str = Field(
+        "train",
+        description="With `hf` or a save_to_disk DatasetDict: the split to read; with adapter `esnli`: the files' "
+        "suffix (train, dev, test).",
+    )
+    adapter: Literal["esnli", "gsm8k"] | None = Field(
+        None,
+        description="A public data set read in its published layout (raytune_app/data/public.py) and written once "
+        "as JSONL rows {prompt, response, rationale} under <run dir>/source/: `esnli`: `path` is a folder of the "
+        "line-aligned e-SNLI files (s1 / s2 / labels / preproc1_expl_N.<split>); `gsm8k`: `path` is GSM8K's "
+        "JSONL (the label is the number after `####`, the rationale the worked solution before it).",
+    )
     format: LAYOUTS | None = Field(None, description="This source's row layout; left out: `data.format`.")
     weight: float = Field(
         1.0,
@@ -139,6 +150,10 @@ class SourceSection(Section):
     def _one_place(self):
         if (self.path is None) == (self.hf is None):
             raise ValueError("give exactly one of `path` (files or a save_to_disk folder) or `hf` (a dataset id)")
+        if self.adapter is not None and self.path is None:
+            raise ValueError(f"adapter {self.adapter} reads files: give `path` (the data set's folder or file)")
+        if self.adapter is not None and self.format not in (None, "auto", "columns"):
+            raise ValueError(f"adapter {self.adapter} writes prompt / response columns: leave `format` out")
         return self
 
 

@@ -21,7 +21,9 @@ REJECT_REASONS = (
     "empty_label",
     "label_mismatch",
     "no_majority",
+    "no_rationale",  # the columns teacher: the row's rationale column is empty (distill.teacher.missing_rationale)
 )
+NO_RATIONALE = "no_rationale"
 
 
 def parse(text: str | None, markers: list[str]) -> tuple[str | None, str | None, str | None]:

@@ -6,9 +6,10 @@ when their label checks out, turned into two tasks per input for the student.
 1. Inputs: the prepared train split (prepare stage): the user message is the input, the assistant
    message the gold label.
 2. Teacher: every (input, sample) not in the cache goes through Ray Data to the teacher backend
-   (raytune_app/distill/teachers.py). Outputs are saved to the cache (in the run directory, local or
-   a bucket) batch by batch as they arrive, keyed by (input, teacher, prompt, sampling, sample index),
-   so a re-run or a crash never pays twice.
+   (raytune_app/distill/teachers.py; the `columns` backend reads rationales already in the data,
+   raytune_app/distill/columns.py, and its rows lacking one are dropped or kept label-only). Outputs
+   are saved to the cache (in the run directory, local or a bucket) batch by batch as they arrive,
+   keyed by (input, teacher, prompt, sampling, sample index), so a re-run or a crash never pays twice.
 3. Filter (raytune_app/distill/parse.py): parse rationale and label; keep a rationale whose label
    matches the gold label (`gold`) or the samples' majority (`self_consistency`); count every
    rejection by reason (manifest.json, rejected.jsonl).
@@ -31,7 +32,7 @@ import pyarrow as pa
 
 from raytune_app import __version__, console, storage
 from raytune_app.config import Recipe
-from raytune_app.distill import parse
+from raytune_app.distill import columns, parse
 from raytune_app.distill.parse import prefix_last_user
 from raytune_app.errors import DataError
 
@@ -49,11 +50,17 @@ def _hash(value) -> str:
 def teacher_identity(recipe: Recipe) -> dict:
     """What makes two teacher outputs interchangeable: backend, model / program / endpoint, prompt, sampling."""
     t, p = recipe.distill.teacher, recipe.distill.prompt
-    who = {"program": t.program, "hf": t.model, "vllm": t.model, "openai": f"{t.base_url}|{t.model}"}[t.backend]
+    who = {
+        "program": t.program,
+        "hf": t.model,
+        "vllm": t.model,
+        "openai": f"{t.base_url}|{t.model}",
+        "columns": f"{t.rationale_column}|{t.label_column or 'gold'}",
+    }[t.backend]
     return {
         "backend": t.backend,
         "who": who,
-        "prompt": _hash(p.model_dump()) if t.backend != "program" else None,
+        "prompt": _hash(p.model_dump()) if t.backend not in ("program", "columns") else None,
         "temperature": t.temperature,
         "max_new_tokens": t.max_new_tokens,
     }
@@ -239,21 +246,32 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         outcomes.note("distill", outcomes.REUSED)
         return previous
     started = time.time()
-    rows = _inputs(load_split(prepare_dir, "train"))
+    table = load_split(prepare_dir, "train")
+    rows = _inputs(table)
+    from_columns = cfg.teacher.backend == "columns"
+    if from_columns:  # the rationale (and label) of each row, from its kept columns
+        rows = columns.attach(rows, table, cfg.teacher)
     if cfg.subsample < 1:
         # By content hash: the same rows at every run, and a smaller share is a subset of a larger one.
         rows = [r for r in rows if int(r["content_hash"][:8], 16) / 16**8 < cfg.subsample]
     if cfg.filter == "gold" and any(r["gold"] is None for r in rows):
         raise DistillError("distill.filter gold needs a gold answer on every train row; use self_consistency")
+    dropped: list[dict] = []  # rows without a rationale, left out of both tasks (missing_rationale: drop)
+    if from_columns:
+        rows, dropped = columns.split_missing(rows, cfg.teacher.missing_rationale)
 
     identity = teacher_identity(recipe)
     requests = [
         {
-            "key": _hash([identity, row["input"], sample]),
+            # The columns teacher's answer is the row's own text, not a function of the input: it is in the key.
+            "key": _hash(
+                [identity, row["input"], sample] + ([row["rationale_text"], row["label_text"]] if from_columns else [])
+            ),
             "input": row["input"],
             "sample": sample,
             "prompt": _teacher_prompt(recipe, row["input"]),
         }
+        | ({"rationale_text": row["rationale_text"], "label_text": row["label_text"]} if from_columns else {})
         for row in rows
         for sample in range(cfg.samples)
     ]
@@ -269,8 +287,11 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
 
     label_chats: list = []
     rationale_chats: list = []
-    rejected: list[dict] = []
-    reasons: Counter[str | None] = Counter()
+    rejected: list[dict] = [
+        {"content_hash": r["content_hash"], "input": r["input"], "gold": r["gold"], "reason": parse.NO_RATIONALE}
+        for r in dropped
+    ]
+    reasons: Counter[str | None] = Counter({parse.NO_RATIONALE: len(dropped)} if dropped else {})
     for i, row in enumerate(rows):
         samples = []
         for sample in range(cfg.samples):
@@ -278,6 +299,8 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
             text = cache.entries.get(key, answers.get(key, (None, None))[0])
             samples.append(parse.parse(text, cfg.answer_markers))
         kept, reason = parse.decide(row["gold"], samples, cfg.filter, cfg.min_agreement)
+        if kept is None and from_columns and row["rationale_text"] is None:
+            reason = parse.NO_RATIONALE  # missing_rationale: label_only; the label task below still has it
         prefix_messages = row["messages"][:-1] if row["gold"] is not None else row["messages"]
         if kept is None:
             reasons[reason] += 1
@@ -343,7 +366,7 @@ def distill(recipe: Recipe, force: bool = False) -> dict:
         "teacher": identity,
         "filter": cfg.filter,
         "samples": cfg.samples,
-        "inputs": len(rows),
+        "inputs": len(rows),  # after missing_rationale: drop, which counts its rows as rejected no_rationale
         "kept_rationales": len(rationale_chats),
         "rejected": dict(sorted(reasons.items())),
         "keep_rate": round(len(rationale_chats) / max(1, len(rows)), 4),

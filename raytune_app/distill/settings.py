@@ -13,9 +13,10 @@ from raytune_app.sections import Section
 
 
 class TeacherSection(Section):
-    backend: Literal["program", "hf", "openai", "vllm"] = Field(
+    backend: Literal["program", "hf", "openai", "vllm", "columns"] = Field(
         "program",
-        description="`program`: a Python function that solves the task (verifiable tasks, offline); `hf`: a "
+        description="`program`: a Python function that solves the task (verifiable tasks, offline); `columns`: "
+        "rationales already in the data, read from `rationale_column` (human explanations; no model); `hf`: a "
         "local or hub model, generated with Ray Data's vLLM processor (`ray.data.llm`) where vLLM is installed, "
         "else with transformers on an actor pool; `openai`: any OpenAI-compatible endpoint (vLLM server, this "
         "project's Serve app, a hosted API); `vllm`: Ray Data's vLLM processor, and an error where vLLM is missing "
@@ -34,6 +35,21 @@ class TeacherSection(Section):
     model: str | None = Field(
         None,
         description="backend hf / vllm: model path, hub id or `bundled:` name; backend openai: the `model` field sent.",
+    )
+    rationale_column: str | None = Field(
+        None,
+        description="backend columns: the source column holding each row's rationale (it must be in "
+        "data.keep_columns, which carries it through prepare).",
+    )
+    label_column: str | None = Field(
+        None,
+        description="backend columns: a column holding the label that goes with the rationale (in data.keep_columns); "
+        "left out: the gold label (the example's answer).",
+    )
+    missing_rationale: Literal["drop", "label_only"] = Field(
+        "label_only",
+        description="backend columns: a row whose rationale is empty or null: `label_only` keeps it in the label task "
+        "(so lambda = 0 still sees every input), `drop` leaves it out of both tasks. Counted as `no_rationale`.",
     )
     base_url: str | None = Field(None, description="backend openai: the API root, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="backend openai: environment variable with the key.")
@@ -117,6 +133,12 @@ class DistillSection(Section):
             problems.append(f"distill.teacher.model: required for backend {t.backend}")
         if t.backend == "openai" and not t.base_url:
             problems.append("distill.teacher.base_url: required for backend openai (e.g. http://127.0.0.1:8000/v1)")
+        if t.backend == "columns" and not t.rationale_column:
+            problems.append(
+                "distill.teacher.rationale_column: required for backend columns (the column holding the rationale)"
+            )
+        if t.backend == "columns" and self.samples != 1:
+            problems.append(f"distill.samples: backend columns has one rationale per row; set 1 (it is {self.samples})")
         return problems
 
     @model_validator(mode="after")

@@ -3,6 +3,8 @@ into the same Dataset plus `teacher_text` (None when the teacher failed) and `te
 
     ds = teach(ray.data.from_items(requests), recipe.distill)
 
+- columns: rationales already in the data (raytune_app/distill/columns.py): each request carries its row's
+  `rationale_text` / `label_text`, turned into a teacher text without any model.
 - program: a Python function of the input text (tasks with verifiable solutions; offline). Built-in:
   `arithmetic` (raytune_app/data/arithmetic.py `solve`); or `package.module:function`.
 - hf: a local or hub model. With vLLM installed it runs like `vllm` below; without, on an actor pool of
@@ -158,6 +160,12 @@ def teach(ds, cfg, threads: int | None = None):
     import ray
 
     t = cfg.teacher
+    if t.backend == "columns":
+        from raytune_app.distill.columns import run_columns
+
+        return ds.map_batches(
+            run_columns, fn_kwargs={"marker": cfg.answer_markers[0]}, batch_size=t.batch_size, batch_format="pyarrow"
+        )
     if t.backend == "program":
         resolve_program(t.program)  # fail here, before any task starts
         return ds.map_batches(
