@@ -113,3 +113,35 @@ def test_deepspeed_offload_and_a_users_own_file(tmp_path):
     assert mine == {"zero_optimization": {"stage": 1}}  # used as it is, relative to the recipe's folder
     with pytest.raises(FileNotFoundError, match=r"train.deepspeed.config_file: .*nothere.json not found"):
         deepspeed_config(DeepSpeedSection(config_file="nothere.json"), use_gpu=False, base_dir=str(tmp_path))
+
+
+class _Evaluated:
+    """A trainer as far as `_final_eval` reads one: transformers' own TrainerState, and an `evaluate` that
+    counts its calls (a second pass over the validation split is what is being avoided)."""
+
+    def __init__(self, step: int, log_history: list[dict]):
+        from transformers import TrainerState
+
+        self.state = TrainerState(global_step=step, log_history=log_history)
+        self.calls = 0
+
+    def evaluate(self) -> dict:
+        self.calls += 1
+        return {"eval_loss": 9.0}
+
+
+def test_the_final_evaluation_comes_from_the_log_when_the_last_step_was_evaluated():
+    from raytune_app.train.worker import _final_eval
+
+    history = [
+        {"loss": 1.0, "step": 2},
+        {"eval_loss": 0.5, "epoch": 1.0, "step": 2},
+        {"loss": 0.9, "step": 4},
+        {"eval_loss": 0.4, "eval_runtime": 1.5, "epoch": 2.0, "step": 4},
+        {"train_runtime": 3.0, "step": 4},
+    ]
+    evaluated = _Evaluated(4, history)
+    assert _final_eval(evaluated) == {"eval_loss": 0.4, "eval_runtime": 1.5, "epoch": 2.0} and evaluated.calls == 0
+    # The last step was not a checkpoint step (its last evaluation scored other weights): evaluate now.
+    not_evaluated = _Evaluated(5, [*history, {"loss": 0.8, "step": 5}])
+    assert _final_eval(not_evaluated) == {"eval_loss": 9.0} and not_evaluated.calls == 1

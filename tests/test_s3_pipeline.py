@@ -103,6 +103,7 @@ def test_a_pipeline_on_s3_trains_evaluates_registers_and_then_reuses_every_stage
     assert storage.exists(f"{run_dir}/prepare/CURRENT")  # the pointer layout: no folder renames on S3
     trained = storage.load_json(f"{run_dir}/train/manifest.json")
     assert trained["global_step"] == 2 and trained["weights"] == f"{run_dir}/train/adapter"
+    assert trained["final_eval_loss"] > 0  # read from the step-2 evaluation (a checkpoint step), not scored twice
     # The adapter folder is a pointer too: its complete version is the one CURRENT names.
     assert storage.exists(f"{storage.current(run_dir + '/train/adapter')}/adapter_model.safetensors")
     assert _checkpointed(f"{run_dir}/train")  # Ray Train persisted its checkpoint in the bucket

@@ -211,6 +211,21 @@ def _at_last_step(checkpoint_dir: str) -> bool:
     return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
 
 
+def _final_eval(trainer) -> dict:
+    """The validation metrics of the final weights. The checkpoint cadence evaluates at every checkpoint step,
+    so when the last step was one, the trainer already scored these very weights (nothing changes them after
+    the last step: no best-checkpoint reload) and its log has the numbers; scoring the whole validation split
+    again would only repeat them (on a CPU that second pass can take longer than a short run's training).
+    Otherwise: one evaluation now."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != step:
+            break
+        if any(key.startswith("eval_") for key in entry):
+            return {key: value for key, value in entry.items() if key != "step"}
+    return trainer.evaluate()
+
+
 def _load_last_step(trainer, checkpoint_dir: str) -> None:
     """Take a checkpoint of the run's last step as it is: weights and trainer state (history, step,
     tokens seen). transformers' `train(resume_from_checkpoint=...)` would take one optimizer step past
@@ -373,7 +388,7 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
         _load_last_step(trainer, resume_from)
     else:
         trainer.train(resume_from_checkpoint=resume_from)
-    final_eval = trainer.evaluate()
+    final_eval = _final_eval(trainer)
 
     # DPO / GRPO added a frozen "ref" adapter to score the reference; the saved adapter is the trained one alone.
     if "ref" in getattr(trainer.model, "peft_config", {}):
