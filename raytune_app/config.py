@@ -384,19 +384,23 @@ def _cross_section_problems(recipe: Recipe) -> list[str]:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a YAML recipe file; errors name the file and each bad field."""
-    path = Path(path)
-    if not path.is_file():
+    """Read and validate a YAML recipe file, local or in a bucket (`s3://...`: a tune search in a remote run
+    directory writes its best_recipe.yaml there); errors name the file and each bad field."""
+    from raytune_app import storage
+
+    name = str(path)
+    remote = storage.is_remote(name)  # not through Path: it would fold s3:// into s3:/
+    if not (storage.exists(name) if remote else Path(name).is_file()):
         raise RecipeError(
-            str(path), ["recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)"]
+            name, ["recipe file not found (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)"]
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(storage.read_text(name) if remote else Path(name).read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
-    return validate(raw, str(path), overrides)
+        raise RecipeError(name, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return validate(raw, name, overrides)
 
 
 def save_resolved(recipe: Recipe, directory: str | Path) -> str:

@@ -239,6 +239,16 @@ def test_s3_files_folders_pointer_layout_and_moves(s3):
     assert path == "layout/runs/x" and fs is not None
 
 
+def test_a_recipe_in_a_bucket_loads_and_a_missing_one_is_named(s3):
+    from raytune_app import config
+
+    root = s3["bucket"]("recipes")
+    storage.write_text(f"{root}/tune/best_recipe.yaml", "run: {name: from-bucket}\ndata: {sources: [x.jsonl]}\n")
+    assert config.load(f"{root}/tune/best_recipe.yaml").run.name == "from-bucket"
+    with pytest.raises(config.RecipeError, match=f"{root}/tune/missing.yaml"):
+        config.load(f"{root}/tune/missing.yaml")
+
+
 @pytest.mark.parametrize("seed", [7, 8])
 def test_s3_a_killed_pointer_flip_leaves_one_complete_version(s3, seed):
     target = f"{s3['bucket'](f'flip{seed}')}/runs/x/stage"
