@@ -182,6 +182,18 @@ def setup(verbosity: int = NORMAL) -> None:
         root.setLevel(logging.INFO)
 
 
+# Libraries whose INFO records are per-statement or per-object chatter, not events of the run: MLflow's
+# SQLAlchemy store logs every SQL statement (and builds it) once the root logger is at INFO, torch's inductor
+# one line per kernel template, transformers a whole model config per load. A tiny quickstart run wrote
+# ~7,000 such lines. Their warnings and errors still reach the log file; --verbose shows everything.
+CHATTY_LIBRARIES = ("sqlalchemy", "alembic", "torch._inductor", "torch._dynamo", "transformers", "urllib3", "botocore")
+
+
+def _cap_chatty_libraries() -> None:
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def attach_log_file(run_dir: str) -> str:
     """Send every log record (ours, Ray's, the libraries', Python warnings) to the run's log file, from now
     until `detach_log_file`; returns its path. A remote run directory (s3://...) keeps its log locally."""
@@ -203,6 +215,8 @@ def attach_log_file(run_dir: str) -> str:
         root.setLevel(logging.INFO)
     _state.file_handler = handler
     logging.getLogger(ROOT).addHandler(handler)  # ours do not propagate (they reach the console once)
+    if _state.verbosity < VERBOSE:
+        _cap_chatty_libraries()
     quiet_libraries(ray_data=False)
     _state.log_file = path
     logging.getLogger(ROOT).debug("log file %s, command line: %s", path, " ".join(sys.argv))
@@ -256,8 +270,8 @@ def quiet_libraries(ray_data: bool = True) -> None:
                     h.setLevel(logging.ERROR)
         if handler is not None and not lg.propagate and handler not in lg.handlers:
             lg.addHandler(handler)
-            if lg.level > logging.INFO:
-                lg.setLevel(logging.INFO)  # e.g. transformers' WARNING: its notices belong in the log file
+            if lg.level > logging.INFO and not name.startswith(CHATTY_LIBRARIES):
+                lg.setLevel(logging.INFO)  # e.g. Ray's own loggers: their INFO lines belong in the log file
     if handler is not None and _state.verbosity < VERBOSE:
         # Ray's LLM modules give each of their loggers a console handler when it is first made (mid-stage,
         # e.g. ray.data.llm's "No cloud storage mirror configured") unless "ray.llm" has a handler already:

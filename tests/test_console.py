@@ -129,3 +129,22 @@ def test_quiet_and_verbose_go_before_or_after_the_command():
     assert parse(["--verbose", "train", "--recipe", "r.yaml", "train.lora.rank=8"]).verbosity == console.VERBOSE
     with pytest.raises(SystemExit):
         parse(["run", "r.yaml", "-q", "-v"])  # one or the other
+
+
+def test_the_log_file_keeps_library_warnings_but_not_their_per_statement_chatter(fresh_console, tmp_path):
+    import sqlalchemy
+
+    console.setup(console.NORMAL)
+    path = console.attach_log_file(str(tmp_path))
+    console.quiet_libraries(ray_data=False)  # what every stage calls again after its imports
+    # MLflow's store runs SQLAlchemy: with the root logger at INFO it would log every statement.
+    engine = sqlalchemy.create_engine("sqlite://")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT 41 + 1"))
+    logging.getLogger("transformers.configuration_utils").info("Model config LlamaConfig {...}")
+    logging.getLogger("transformers.modeling_utils").warning("a transformers warning")
+    logging.getLogger("ray.data.some_operator").info("Execution finished")
+    console.detach_log_file()
+    logged = open(path).read()
+    assert "SELECT 41 + 1" not in logged and "LlamaConfig" not in logged
+    assert "a transformers warning" in logged and "Execution finished" in logged
