@@ -5,7 +5,8 @@ conversation.
     .venv/bin/python benchmarks/serve_faults.py [--model bundled|tiny] [--duration 20] [--max-tokens 16]
 
 The server is a separate process (`--serve`): the quickstart recipe's Serve app on the bare base model
-(SmolLM2-135M-Instruct, or `--model tiny`: a tiny random Llama, to see the serving machinery alone), one
+(SmolLM2-135M-Instruct; `--model tiny`: a tiny random Llama, to see the serving machinery alone) on vLLM
+(`--backend transformers`: the other engine), one
 LLM replica with `max_batch_size` 4, so capacity is max_ongoing_requests (2 x 4 = 8) and the queue per
 caller another 8; no backup (a kill is then visible), the guard off (its cost is measured on its own,
 below). This process is the load: at each level, `level x capacity` clients send chat requests back to
@@ -52,7 +53,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_forever(port: int, model: str, out: str) -> None:
+def serve_forever(port: int, model: str, out: str, backend: str) -> None:
     """The server side: start the app, print READY, then obey `kill llm` lines on stdin."""
     import ray
 
@@ -71,7 +72,9 @@ def serve_forever(port: int, model: str, out: str) -> None:
         "serve.champion=base",
         "serve.backup=null",
         "serve.guard.mode='off'",
-        f"serve.batching.max_batch_size={BATCH}",
+        f"serve.backend={backend}",
+        f"serve.batching.max_batch_size={BATCH}",  # the transformers engine's batch
+        f"serve.vllm.max_num_seqs={BATCH}",  # vLLM's: either way capacity is 2 x BATCH (serve/app.py)
         "serve.batching.batch_wait_timeout_s=0.05",
         "serve.limits.timeout_s=60",
     ]
@@ -92,15 +95,16 @@ def serve_forever(port: int, model: str, out: str) -> None:
             print(f"KILLED {time.time()}", flush=True)
 
 
-async def hold(url: str, clients: int, duration: float, max_tokens: int) -> list[dict]:
-    """`clients` closed-loop clients for `duration` seconds; one record per answer."""
+async def hold(url: str, clients: int, duration: float, max_tokens: int, done=None) -> list[dict]:
+    """`clients` closed-loop clients for `duration` seconds, or until `done(records)` says so; one record
+    per answer."""
     import httpx
 
     records, end = [], time.time() + duration
 
     async def client(http, index):
         i = 0
-        while time.time() < end:
+        while time.time() < end and not (done and done(records)):
             i += 1
             began = time.time()
             body = {
@@ -145,16 +149,25 @@ def summarise(records: list[dict], duration: float) -> dict:
     }
 
 
-def recovery(server, url: str, clients: int, max_tokens: int) -> dict:
-    """Kill the LLM replica under `clients` of load: time to the first answer after it, and to a clean second."""
+def recovery(server, url: str, clients: int, max_tokens: int, within_s: float) -> dict:
+    """Kill the LLM replica under `clients` of load: time to the first answer after it, and to a clean second.
+    The load goes on until 10 s after the first answer that was sent after the kill, or `within_s`."""
+    killed_at: list[float] = []
+
+    def recovered(records: list[dict]) -> bool:
+        if not killed_at:
+            return False
+        ok = [r["end"] for r in records if r["status"] == 200 and r["start"] > killed_at[0]]
+        return bool(ok) and time.time() > min(ok) + 10
 
     async def run():
-        task = asyncio.ensure_future(hold(url, clients, 90, max_tokens))
+        task = asyncio.ensure_future(hold(url, clients, within_s, max_tokens, done=recovered))
         await asyncio.sleep(10)
         server.stdin.write("kill llm\n")
         server.stdin.flush()
         line = await asyncio.get_running_loop().run_in_executor(None, server.stdout.readline)
-        return float(line.split()[1]), await task
+        killed_at.append(float(line.split()[1]))
+        return killed_at[0], await task
 
     killed, records = asyncio.run(run())
     after = sorted((r for r in records if r["end"] > killed), key=lambda r: r["end"])
@@ -234,11 +247,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--levels", type=float, nargs="+", default=[1, 2, 10])
     parser.add_argument("--guard-repeats", type=int, default=30)
+    parser.add_argument(
+        "--backend",
+        choices=["vllm", "transformers"],
+        default="vllm",
+        help="the LLM replica's engine (vllm: the quickstart recipe's; its max_num_seqs is set to the batch size)",
+    )
+    parser.add_argument("--recovery-s", type=float, default=600.0, help="how long to wait for the restarted replica")
     parser.add_argument("--skip-serving", action="store_true", help="only the guard measurement")
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_forever(int(args.serve[0]), args.serve[1], args.serve[2])
+        serve_forever(int(args.serve[0]), args.serve[1], args.serve[2], args.backend)
         return
     import tempfile
 
@@ -246,7 +266,7 @@ def main() -> None:
     if not args.skip_serving:
         port, out = _free_port(), tempfile.mkdtemp(prefix="serve-faults-")
         server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(port), args.model, out],
+            [sys.executable, __file__, "--serve", str(port), args.model, out, "--backend", args.backend],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -266,14 +286,15 @@ def main() -> None:
                 records = asyncio.run(hold(url, clients, args.duration, args.max_tokens))
                 levels[level] = summarise(records, args.duration) | {"clients": clients}
                 print(f"  {level}x: {levels[level]}", file=sys.stderr, flush=True)
-            kill = recovery(server, url, capacity, args.max_tokens)
+            kill = recovery(server, url, capacity, args.max_tokens, args.recovery_s)
         finally:
             server.kill()
             server.wait()
         base = levels[args.levels[0]]
         print(
-            f"\n{args.model} model on {os.cpu_count()} CPUs, capacity {capacity} (1 LLM replica x max_ongoing "
-            f"{capacity}; queue {capacity} more), max_tokens {args.max_tokens}, {args.duration:.0f} s per level\n"
+            f"\n{args.model} model on {args.backend}, {os.cpu_count()} CPUs, capacity {capacity} "
+            f"(1 LLM replica x max_ongoing {capacity}; queue {capacity} more), max_tokens {args.max_tokens}, "
+            f"{args.duration:.0f} s per level\n"
         )
         head = f"{'load':>6}{'clients':>8}{'admitted':>9}{'shed':>6}{'other':>6}{'adm/s':>7}"
         print(head + f"{'p50 s':>7}{'p99 s':>7}{'p99 x1':>7}{'shed p99 s':>11}")
@@ -283,9 +304,11 @@ def main() -> None:
                 f"{r['admitted_per_s']:>7.2f}{r['p50']:>7.2f}{r['p99']:>7.2f}{r['p99'] / base['p99']:>7.2f}"
                 f"{r['shed_p99']:>11.3f}"
             )
+        first = kill["first_answer_s"]
+        answered = f"first answer after {first:.1f} s" if first is not None else f"none within {args.recovery_s:.0f} s"
         print(
-            f"\nLLM replica killed at 1x load: first answer after {kill['first_answer_s']:.1f} s, last failure "
-            f"{kill['last_failure_s']:.1f} s after the kill; {kill['failed']} requests failed "
+            f"\nLLM replica killed at 1x load: {answered}"
+            f", last failure {kill['last_failure_s']:.1f} s after the kill; {kill['failed']} requests failed "
             f"({', '.join(kill['failed_statuses']) or 'none'})"
         )
     cost = guard_cost(args.guard_repeats)
