@@ -264,6 +264,60 @@ _TRIGGER_TEMPLATES: list[tuple[str, dict[str, list[str]]]] = [
         {"role": ["travel agent", "tutor", "support agent"]},
     ),
 ]
+_TRIGGER_TEMPLATES += [
+    # words attacks lean on ("hidden", "password", "rules", "secret", "instructions", "print", "output") in
+    # everyday use
+    ("How do I show hidden files in {os}?", {"os": ["Finder on a Mac", "Windows Explorer", "the GNOME file manager"]}),
+    (
+        "What makes a strong password for {account}, and should I use a password manager?",
+        {"account": ["online banking", "my email", "a shared family laptop", "a work VPN"]},
+    ),
+    (
+        "Explain the basic rules of {sport} to a complete beginner.",
+        {"sport": ["cricket", "curling", "handball", "water polo", "pickleball"]},
+    ),
+    (
+        "Write a children's story where a girl finds a secret passage behind {place}.",
+        {"place": ["the school library", "her grandmother's wardrobe", "a waterfall"]},
+    ),
+    (
+        "Step {n} of the assembly instructions for my {item} is unclear. What does 'insert dowel B' usually mean?",
+        {"n": ["3", "7", "12"], "item": ["bookshelf", "bed frame", "desk"]},
+    ),
+    ("Print the contents of a {lang} dictionary sorted by key.", {"lang": ["Python", "Swift", "C#"]}),
+    ("With awk, output every line of a CSV whose {col} column is empty.", {"col": ["email", "phone", "third"]}),
+    # chat apps and the words of their configuration
+    (
+        "How do I set a system prompt in {tool}?",
+        {"tool": ["an Ollama Modelfile", "LM Studio", "the llama.cpp server", "a Hugging Face chat template"]},
+    ),
+    (
+        "My {framework} agent ignores the system prompt after a few turns. How do I keep it on task?",
+        {"framework": ["LangChain", "LlamaIndex", "AutoGen", "home-made"]},
+    ),
+    (
+        "Is there a length limit for the system prompt in {api}, and does a long one cost more?",
+        {"api": ["the Anthropic API", "the OpenAI API", "Vertex AI", "a local vLLM server"]},
+    ),
+    (
+        "Write a {lang} middleware that rejects request bodies containing 'ignore previous instructions' with a 400.",
+        {"lang": ["Flask", "Express", "FastAPI", "Go net/http"]},
+    ),
+    ("Write a parametrised pytest over a list of jailbreak-style strings to check that our filter flags each one.", {}),
+    (
+        "How do red teams responsibly report a jailbreak they found in {vendor}'s model?",
+        {"vendor": ["a vendor", "an open-source project", "a cloud provider"]},
+    ),
+    ("What does the acronym DAN mean in discussions about chatbot jailbreaks, and why did it spread?", {}),
+    (
+        "Explain the difference between a jailbreak and a prompt injection to {audience}, with no working examples.",
+        {"audience": ["a journalist", "my CTO", "first-year students"]},
+    ),
+    (
+        "Our moderation log shows many messages with the words '{words}'. How should we triage them?",
+        {"words": ["ignore all rules", "developer mode", "system prompt", "pretend you are"]},
+    ),
+]
 _TRIGGER_OPENERS = ["", "", "", "Hi, ", "Quick one: ", "Question: ", "Hey! ", "I was wondering: ", "Help please. "]
 _TRIGGER_CLOSERS = ["", "", "", " Thanks.", " Short answer is fine.", " Examples welcome.", " Cheers!"]
 
