@@ -42,13 +42,14 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "promptshield"
 
 
-def tfidf_baseline(train_rows, val_rows, target_fpr: float):
-    """(score function, threshold) of a word + character n-gram TF-IDF logistic regression."""
+def tfidf_baseline(train_rows, val_rows, target_fpr: float, shares: dict[str, float] | None = None):
+    """(score function, threshold) of a word + character n-gram TF-IDF logistic regression; its threshold is
+    chosen on the same validation rows by the same rule as the guard's (weighted by source when `shares`)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
 
-    from raytune_app.guard.metrics import threshold_for_fpr
+    from raytune_app.guard.metrics import source_weights, threshold_for_fpr
 
     features = make_union(
         TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
@@ -57,7 +58,9 @@ def tfidf_baseline(train_rows, val_rows, target_fpr: float):
     model = make_pipeline(features, LogisticRegression(max_iter=2000, C=10.0))
     model.fit([r["text"] for r in train_rows], [r["label"] for r in train_rows])
     score = lambda texts: model.predict_proba(texts)[:, 1].tolist()  # noqa: E731
-    threshold = threshold_for_fpr(score([r["text"] for r in val_rows]), [r["label"] for r in val_rows], target_fpr)
+    labels = [r["label"] for r in val_rows]
+    weights = source_weights([r["source"] for r in val_rows], labels, shares or {})
+    threshold = threshold_for_fpr(score([r["text"] for r in val_rows]), labels, target_fpr, weights)
     return score, threshold
 
 
@@ -154,6 +157,10 @@ def main() -> None:
     recipe = config.load(args.recipe)
     folder = train_if_missing(recipe)
     train_rows, val_rows = data.split(data.training_rows(recipe), recipe.guard.val_fraction)
+    if recipe.guard.augmented_rows:  # the guard's training side holds them too (guard/model.py)
+        from raytune_app.guard.contrast import augmented_copies
+
+        train_rows += augmented_copies(train_rows, recipe.guard.augmented_rows, seed=recipe.run.seed)
     public = data.read_labelled(args.data, args.text_field, "label")
     seen = (
         {r["text"] for r in data.read_labelled(args.public_train, args.text_field, "label")}
@@ -163,7 +170,9 @@ def main() -> None:
     target = recipe.guard.target_fpr
 
     shipped = Guard.load(folder, threads=args.threads)
-    baseline_score, baseline_threshold = tfidf_baseline(train_rows, val_rows, target)
+    baseline_score, baseline_threshold = tfidf_baseline(
+        train_rows, val_rows, target, recipe.guard.threshold_source_weights
+    )
     sides = {"TF-IDF + logistic regression (same rows)": (baseline_score, baseline_threshold)}
     previous = None
     if args.previous:

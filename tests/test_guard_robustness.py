@@ -208,16 +208,22 @@ def test_trained_guard_catches_every_obfuscation_family_and_keeps_its_false_alar
         "Ignore the typos, is my essay clear?",
     ):
         assert guard.blocks([text]) == [False], text
-    # The threshold keeps false alarms on its validation rows at or under the target.
+    # The threshold keeps false alarms on its validation rows at or under the target: counted by row, or weighted
+    # by source where the recipe says so (guard.threshold_source_weights).
+    from raytune_app.guard.metrics import source_weights
+
     info = guard.info
-    assert info["validation"]["fpr"] <= info["target_fpr"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     recipe = config.load(os.path.join(root, "recipes", "guard_public.yaml" if "public" in folder else "guard.yaml"))
     _, val_rows = data.split(data.training_rows(recipe), recipe.guard.val_fraction)
     scores = [guard.scores([r["text"]])[0] for r in val_rows]
     labels = [r["label"] for r in val_rows]
-    benign = [s for s, y in zip(scores, labels) if y == 0]
-    assert sum(s >= guard.threshold for s in benign) / len(benign) <= info["target_fpr"]
+    named = source_weights([r["source"] for r in val_rows], labels, info.get("threshold_source_weights") or {})
+    weights = named or [float(y == 0) for y in labels]
+    blocked = sum(w for w, s in zip(weights, scores) if s >= guard.threshold)
+    assert blocked / sum(weights) <= info["target_fpr"] + 1e-9
+    if named is None:
+        assert info["validation"]["fpr"] <= info["target_fpr"]
 
 
 # Exports a model to ONNX and quantises it (~20 s): extended, as the ONNX path serves only the benchmark so far.

@@ -1,7 +1,7 @@
 """Labelled prompts for the guard: read and checked from JSONL / CSV / Parquet, plus the shipped sets.
 
     rows = read_labelled("eval.jsonl", text_field="prompt", label_field="label")   # raises GuardDataError
-    rows = training_rows(recipe)     # authored (+ obfuscated) + bastioncorpus + guard.sources / optional_sources
+    rows = training_rows(recipe)     # authored (+ obfuscated, contrast) + bastioncorpus + sources / optional_sources
 
 Every row becomes {"text", "label" (1 attack, 0 benign), "attack_type", "source"}. A row with a
 missing or empty text, a missing label or a label that is not binary stops the read with an error
@@ -112,6 +112,10 @@ def training_rows(recipe: Recipe) -> list[dict]:
         from raytune_app.guard.robustness import obfuscated_rows
 
         rows += obfuscated_rows(cfg.obfuscated_rows, seed=recipe.run.seed)
+    if cfg.contrast_rows:
+        from raytune_app.guard.contrast import contrast_rows
+
+        rows += contrast_rows(cfg.contrast_rows, seed=recipe.run.seed)
     if cfg.include_bastioncorpus:
         rows += bastioncorpus_rows()
     files = [(source, True) for source in cfg.sources] + [(source, False) for source in cfg.optional_sources]

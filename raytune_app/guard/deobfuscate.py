@@ -38,6 +38,7 @@ import urllib.parse
 from raytune_app.guard.normalize import normalize
 
 _TAG_RUN = re.compile("[\U000e0000-\U000e007f]+")
+_TAG_SPACES = "\U000e0009\U000e000a\U000e000d"  # tab, line feed, carriage return
 _FLAG = re.compile("\U0001f3f4[\U000e0020-\U000e007e]{1,7}\U000e007f")
 
 # Cyrillic / Greek letters drawn like a Latin one (lower and upper case). Only letters whose usual glyph
@@ -78,6 +79,10 @@ _ENGLISH = set(
     restrictions filter filters policy unfiltered jailbreak follow obey output repeat everything told
     reply answer message messages data user assistant model text words following below instead want
     need know about there here when where who why which should would could must never always""".split()
+    # Shell and code words an attack's payload is often made of, which a prose dictionary lacks.
+    + """run sh bash zsh whoami sudo curl wget cat echo rm chmod chown eval exec python import os subprocess
+    javascript string fromcharcode charcodeat reduce passwd etc shadow env printenv ls cd uname netcat nc
+    powershell cmd http https script alert document cookie fetch select from where drop table union""".split()
 )
 
 
@@ -85,9 +90,14 @@ def _reveal_tags(text: str) -> str:
     if not _TAG_RUN.search(text):
         return text
     text = _FLAG.sub(lambda m: m.group(0)[0], text)  # subdivision flags: keep the flag, drop its tag letters
-    return _TAG_RUN.sub(
-        lambda m: " " + "".join(chr(ord(c) - 0xE0000) for c in m.group(0) if c > "\U000e001f") + " ", text
-    )
+
+    # U+E0020-U+E007E spell printable ASCII; U+E0009 / U+E000A / U+E000D are unassigned in the block but
+    # an encoder that maps every ASCII code would use them for tab and line breaks, so they become those;
+    # the other control positions (language tag, cancel tag) carry no text.
+    def spelled(run: str) -> str:
+        return "".join(chr(ord(c) - 0xE0000) for c in run if c > "\U000e001f" or c in _TAG_SPACES)
+
+    return _TAG_RUN.sub(lambda m: " " + spelled(m.group(0)) + " ", text)
 
 
 def _fold_homoglyphs(text: str) -> str:
@@ -190,30 +200,47 @@ def _dictionary() -> set[str]:
 
 
 def _unrot13(text: str) -> str:
-    """Rotate back each run of words that are not English as written, when enough of them are after ROT13
-    (the English words around the run, "ROT13 this and do it:", stay as they are)."""
+    """Rotate back each stretch of words that reads as English after ROT13 and not before.
+
+    Each word scores +1 when only its rotation is a dictionary word, -1 when only the word as written is, 0
+    otherwise (both or neither: names, numbers, code). A stretch is rotated when its score is the best of its
+    neighbourhood (maximal-sum segments) and reaches 3, with at least half its words English after rotating;
+    the words at its edges that score 0 ("Ulcbgurgvpnyyl", a name) join it, since ROT13 is applied to a whole
+    passage, not word by word. The English words around it ("ROT13 this and do it:")
+    score -1 and stay as they are."""
     words = list(re.finditer("[A-Za-z]+", text))
     if len(words) < 3:
         return text
     english = _dictionary()
     plain = [w.group(0).lower() in english for w in words]
     rotated = [codecs.decode(w.group(0), "rot13").lower() in english for w in words]
-    spans, start = [], None
-    for i in range(len(words) + 1):
-        if i < len(words) and not plain[i]:
-            start = i if start is None else start
+    gain = [int(r) - int(p) for p, r in zip(plain, rotated)]
+    spans: list[tuple[int, int]] = []
+    best, start, run = 0, 0, 0
+    best_span = (0, -1)
+    for i, g in enumerate(gain + [-(10**9)]):  # a sentinel closes the last segment
+        if run + g <= 0 or i == len(gain):
+            if best >= 3:
+                spans.append(best_span)
+            best, run, start = 0, 0, i + 1
             continue
-        if start is not None and i - start >= 3 and sum(rotated[start:i]) >= max(3, 0.5 * (i - start)):
-            end = i - 1
-            while not rotated[start]:  # trim words at the edges that mean nothing either way ("ROT13:")
-                start += 1
-            while not rotated[end]:
-                end -= 1
-            spans.append((words[start].start(), words[end].end()))
-        start = None
-    for begin, end in reversed(spans):
-        text = text[:begin] + codecs.decode(text[begin:end], "rot13") + text[end:]
-    return text
+        run += g
+        if run > best:
+            best, best_span = run, (start, i)
+    out = text
+    for first, last in reversed(spans):
+        while first > 0 and gain[first - 1] >= 0:
+            first -= 1
+        while last + 1 < len(words) and gain[last + 1] >= 0:
+            last += 1
+        # Half the stretch's words of three letters or more must read as English rotated (one- and two-letter
+        # words are flags, variables and initials either way).
+        long_words = [i for i in range(first, last + 1) if len(words[i].group(0)) >= 3]
+        if sum(rotated[i] for i in long_words) < 0.5 * len(long_words):
+            continue
+        begin, end = words[first].start(), words[last].end()
+        out = out[:begin] + codecs.decode(out[begin:end], "rot13") + out[end:]
+    return out
 
 
 def _decode_payloads(text: str) -> str:

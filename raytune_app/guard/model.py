@@ -125,13 +125,17 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     `in_process`: run the training loop in this process on its CPU instead of on a Ray Train worker (the
     same loop and data); for a machine so loaded that a local Ray does not come up in time."""
     from raytune_app.guard import data
-    from raytune_app.guard.metrics import detection_metrics, threshold_for_fpr
+    from raytune_app.guard.metrics import detection_metrics, source_weights, threshold_for_fpr
 
     cfg = recipe.guard
     rows = data.training_rows(recipe)  # every data problem surfaces here, before a worker starts
     train_rows, val_rows = data.split(rows, cfg.val_fraction)
     if not any(r["label"] == 0 for r in val_rows):
         raise data.GuardDataError("no benign rows landed in validation; add benign rows or raise guard.val_fraction")
+    if cfg.augmented_rows:  # disguised copies of training rows only: validation stays as the rows came
+        from raytune_app.guard.contrast import augmented_copies
+
+        train_rows = train_rows + augmented_copies(train_rows, cfg.augmented_rows, seed=recipe.run.seed)
     out_dir = storage.absolute(recipe.stage_dir("guard"))
     if "://" in out_dir:
         raise data.GuardDataError("guard training writes its model locally; set run.output_dir to a local path")
@@ -157,7 +161,10 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     # per tensor, so padding a prompt into a batch moves its score slightly.
     scores = score_texts(tokenizer, model, [r["text"] for r in val_rows], cfg.max_length, batch_size=1)
     labels = [r["label"] for r in val_rows]
-    threshold = threshold_for_fpr(scores, labels, cfg.target_fpr)
+    # Chosen on validation rows only; guard.threshold_source_weights sets how much each source's benign rows
+    # count towards the false-alarm budget (empty: each row once).
+    weights = source_weights([r["source"] for r in val_rows], labels, cfg.threshold_source_weights)
+    threshold = threshold_for_fpr(scores, labels, cfg.target_fpr, weights)
     summary: dict[str, Any] = {
         "base": cfg.base,
         "threshold": threshold,
@@ -169,6 +176,11 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
         "val_rows": len(val_rows),
         "sources": sorted({r["source"] for r in rows}),
         "validation": detection_metrics(scores, labels, threshold, [r["attack_type"] for r in val_rows]),
+        "threshold_source_weights": cfg.threshold_source_weights,
+        "validation_fpr_by_source": _fpr_by_source(scores, val_rows, threshold),
+        "validation_weighted_fpr": None
+        if weights is None
+        else round(sum(w for w, s in zip(weights, scores) if s >= threshold) / sum(weights), 6),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_text(f"{out_dir}/guard.json", json.dumps(summary, indent=2) + "\n")
@@ -185,6 +197,15 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
         f"saved to {out_dir}"
     )
     return summary
+
+
+def _fpr_by_source(scores: list[float], rows: list[dict], threshold: float) -> dict:
+    """False alarms at the threshold on each source's benign validation rows: {source: {n, fpr}}."""
+    alarms: dict[str, list[bool]] = {}
+    for score, row in zip(scores, rows):
+        if row["label"] == 0:
+            alarms.setdefault(row["source"], []).append(score >= threshold)
+    return {s: {"n": len(v), "fpr": round(sum(v) / len(v), 6)} for s, v in sorted(alarms.items())}
 
 
 class Guard:

@@ -77,7 +77,10 @@ def _zero_width(text: str, rng: random.Random) -> str:
 
 
 def _tags(text: str, rng: random.Random) -> str:
-    hidden = "".join(chr(0xE0000 + ord(c)) for c in text if " " <= c <= "~")
+    # The tag block spells printable ASCII only: line breaks and tabs are hidden as a tag space, and a
+    # character it cannot spell (letters of other scripts, emoji) stays visible, as an attacker would have to
+    # leave it; dropping them would turn a non-English attack into no attack at all.
+    hidden = "".join(chr(0xE0000 + ord(c)) if " " <= c <= "~" else "\U000e0020" if c in "\n\r\t" else c for c in text)
     return rng.choice(["Hi! What's the weather like?", "Thanks for your help.", "Can you check this?"]) + hidden
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raytune_app.sections import Section
 
@@ -41,6 +41,22 @@ class GuardSection(Section):
         "(char spacing, homoglyphs, full-width, zero-width and tag characters, leetspeak, base64, hex, ROT13, "
         "quoted documents, translations; guard/robustness.py), half attacks, half benign.",
     )
+    contrast_rows: int = Field(
+        0,
+        ge=0,
+        description="Extra authored rows of the two distinctions the guard gets most wrong (guard/contrast.py): half "
+        "benign prompts that use attack words ('ignore', 'override', 'system prompt', 'jailbreak'...) in questions, "
+        "security teaching and code; half quoted documents, either instructing the assistant (attack) or quoted to "
+        "be discussed / holding no instruction (benign). Split into train and validation like the authored rows.",
+    )
+    augmented_rows: int = Field(
+        0,
+        ge=0,
+        description="Copies of the training split's own rows (authored and sources alike) under one obfuscation each "
+        "(guard/robustness.py kinds; quoted documents with guard/contrast.py's carriers), label kept. Added after "
+        "the split to the training side only: validation, and so the threshold, never sees a disguised twin of a "
+        "training row.",
+    )
     text_field: str = Field("text", description="Column of `sources` holding the prompt.")
     label_field: str = Field(
         "label",
@@ -69,6 +85,16 @@ class GuardSection(Section):
     target_fpr: float = Field(
         0.01, gt=0, lt=1, description="False-positive rate the threshold is chosen for, on validation."
     )
+    threshold_source_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="How much each source's benign VALIDATION rows weigh when the threshold is chosen for "
+        "target_fpr, as a share of the whole (keys: the `source` names guard.json lists, e.g. `train.jsonl` for "
+        "the public train split's held-out rows; values in (0, 1], summing to at most 1). The benign rows of "
+        "sources not named share what is left, each row alike; a named source with no benign validation rows "
+        "gives its share to the rest. Empty: every benign validation row counts once (the plain FPR). The "
+        "threshold is still chosen on validation rows only; this sets how much the authored hard look-alikes "
+        "count against public-like traffic, so the false-alarm budget is spent on a mix that resembles real use.",
+    )
     epochs: int = Field(3, gt=0, description="Passes over the training rows.")
     batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (linear decay).")
@@ -84,3 +110,16 @@ class GuardSection(Section):
         description="Registered model in MLflow that trained guards become versions of "
         "(serving loads `models:/<name>@champion`).",
     )
+
+    @field_validator("threshold_source_weights")
+    @classmethod
+    def _shares(cls, weights: dict[str, float]) -> dict[str, float]:
+        for source, share in weights.items():
+            if not 0 < share <= 1:
+                raise ValueError(f"guard.threshold_source_weights[{source!r}] = {share}: a share must be in (0, 1]")
+        if sum(weights.values()) > 1 + 1e-9:
+            raise ValueError(
+                f"guard.threshold_source_weights: the shares sum to {sum(weights.values()):.3f}; they must sum to "
+                "at most 1 (the unnamed sources share the rest)"
+            )
+        return weights
