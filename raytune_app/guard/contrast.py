@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from raytune_app.guard import authored
+from raytune_app.guard import authored, contrast_text
 
 # ------------------------------------------------------------------------------ 1. trigger words
 
@@ -318,6 +318,7 @@ _TRIGGER_TEMPLATES += [
         {"words": ["ignore all rules", "developer mode", "system prompt", "pretend you are"]},
     ),
 ]
+_TRIGGER_TEMPLATES += contrast_text.TRIGGER_TEMPLATES  # long questions, code snippets, support / HR, law, medicine
 _TRIGGER_OPENERS = ["", "", "", "Hi, ", "Quick one: ", "Question: ", "Hey! ", "I was wondering: ", "Help please. "]
 _TRIGGER_CLOSERS = ["", "", "", " Thanks.", " Short answer is fine.", " Examples welcome.", " Cheers!"]
 
@@ -412,6 +413,11 @@ _DISCUSS_REQUESTS = [
     "Rate how convincing this phishing-style injection is, 1-5, for our awareness training:\n",
     "Which OWASP LLM risk does this example fall under?\n",
 ]
+_DOCUMENT_CARRIERS += contrast_text.CARRIERS
+_PROCESS_REQUESTS += contrast_text.PROCESS_REQUESTS
+_INJECTED += contrast_text.INJECTED
+_INJECTED_GOALS += contrast_text.INJECTED_GOALS
+_DISCUSS_REQUESTS += contrast_text.DISCUSS_REQUESTS
 
 
 def _injection(rng: random.Random) -> str:
@@ -421,23 +427,41 @@ def _injection(rng: random.Random) -> str:
     return attack.splitlines()[0][:200]
 
 
+def _injected_human_document(rng: random.Random, embedded: str | None) -> str:
+    """A document written for people (recipe, manual, policy) with an instruction to the assistant slipped in
+    between two of its sentences: the twin of a benign human document."""
+    sentences = rng.choice(contrast_text.HUMAN_DOCUMENTS).split(". ")
+    at = rng.randrange(1, len(sentences)) if len(sentences) > 1 else 1  # one sentence: after it
+    injection = (embedded or _injection(rng)).rstrip(".")
+    return ". ".join(sentences[:at] + [injection] + sentences[at:])
+
+
 def document_row(rng: random.Random, embedded: str | None = None) -> tuple[str, int, str]:
     """(text, label, attack_type) of one quoted-document row; `embedded` (an attack's text) is used in place
     of a generated injection when given."""
     carrier = rng.choice(_DOCUMENT_CARRIERS).replace('"', "'") if rng.random() < 0.5 else rng.choice(_DOCUMENT_CARRIERS)
     side = rng.random()
     if side < 0.5:  # the document instructs the assistant: an attack
+        if rng.random() < 0.25:  # inside a document whose other instructions are for people
+            return (
+                rng.choice(_PROCESS_REQUESTS) + _injected_human_document(rng, embedded),
+                1,
+                "quoted_document_injection",
+            )
         text = rng.choice(_PROCESS_REQUESTS) + carrier.format(x=embedded or _injection(rng))
         return text, 1, "quoted_document_injection"
-    if side < 0.75:  # the same kind of request over a document that instructs nobody
+    if side < 0.67:  # the same kind of request over a document that instructs nobody
         return rng.choice(_PROCESS_REQUESTS) + carrier.format(x=rng.choice(_HARMLESS_LINES)), 0, "benign_document"
+    if side < 0.82:  # a document whose instructions are meant for people: recipes, manuals, policies
+        return rng.choice(_PROCESS_REQUESTS) + rng.choice(contrast_text.HUMAN_DOCUMENTS), 0, "benign_human_document"
     text = rng.choice(_DISCUSS_REQUESTS) + carrier.format(x=embedded or _injection(rng))
     return text, 0, "benign_discussed_attack"
 
 
 def document_rows(rows: int, seed: int = 0) -> list[dict]:
-    """`rows` distinct quoted-document rows: half injected documents (attacks), a quarter documents with no
-    instruction, a quarter attacks quoted for discussion (benign); source `authored_contrast`."""
+    """`rows` distinct quoted-document rows: half injected documents (attacks; a quarter of them inside a
+    document written for people), and benign: documents with no instruction (17%), documents whose instructions
+    are for people (15%), attacks quoted for discussion (18%); source `authored_contrast`."""
     rng = random.Random(seed)
     return _distinct(rows, lambda: document_row(rng))
 
