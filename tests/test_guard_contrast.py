@@ -97,6 +97,8 @@ def test_augmented_copies_disguise_training_rows_and_keep_their_labels():
     assert {c["attack_type"] for c in copies} >= {f"augmented_{k}" for k in KINDS[:5]}
     assert any(c["attack_type"] == "augmented_quoted_document" or c["label"] == 0 for c in copies)
     assert 20 <= sum(c["label"] for c in copies) <= 40  # attacks and benign in turn, not the split's mix
+    quoted = sum(c["attack_type"].endswith("_quoted_document") for c in copies)
+    assert quoted > max(sum(c["attack_type"].endswith(f"_{k}") for c in copies) for k in KINDS[:-1])
     for copy in copies:
         assert copy["attack_type"].startswith("augmented_" if copy["label"] else "benign_augmented_")
     assert contrast.augmented_copies([], 10) == []

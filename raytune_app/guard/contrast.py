@@ -490,11 +490,15 @@ def _distinct(rows: int, draw) -> list[dict]:
 
 def augmented_copies(rows: list[dict], count: int, seed: int = 0) -> list[dict]:
     """`count` copies of rows drawn from `rows` (the training split), each under one obfuscation kind in turn
-    (guard/robustness.py KINDS), attacks and benign rows in turn, label kept. A quoted document uses this
-    module's carriers: an attack's text becomes an injected document (attack), a benign prompt a document with
-    nothing to obey (benign). Rows that are already disguised or that quote an attack to discuss it are not
+    (guard/robustness.py KINDS, quoted documents twice per round), attacks and benign rows in turn, label
+    kept. A quoted document uses this module's carriers: an attack's text becomes an injected document
+    (attack), a benign prompt a document with nothing to obey (benign). Rows that are already disguised or that quote an attack to discuss it are not
     re-dressed."""
     from raytune_app.guard.robustness import KINDS, obfuscate
+
+    # Quoted documents get two turns in each round: the one kind still over 5 points below plain recall after
+    # round 1 (BENCHMARKS.md), and the one whose carrier varies most.
+    kinds = (*KINDS, "quoted_document")
 
     pool = [
         r
@@ -514,8 +518,8 @@ def augmented_copies(rows: list[dict], count: int, seed: int = 0) -> list[dict]:
             break
         # Attacks and benign prompts in turn: the training split is mostly benign, and the disguise must not
         # become a sign of either label.
-        row = rng.choice(sides[(i // len(KINDS)) % len(sides)])
-        kind = KINDS[i % len(KINDS)]
+        row = rng.choice(sides[(i // len(kinds)) % len(sides)])
+        kind = kinds[i % len(kinds)]
         if kind == "quoted_document":
             request = rng.choice(_PROCESS_REQUESTS)
             text = request + rng.choice(_DOCUMENT_CARRIERS).format(x=row["text"])
