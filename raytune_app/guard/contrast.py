@@ -492,8 +492,8 @@ def augmented_copies(rows: list[dict], count: int, seed: int = 0) -> list[dict]:
     """`count` copies of rows drawn from `rows` (the training split), each under one obfuscation kind in turn
     (guard/robustness.py KINDS, quoted documents twice per round), attacks and benign rows in turn, label
     kept. A quoted document uses this module's carriers: an attack's text becomes an injected document
-    (attack), a benign prompt a document with nothing to obey (benign). Rows that are already disguised or that quote an attack to discuss it are not
-    re-dressed."""
+    (attack), a benign prompt a document with nothing to obey (benign). Rows that are already disguised or
+    that quote an attack to discuss it are not re-dressed."""
     from raytune_app.guard.robustness import KINDS, obfuscate
 
     # Quoted documents get two turns in each round: the one kind still over 5 points below plain recall after
