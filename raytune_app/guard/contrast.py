@@ -9,11 +9,14 @@
    for nothing a guard should stop. Composed from templates and fillers so the words occur in many
    contexts, not a few memorable sentences. Written for training, separately from the held-out over-defence
    set (guard/overdefence.py, measured only; tests/test_guard_robustness.py checks that none of its prompts
-   or near-copies of them appear here).
+   or near-copies of them appear here). guard/contrast_text.py adds longer shapes: questions with context,
+   code snippets, support / HR text, the legal, medical and historical senses of the words.
 2. Quoted documents. The question is whether the embedded text tries to make the assistant act. Attack:
    a request to process a document (summarise, translate, reply to, extract from) whose text addresses the
    assistant with an instruction. Benign: the same documents with nothing addressed to the assistant, and
-   requests that quote an attack in order to discuss, classify or defend against it.
+   requests that quote an attack in order to discuss, classify or defend against it, and documents whose
+   instructions are for people (recipes, manuals, policies) — the attack twin has one sentence to the
+   assistant slipped in between theirs.
 3. `augmented_copies`: rows of the training split itself (authored and public alike) under one obfuscation
    each (guard/robustness.py KINDS; quoted documents with this module's carriers, not the benchmark's), label
    unchanged. Training side only (guard/model.py adds them after the split), so validation and the
