@@ -9,11 +9,14 @@
    for nothing a guard should stop. Composed from templates and fillers so the words occur in many
    contexts, not a few memorable sentences. Written for training, separately from the held-out over-defence
    set (guard/overdefence.py, measured only; tests/test_guard_robustness.py checks that none of its prompts
-   or near-copies of them appear here).
+   or near-copies of them appear here). guard/contrast_text.py adds longer shapes: questions with context,
+   code snippets, support / HR text, the legal, medical and historical senses of the words.
 2. Quoted documents. The question is whether the embedded text tries to make the assistant act. Attack:
    a request to process a document (summarise, translate, reply to, extract from) whose text addresses the
    assistant with an instruction. Benign: the same documents with nothing addressed to the assistant, and
-   requests that quote an attack in order to discuss, classify or defend against it.
+   requests that quote an attack in order to discuss, classify or defend against it, and documents whose
+   instructions are for people (recipes, manuals, policies) — the attack twin has one sentence to the
+   assistant slipped in between theirs.
 3. `augmented_copies`: rows of the training split itself (authored and public alike) under one obfuscation
    each (guard/robustness.py KINDS; quoted documents with this module's carriers, not the benchmark's), label
    unchanged. Training side only (guard/model.py adds them after the split), so validation and the
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from raytune_app.guard import authored
+from raytune_app.guard import authored, contrast_text
 
 # ------------------------------------------------------------------------------ 1. trigger words
 
@@ -318,6 +321,7 @@ _TRIGGER_TEMPLATES += [
         {"words": ["ignore all rules", "developer mode", "system prompt", "pretend you are"]},
     ),
 ]
+_TRIGGER_TEMPLATES += contrast_text.TRIGGER_TEMPLATES  # long questions, code snippets, support / HR, law, medicine
 _TRIGGER_OPENERS = ["", "", "", "Hi, ", "Quick one: ", "Question: ", "Hey! ", "I was wondering: ", "Help please. "]
 _TRIGGER_CLOSERS = ["", "", "", " Thanks.", " Short answer is fine.", " Examples welcome.", " Cheers!"]
 
@@ -412,6 +416,11 @@ _DISCUSS_REQUESTS = [
     "Rate how convincing this phishing-style injection is, 1-5, for our awareness training:\n",
     "Which OWASP LLM risk does this example fall under?\n",
 ]
+_DOCUMENT_CARRIERS += contrast_text.CARRIERS
+_PROCESS_REQUESTS += contrast_text.PROCESS_REQUESTS
+_INJECTED += contrast_text.INJECTED
+_INJECTED_GOALS += contrast_text.INJECTED_GOALS
+_DISCUSS_REQUESTS += contrast_text.DISCUSS_REQUESTS
 
 
 def _injection(rng: random.Random) -> str:
@@ -421,23 +430,41 @@ def _injection(rng: random.Random) -> str:
     return attack.splitlines()[0][:200]
 
 
+def _injected_human_document(rng: random.Random, embedded: str | None) -> str:
+    """A document written for people (recipe, manual, policy) with an instruction to the assistant slipped in
+    between two of its sentences: the twin of a benign human document."""
+    sentences = rng.choice(contrast_text.HUMAN_DOCUMENTS).split(". ")
+    at = rng.randrange(1, len(sentences)) if len(sentences) > 1 else 1  # one sentence: after it
+    injection = (embedded or _injection(rng)).rstrip(".")
+    return ". ".join(sentences[:at] + [injection] + sentences[at:])
+
+
 def document_row(rng: random.Random, embedded: str | None = None) -> tuple[str, int, str]:
     """(text, label, attack_type) of one quoted-document row; `embedded` (an attack's text) is used in place
     of a generated injection when given."""
     carrier = rng.choice(_DOCUMENT_CARRIERS).replace('"', "'") if rng.random() < 0.5 else rng.choice(_DOCUMENT_CARRIERS)
     side = rng.random()
     if side < 0.5:  # the document instructs the assistant: an attack
+        if rng.random() < 0.25:  # inside a document whose other instructions are for people
+            return (
+                rng.choice(_PROCESS_REQUESTS) + _injected_human_document(rng, embedded),
+                1,
+                "quoted_document_injection",
+            )
         text = rng.choice(_PROCESS_REQUESTS) + carrier.format(x=embedded or _injection(rng))
         return text, 1, "quoted_document_injection"
-    if side < 0.75:  # the same kind of request over a document that instructs nobody
+    if side < 0.67:  # the same kind of request over a document that instructs nobody
         return rng.choice(_PROCESS_REQUESTS) + carrier.format(x=rng.choice(_HARMLESS_LINES)), 0, "benign_document"
+    if side < 0.82:  # a document whose instructions are meant for people: recipes, manuals, policies
+        return rng.choice(_PROCESS_REQUESTS) + rng.choice(contrast_text.HUMAN_DOCUMENTS), 0, "benign_human_document"
     text = rng.choice(_DISCUSS_REQUESTS) + carrier.format(x=embedded or _injection(rng))
     return text, 0, "benign_discussed_attack"
 
 
 def document_rows(rows: int, seed: int = 0) -> list[dict]:
-    """`rows` distinct quoted-document rows: half injected documents (attacks), a quarter documents with no
-    instruction, a quarter attacks quoted for discussion (benign); source `authored_contrast`."""
+    """`rows` distinct quoted-document rows: half injected documents (attacks; a quarter of them inside a
+    document written for people), and benign: documents with no instruction (17%), documents whose instructions
+    are for people (15%), attacks quoted for discussion (18%); source `authored_contrast`."""
     rng = random.Random(seed)
     return _distinct(rows, lambda: document_row(rng))
 
@@ -466,11 +493,15 @@ def _distinct(rows: int, draw) -> list[dict]:
 
 def augmented_copies(rows: list[dict], count: int, seed: int = 0) -> list[dict]:
     """`count` copies of rows drawn from `rows` (the training split), each under one obfuscation kind in turn
-    (guard/robustness.py KINDS), attacks and benign rows in turn, label kept. A quoted document uses this
-    module's carriers: an attack's text becomes an injected document (attack), a benign prompt a document with
-    nothing to obey (benign). Rows that are already disguised or that quote an attack to discuss it are not
-    re-dressed."""
+    (guard/robustness.py KINDS, quoted documents twice per round), attacks and benign rows in turn, label
+    kept. A quoted document uses this module's carriers: an attack's text becomes an injected document
+    (attack), a benign prompt a document with nothing to obey (benign). Rows that are already disguised or
+    that quote an attack to discuss it are not re-dressed."""
     from raytune_app.guard.robustness import KINDS, obfuscate
+
+    # Quoted documents get two turns in each round: the one kind still over 5 points below plain recall after
+    # round 1 (BENCHMARKS.md), and the one whose carrier varies most.
+    kinds = (*KINDS, "quoted_document")
 
     pool = [
         r
@@ -490,8 +521,8 @@ def augmented_copies(rows: list[dict], count: int, seed: int = 0) -> list[dict]:
             break
         # Attacks and benign prompts in turn: the training split is mostly benign, and the disguise must not
         # become a sign of either label.
-        row = rng.choice(sides[(i // len(KINDS)) % len(sides)])
-        kind = KINDS[i % len(KINDS)]
+        row = rng.choice(sides[(i // len(kinds)) % len(sides)])
+        kind = kinds[i % len(kinds)]
         if kind == "quoted_document":
             request = rng.choice(_PROCESS_REQUESTS)
             text = request + rng.choice(_DOCUMENT_CARRIERS).format(x=row["text"])
