@@ -156,11 +156,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = config.load(args.recipe)
     folder = train_if_missing(recipe)
-    train_rows, val_rows = data.split(data.training_rows(recipe), recipe.guard.val_fraction)
-    if recipe.guard.augmented_rows:  # the guard's training side holds them too (guard/model.py)
-        from raytune_app.guard.contrast import augmented_copies
-
-        train_rows += augmented_copies(train_rows, recipe.guard.augmented_rows, seed=recipe.run.seed)
+    train_rows, val_rows = data.split_for_training(data.training_rows(recipe), recipe)  # the guard's own rows
     public = data.read_labelled(args.data, args.text_field, "label")
     seen = (
         {r["text"] for r in data.read_labelled(args.public_train, args.text_field, "label")}

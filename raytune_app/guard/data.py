@@ -163,3 +163,16 @@ def split(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]
     val = [r for r in rows if bucket(r["text"]) < val_fraction]
     train = [r for r in rows if bucket(r["text"]) >= val_fraction]
     return train, val
+
+
+def split_for_training(rows: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """(train, val) as guard training uses them: `split` by hash, then guard.augmented_rows disguised copies
+    of training rows added to the training side only (validation, and so the threshold, never sees a disguised
+    twin of a training row). The benchmark calls this too, so its baseline learns from the same rows."""
+    cfg = recipe.guard
+    train, val = split(rows, cfg.val_fraction)
+    if cfg.augmented_rows:
+        from raytune_app.guard.contrast import augmented_copies
+
+        train = train + augmented_copies(train, cfg.augmented_rows, seed=recipe.run.seed)
+    return train, val

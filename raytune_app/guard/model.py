@@ -129,13 +129,9 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
 
     cfg = recipe.guard
     rows = data.training_rows(recipe)  # every data problem surfaces here, before a worker starts
-    train_rows, val_rows = data.split(rows, cfg.val_fraction)
+    train_rows, val_rows = data.split_for_training(rows, recipe)  # disguised copies on the training side only
     if not any(r["label"] == 0 for r in val_rows):
         raise data.GuardDataError("no benign rows landed in validation; add benign rows or raise guard.val_fraction")
-    if cfg.augmented_rows:  # disguised copies of training rows only: validation stays as the rows came
-        from raytune_app.guard.contrast import augmented_copies
-
-        train_rows = train_rows + augmented_copies(train_rows, cfg.augmented_rows, seed=recipe.run.seed)
     out_dir = storage.absolute(recipe.stage_dir("guard"))
     if "://" in out_dir:
         raise data.GuardDataError("guard training writes its model locally; set run.output_dir to a local path")
