@@ -92,6 +92,12 @@ def _chat(url: str, content: str = BENIGN, max_tokens: int = 8, model: str = "to
     return httpx.post(url + "/v1/chat/completions", headers=AUTH, json=body, timeout=timeout)
 
 
+def _stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/v1/stats", headers=AUTH, timeout=30).json()
+
+
 def _info(deployment: str) -> dict:
     from ray import serve
 
@@ -153,7 +159,11 @@ def test_overload_sheds_the_surplus_fast_and_recovers(faults):
             times.append(r.elapsed.total_seconds())
         return statistics.median(times)
 
+    def guard_reads() -> int:
+        return sum(v for k, v in _stats(url)["guard"].items() if k != "latency_ms")
+
     before = baseline()
+    read_before = guard_reads()
 
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
@@ -176,6 +186,8 @@ def test_overload_sheds_the_surplus_fast_and_recovers(faults):
     # The surplus is told at once, while admitted requests are still generating.
     assert max(t for _, t in shed) < max(admitted), (sorted(t for _, t in shed), sorted(admitted))
     assert statistics.median(t for _, t in shed) < statistics.median(admitted)
+    # Requests past the primary's capacity (2 at work + 2 queued) are refused before the guard reads them.
+    assert guard_reads() - read_before < len(answers), (guard_reads() - read_before, statuses)
     after = baseline()
     assert after < 3 * before + 1.0, (before, after)  # generous: the queues drained, nothing left behind
 

@@ -412,3 +412,41 @@ def test_custom_resources_go_into_the_vllm_engine_bundle():
     llm = llm_config(spec, _options(recipe, "llm", "vllm"))
     assert llm.placement_group_config["bundles"][0]["serving_node"] == 1
     assert "resources" not in llm.deployment_config["ray_actor_options"]
+
+
+def test_admission_capacity_is_the_primarys_replicas_slots_and_queue():
+    from raytune_app.serve.app import admission_capacity
+
+    def recipe(llm: dict, **serve):
+        return config.validate(
+            {"data": {"generator": {"name": "order_extraction"}}, "serve": {"deployments": {"llm": llm}} | serve}
+        )
+
+    # Defaults follow the engine's batch: 2 x batch at work, 2 x batch queued.
+    assert admission_capacity(recipe({}, vllm={"max_num_seqs": 8}), "vllm") == 16 + 16
+    assert admission_capacity(recipe({}, batching={"max_batch_size": 4}), "transformers") == 8 + 8
+    fixed = recipe({"num_replicas": 3, "max_ongoing_requests": 5, "max_queued_requests": 7})
+    assert admission_capacity(fixed, "transformers") == 3 * 5 + 7
+    scaling = recipe({"autoscaling": {"min_replicas": 1, "max_replicas": 4}, "max_ongoing_requests": 2})
+    # The most replicas the autoscaler may start; the queue stays the default (2 x the engine batch).
+    assert admission_capacity(scaling, "vllm") == 4 * 2 + 2 * scaling.serve.vllm.max_num_seqs
+
+
+def test_past_capacity_the_router_refuses_before_the_guard_reads():
+    """A request arriving while the primary's capacity is taken is a 429 with Retry-After, and the guard never
+    sees it (in an overload the surplus costs no guard pass)."""
+    import asyncio
+
+    from raytune_app.serve.router import ROUTED, Router
+    from raytune_app.serve.stats import Stats
+
+    router = object.__new__(Router.func_or_class)
+    router.spec = {"routes": {"toy": ROUTED}, "guard_mode": "enforce"}
+    # No guard handle at all: asking it anything would raise AttributeError.
+    router.guard, router.stats = object(), Stats({}, export=False)
+    router.retry_after, router._retry_later = {"retry-after": "2"}, False
+    router.capacity, router.admitted = 4, 5  # this request included: one past capacity
+    refusal, plan = asyncio.run(router._begin({"model": "toy", "guard_segments": ["hello"]}, None))
+    assert plan is None and refusal["error"]["status"] == 429
+    assert refusal["error"]["headers"] == {"retry-after": "2"}
+    assert router.stats.errors["shed"] == 1

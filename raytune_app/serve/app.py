@@ -211,6 +211,7 @@ def plan(recipe: config.Recipe) -> dict:
         "max_windows": s.guard.max_windows,
         "max_background": s.router.max_background,
         "rollback_retry_s": s.router.rollback_retry_s,
+        "admission_capacity": admission_capacity(recipe, backend),
     }
     ingress = {
         "backend": backend,
@@ -254,6 +255,16 @@ def _queues(recipe: config.Recipe, name: str, backend: str = "transformers") -> 
         "router": (1000, None),
         "ingress": (256, 512),
     }[name]
+
+
+def admission_capacity(recipe: config.Recipe, backend: str) -> int:
+    """How many requests the primary LLM deployment can hold at once: its replicas (the most the autoscaler may
+    start) times their `max_ongoing_requests`, plus the router's queue of `max_queued_requests`. The router
+    refuses a request beyond it (429) before the guard reads it: in an overload the surplus then costs no guard
+    forward pass, and is answered at once; the LLM's own queue stays the exact check below this bound."""
+    options = _options(recipe, "llm", backend)
+    replicas = options.get("num_replicas") or (options.get("autoscaling_config") or {}).get("max_replicas", 1)
+    return replicas * options["max_ongoing_requests"] + options.get("max_queued_requests", 0)
 
 
 def _options(recipe: config.Recipe, name: str, backend: str = "transformers") -> dict:

@@ -10,7 +10,9 @@ gets no more traffic and its registry alias is moved back (serve/rollout.py: dur
 
 Every call to another deployment has a timeout and is cancelled when it passes it or when the caller goes
 away (a client that disconnected stops its generation). A full queue at the models (Serve's
-`max_queued_requests`) is a 429 with Retry-After; a model or guard that fails or times out is a 503;
+`max_queued_requests`) is a 429 with Retry-After, and so is a request arriving when the primary's whole
+capacity is taken (app.admission_capacity): refused before the guard reads it, so an overload's surplus is
+answered at once; a model or guard that fails or times out is a 503;
 never a 500 or a hang. It also keeps the counters behind /v1/stats and the Prometheus metrics. Exactly one
 replica holds this state (serve/settings.py refuses more).
 
@@ -109,6 +111,9 @@ class Router:
         self.stats = Stats(spec["pricing"], export=True, models=sorted(spec["routes"]) + [UNKNOWN_MODEL])
         self.background: set = set()
         self.retry_after = {"retry-after": str(spec.get("retry_after_s", 1))}
+        # Requests between arrival here and their model's answer (the guard's reading included); past the
+        # primary's capacity the surplus is refused before the guard spends a forward pass on it.
+        self.capacity, self.admitted = spec.get("admission_capacity"), 0
         self.rollout: Rollout | None = None
         self.rollback_pending, self._retry_later = False, False
         if spec["challenger"]:
@@ -203,6 +208,8 @@ class Router:
             return _refusal(
                 404, f"That model does not exist here; served models: {known}.", "model_not_found", "model"
             ), None
+        if self.capacity and self.admitted > self.capacity:
+            return self._busy(request["model"]), None
         refusal, score = await self._screen(request["guard_segments"], key)
         if refusal:
             return refusal, None
@@ -227,6 +234,25 @@ class Router:
     # ------------------------------------------------------------------------------- serving
 
     async def complete(self, request: dict, key: str | None = None) -> dict:
+        self.admitted += 1
+        try:
+            return await self._complete(request, key)
+        finally:
+            self.admitted -= 1
+
+    async def stream(self, request: dict, key: str | None = None):
+        """Yields the meta (or a refusal) first, then the model's events; a failure after the first event
+        ends the stream with {"error": ...} (503)."""
+        self.admitted += 1
+        events = self._stream(request, key)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.admitted -= 1
+            await events.aclose()  # a client that went away: the model's stream is cancelled there
+
+    async def _complete(self, request: dict, key: str | None) -> dict:
         began = time.perf_counter()
         refusal, plan = await self._begin(request, key)
         if refusal:
@@ -251,9 +277,7 @@ class Router:
         self._after(request, plan, result, failover, began, None, key)
         return result | {"meta": self._meta(plan, failover)}
 
-    async def stream(self, request: dict, key: str | None = None):
-        """Yields the meta (or a refusal) first, then the model's events; a failure after the first event
-        ends the stream with {"error": ...} (503)."""
+    async def _stream(self, request: dict, key: str | None):
         began = time.perf_counter()
         refusal, plan = await self._begin(request, key)
         if refusal:
