@@ -324,7 +324,10 @@ def test_chaos_kills_under_steady_load(faults):
     )
     for failure in failures:
         assert "Traceback" not in failure["text"], failure
-        assert failure["status"] in (500, 503) or isinstance(failure["status"], str), failure
+        # A stream already answering when its router died sent its 200 with the first chunk: it ends with an
+        # OpenAI error event in the body instead.
+        mid_stream = failure["status"] == 200 and '"error"' in failure["text"] and "[DONE]" in failure["text"]
+        assert failure["status"] in (500, 503) or isinstance(failure["status"], str) or mid_stream, failure
         if failure["status"] == 500:  # only Ray's proxy answers 500 (an ingress replica died mid-request)
             assert "error" not in failure["text"] or "internal_error" not in failure["text"], failure
         # In flight at a kill (or sent to the dead replica before Serve noticed), never after recovery.

@@ -111,8 +111,8 @@ class Router:
         self.stats = Stats(spec["pricing"], export=True, models=sorted(spec["routes"]) + [UNKNOWN_MODEL])
         self.background: set = set()
         self.retry_after = {"retry-after": str(spec.get("retry_after_s", 1))}
-        # Requests between arrival here and their model's answer (the guard's reading included); past the
-        # primary's capacity the surplus is refused before the guard spends a forward pass on it.
+        # Requests between arrival here and their model's answer (a stream: its first event), the guard's
+        # reading included; past the primary's capacity the surplus is refused before the guard reads it.
         self.capacity, self.admitted = spec.get("admission_capacity"), 0
         self.rollout: Rollout | None = None
         self.rollback_pending, self._retry_later = False, False
@@ -240,18 +240,6 @@ class Router:
         finally:
             self.admitted -= 1
 
-    async def stream(self, request: dict, key: str | None = None):
-        """Yields the meta (or a refusal) first, then the model's events; a failure after the first event
-        ends the stream with {"error": ...} (503)."""
-        self.admitted += 1
-        events = self._stream(request, key)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            self.admitted -= 1
-            await events.aclose()  # a client that went away: the model's stream is cancelled there
-
     async def _complete(self, request: dict, key: str | None) -> dict:
         began = time.perf_counter()
         refusal, plan = await self._begin(request, key)
@@ -277,58 +265,22 @@ class Router:
         self._after(request, plan, result, failover, began, None, key)
         return result | {"meta": self._meta(plan, failover)}
 
-    async def _stream(self, request: dict, key: str | None):
+    async def stream(self, request: dict, key: str | None = None):
+        """Yields the meta (or a refusal) first, then the model's events; a failure after the first event
+        ends the stream with {"error": ...} (503)."""
         began = time.perf_counter()
-        refusal, plan = await self._begin(request, key)
-        if refusal:
-            yield refusal
-            return
-        payload, failover, model = plan["payload"], False, request["model"]
-        events = self.primary.options(multiplexed_model_id=payload["adapter"], stream=True).stream.remote(payload)
+        # Counted while it waits for the guard and the model's first event: nothing is yielded meanwhile, so
+        # a consumer that went away can never hold a slot (a generator waits at a yield until it is read).
+        self.admitted += 1
         try:
-            first = await _next(events, self._timeout())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, PromptError):
-                yield _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
-                return
-            if isinstance(exc, ModelRequestError):  # refused by the model deployment: no failover
-                yield _model_refusal(exc)
-                return
-            if _is_backpressure(exc):
-                yield self._busy(model)
-                return
-            self.stats.error(
-                self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-            )
-            if self.backup is None:
-                yield _refusal(
-                    503,
-                    f"The model failed before answering ({_describe(exc)}) and no backup is configured.",
-                    "model_unavailable",
-                )
-                return
-            unable = self._backup_unable(payload, exc)
-            if unable:
-                yield unable
-                return
-            logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
-            failover = True
-            events = self.backup.options(stream=True).stream.remote(payload | {"adapter": BASE})
-            try:
-                first = await _next(events, self._timeout())
-            except asyncio.CancelledError:
-                raise
-            except Exception as backup_exc:
-                self.stats.error(self._label(model), "backup_" + type(backup_exc).__name__)
-                if _is_backpressure(backup_exc):
-                    yield self._busy(model)
-                else:
-                    yield _refusal(
-                        503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
-                    )
-                return
+            opened = await self._open_stream(request, key)
+        finally:
+            self.admitted -= 1
+        if isinstance(opened, dict):  # a refusal
+            yield opened
+            return
+        plan, events, first, failover = opened
+        model = request["model"]
         yield {"meta": self._meta(plan, failover)}
         ttft = time.perf_counter() - began
         last, text = first, [first["delta"]]
@@ -351,6 +303,51 @@ class Router:
             return
         if "finish_reason" in last:
             self._after(request, plan, last | {"text": "".join(text)}, failover, began, ttft, key)
+
+    async def _open_stream(self, request: dict, key: str | None) -> dict | tuple:
+        """A refusal (dict), or (plan, events, first event, failover): the guard's verdict, then the
+        primary's stream up to its first event, or the backup's when the primary fails before it."""
+        refusal, plan = await self._begin(request, key)
+        if refusal:
+            return refusal
+        payload, model = plan["payload"], request["model"]
+        events = self.primary.options(multiplexed_model_id=payload["adapter"], stream=True).stream.remote(payload)
+        try:
+            return (plan, events, await _next(events, self._timeout()), False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, PromptError):
+                return _refusal(400, str(exc).strip().splitlines()[-1], "context_length_exceeded", "messages")
+            if isinstance(exc, ModelRequestError):  # refused by the model deployment: no failover
+                return _model_refusal(exc)
+            if _is_backpressure(exc):
+                return self._busy(model)
+            self.stats.error(
+                self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+            )
+            if self.backup is None:
+                return _refusal(
+                    503,
+                    f"The model failed before answering ({_describe(exc)}) and no backup is configured.",
+                    "model_unavailable",
+                )
+            unable = self._backup_unable(payload, exc)
+            if unable:
+                return unable
+            logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
+        events = self.backup.options(stream=True).stream.remote(payload | {"adapter": BASE})
+        try:
+            return (plan, events, await _next(events, self._timeout()), True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as backup_exc:
+            self.stats.error(self._label(model), "backup_" + type(backup_exc).__name__)
+            if _is_backpressure(backup_exc):
+                return self._busy(model)
+            return _refusal(
+                503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
+            )
 
     async def _failover(self, payload: dict, exc: Exception, model: str) -> dict:
         self.stats.error(self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
