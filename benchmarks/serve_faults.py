@@ -9,7 +9,7 @@ The server is a separate process (`--serve`): the quickstart recipe's Serve app 
 (`--backend transformers`: the other engine), one
 LLM replica with `max_batch_size` 4, so capacity is max_ongoing_requests (2 x 4 = 8) and the queue per
 caller another 8; no backup (a kill is then visible), the guard off (its cost is measured on its own,
-below). This process is the load: at each level, `level x capacity` clients send chat requests back to
+below) unless `--guard FOLDER` puts a trained guard in front (enforce mode). This process is the load: at each level, `level x capacity` clients send chat requests back to
 back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed, and a shed client waits the
 Retry-After it was given before it tries again (as the OpenAI client does). The baseline is the 1x level
 of the same run: the table gives p99 of admitted requests against it.
@@ -53,7 +53,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_forever(port: int, model: str, out: str, backend: str) -> None:
+def serve_forever(port: int, model: str, out: str, backend: str, guard: str | None = None) -> None:
     """The server side: start the app, print READY, then obey `kill llm` lines on stdin."""
     import ray
 
@@ -71,7 +71,7 @@ def serve_forever(port: int, model: str, out: str, backend: str) -> None:
         f"serve.port={port}",
         "serve.champion=base",
         "serve.backup=null",
-        "serve.guard.mode='off'",
+        *([f"serve.guard.model={guard}", "serve.guard.mode=enforce"] if guard else ["serve.guard.mode='off'"]),
         f"serve.backend={backend}",
         f"serve.batching.max_batch_size={BATCH}",  # the transformers engine's batch
         f"serve.vllm.max_num_seqs={BATCH}",  # vLLM's: either way capacity is 2 x BATCH (serve/app.py)
@@ -254,11 +254,16 @@ def main() -> None:
         help="the LLM replica's engine (vllm: the quickstart recipe's; its max_num_seqs is set to the batch size)",
     )
     parser.add_argument("--recovery-s", type=float, default=600.0, help="how long to wait for the restarted replica")
+    parser.add_argument(
+        "--guard",
+        help="a trained guard folder (guard.json) in front of the model, enforce mode; default: no guard",
+    )
     parser.add_argument("--skip-serving", action="store_true", help="only the guard measurement")
+    parser.add_argument("--skip-kill", action="store_true", help="no replica kill (the load levels only)")
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_forever(int(args.serve[0]), args.serve[1], args.serve[2], args.backend)
+        serve_forever(int(args.serve[0]), args.serve[1], args.serve[2], args.backend, args.guard)
         return
     import tempfile
 
@@ -266,7 +271,8 @@ def main() -> None:
     if not args.skip_serving:
         port, out = _free_port(), tempfile.mkdtemp(prefix="serve-faults-")
         server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(port), args.model, out, "--backend", args.backend],
+            [sys.executable, __file__, "--serve", str(port), args.model, out, "--backend", args.backend]
+            + (["--guard", str(Path(args.guard).resolve())] if args.guard else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -286,7 +292,7 @@ def main() -> None:
                 records = asyncio.run(hold(url, clients, args.duration, args.max_tokens))
                 levels[level] = summarise(records, args.duration) | {"clients": clients}
                 print(f"  {level}x: {levels[level]}", file=sys.stderr, flush=True)
-            kill = recovery(server, url, capacity, args.max_tokens, args.recovery_s)
+            kill = None if args.skip_kill else recovery(server, url, capacity, args.max_tokens, args.recovery_s)
         finally:
             server.kill()
             server.wait()
@@ -294,7 +300,7 @@ def main() -> None:
         print(
             f"\n{args.model} model on {args.backend}, {os.cpu_count()} CPUs, capacity {capacity} "
             f"(1 LLM replica x max_ongoing {capacity}; queue {capacity} more), max_tokens {args.max_tokens}, "
-            f"{args.duration:.0f} s per level\n"
+            f"{args.duration:.0f} s per level, guard: {args.guard or 'off'}\n"
         )
         head = f"{'load':>6}{'clients':>8}{'admitted':>9}{'shed':>6}{'other':>6}{'adm/s':>7}"
         print(head + f"{'p50 s':>7}{'p99 s':>7}{'p99 x1':>7}{'shed p99 s':>11}")
@@ -304,13 +310,16 @@ def main() -> None:
                 f"{r['admitted_per_s']:>7.2f}{r['p50']:>7.2f}{r['p99']:>7.2f}{r['p99'] / base['p99']:>7.2f}"
                 f"{r['shed_p99']:>11.3f}"
             )
-        first = kill["first_answer_s"]
-        answered = f"first answer after {first:.1f} s" if first is not None else f"none within {args.recovery_s:.0f} s"
-        print(
-            f"\nLLM replica killed at 1x load: {answered}"
-            f", last failure {kill['last_failure_s']:.1f} s after the kill; {kill['failed']} requests failed "
-            f"({', '.join(kill['failed_statuses']) or 'none'})"
-        )
+        if kill is not None:
+            first = kill["first_answer_s"]
+            answered = (
+                f"first answer after {first:.1f} s" if first is not None else f"none within {args.recovery_s:.0f} s"
+            )
+            print(
+                f"\nLLM replica killed at 1x load: {answered}"
+                f", last failure {kill['last_failure_s']:.1f} s after the kill; {kill['failed']} requests failed "
+                f"({', '.join(kill['failed_statuses']) or 'none'})"
+            )
     cost = guard_cost(args.guard_repeats)
     which = "the trained guard" if cost["trained"] else "MiniLM, untrained head"
     print(f"\nguard ({which}, int8, 1 thread) on a {cost['tokens']}-token conversation, {cost['windows']} windows:")
