@@ -169,7 +169,9 @@ class Recipe(Section):
                 # The pairs come from one split of the previous step's data: they are re-split with another
                 # salt (with the same one every prompt would fall where it fell before, none into val), none
                 # held out for test.
-                "split": merged["data"].get("split", {}) | {"test": 0.0, "salt": f"pairs:{step.name}"},
+                # A step's own data.split.salt wins: steps that should split the same pairs alike share one.
+                "split": merged["data"].get("split", {})
+                | {"test": 0.0, "salt": (step.data.get("split") or {}).get("salt", f"pairs:{step.name}")},
             }
         recipe = Recipe.model_validate(merged)
         recipe.source_path = self.source_path

@@ -120,6 +120,21 @@ def test_select_pairs_keeps_distinct_failures_and_prefers_passing_samples_when_a
     ]
 
 
+def test_pairs_steps_split_by_their_own_salt_or_one_they_share():
+    """Each pairs step re-splits its pairs with a salt of its name; steps given one data.split.salt split
+    alike (preference_losses.py compares losses on the same validation pairs)."""
+
+    def second_step(step: dict):
+        raw = {"data": {"generator": {"name": "order_extraction"}}, "chain": [{"name": "sft"}, step]}
+        return config.validate(raw).chain_step(1)
+
+    assert second_step({"name": "dpo", "pairs": {}, "train": {"method": "dpo"}}).data.split.salt == "pairs:dpo"
+    shared = {"pairs": {}, "data": {"split": {"salt": "shared"}}}
+    orpo = second_step({"name": "orpo", "train": {"method": "orpo"}} | shared)
+    dpo = second_step({"name": "dpo", "train": {"method": "dpo"}} | shared)
+    assert orpo.data.split.salt == dpo.data.split.salt == "shared" and orpo.data.split.test == 0.0
+
+
 # --------------------------------------------------------------------------- recipe checks
 
 
