@@ -6,11 +6,11 @@ conversation.
 
 The server is a separate process (`--serve`): the quickstart recipe's Serve app on the bare base model
 (SmolLM2-135M-Instruct; `--model tiny`: a tiny random Llama, to see the serving machinery alone) on vLLM
-(`--backend transformers`: the other engine), one
-LLM replica with `max_batch_size` 4, so capacity is max_ongoing_requests (2 x 4 = 8) and the queue per
-caller another 8; no backup (a kill is then visible), the guard off (its cost is measured on its own,
-below) unless `--guard FOLDER` puts a trained guard in front (enforce mode). This process is the load: at each level, `level x capacity` clients send chat requests back to
-back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed, and a shed client waits the
+(`--backend transformers`: the other engine), one LLM replica with `max_batch_size` 4, so capacity is
+max_ongoing_requests (2 x 4 = 8) and the queue per caller another 8; no backup (a kill is then visible),
+the guard off (its cost is measured on its own, below) unless `--guard FOLDER` puts a trained guard in
+front (enforce mode). This process is the load: at each level, `level x capacity` clients send chat
+requests back to back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed, and a shed client waits the
 Retry-After it was given before it tries again (as the OpenAI client does). The baseline is the 1x level
 of the same run: the table gives p99 of admitted requests against it.
 
