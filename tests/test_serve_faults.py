@@ -232,6 +232,10 @@ def test_a_wedged_llm_replica_is_replaced(faults):
     before = _replicas("llm")
     r = _chat(url, model="stuck")
     assert r.status_code == 200 and r.headers["x-raytune-failover"] == "true", r.text
+    # A stream fails over too when the primary gives no first event in time: the backup's stream, whole.
+    streamed = _chat(url, model="stuck", stream=True)
+    assert streamed.status_code == 200 and streamed.headers["x-raytune-failover"] == "true", streamed.text
+    assert '"error"' not in streamed.text and streamed.text.rstrip().endswith("[DONE]"), streamed.text
     wait_until(lambda: _replicas("llm") and not (_replicas("llm") & before), what="a new llm replica")
     wait_until(lambda: _healthy(url), what="health")
     ok = wait_until(lambda: (r := _chat(url)).status_code == 200 and r.headers["x-raytune-failover"] == "false" and r)

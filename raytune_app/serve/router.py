@@ -323,18 +323,9 @@ class Router:
                 return _model_refusal(exc)
             if _is_backpressure(exc):
                 return self._busy(model)
-            self.stats.error(
-                self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-            )
-            if self.backup is None:
-                return _refusal(
-                    503,
-                    f"The model failed before answering ({_describe(exc)}) and no backup is configured.",
-                    "model_unavailable",
-                )
-            unable = self._backup_unable(payload, exc)
-            if unable:
-                return unable
+            refused = self._no_failover(payload, exc, model)
+            if refused:
+                return refused
             logger.warning("primary failed before its first token (%s); streaming from the backup", _describe(exc))
         events = self.backup.options(stream=True).stream.remote(payload | {"adapter": BASE})
         try:
@@ -342,34 +333,36 @@ class Router:
         except asyncio.CancelledError:
             raise
         except Exception as backup_exc:
-            self.stats.error(self._label(model), "backup_" + type(backup_exc).__name__)
-            if _is_backpressure(backup_exc):
-                return self._busy(model)
-            return _refusal(
-                503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
-            )
+            return self._backup_failed(model, backup_exc)
 
     async def _failover(self, payload: dict, exc: Exception, model: str) -> dict:
-        self.stats.error(self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
-        if self.backup is None:
-            return _refusal(
-                503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable"
-            )
-        unable = self._backup_unable(payload, exc)
-        if unable:
-            return unable
+        refused = self._no_failover(payload, exc, model)
+        if refused:
+            return refused
         logger.warning("primary failed on adapter %s (%s); the backup answers", payload["adapter"], _describe(exc))
         try:
             return await _call(self.backup.generate.remote(payload | {"adapter": BASE}), self._timeout())
         except asyncio.CancelledError:
             raise
         except Exception as backup_exc:
-            self.stats.error(self._label(model), "backup_" + type(backup_exc).__name__)
-            if _is_backpressure(backup_exc):
-                return self._busy(model)
+            return self._backup_failed(model, backup_exc)
+
+    def _no_failover(self, payload: dict, exc: Exception, model: str) -> dict | None:
+        """Counts the primary's failure; the 503 when the backup cannot take over (none is configured, or it
+        cannot honour the request's options), None when it can."""
+        self.stats.error(self._label(model), "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__)
+        if self.backup is None:
             return _refusal(
-                503, f"The model and its backup both failed ({_describe(backup_exc)}).", "model_unavailable"
+                503, f"The model failed ({_describe(exc)}) and no backup is configured.", "model_unavailable"
             )
+        return self._backup_unable(payload, exc)
+
+    def _backup_failed(self, model: str, exc: Exception) -> dict:
+        """The answer when the backup failed too: 429 when it was only full, 503 otherwise."""
+        self.stats.error(self._label(model), "backup_" + type(exc).__name__)
+        if _is_backpressure(exc):
+            return self._busy(model)
+        return _refusal(503, f"The model and its backup both failed ({_describe(exc)}).", "model_unavailable")
 
     def _backup_unable(self, payload: dict, exc: Exception) -> dict | None:
         """A 503 when the backup's backend cannot honour the request's options (response_format, logprobs,
