@@ -125,11 +125,21 @@ def _healthy(url: str) -> bool:
     return httpx.get(url + "/healthz", timeout=15).status_code == 200
 
 
+def _refused_by_proxy(text: str) -> bool:
+    """Serve's proxy refusing for the ingress (its slots and queue taken): plain text, before our code runs."""
+    return text.startswith("Request dropped due to backpressure")
+
+
+def _busy(text: str) -> bool:
+    """A 429's body: the router's or a model queue's OpenAI error, or Serve's proxy refusing for the ingress."""
+    return '"server_busy"' in text or _refused_by_proxy(text)
+
+
 def _clean(r) -> bool:
-    """An answer, or an OpenAI-shaped error: never a traceback."""
+    """An answer, an OpenAI-shaped error, or the proxy's busy answer: never a traceback."""
     if "Traceback" in r.text:
         return False
-    return r.status_code == 200 or "error" in r.json()
+    return r.status_code == 200 or (r.status_code == 429 and _busy(r.text)) or "error" in r.json()
 
 
 def test_docs_when_enabled_and_the_guard_score_when_exposed(faults):
@@ -182,7 +192,10 @@ def test_overload_sheds_the_surplus_fast_and_recovers(faults):
     shed = [(r, t) for r, t in answers if r.status_code == 429]
     admitted = [t for r, t in answers if r.status_code == 200]
     assert shed and admitted, statuses
-    assert all(r.headers.get("retry-after") and r.json()["error"]["code"] == "server_busy" for r, _ in shed)
+    assert all(r.headers.get("retry-after") and _busy(r.text) for r, _ in shed), [r.text for r, _ in shed]
+    # Past the ingress's slots (capacity 4 + headroom 2, over two replicas) and its queue of 2 at the proxy,
+    # Serve's proxy refuses by itself: those never reach the ingress, let alone the guard.
+    assert any(_refused_by_proxy(r.text) for r, _ in shed), [r.text for r, _ in shed]
     # The surplus is told at once, while admitted requests are still generating.
     assert max(t for _, t in shed) < max(admitted), (sorted(t for _, t in shed), sorted(admitted))
     assert statistics.median(t for _, t in shed) < statistics.median(admitted)
@@ -320,7 +333,7 @@ def test_chaos_kills_under_steady_load(faults):
     # answer the OpenAI client retries by itself, allowed anywhere but rare under this load.
     busy = [x for x in records if x["status"] == 429]
     assert len(busy) <= max(3, len(records) // 10), busy
-    assert all('"server_busy"' in x["text"] for x in busy)
+    assert all(_busy(x["text"]) for x in busy)
     failures = [x for x in records if not x["ok"] and x["status"] != 429]
     print(
         f"chaos: {len(records)} requests, {len(busy)} busy (429), failures by status:",

@@ -432,6 +432,32 @@ def test_admission_capacity_is_the_primarys_replicas_slots_and_queue():
     assert admission_capacity(scaling, "vllm") == 4 * 2 + 2 * scaling.serve.vllm.max_num_seqs
 
 
+def test_the_ingress_slots_follow_the_admission_capacity():
+    """The ingress holds the primary's capacity plus half of it, split over its replicas, and a queue of that
+    headroom at Serve's proxy, which refuses past it with 429 + Retry-After; a recipe's own numbers win."""
+    from raytune_app.serve.app import _options
+
+    def recipe(ingress: dict, **serve):
+        deployments = {"llm": {"max_ongoing_requests": 8, "max_queued_requests": 8}, "ingress": ingress}
+        return config.validate(
+            {"data": {"generator": {"name": "order_extraction"}}, "serve": {"deployments": deployments} | serve}
+        )
+
+    one = _options(recipe({}, limits={"retry_after_s": 3}), "ingress", "vllm")
+    assert (one["max_ongoing_requests"], one["max_queued_requests"]) == (16 + 8, 8)
+    assert (one["backpressure_config"].status_code, one["backpressure_config"].retry_after_s) == (429, 3)
+    two = _options(recipe({"num_replicas": 2}), "ingress", "vllm")
+    assert (two["max_ongoing_requests"], two["max_queued_requests"]) == (12, 8)
+    scaling = _options(recipe({"autoscaling": {"min_replicas": 3, "max_replicas": 6}}), "ingress", "vllm")
+    assert scaling["max_ongoing_requests"] == 8  # ceil(24 / 3): the fewest replicas the autoscaler keeps
+    # The LLM's defaults follow the engine's batch, and the ingress follows them.
+    tiny = config.validate({"data": {"generator": {"name": "order_extraction"}}, "serve": {"vllm": {"max_num_seqs": 1}}})
+    small = _options(tiny, "ingress", "vllm")
+    assert (small["max_ongoing_requests"], small["max_queued_requests"]) == (4 + 2, 2)
+    own = _options(recipe({"max_ongoing_requests": 100, "max_queued_requests": 50}), "ingress", "vllm")
+    assert (own["max_ongoing_requests"], own["max_queued_requests"]) == (100, 50)
+
+
 def test_past_capacity_the_router_refuses_before_the_guard_reads():
     """A request arriving while the primary's capacity is taken is a 429 with Retry-After, and the guard never
     sees it (in an overload the surplus costs no guard pass)."""

@@ -253,8 +253,24 @@ def _queues(recipe: config.Recipe, name: str, backend: str = "transformers") -> 
         "backup": (2 * batch, 2 * batch),
         "guard": (64, 256),
         "router": (1000, None),
-        "ingress": (256, 512),
     }[name]
+
+
+def _ingress_queues(recipe: config.Recipe, backend: str) -> tuple[int, int]:
+    """The ingress's slots follow the primary's admission capacity, plus headroom (half of it, at least 2) for
+    health probes, /v1/models, /v1/stats and the requests the guard or the router refuse at once; split over
+    the ingress replicas (their fixed count, or the autoscaler's minimum), with a queue of the headroom at
+    Serve's proxy. Past that the proxy answers 429 + Retry-After itself, before any of our code reads the
+    body: in a flood the surplus costs the least it can, and the requests admitted keep the CPU."""
+    capacity = admission_capacity(recipe, backend)
+    headroom = max(2, capacity // 2)
+    cfg = recipe.serve.deployments.get("ingress")
+    replicas = 1
+    if cfg is not None and cfg.num_replicas:
+        replicas = cfg.num_replicas
+    elif cfg is not None and cfg.autoscaling is not None:
+        replicas = max(1, cfg.autoscaling.min_replicas)
+    return -(-(capacity + headroom) // replicas), headroom
 
 
 def admission_capacity(recipe: config.Recipe, backend: str) -> int:
@@ -274,7 +290,7 @@ def _options(recipe: config.Recipe, name: str, backend: str = "transformers") ->
 
     cfg = recipe.serve.deployments.get(name)
     actor: dict[str, Any] = {"num_cpus": DEFAULT_CPUS[name]}
-    ongoing, queued = _queues(recipe, name, backend)
+    ongoing, queued = _ingress_queues(recipe, backend) if name == "ingress" else _queues(recipe, name, backend)
     options: dict = {"name": name, "max_ongoing_requests": ongoing}
     if cfg is not None and cfg.max_queued_requests is not None:
         queued = cfg.max_queued_requests
@@ -336,7 +352,8 @@ def build(recipe: config.Recipe, spec: dict | None = None):
     router = Router.options(**_options(recipe, "router")).bind(  # type: ignore[attr-defined]
         spec["router"], primary, backup, guard
     )
-    return Ingress.options(**_options(recipe, "ingress")).bind(spec["ingress"], router)  # type: ignore[attr-defined]
+    ingress = _options(recipe, "ingress", spec["llm"]["backend"])  # its slots follow the primary's capacity
+    return Ingress.options(**ingress).bind(spec["ingress"], router)  # type: ignore[attr-defined]
 
 
 def build_app(args: dict):

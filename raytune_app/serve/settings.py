@@ -233,15 +233,17 @@ class DeploymentSection(Section):
     max_ongoing_requests: int | None = Field(
         None,
         ge=1,
-        description="Requests a replica works on at once; left out: 2 x batching.max_batch_size for llm / "
-        "backup, 64 for guard, 1000 for router, 256 for ingress.",
+        description="Requests a replica works on at once; left out: 2 x the engine's batch for llm / backup "
+        "(batching.max_batch_size, or vllm.max_num_seqs on vLLM), 64 for guard, 1000 for router; for ingress the "
+        "primary's admission capacity plus half of it (at least 2), split over the ingress replicas.",
     )
     max_queued_requests: int | None = Field(
         None,
         ge=1,
         description="Requests waiting for a free replica slot, per caller, beyond which the surplus is refused "
-        "at once: 429 with Retry-After (OpenAI's client retries it). Left out: 2 x batching.max_batch_size for "
-        "llm / backup, 256 for guard, 512 for ingress; the router's queue is its own limit (max_ongoing).",
+        "at once: 429 with Retry-After (OpenAI's client retries it). Left out: 2 x the engine's batch for llm / "
+        "backup, 256 for guard, for ingress the headroom above (past it Serve's proxy refuses, before the "
+        "ingress reads the body); the router's queue is its own limit (max_ongoing).",
     )
     health_check_period_s: float | None = Field(
         None, gt=0, description="Seconds between Serve's health checks of a replica (Serve's default: 10)."
