@@ -147,9 +147,13 @@ def test_qlora_adapter_merges_into_the_dequantised_4bit_base(tmp_path, tiny_mode
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     for prompt in PROMPTS:
         expected = logits(trained, tokenizer, prompt)
-        torch.testing.assert_close(logits(merged, tokenizer, prompt), expected, atol=1e-3, rtol=1e-3)
+        error = (logits(merged, tokenizer, prompt) - expected).abs().max().item()
         # Merging into the original weights instead would not be the model that was trained.
-        assert (logits(full_precision, tokenizer, prompt) - expected).abs().max() > 1e-3
+        wrong_base = (logits(full_precision, tokenizer, prompt) - expected).abs().max().item()
+        # bitsandbytes' CPU 4-bit matmul rounds through bf16 where the CPU has it (AVX-512 BF16 / AMX: ~2.5e-3
+        # here on logits of ~0.6, a step or two of bf16), exactly fp32 elsewhere (< 1e-3); the wrong base is
+        # off by ~0.06-0.08, so the bound still tells the two apart by an order of magnitude.
+        assert error < 5e-3 and error < wrong_base / 10, (error, wrong_base)
 
 
 def test_export_refuses_bad_requests_before_writing(tmp_path, tiny_model):
