@@ -83,3 +83,40 @@ def test_fsdp2_trains_lora_with_two_cpu_workers(ray_local, tmp_path, tiny_model)
     losses = [loss for loss in losses if loss is not None]
     assert losses[-1] < losses[0]
     assert os.path.exists(os.path.join(manifest["weights"], "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_the_gpu_check_script_builds_and_validates_every_variant_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run, what can be checked of the GPU run on any machine: the ~0.5B model
+    is built (a smaller one here), every variant's recipe validates for a 1-GPU worker, and the table prints."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    from gpu_check import VARIANTS
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_check.py",
+            "--dry-run",
+            "--out",
+            str(tmp_path),
+            "--hidden",
+            "128",
+            "--layers",
+            "2",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(VARIANTS), done.stdout
+    assert all("plan train: 1 worker(s) x 1 GPU" in row for row in rows), rows
