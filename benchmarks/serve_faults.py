@@ -13,7 +13,9 @@ front (enforce mode). This process is the load: at each level, `level x capacity
 requests back to back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed ("proxy": of those, the ones
 Serve's proxy refused for the ingress, before our code read them), and a shed client waits the
 Retry-After it was given before it tries again (as the OpenAI client does). The baseline is the 1x level
-of the same run: the table gives p99 of admitted requests against it.
+of the same run: the table gives p99 of admitted requests against it. "shed p99" is what the clients saw;
+"in server" the p99 of the same refusals as Serve's proxy timed them (its access log), without the load
+generator's event loop and the kernel queues in front of the proxy, which share the two cores too.
 
 Recovery: at 1x load the server kills its LLM replica (ray.kill, as a crashed process); the time until a
 request is answered again, and until a whole second passes with no failure.
@@ -152,6 +154,26 @@ def summarise(records: list[dict], duration: float) -> dict:
         "shed_p99": pct(shed, 0.99),
         "proxy_p99": pct(sorted(r["end"] - r["start"] for r in records if r.get("proxy")), 0.99),
     }
+
+
+def refusals_at_the_server(began: float, ended: float) -> list[float]:
+    """How long Serve's proxy took over each 429 it answered between `began` and `ended` (seconds), from its
+    access log (`POST /v1/chat/completions 429 7.9ms`): the refusal's time inside the server, without the
+    load generator's own event loop and the kernel's queues in front of the proxy."""
+    import datetime
+    import glob
+    import re
+
+    line_re = re.compile(r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* POST /v1/chat/completions 429 ([\d.]+)ms")
+    seconds = []
+    for path in glob.glob("/tmp/ray/session_latest/logs/serve/proxy_*.log"):
+        for line in open(path, errors="replace"):
+            match = line_re.match(line)
+            if match:
+                at = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if began <= at <= ended:
+                    seconds.append(float(match.group(2)) / 1000)
+    return sorted(seconds)
 
 
 def recovery(server, url: str, clients: int, max_tokens: int, within_s: float) -> dict:
@@ -294,8 +316,15 @@ def main() -> None:
             levels = {}
             for level in args.levels:
                 clients = int(level * capacity)
+                began = time.time()
                 records = asyncio.run(hold(url, clients, args.duration, args.max_tokens))
-                levels[level] = summarise(records, args.duration) | {"clients": clients}
+                inside = refusals_at_the_server(began, time.time() + 1)
+                levels[level] = summarise(records, args.duration) | {
+                    "clients": clients,
+                    "server_shed_p99": inside[min(len(inside) - 1, int(0.99 * len(inside)))]
+                    if inside
+                    else float("nan"),
+                }
                 print(f"  {level}x: {levels[level]}", file=sys.stderr, flush=True)
             kill = None if args.skip_kill else recovery(server, url, capacity, args.max_tokens, args.recovery_s)
         finally:
@@ -308,12 +337,12 @@ def main() -> None:
             f"{args.duration:.0f} s per level, guard: {args.guard or 'off'}\n"
         )
         head = f"{'load':>6}{'clients':>8}{'admitted':>9}{'shed':>6}{'proxy':>6}{'other':>6}{'adm/s':>7}"
-        print(head + f"{'p50 s':>7}{'p99 s':>7}{'p99 x1':>7}{'shed p99 s':>11}{'proxy p99 s':>12}")
+        print(head + f"{'p50 s':>7}{'p99 s':>7}{'p99 x1':>7}{'shed p99 s':>11}{'proxy p99 s':>12}{'in server':>10}")
         for level, r in levels.items():
             print(
                 f"{level:>5g}x{r['clients']:>8}{r['admitted']:>9}{r['shed']:>6}{r['by_proxy']:>6}{len(r['other']):>6}"
                 f"{r['admitted_per_s']:>7.2f}{r['p50']:>7.2f}{r['p99']:>7.2f}{r['p99'] / base['p99']:>7.2f}"
-                f"{r['shed_p99']:>11.3f}{r['proxy_p99']:>12.3f}"
+                f"{r['shed_p99']:>11.3f}{r['proxy_p99']:>12.3f}{r['server_shed_p99']:>10.3f}"
             )
         if kill is not None:
             first = kill["first_answer_s"]
