@@ -451,7 +451,9 @@ def test_the_ingress_slots_follow_the_admission_capacity():
     scaling = _options(recipe({"autoscaling": {"min_replicas": 3, "max_replicas": 6}}), "ingress", "vllm")
     assert scaling["max_ongoing_requests"] == 8  # ceil(24 / 3): the fewest replicas the autoscaler keeps
     # The LLM's defaults follow the engine's batch, and the ingress follows them.
-    tiny = config.validate({"data": {"generator": {"name": "order_extraction"}}, "serve": {"vllm": {"max_num_seqs": 1}}})
+    tiny = config.validate(
+        {"data": {"generator": {"name": "order_extraction"}}, "serve": {"vllm": {"max_num_seqs": 1}}}
+    )
     small = _options(tiny, "ingress", "vllm")
     assert (small["max_ongoing_requests"], small["max_queued_requests"]) == (4 + 2, 2)
     own = _options(recipe({"max_ongoing_requests": 100, "max_queued_requests": 50}), "ingress", "vllm")
