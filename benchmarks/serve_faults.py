@@ -135,13 +135,15 @@ async def hold(url: str, clients: int, duration: float, max_tokens: int, done=No
     return records
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile of sorted values (nan when there are none)."""
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
 def summarise(records: list[dict], duration: float) -> dict:
     admitted = sorted(r["end"] - r["start"] for r in records if r["status"] == 200)
     shed = sorted(r["end"] - r["start"] for r in records if r["status"] in (429, 503))
     other = [r["status"] for r in records if r["status"] not in (200, 429, 503)]
-
-    def pct(values, q):
-        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     return {
         "admitted": len(admitted),
@@ -321,9 +323,7 @@ def main() -> None:
                 inside = refusals_at_the_server(began, time.time() + 1)
                 levels[level] = summarise(records, args.duration) | {
                     "clients": clients,
-                    "server_shed_p99": inside[min(len(inside) - 1, int(0.99 * len(inside)))]
-                    if inside
-                    else float("nan"),
+                    "server_shed_p99": pct(inside, 0.99),
                 }
                 print(f"  {level}x: {levels[level]}", file=sys.stderr, flush=True)
             kill = None if args.skip_kill else recovery(server, url, capacity, args.max_tokens, args.recovery_s)
