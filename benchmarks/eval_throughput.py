@@ -13,11 +13,12 @@ one-at-a-time loop.
                     (continuous batching; the adapter, when given, as a vLLM LoRA request).
 
 Same model and weights (the bundled SmolLM2-135M-Instruct, plus `--adapter` when given), same examples (the
-quickstart task's prepared split), greedy decoding, the same `max_new_tokens` and precision (fp32: this CPU
-has no native bf16, so vLLM runs fp32 whatever the recipe says). Examples/s counts the whole generation
-(model and engine load excluded: each side loads once); generated tokens are counted up to the end-of-turn
-token. Each run is a fresh subprocess, and the sides take turns within each repeat (a shared machine's
-load hits them alike); the replies are compared with the loop's (greedy decoding should give the same text).
+quickstart task's prepared split), greedy decoding, the same `max_new_tokens` and precision (`--precision`;
+`auto`: bf16 on a CPU with native bf16 -- AVX-512 BF16 / AMX -- else fp32, which vLLM would fall back to
+anyway). Examples/s counts the whole generation (model and engine load excluded: each side loads once);
+generated tokens are counted up to the end-of-turn token. Each run is a fresh subprocess, and the sides take
+turns within each repeat (a shared machine's load hits them alike); the replies are compared with the loop's
+(greedy decoding should give the same text).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import run_measured  # noqa: E402
 
 
-def recipe_for(out: str, examples: int, batch_size: int, replicas: int, max_new_tokens: int, backend: str):
+def recipe_for(
+    out: str, examples: int, batch_size: int, replicas: int, max_new_tokens: int, backend: str, precision: str
+):
     from raytune_app import config
 
     return config.load(
@@ -48,7 +51,7 @@ def recipe_for(out: str, examples: int, batch_size: int, replicas: int, max_new_
             f"data.generator.rows={examples * 4}",
             "data.split.val=0.0",
             "data.split.test=0.25",
-            "train.precision=fp32",
+            f"train.precision={precision}",
             f"evaluate.limit={examples}",
             f"evaluate.batch_size={batch_size}",
             f"evaluate.replicas={replicas}",
@@ -133,14 +136,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--sides", nargs="+", default=["loop", "transformers", "vllm"], choices=list(SIDES))
     parser.add_argument("--adapter", default=None, help="a trained adapter folder (default: the base model alone)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     adapter = os.path.abspath(args.adapter) if args.adapter else None
+    if args.precision == "auto":
+        from raytune_app.models import cpu_has_bf16
+
+        args.precision = "bf16" if cpu_has_bf16() else "fp32"
     if args.child:
         how, out, replicas = args.child
         backend = "transformers" if how == "loop" else how
         batch = 1 if how == "loop" else args.batch_size
-        recipe = recipe_for(out, args.examples, batch, int(replicas), args.max_new_tokens, backend)
+        recipe = recipe_for(out, args.examples, batch, int(replicas), args.max_new_tokens, backend, args.precision)
         print(json.dumps(run_loop(recipe, adapter) if how == "loop" else run_ours(recipe, adapter)))
         return
 
@@ -154,6 +162,8 @@ def main() -> None:
         str(args.batch_size),
         "--max-new-tokens",
         str(args.max_new_tokens),
+        "--precision",
+        args.precision,
     ] + (["--adapter", adapter] if adapter else [])
     results = {name: [] for name in args.sides}
     for repeat in range(args.repeats):
@@ -168,7 +178,7 @@ def main() -> None:
     reference = results[first][0]["replies"]
     print(
         f"machine: {os.cpu_count()} CPUs (shared); model bundled SmolLM2-135M-Instruct"
-        f"{' + adapter ' + args.adapter if args.adapter else ''}; {args.examples} examples, greedy, fp32, "
+        f"{' + adapter ' + args.adapter if args.adapter else ''}; {args.examples} examples, greedy, {args.precision}, "
         f"max_new_tokens {args.max_new_tokens}; median of {args.repeats}; ratio against `{first}`"
     )
     print(

@@ -95,7 +95,9 @@ def test_evaluate_on_vllm_matches_the_transformers_path(prepared):
     root, adapter = prepared
     hf = evaluate(_recipe(root, backend="transformers"), adapter=adapter, force=True)
     hf_rows = pq.read_table(f"{hf['output_dir']}/predictions.parquet").to_pylist()
-    vl = evaluate(_recipe(root, backend="vllm", schema_constrained=True), adapter=adapter, force=True)
+    # The adapter merged into a copy of the base (a CPU's way for larger evaluations; forced at this size).
+    merged_recipe = _recipe(root, backend="vllm", schema_constrained=True, adapters="merged")
+    vl = evaluate(merged_recipe, adapter=adapter, force=True)
     vl_rows = pq.read_table(f"{vl['output_dir']}/predictions.parquet").to_pylist()
     assert hf["backend"] == "transformers" and vl["backend"] == "vllm"
     assert set(vl["models"]) == {"base", "adapter"}
@@ -117,9 +119,18 @@ def test_evaluate_on_vllm_matches_the_transformers_path(prepared):
         for model in ("base", "adapter"):
             for key in ("schema_valid_rate", "field_f1", "exact_match", "json_parse_rate"):
                 assert vl["models"][model][key] == hf["models"][model][key], (model, key)
-    # The adapter under test really answered (LoRA rows), and differently from the base somewhere.
+    # The adapter under test really answered (on a CPU: a merged copy of base + adapter in an engine of its own),
+    # and differently from the base somewhere.
     by_model = {m: [r["prediction"] for r in vl_rows if r["model"] == m] for m in ("base", "adapter")}
     assert by_model["base"] != by_model["adapter"]
+    assert not list(root.glob("runs/**/.merged-adapters-*"))  # the merged copy is removed after the run
+    # The adapter as a LoRA request in the base's engine (a GPU's way, and serving's) answers as its merged copy,
+    # up to rounding.
+    lora = evaluate(_recipe(root, backend="vllm", adapters="lora"), adapter=adapter, force=True)
+    lora_rows = pq.read_table(f"{lora['output_dir']}/predictions.parquet").to_pylist()
+    as_lora = {r["example"]: r["prediction"] for r in lora_rows if r["model"] == "adapter"}
+    merged = {r["example"]: r["prediction"] for r in vl_rows if r["model"] == "adapter"}
+    assert sum(as_lora[k] == v for k, v in merged.items()) >= 0.8 * len(merged), (as_lora, merged)
     # Constrained decoding: every reply validates against the generator's schema.
     for model in ("base", "adapter"):
         assert vl["models"][model]["constrained"]["schema_valid_rate"] == 1.0, vl["models"][model]["constrained"]

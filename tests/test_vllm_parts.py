@@ -246,3 +246,42 @@ def test_completion_logprobs_in_the_chat_shape():
     assert [t["token"] for t in shaped[0]["top_logprobs"]] == ["Hi", "Hello"]
     assert shaped[0]["bytes"] == list(b"Hi") and chat_logprobs(None, 2) is None
     assert chat_logprobs(piece, 0)["content"][0]["top_logprobs"] == []
+
+
+@pytest.mark.slow  # a Ray task that imports torch, transformers and PEFT: ~12 s here
+def test_adapters_are_merged_into_copies_of_the_base_for_the_cpu_engines(tmp_path, tiny_model, ray_local):
+    """evaluate.adapters merged (the default on a CPU): each adapter becomes a full model folder that gives
+    PEFT's logits, the base and non-adapter candidates pass through, and the copies are gone afterwards."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raytune_app.evaluate import vllm_batch
+
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    peft.save_pretrained(tmp_path / "adapter")
+    candidates = [("base", None), ("tuned", str(tmp_path / "adapter"))]
+    scratch = tmp_path / "run"
+    kept = vllm_batch.Settings(max_new_tokens=4, precision="fp32", merge_adapters=False, scratch_dir=str(scratch))
+    with vllm_batch._merged({"path": tiny_model}, candidates, kept) as as_given:
+        assert as_given == candidates
+    settings = vllm_batch.Settings(max_new_tokens=4, precision="fp32", merge_adapters=True, scratch_dir=str(scratch))
+    with vllm_batch._merged({"path": tiny_model}, candidates, settings) as engines:
+        assert engines[0] == ("base", None)
+        name, folder = engines[1]
+        assert name == "tuned" and folder.startswith(str(scratch))
+        assert vllm_batch._adapter_folder(folder) is None  # a whole model now: an engine of its own
+        assert len(vllm_batch._engines({"path": tiny_model}, engines)) == 2
+        ids = torch.tensor([[1, 5, 9, 13, 2]])
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")
+        with torch.no_grad():
+            want = reference.eval()(ids).logits
+            got = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+            base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(ids).logits
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(base, want, atol=1e-3)  # the adapter changes the logits: the check can fail
+    assert not any(p.name.startswith(".merged-adapters-") for p in scratch.iterdir())

@@ -3,13 +3,20 @@
 
     tables = generate(examples, model, [("base", None), ("tuned", "runs/x/train/adapter")], settings)
 
-One engine serves every model of a call that shares the base: the base answers its rows, and each LoRA
-adapter under test answers its own (vLLM LoRA requests, the row's `model`); a full fine-tune gets an
-engine of its own. Prompts are rendered and tokenised here with the model's own tokenizer and chat
-template (raytune_app/models.py, the same helper the transformers path and serving use), and every row
-stops on the same stop tokens, so a greedy reply is the one the transformers path writes up to float
-rounding (tests/test_vllm_batch.py compares them). Rows can ask for schema-constrained decoding
-(vLLM structured outputs with the task's JSON Schema) beside free decoding, in the same engine run.
+One engine serves every model of a call that shares the base: the base answers its rows, and each LoRA adapter
+under test answers its own (vLLM LoRA requests, the row's `model`); a full fine-tune gets an engine of its
+own. With `merge_adapters` (evaluate.adapters; on a CPU for larger runs) each adapter is merged into a copy of
+the base first (raytune_app/export/merge.py: the same merge as `raytune-app export`; a QLoRA adapter into the
+de-quantised 4-bit base it trained against) and answers from an engine of its own like a full fine-tune:
+vLLM's CPU LoRA kernels decoded the quickstart's adapter five to seven times slower than its merged copy
+(BENCHMARKS.md, "quickstart end to end"), which costs more than a second engine's start. On a GPU the adapters
+stay LoRA requests in the base's engine (one engine, little overhead there).
+
+Prompts are rendered and tokenised here with the model's own tokenizer and chat template
+(raytune_app/models.py, the same helper the transformers path and serving use), and every row stops on the
+same stop tokens, so a greedy reply is the one the transformers path writes up to float rounding
+(tests/test_vllm_batch.py compares them). Rows can ask for schema-constrained decoding (vLLM structured
+outputs with the task's JSON Schema) beside free decoding, in the same engine run.
 
 Columns out, per candidate, as the transformers generator's (generation.py): `prediction`,
 `new_tokens`, `latency_s` (the engine's time from taking the request to its last token), `batch_start`,
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -49,6 +57,10 @@ class Settings:
     kv_cache_gb: int = 1
     enforce_eager: bool = False
     seed: int = 0
+    merge_adapters: bool = False  # each LoRA adapter merged into a copy of the base, in an engine of its own
+    finetuning: str = "lora"  # how the adapters were trained (qlora: merged into the de-quantised 4-bit base)
+    quantization: dict | None = None  # train.quantization of a QLoRA adapter (None: the defaults)
+    scratch_dir: str | None = None  # where merged copies are written (a folder every node sees); None: a temp dir
     extra: dict = field(default_factory=dict)  # more vLLM engine arguments
 
 
@@ -212,17 +224,87 @@ def _finish(row: dict) -> dict:
 
 def generate(examples: pa.Table, model: dict, candidates: list[tuple[str, str | None]], s: Settings) -> dict:
     """{candidate name: examples + generated columns} (and "<name>:constrained" tables when asked)."""
-    import math
-
-    import ray
-    from ray.data.llm import build_processor
-
     from raytune_app import models
 
     tokenizer = models.load_tokenizer(
         model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)
     )
     stop_ids = models.stop_token_ids(tokenizer)
+    with _merged(model, candidates, s) as engine_candidates:
+        answers = _answers(examples, model, engine_candidates, s, tokenizer, stop_ids)
+    errors = [a for a in answers if a["error"]]
+    if errors:
+        raise RuntimeError(f"vLLM failed on {len(errors)} row(s); first: {errors[0]['error']}")
+    return _tables(examples, candidates, answers, s)
+
+
+@contextmanager
+def _merged(model: dict, candidates: list[tuple[str, str | None]], s: Settings):
+    """The candidates with each LoRA adapter replaced by a merged copy of base + adapter (`s.merge_adapters`),
+    written in the engine's dtype under `s.scratch_dir` and removed afterwards; else the candidates as given.
+
+    Each merge runs as a Ray task on this node: its libraries' progress bars and notices go to the run's log
+    file with the other workers' output, and the float32 base it loads is freed with the task's process."""
+    if not s.merge_adapters or not any(_adapter_folder(w) for _, w in candidates):
+        yield candidates
+        return
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raytune_app import console, models
+
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[models.vllm_dtype(s.precision, s.use_gpu)]
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    if s.scratch_dir:
+        os.makedirs(s.scratch_dir, exist_ok=True)
+    root = tempfile.mkdtemp(prefix=".merged-adapters-", dir=s.scratch_dir)
+    try:
+        merged = []
+        for i, (name, weights) in enumerate(candidates):
+            adapter = _adapter_folder(weights)
+            if adapter is None:
+                merged.append((name, weights))
+                continue
+            began, folder = time.time(), os.path.join(root, str(i))
+            task = ray.remote(num_cpus=1)(merge_adapter).options(scheduling_strategy=here)
+            ray.get(task.remote(model, adapter, folder, s.finetuning, dtype, s.quantization))
+            took = time.time() - began
+            console.logger("evaluate").info(f"{name}: adapter merged into a copy of the base in {took:.0f} s")
+            merged.append((name, folder))
+        yield merged
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def merge_adapter(
+    model: dict, adapter: str, folder: str, finetuning: str, dtype: str, quantization: dict | None = None
+) -> None:
+    """Base + `adapter` merged (raytune_app/export/merge.py) and saved with its tokenizer to `folder`."""
+    from raytune_app.config import ModelSection
+    from raytune_app.export.merge import merged_model
+    from raytune_app.train.settings import QuantSection
+
+    _, net, tokenizer = merged_model(
+        ModelSection.model_validate(model),
+        adapter,
+        finetuning=finetuning,
+        dtype=dtype,
+        quantization=QuantSection.model_validate(quantization or {}),
+    )
+    net.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _answers(examples: pa.Table, model: dict, candidates, s: Settings, tokenizer, stop_ids: list[int]) -> list[dict]:
+    """Every engine's answers to its rows: one processor run per engine, one after the other."""
+    import math
+
+    import ray
+    from ray.data.llm import build_processor
+
     answers = []
     for source, members in _engines(model, candidates):
         rows = _rows(examples, tokenizer, s, stop_ids, source, members)
@@ -238,10 +320,7 @@ def generate(examples: pa.Table, model: dict, candidates: list[tuple[str, str | 
         )
         blocks = max(1, math.ceil(len(rows) / s.batch_size))
         answers += processor(ray.data.from_items(rows, override_num_blocks=blocks)).take_all()
-    errors = [a for a in answers if a["error"]]
-    if errors:
-        raise RuntimeError(f"vLLM failed on {len(errors)} row(s); first: {errors[0]['error']}")
-    return _tables(examples, candidates, answers, s)
+    return answers
 
 
 def _tables(examples: pa.Table, candidates, answers: list[dict], s: Settings) -> dict:
