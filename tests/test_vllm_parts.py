@@ -285,3 +285,16 @@ def test_adapters_are_merged_into_copies_of_the_base_for_the_cpu_engines(tmp_pat
         assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(base, want, atol=1e-3)  # the adapter changes the logits: the check can fail
     assert not any(p.name.startswith(".merged-adapters-") for p in scratch.iterdir())
+
+
+def test_adapters_auto_merges_on_a_cpu_only_when_the_run_is_large_enough():
+    from raytune_app.evaluate.run import MERGE_FROM_TOKENS, _merge_adapters
+    from raytune_app.evaluate.settings import EvaluateSection
+
+    auto = EvaluateSection(max_new_tokens=100)
+    enough = -(-MERGE_FROM_TOKENS // 100)
+    assert _merge_adapters(auto, enough, use_gpu=False)
+    assert not _merge_adapters(auto, enough - 1, use_gpu=False)  # a small run stays in one engine
+    assert not _merge_adapters(auto, 10 * enough, use_gpu=True)  # a GPU keeps the adapters as LoRA requests
+    assert _merge_adapters(EvaluateSection(adapters="merged"), 1, use_gpu=True)
+    assert not _merge_adapters(EvaluateSection(adapters="lora"), 10 * enough, use_gpu=False)

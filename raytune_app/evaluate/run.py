@@ -332,6 +332,13 @@ def backend(recipe: Recipe) -> str:
 MERGE_FROM_TOKENS = 8_000
 
 
+def _merge_adapters(ev, examples: int, use_gpu: bool) -> bool:
+    """Whether the vllm backend merges each adapter into a copy of the base (evaluate.adapters)."""
+    if ev.adapters == "auto":
+        return not use_gpu and examples * ev.max_new_tokens >= MERGE_FROM_TOKENS
+    return ev.adapters == "merged"
+
+
 def generate_vllm(
     examples: pa.Table,
     models: list[Candidate],
@@ -363,8 +370,7 @@ def generate_vllm(
         kv_cache_gb=ev.kv_cache_gb,
         enforce_eager=ev.enforce_eager,
         seed=recipe.run.seed,
-        merge_adapters=ev.adapters == "merged"
-        or (ev.adapters == "auto" and not use_gpu and examples.num_rows * ev.max_new_tokens >= MERGE_FROM_TOKENS),
+        merge_adapters=_merge_adapters(ev, examples.num_rows, use_gpu),
         finetuning=recipe.train.finetuning,
         quantization=recipe.train.quantization.model_dump(),
         # Merged copies go where every node reads the run's files (shared_dir); a bucket: this node's temp dir.

@@ -256,7 +256,7 @@ def _merged(model: dict, candidates: list[tuple[str, str | None]], s: Settings):
 
     from raytune_app import console, models
 
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[models.vllm_dtype(s.precision, s.use_gpu)]
+    dtype = models.compute_precision(s.precision, s.use_gpu)  # the engine's dtype (models.vllm_dtype)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     if s.scratch_dir:
         os.makedirs(s.scratch_dir, exist_ok=True)
