@@ -258,6 +258,7 @@ def _merged(model: dict, candidates: list[tuple[str, str | None]], s: Settings):
 
     dtype = models.compute_precision(s.precision, s.use_gpu)  # the engine's dtype (models.vllm_dtype)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=1)(merge_adapter).options(scheduling_strategy=here)
     if s.scratch_dir:
         os.makedirs(s.scratch_dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix=".merged-adapters-", dir=s.scratch_dir)
@@ -269,7 +270,6 @@ def _merged(model: dict, candidates: list[tuple[str, str | None]], s: Settings):
                 merged.append((name, weights))
                 continue
             began, folder = time.time(), os.path.join(root, str(i))
-            task = ray.remote(num_cpus=1)(merge_adapter).options(scheduling_strategy=here)
             ray.get(task.remote(model, adapter, folder, s.finetuning, dtype, s.quantization))
             took = time.time() - began
             console.logger("evaluate").info(f"{name}: adapter merged into a copy of the base in {took:.0f} s")
