@@ -13,7 +13,12 @@ lambda is `train.distill.rationale_weight` (0: the label-only baseline on the sa
 (the bundled SmolLM2-135M-Instruct) trains for `--steps` optimizer steps (the same budget for every
 cell, so step-by-step is not given more updates) or `--epochs`; then it is asked with the label prefix
 on the first `--eval-limit` rows of the held-out test split (normalised match, greedy). The base model
-is evaluated once, asked plainly.
+is evaluated on the same rows, shown the first `--base-shots` training examples as earlier turns (few-shot;
+default: the recipe's `evaluate.base_shots`; 0: asked plainly): one record per number of shots.
+
+Beside each cell's accuracy and its 95% Wilson interval, the table gives, per size, step-by-step minus
+label-only on the same test rows with a paired bootstrap 95% interval (the rows are resampled together,
+so the noise both variants share cancels out).
 
 Each finished cell is appended to the `--results` JSONL at once; a rerun with the same file skips the
 cells already there (same data set, size, lambda, seed, budget and evaluation), so a table cut short by
@@ -81,6 +86,17 @@ def cell_key(args, size: int | float | None, weight: float | None, seed: int) ->
     }
 
 
+def base_key(args) -> dict:
+    """What a base-model record depends on (no training: size, lambda and budget do not apply)."""
+    return {
+        "dataset": args.dataset,
+        "base_shots": args.base_shots,
+        "eval_limit": args.eval_limit,
+        "rows": args.rows if args.dataset == "arithmetic" else None,
+        "set": sorted(args.set or []),
+    }
+
+
 def done_cells(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -116,7 +132,45 @@ def _share(size: float, available: int) -> float:
     return min(1.0, size / available) if size > 1 else size
 
 
-def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, available: int, base: bool) -> dict:
+def _correct_rows(summary: dict, model: str) -> list[int]:
+    """1 / 0 per evaluated test row, in the split's order: what the paired comparison resamples."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(summary["output_dir"], "predictions.parquet")).to_pylist()
+    return [int(bool(row["normalised_match"])) for row in table if row["model"] == model]
+
+
+def _backfill_rows(cells: list[dict], out: str | None) -> None:
+    """Cells recorded before rows were kept (older results files): their rows from the cell's predictions."""
+    for c in cells:
+        key = c["key"]
+        if "correct_rows" in c or "lambda" not in key or not out:
+            continue
+        folder = os.path.join(out, f"{key['dataset']}-{key['size']}-{key['lambda']}-s{key['seed']}", "evaluate")
+        if os.path.exists(os.path.join(folder, "predictions.parquet")):
+            c["correct_rows"] = _correct_rows({"output_dir": folder}, "tuned")
+
+
+def run_base(args, out: str, prepared_dir: str) -> dict:
+    """The base model on the test rows, no training: asked plainly or with `--base-shots` examples first."""
+    from raytune_app import config
+    from raytune_app.evaluate.run import evaluate
+
+    recipe = config.load(
+        ROOT / "recipes" / RECIPES[args.dataset],
+        _overrides(args, out, f"{args.dataset}-base-{args.base_shots}shot", 0)
+        + ["run.stages=[prepare,evaluate]", "evaluate.include_base=true", f"evaluate.base_shots={args.base_shots}"],
+    )
+    target = recipe.stage_dir("prepare")
+    if not os.path.exists(target):
+        shutil.copytree(prepared_dir, target)
+    began = time.time()
+    summary = evaluate(recipe)
+    rows = _correct_rows(summary, "base")
+    return {"n": len(rows), "correct": sum(rows), "correct_rows": rows, "seconds": round(time.time() - began, 1)}
+
+
+def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, available: int) -> dict:
     from raytune_app import config
     from raytune_app.data.prepare import prepare
     from raytune_app.distill.run import distill
@@ -130,7 +184,7 @@ def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, availab
         + [
             f"distill.subsample={_share(size, available)}",
             f"train.distill.rationale_weight={weight}",
-            f"evaluate.include_base={'true' if base else 'false'}",
+            "evaluate.include_base=false",  # the base has a record of its own (run_base)
         ],
     )
     target = recipe.stage_dir("prepare")
@@ -152,11 +206,20 @@ def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, availab
         "n": n,
         "correct": round(tuned["normalised_match"] * n),
         "accuracy": tuned["normalised_match"],
+        "correct_rows": _correct_rows(summary, "tuned"),
         "seconds": round(time.time() - began, 1),
     }
-    if base:
-        result["base_correct"] = round(summary["models"]["base"]["normalised_match"] * n)
     return result
+
+
+def paired_difference(better: list[int], baseline: list[int], resamples: int = 10_000) -> tuple[float, float, float]:
+    """Mean of better - baseline over the same rows, with a paired bootstrap 95% interval."""
+    import numpy as np
+
+    diff = np.asarray(better, dtype=float) - np.asarray(baseline, dtype=float)
+    picks = np.random.default_rng(0).integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[picks].mean(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def table(args, cells: list[dict], where: str) -> str:
@@ -175,23 +238,55 @@ def table(args, cells: list[dict], where: str) -> str:
         f"the first {args.eval_limit or 'all'} test rows, 95% Wilson interval",
         f"machine: {rows[0]['machine'] if rows else machine()}; results: {where}",
         "",
-        f"{'size':>6}{'inputs':>8}{'lambda':>8}{'seed':>6}{'train rows':>12}{'accuracy':>10}{'95% CI':>17}"
-        f"{'minutes':>9}",
+        f"{'size':>6}{'inputs':>8}{'lambda':>8}{'seed':>6}{'train rows':>12}{'steps':>7}{'accuracy':>10}"
+        f"{'95% CI':>17}{'minutes':>9}",
     ]
     for c in rows:
         low, high = wilson(c["correct"], c["n"])
         lines.append(
             f"{c['key']['size']:>6}{c['inputs']:>8}{c['key']['lambda']:>8}{c['key']['seed']:>6}{c['train_rows']:>12}"
-            f"{c['accuracy']:>10.3f}{f'[{low:.3f}, {high:.3f}]':>17}{c['seconds'] / 60:>9.1f}"
+            f"{c.get('steps') or '-':>7}{c['accuracy']:>10.3f}{f'[{low:.3f}, {high:.3f}]':>17}{c['seconds'] / 60:>9.1f}"
         )
-    base = next((c for c in rows if "base_correct" in c), None)
-    if base:
-        low, high = wilson(base["base_correct"], base["n"])
-        lines.append(f"base model (asked plainly): {base['base_correct'] / base['n']:.3f} [{low:.3f}, {high:.3f}]")
+    lines += _differences(rows) + _bases(args, cells)
     missing = len(wanted) - len(rows)
     if missing:
         lines.append(f"{missing} cell(s) of this grid not run yet: run the same command again to finish them")
     return "\n".join(lines)
+
+
+def _differences(rows: list[dict]) -> list[str]:
+    """Per (size, seed, lambda > 0): accuracy minus the label-only cell's on the same rows, paired bootstrap."""
+    out = []
+    label_only = {(c["key"]["size"], c["key"]["seed"]): c for c in rows if c["key"]["lambda"] == 0}
+    for c in rows:
+        baseline = label_only.get((c["key"]["size"], c["key"]["seed"]))
+        if c["key"]["lambda"] == 0 or baseline is None or "correct_rows" not in c or "correct_rows" not in baseline:
+            continue
+        mean, low, high = paired_difference(c["correct_rows"], baseline["correct_rows"])
+        out.append(
+            f"size {c['key']['size']}, seed {c['key']['seed']}: lambda {c['key']['lambda']} minus label-only "
+            f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (paired bootstrap, {len(c['correct_rows'])} rows)"
+        )
+    return [""] + out if out else []
+
+
+def _bases(args, cells: list[dict]) -> list[str]:
+    """The base model's records on the same test rows: few-shot ones, and the plain one of older grids."""
+    out = []
+    for c in cells:
+        key = c["key"]
+        if key.get("dataset") != args.dataset or key.get("eval_limit") != args.eval_limit:
+            continue
+        if "base_shots" in key and key.get("set") == sorted(args.set or []):
+            shots, correct, n = key["base_shots"], c["correct"], c["n"]
+        elif "base_correct" in c:  # older grids evaluated the base beside their first cell, asked plainly
+            shots, correct, n = 0, c["base_correct"], c["n"]
+        else:
+            continue
+        low, high = wilson(correct, n)
+        how = f"shown {shots} training examples first" if shots else "asked plainly"
+        out.append(f"base model ({how}): {correct / n:.3f} [{low:.3f}, {high:.3f}] on {n} rows")
+    return out
 
 
 def main() -> None:
@@ -212,6 +307,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per cell (same for every cell)")
     parser.add_argument("--epochs", type=float, default=2, help="passes over the data, where --steps is not given")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test rows (default: all)")
+    parser.add_argument(
+        "--base-shots",
+        type=int,
+        default=None,
+        help="the base model is shown this many training examples first (default: the recipe's evaluate.base_shots)",
+    )
     parser.add_argument("--rows", type=int, default=800, help="arithmetic: generated problems")
     parser.add_argument("--set", nargs="*", help="more recipe overrides, key=value (e.g. train.batch_size=4)")
     parser.add_argument("--results", default=None, help="JSONL of finished cells (default: <out>/results.jsonl)")
@@ -219,6 +320,10 @@ def main() -> None:
     parser.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells (time-boxing)")
     args = parser.parse_args()
     args.sizes = [int(s) if s > 1 else s for s in args.sizes]
+    if args.base_shots is None:
+        from raytune_app import config
+
+        args.base_shots = config.load(ROOT / "recipes" / RECIPES[args.dataset]).evaluate.base_shots
 
     out = args.out or tempfile.mkdtemp(prefix="dss-experiment-")
     results = Path(args.results or os.path.join(out, "results.jsonl"))
@@ -233,16 +338,18 @@ def main() -> None:
         if json.dumps(cell_key(args, s, w, seed), sort_keys=True) not in done
     ]
     todo = todo if args.max_cells is None else todo[: args.max_cells]
-    print(f"[dss-experiment] {len(done)} cell(s) in {results}; running {len(todo)}", file=sys.stderr, flush=True)
+    base_todo = json.dumps(base_key(args), sort_keys=True) not in done
+    print(f"[dss-experiment] {len(done)} record(s) in {results}; running {len(todo)} cell(s)", file=sys.stderr)
     try:
-        if todo:
-            run_grid(args, out, results, cells, todo)
+        if todo or base_todo:
+            run_grid(args, out, results, cells, todo, base_todo)
     finally:  # also after Ctrl-C or a failed cell: the table of every cell finished so far
+        _backfill_rows(cells, args.out)
         print(table(args, cells, str(results)))
 
 
-def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple]) -> None:
-    """Prepare once, then run each cell and append its line to `results` as soon as it is done."""
+def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple], base_todo: bool) -> None:
+    """Prepare once, then run each cell (and the base) and append its line to `results` as soon as it is done."""
     import ray
 
     from raytune_app import config
@@ -251,21 +358,22 @@ def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple]
     ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     first = config.load(ROOT / "recipes" / RECIPES[args.dataset], _overrides(args, out, "prepared", 0))
     available = prepare(first)["rows_out"]["train"]
-    same_eval = [c for c in cells if c["key"]["dataset"] == args.dataset and c["key"]["eval_limit"] == args.eval_limit]
-    base_done, host = any("base_correct" in c for c in same_eval), machine()
-    for size, weight, seed in todo:
-        result = run_cell(args, out, first.stage_dir("prepare"), size, weight, seed, available, base=not base_done)
-        base_done = True
-        record = {
-            "key": cell_key(args, size, weight, seed),
-            **result,
-            "machine": host,
-            "date": time.strftime("%Y-%m-%d"),
-        }
+    host = machine()
+
+    def record(key: dict, result: dict) -> None:
+        line = {"key": key, **result, "machine": host, "date": time.strftime("%Y-%m-%d")}
         with results.open("a") as sink:  # one whole line per finished cell
-            sink.write(json.dumps(record) + "\n")
-        cells.append(record)
-        print(f"[dss-experiment] {record['key']}: {result['accuracy']} in {result['seconds']} s", file=sys.stderr)
+            sink.write(json.dumps(line) + "\n")
+        cells.append(line)
+        print(f"[dss-experiment] {key}: {result['correct']}/{result['n']} in {result['seconds']} s", file=sys.stderr)
+
+    if base_todo:
+        record(base_key(args), run_base(args, out, first.stage_dir("prepare")))
+    for size, weight, seed in todo:
+        record(
+            cell_key(args, size, weight, seed),
+            run_cell(args, out, first.stage_dir("prepare"), size, weight, seed, available),
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ import pyarrow as pa
 from raytune_app import integrity, storage
 
 
+def with_shots(messages: list[dict], shots: list[dict]) -> list[dict]:
+    """The chat with the few-shot turns `shots` (user / assistant messages) after its leading system messages."""
+    if not shots:
+        return messages
+    head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return [*messages[:head], *shots, *messages[head:]]
+
+
 def load_model(model: dict, weights: str | None, device: str, dtype: str):
     """(model, tokenizer) in eval mode: the base, a full fine-tune (`weights` holds a model), or the
     base with a LoRA adapter merged in (`weights` holds adapter_config.json); raytune_app/models.py's
@@ -51,6 +59,7 @@ class Generator:
         threads: int | None = None,
         labels: list[str] | None = None,
         prompt_prefix: str = "",
+        shots: list[dict] | None = None,
     ):
         import ray
         import torch
@@ -67,6 +76,7 @@ class Generator:
         self.temperature = temperature
         self.labels = labels
         self.prompt_prefix = prompt_prefix  # put before the last user message (a distilled student's task prefix)
+        self.shots = shots or []  # few-shot turns before the prompt (the base model: evaluate.base_shots)
         # Stop at the end of the assistant turn; some templates end a turn with a token other than eos.
         self.stop_ids = models.stop_token_ids(self.tokenizer)
 
@@ -81,7 +91,9 @@ class Generator:
         import torch
 
         prompts = [
-            self.tokenizer.apply_chat_template(self._prefixed(messages), tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(
+                with_shots(self._prefixed(messages), self.shots), tokenize=False, add_generation_prompt=True
+            )
             for messages in batch.column("prompt").to_pylist()
         ]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)

@@ -147,6 +147,27 @@ def prepared_examples(recipe: Recipe, split: str | None = None) -> tuple[pa.Tabl
     return examples, f"prepared:{manifest['fingerprint']}:{split}"
 
 
+def base_shots(recipe: Recipe) -> list[dict]:
+    """The few-shot turns the base model sees before each prompt (evaluate.base_shots): the user and assistant
+    messages of the first N rows of the prepared train split (their system prompt is the prompt's own)."""
+    from raytune_app.data.prepare import load_split
+
+    wanted = recipe.evaluate.base_shots
+    if not wanted:
+        return []
+    table = load_split(storage.absolute(recipe.stage_dir("prepare")), "train")
+    if table.num_rows < wanted:
+        raise EvaluateError(
+            f"evaluate.base_shots={wanted}: the prepared train split has {table.num_rows} rows; lower base_shots"
+        )
+    return [
+        {"role": m["role"], "content": m["content"]}
+        for messages in table.column("messages").to_pylist()[:wanted]
+        for m in messages
+        if m["role"] != "system"
+    ]
+
+
 def file_examples(recipe: Recipe, path: str) -> tuple[pa.Table, str]:
     """Examples from a JSONL file, read with the recipe's column mapping (data.columns, system prompt).
 
@@ -267,8 +288,11 @@ def generate(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: l
     return generate_transformers(examples, candidate, recipe, labels)
 
 
-def generate_transformers(examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: list[str] | None):
-    """Predictions of one model with transformers' generate: a Ray Data actor pool of replicas."""
+def generate_transformers(
+    examples: pa.Table, candidate: Candidate, recipe: Recipe, labels: list[str] | None, shots: list[dict] | None = None
+):
+    """Predictions of one model with transformers' generate: a Ray Data actor pool of replicas; `shots`: few-shot
+    turns before every prompt."""
     import ray
 
     from raytune_app.evaluate.generation import Generator
@@ -297,6 +321,7 @@ def generate_transformers(examples: pa.Table, candidate: Candidate, recipe: Reci
             "prompt_prefix": recipe.distill.label_prefix
             if "distill" in recipe.run.stages and candidate.weights
             else "",
+            "shots": shots,
         },
         compute=ray.data.ActorPoolStrategy(size=replicas),
         batch_size=ev.batch_size,
@@ -462,6 +487,8 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             "evaluate-files",
             f"{Path(data_file).stem}-{hashlib.sha256(data_identity.encode()).hexdigest()[:8]}",
         )
+    # Read before any model work: a base_shots larger than the train split stops here.
+    shots = base_shots(recipe) if any(c.weights is None for c in models) else []
     fingerprint = _fingerprint(recipe, data_identity, models, labels)
     earlier = storage.read_json(storage.join(storage.current(out_dir), "metrics.json"))
     if not force and isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint:
@@ -486,12 +513,16 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
     generated, began_all = None, time.time()
     if engine == "vllm":  # every candidate in one engine run (the base and its LoRA adapters share it)
         schema = validator.schema if ev.schema_constrained and validator is not None else None
-        generated = generate_vllm(examples, models, recipe, labels, schema)
+        generated = generate_vllm(examples, models, recipe, labels, schema, base_shots=shots)
         say(f"vLLM generated for {len(models)} model(s) in {time.time() - began_all:.0f} s")
     results, tables, placed = {}, [], {}
     for candidate in models:
         began = time.time()
-        table = generated[candidate.name] if generated else generate_transformers(examples, candidate, recipe, labels)
+        table = (
+            generated[candidate.name]
+            if generated
+            else generate_transformers(examples, candidate, recipe, labels, None if candidate.weights else shots)
+        )
         task_metrics, row_columns, recall_of = score(ev.task, table, validator, labels)
         wall = max(table.column("batch_end").to_pylist()) - min(table.column("batch_start").to_pylist())
         result = {
@@ -501,6 +532,8 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             "latency": M.latency(table.column("latency_s").to_pylist(), table.column("new_tokens").to_pylist(), wall),
             "seconds": round(wall if generated else time.time() - began, 1),
         }
+        if candidate.weights is None and shots:
+            result["few_shot"] = ev.base_shots  # the base saw this many training examples before each prompt
         if "node" in table.column_names:  # where the replicas ran: {node id: examples} (transformers engine)
             placed[candidate.name] = dict(sorted(Counter(table.column("node").to_pylist()).items()))
         if generated and f"{candidate.name}:constrained" in generated:
@@ -518,8 +551,9 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
             shown += ", constrained: " + ", ".join(
                 f"{k} {_fmt(result['constrained'].get(k))}" for k in HEADLINE[ev.task]
             )
+        shot = f" ({ev.base_shots}-shot)" if "few_shot" in result else ""
         say(
-            f"{candidate.name}: {shown}, p50 latency {_fmt(result['latency']['p50_s'])} s "
+            f"{candidate.name}{shot}: {shown}, p50 latency {_fmt(result['latency']['p50_s'])} s "
             f"({result['seconds']} s incl. model load)"
         )
 

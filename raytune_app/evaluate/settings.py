@@ -35,6 +35,14 @@ class EvaluateSection(Section):
         "and the largest gap between two groups.",
     )
     include_base: bool = Field(True, description="Evaluate the base model too, side by side with the trained weights.")
+    base_shots: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Few-shot prompting for the base model: the first N examples of the prepared train split go "
+        "before each prompt as earlier user / assistant turns, so the base is shown the answer format it was never "
+        "trained on (the fair baseline for a fine-tune). Trained models are asked as they were trained, without.",
+    )
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per example.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 is greedy decoding (reproducible).")
     batch_size: int = Field(16, gt=0, description="Examples per `generate` call (prompts are sorted by length first).")

@@ -52,6 +52,7 @@ class Settings:
     use_gpu: bool = False
     labels: list[str] | None = None
     prompt_prefix: str = ""  # before the last user message of a trained model's prompts (a DSS student)
+    base_shots: list[dict] = field(default_factory=list)  # few-shot turns before the base model's prompts
     schema: dict | None = None  # with `constrained`: rows are decoded both freely and constrained to it
     constrained: bool = False
     kv_cache_gb: int = 1
@@ -147,13 +148,15 @@ def _rows(examples: pa.Table, tokenizer, s: Settings, stop_ids: list[int], engin
     Every row carries every sampling key, so they share one Arrow type (None: vLLM's default)."""
     from raytune_app import models
     from raytune_app.distill.run import prefix_last_user
+    from raytune_app.evaluate.generation import with_shots
 
     prompts = examples.column("prompt").to_pylist()
-    plain = [models.chat_prompt_ids(tokenizer, p) for p in prompts]
-    # A trained model's prompts get the prefix (a distilled student's task prefix); the base is asked plainly.
+    plain = [models.chat_prompt_ids(tokenizer, with_shots(p, s.base_shots)) for p in prompts]
+    # A trained model's prompts get the prefix (a distilled student's task prefix); the base is asked plainly
+    # (after its few-shot turns, if any).
     prefixed = (
         [models.chat_prompt_ids(tokenizer, prefix_last_user(p, s.prompt_prefix)) for p in prompts]
-        if s.prompt_prefix
+        if s.prompt_prefix or s.base_shots
         else plain
     )
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in s.labels or []]
