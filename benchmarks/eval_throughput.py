@@ -75,11 +75,10 @@ def run_loop(recipe, adapter: str | None) -> dict:
     import ray
     import torch
 
+    from raytune_app.cluster import start_local
     from raytune_app.evaluate.generation import Generator
 
-    ray.init(
-        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
-    )
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     examples = examples_of(recipe)
     ray.shutdown()
     torch.set_num_threads(os.cpu_count())
@@ -101,11 +100,10 @@ def run_loop(recipe, adapter: str | None) -> dict:
 def run_ours(recipe, adapter: str | None) -> dict:
     import ray
 
+    from raytune_app.cluster import start_local
     from raytune_app.evaluate.run import Candidate, generate
 
-    ray.init(
-        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
-    )
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     examples = examples_of(recipe)
     table = generate(examples, Candidate("m", adapter, "bench"), recipe, None)

@@ -113,7 +113,9 @@ def main() -> None:
 
     recipes = {name: variant_recipe(name, args) for name in args.variants}
     first = recipes[args.variants[0]]
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    from raytune_app.cluster import start_local
+
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     began = time.time()

@@ -65,9 +65,9 @@ def run_ray(source: str, out: str) -> dict:
     from raytune_app.data.prepare import prepare
 
     started = time.time()
-    ray.init(
-        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
-    )
+    from raytune_app.cluster import start_local
+
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     startup = time.time() - started
     recipe = config.validate(

@@ -89,11 +89,11 @@ def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: b
 
 def serve_forever(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool) -> None:
     """The server side: start the app, print one READY line, keep serving until killed."""
-    import ray
 
     recipe = _recipe(side, port, out, model, precision, guard, gpu)
-    ray.init(
-        address="local",
+    from raytune_app.cluster import start_local
+
+    start_local(
         num_cpus=max(2, os.cpu_count()),
         include_dashboard=False,
         logging_level="ERROR",

@@ -54,9 +54,10 @@ def child(side: str, n: int, max_new_tokens: int) -> dict:
     else:
         import ray
 
+        from raytune_app.cluster import start_local
         from raytune_app.evaluate.generation import Generator
 
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        start_local(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         # The distill stage's hf teacher (teachers.teach): Generator replicas on an actor pool. Timed from the
         # first batch's start to the last batch's end, so model loading is left out as on side (a).
         ds = ray.data.from_items(requests).map_batches(

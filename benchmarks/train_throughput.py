@@ -58,12 +58,11 @@ def recipe_for(out: str, examples: int, workers: int, precision: str):
 def run_ours(out: str, examples: int, workers: int, precision: str) -> dict:
     import ray
 
+    from raytune_app.cluster import start_local
     from raytune_app.data.prepare import load_split, prepare
     from raytune_app.train.run import train
 
-    ray.init(
-        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
-    )
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     recipe = recipe_for(out, examples, workers, precision)
     prepare(recipe)
@@ -90,12 +89,12 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from raytune_app import models
-    from raytune_app.data.prepare import load_split, prepare
 
     # The same prepared splits (so the same examples), reduced to their text.
-    ray.init(
-        address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
-    )
+    from raytune_app.cluster import start_local
+    from raytune_app.data.prepare import load_split, prepare
+
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     recipe = recipe_for(out, examples, 1, precision)
     prepare(recipe)
     ray.shutdown()

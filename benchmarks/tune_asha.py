@@ -73,10 +73,11 @@ def recipe_for(out: str, model: str, trials: int, steps: int, every: int, asha: 
 def run_side(out: str, model: str, trials: int, steps: int, every: int, asha: bool, grace: int, factor: float) -> dict:
     import ray
 
+    from raytune_app.cluster import start_local
     from raytune_app.data.prepare import prepare
     from raytune_app.tune.run import tune
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_local(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     recipe = recipe_for(out, model, trials, steps, every, asha, grace, factor)
     prepare(recipe)

@@ -35,6 +35,48 @@ def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 
+def start_local(**options) -> None:
+    """`ray.init` of a new local Ray whose own processes know its address.
+
+    A Ray process that needs its cluster's address and was given none looks for one: RAY_ADDRESS, else the
+    newest `ray start` cluster, else the only GCS process running. With two Rays on one machine (two runs
+    at once, a run beside the test suite, a `ray start` cluster left up) that finds the other one or fails,
+    and Ray Train's placement-group cleaner, which asks the State API whether its controller still lives,
+    can read "no such actor" from the other cluster and remove a live run's placement group, killing its
+    training workers (seen here: a quickstart started beside a DSS experiment restarted the experiment's
+    training). So the GCS port is chosen here and RAY_ADDRESS is set while Ray starts: its GCS and raylet
+    keep that environment and every worker they start inherits it. This process's own environment is
+    restored afterwards (a command it runs later still starts or joins a Ray of its own choosing)."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:  # a free port, handed to the GCS at once (the same race `ray start` has)
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    pinned = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    saved = {key: os.environ.get(key) for key in pinned}
+    os.environ.update(pinned)
+    try:
+        ray.init(address="local", **options)  # "local" starts a Ray; RAY_ADDRESS is for its processes only
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _ray_start_cluster() -> str | None:
+    """The address of a `ray start` cluster on this machine (the one a bare `ray.init()` joins), if any."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None)
+    except Exception:  # a Ray without this (private) helper: say none, and start a local Ray
+        return None
+
+
 def connect(recipe=None, command: str | None = None) -> None:
     """Join the cluster this process belongs to (see the module docstring); a no-op when Ray is up.
 
@@ -67,9 +109,13 @@ def connect(recipe=None, command: str | None = None) -> None:
         # autoscaler to ask for GPUs; the stages' own checks report what is missing).
         # A busy machine can make a new local Ray miss its fixed start-up windows (its agents 15 s, the node
         # 30 s; ray-project/ray#65983): one more try.
+        joining = _ray_start_cluster()
         for attempt in range(2):
             try:
-                ray.init(**options)
+                if joining:
+                    ray.init(**options)
+                else:
+                    start_local(**options)
                 break
             except (ConnectionError, TimeoutError, RuntimeError, OSError) as exc:
                 raise NoCluster(

@@ -95,8 +95,9 @@ def start_local_ray():
             else:
                 # address="local": a Ray of the tests' own, never one another process left on the machine
                 # (a bare ray.init() joins the cluster named in /tmp/ray/ray_current_cluster).
-                ray.init(
-                    address="local",
+                from raytune_app.cluster import start_local
+
+                start_local(
                     num_cpus=2,
                     include_dashboard=False,
                     logging_level="ERROR",
