@@ -298,3 +298,11 @@ def test_adapters_auto_merges_on_a_cpu_only_when_the_run_is_large_enough():
     assert not _merge_adapters(auto, 10 * enough, use_gpu=True)  # a GPU keeps the adapters as LoRA requests
     assert _merge_adapters(EvaluateSection(adapters="merged"), 1, use_gpu=True)
     assert not _merge_adapters(EvaluateSection(adapters="lora"), 10 * enough, use_gpu=False)
+    # Long prompts with short answers (a classification): the prompts' prefill counts too.
+    import pyarrow as pa
+
+    short = EvaluateSection(max_new_tokens=4)
+    prompt = [{"role": "user", "content": "word " * 100}]  # ~500 characters, ~125 tokens
+    few, many = (pa.table({"prompt": [prompt] * n}) for n in (20, 500))
+    assert not _merge_adapters(short, few, use_gpu=False)
+    assert _merge_adapters(short, many, use_gpu=False) and not _merge_adapters(short, 500, use_gpu=False)

@@ -350,17 +350,30 @@ def backend(recipe: Recipe) -> str:
         raise EvaluateError(f"evaluate.backend: {exc}") from None
 
 
-# evaluate.adapters auto on a CPU merges an adapter when its rows may generate this many tokens (rows x
-# max_new_tokens). Measured on the quickstart (2 cores, bf16): the adapter as a LoRA request decoded 30-45
-# tokens/s, merged ~220, and merging costs ~40 s (the merge and a second engine's start): it pays from a few
-# thousand generated tokens; a small evaluation stays in one engine.
+# evaluate.adapters auto on a CPU merges the adapters when an evaluation's work reaches this many token
+# equivalents: the tokens its rows may generate (rows x max_new_tokens) plus a third of its prompt tokens.
+# Measured on 2 cores in bf16: an adapter as a vLLM LoRA request decoded 30-45 tokens/s against ~220 merged
+# (the quickstart) and prefilled ~100 prompt tokens/s, about three times its decoding rate (e-SNLI, 500
+# prompts of ~80 tokens and 4 new tokens each: 7 minutes as LoRA requests); merging costs ~40 s (the merge
+# and a second engine's start), so it pays from a few thousand generated tokens or ~3 times as many prompt
+# tokens. A small evaluation stays in one engine.
 MERGE_FROM_TOKENS = 8_000
+PROMPT_TOKEN_SHARE = 3  # a prompt token costs a LoRA request about a third of a generated one
+CHARS_PER_TOKEN = 4  # prompts are estimated by their length; the rule needs no tokenizer
 
 
-def _merge_adapters(ev, examples: int, use_gpu: bool) -> bool:
-    """Whether the vllm backend merges each adapter into a copy of the base (evaluate.adapters)."""
+def _merge_adapters(ev, examples: pa.Table | int, use_gpu: bool) -> bool:
+    """Whether the vllm backend merges each adapter into a copy of the base (evaluate.adapters); `examples`:
+    the example table (its prompts count too) or a number of rows."""
     if ev.adapters == "auto":
-        return not use_gpu and examples * ev.max_new_tokens >= MERGE_FROM_TOKENS
+        rows = examples if isinstance(examples, int) else examples.num_rows
+        prompt_chars = (
+            0
+            if isinstance(examples, int)
+            else sum(len(m["content"] or "") for p in examples.column("prompt").to_pylist() for m in p)
+        )
+        work = rows * ev.max_new_tokens + prompt_chars // (CHARS_PER_TOKEN * PROMPT_TOKEN_SHARE)
+        return not use_gpu and work >= MERGE_FROM_TOKENS
     return ev.adapters == "merged"
 
 
@@ -395,7 +408,7 @@ def generate_vllm(
         kv_cache_gb=ev.kv_cache_gb,
         enforce_eager=ev.enforce_eager,
         seed=recipe.run.seed,
-        merge_adapters=_merge_adapters(ev, examples.num_rows, use_gpu),
+        merge_adapters=_merge_adapters(ev, examples, use_gpu),
         finetuning=recipe.train.finetuning,
         quantization=recipe.train.quantization.model_dump(),
         # Merged copies go where every node reads the run's files (shared_dir); a bucket: this node's temp dir.

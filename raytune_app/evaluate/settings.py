@@ -72,7 +72,8 @@ class EvaluateSection(Section):
         "first, as `raytune-app export` does, in an engine of its own), `lora` (a LoRA request in the base's "
         "engine, as serving runs it), `auto`: lora on a GPU; on a CPU, where vLLM's LoRA kernels decoded the "
         "quickstart's adapter five to seven times slower than a merged copy, merged once the examples x "
-        "max_new_tokens reach 8,000 tokens (below that a second engine's start costs more than it saves).",
+        "max_new_tokens plus a third of the prompt tokens reach 8,000 (below that a second engine's start costs "
+        "more than it saves).",
     )
     kv_cache_gb: int = Field(
         1, ge=1, description="vLLM's KV cache in whole GiB on a CPU (VLLM_CPU_KVCACHE_SPACE); a GPU sizes its own."
