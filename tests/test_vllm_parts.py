@@ -288,21 +288,23 @@ def test_adapters_are_merged_into_copies_of_the_base_for_the_cpu_engines(tmp_pat
 
 
 def test_adapters_auto_merges_on_a_cpu_only_when_the_run_is_large_enough():
+    import pyarrow as pa
+
     from raytune_app.evaluate.run import MERGE_FROM_TOKENS, _merge_adapters
     from raytune_app.evaluate.settings import EvaluateSection
 
+    def rows(n: int, words: int = 0):
+        return pa.table({"prompt": [[{"role": "user", "content": "word " * words}]] * n})
+
     auto = EvaluateSection(max_new_tokens=100)
     enough = -(-MERGE_FROM_TOKENS // 100)
-    assert _merge_adapters(auto, enough, use_gpu=False)
-    assert not _merge_adapters(auto, enough - 1, use_gpu=False)  # a small run stays in one engine
-    assert not _merge_adapters(auto, 10 * enough, use_gpu=True)  # a GPU keeps the adapters as LoRA requests
-    assert _merge_adapters(EvaluateSection(adapters="merged"), 1, use_gpu=True)
-    assert not _merge_adapters(EvaluateSection(adapters="lora"), 10 * enough, use_gpu=False)
+    assert _merge_adapters(auto, rows(enough), use_gpu=False)
+    assert not _merge_adapters(auto, rows(enough - 1), use_gpu=False)  # a small run stays in one engine
+    assert not _merge_adapters(auto, rows(10 * enough), use_gpu=True)  # a GPU keeps the adapters as LoRA requests
+    assert _merge_adapters(EvaluateSection(adapters="merged"), rows(1), use_gpu=True)
+    assert not _merge_adapters(EvaluateSection(adapters="lora"), rows(10 * enough), use_gpu=False)
     # Long prompts with short answers (a classification): the prompts' prefill counts too.
-    import pyarrow as pa
-
     short = EvaluateSection(max_new_tokens=4)
-    prompt = [{"role": "user", "content": "word " * 100}]  # ~500 characters, ~125 tokens
-    few, many = (pa.table({"prompt": [prompt] * n}) for n in (20, 500))
-    assert not _merge_adapters(short, few, use_gpu=False)
-    assert _merge_adapters(short, many, use_gpu=False) and not _merge_adapters(short, 500, use_gpu=False)
+    assert not _merge_adapters(short, rows(20, words=100), use_gpu=False)  # ~125 prompt tokens each
+    assert _merge_adapters(short, rows(500, words=100), use_gpu=False)
+    assert not _merge_adapters(short, rows(500), use_gpu=False)

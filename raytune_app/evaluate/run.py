@@ -362,17 +362,11 @@ PROMPT_TOKEN_SHARE = 3  # a prompt token costs a LoRA request about a third of a
 CHARS_PER_TOKEN = 4  # prompts are estimated by their length; the rule needs no tokenizer
 
 
-def _merge_adapters(ev, examples: pa.Table | int, use_gpu: bool) -> bool:
-    """Whether the vllm backend merges each adapter into a copy of the base (evaluate.adapters); `examples`:
-    the example table (its prompts count too) or a number of rows."""
+def _merge_adapters(ev, examples: pa.Table, use_gpu: bool) -> bool:
+    """Whether the vllm backend merges each adapter into a copy of the base (evaluate.adapters)."""
     if ev.adapters == "auto":
-        rows = examples if isinstance(examples, int) else examples.num_rows
-        prompt_chars = (
-            0
-            if isinstance(examples, int)
-            else sum(len(m["content"] or "") for p in examples.column("prompt").to_pylist() for m in p)
-        )
-        work = rows * ev.max_new_tokens + prompt_chars // (CHARS_PER_TOKEN * PROMPT_TOKEN_SHARE)
+        prompt_chars = sum(len(m["content"] or "") for p in examples.column("prompt").to_pylist() for m in p)
+        work = examples.num_rows * ev.max_new_tokens + prompt_chars // (CHARS_PER_TOKEN * PROMPT_TOKEN_SHARE)
         return not use_gpu and work >= MERGE_FROM_TOKENS
     return ev.adapters == "merged"
 
