@@ -132,23 +132,43 @@ def _share(size: float, available: int) -> float:
     return min(1.0, size / available) if size > 1 else size
 
 
-def _correct_rows(summary: dict, model: str) -> list[int]:
-    """1 / 0 per evaluated test row, in the split's order: what the paired comparison resamples."""
+def _predictions(summary: dict, model: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(os.path.join(summary["output_dir"], "predictions.parquet")).to_pylist()
-    return [int(bool(row["normalised_match"])) for row in table if row["model"] == model]
+    return [row for row in table if row["model"] == model]
+
+
+def _correct_rows(summary: dict, model: str) -> list[int]:
+    """1 / 0 per evaluated test row, in the split's order: what the paired comparison resamples."""
+    return [int(bool(row["normalised_match"])) for row in _predictions(summary, model)]
+
+
+def _top_answer(summary: dict, model: str) -> list:
+    """[answer, share] of the reply given most often: a share near 1 means one answer for every row."""
+    from collections import Counter
+
+    replies = [row["prediction"].strip() for row in _predictions(summary, model)]
+    answer, count = Counter(replies).most_common(1)[0]
+    return [answer, round(count / len(replies), 3)]
 
 
 def _backfill_rows(cells: list[dict], out: str | None) -> None:
-    """Cells recorded before rows were kept (older results files): their rows from the cell's predictions."""
+    """Records written before rows and answers were kept (older results files): both from the predictions."""
     for c in cells:
         key = c["key"]
-        if "correct_rows" in c or "lambda" not in key or not out:
+        if ("correct_rows" in c and "top_answer" in c) or not out:
             continue
-        folder = os.path.join(out, f"{key['dataset']}-{key['size']}-{key['lambda']}-s{key['seed']}", "evaluate")
-        if os.path.exists(os.path.join(folder, "predictions.parquet")):
-            c["correct_rows"] = _correct_rows({"output_dir": folder}, "tuned")
+        if "lambda" in key:
+            name, model = f"{key['dataset']}-{key['size']}-{key['lambda']}-s{key['seed']}", "tuned"
+        elif "base_shots" in key:
+            name, model = f"{key['dataset']}-base-{key['base_shots']}shot", "base"
+        else:
+            continue
+        summary = {"output_dir": os.path.join(out, name, "evaluate")}
+        if os.path.exists(os.path.join(summary["output_dir"], "predictions.parquet")):
+            c["correct_rows"] = _correct_rows(summary, model)
+            c["top_answer"] = _top_answer(summary, model)
 
 
 def run_base(args, out: str, prepared_dir: str) -> dict:
@@ -167,7 +187,13 @@ def run_base(args, out: str, prepared_dir: str) -> dict:
     began = time.time()
     summary = evaluate(recipe)
     rows = _correct_rows(summary, "base")
-    return {"n": len(rows), "correct": sum(rows), "correct_rows": rows, "seconds": round(time.time() - began, 1)}
+    return {
+        "n": len(rows),
+        "correct": sum(rows),
+        "correct_rows": rows,
+        "top_answer": _top_answer(summary, "base"),
+        "seconds": round(time.time() - began, 1),
+    }
 
 
 def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, available: int) -> dict:
@@ -207,6 +233,7 @@ def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, availab
         "correct": round(tuned["normalised_match"] * n),
         "accuracy": tuned["normalised_match"],
         "correct_rows": _correct_rows(summary, "tuned"),
+        "top_answer": _top_answer(summary, "tuned"),
         "seconds": round(time.time() - began, 1),
     }
     return result
@@ -239,19 +266,27 @@ def table(args, cells: list[dict], where: str) -> str:
         f"machine: {rows[0]['machine'] if rows else machine()}; results: {where}",
         "",
         f"{'size':>6}{'inputs':>8}{'lambda':>8}{'seed':>6}{'train rows':>12}{'steps':>7}{'accuracy':>10}"
-        f"{'95% CI':>17}{'minutes':>9}",
+        f"{'95% CI':>17}{'minutes':>9}  most given answer",
     ]
     for c in rows:
         low, high = wilson(c["correct"], c["n"])
         lines.append(
             f"{c['key']['size']:>6}{c['inputs']:>8}{c['key']['lambda']:>8}{c['key']['seed']:>6}{c['train_rows']:>12}"
             f"{c.get('steps') or '-':>7}{c['accuracy']:>10.3f}{f'[{low:.3f}, {high:.3f}]':>17}{c['seconds'] / 60:>9.1f}"
+            f"  {_shown_top(c)}"
         )
     lines += _differences(rows) + _bases(args, cells)
     missing = len(wanted) - len(rows)
     if missing:
         lines.append(f"{missing} cell(s) of this grid not run yet: run the same command again to finish them")
     return "\n".join(lines)
+
+
+def _shown_top(record: dict) -> str:
+    if "top_answer" not in record:
+        return "-"
+    answer, share = record["top_answer"]
+    return f"{answer[:24]!r} {share:.0%}"
 
 
 def _differences(rows: list[dict]) -> list[str]:
@@ -285,7 +320,10 @@ def _bases(args, cells: list[dict]) -> list[str]:
             continue
         low, high = wilson(correct, n)
         how = f"shown {shots} training examples first" if shots else "asked plainly"
-        out.append(f"base model ({how}): {correct / n:.3f} [{low:.3f}, {high:.3f}] on {n} rows")
+        out.append(
+            f"base model ({how}): {correct / n:.3f} [{low:.3f}, {high:.3f}] on {n} rows; most given answer "
+            f"{_shown_top(c)}"
+        )
     return out
 
 
