@@ -97,6 +97,16 @@ def base_key(args) -> dict:
     }
 
 
+def cell_name(key: dict, legacy: bool = False) -> str:
+    """A cell's run folder under --out: one per data set, size, lambda, seed and budget (cells of two budgets in
+    one --out must not share a folder: the second would reuse or resume the first's training). `legacy`: the
+    name before the budget was part of it (results files of 2026-11-30 and before)."""
+    name = f"{key['dataset']}-{key['size']}-{key['lambda']}-s{key['seed']}"
+    if legacy:
+        return name
+    return name + (f"-{key['steps']}steps" if key["steps"] else f"-{key['epochs']:g}ep")
+
+
 def done_cells(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -160,7 +170,9 @@ def _backfill_rows(cells: list[dict], out: str | None) -> None:
         if ("correct_rows" in c and "top_answer" in c) or not out:
             continue
         if "lambda" in key:
-            name, model = f"{key['dataset']}-{key['size']}-{key['lambda']}-s{key['seed']}", "tuned"
+            name, model = cell_name(key), "tuned"
+            if not os.path.exists(os.path.join(out, name)):
+                name = cell_name(key, legacy=True)
         elif "base_shots" in key:
             name, model = f"{key['dataset']}-base-{key['base_shots']}shot", "base"
         else:
@@ -203,7 +215,7 @@ def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, availab
     from raytune_app.evaluate.run import evaluate
     from raytune_app.train.run import train
 
-    name = f"{args.dataset}-{size}-{weight}-s{seed}"
+    name = cell_name(cell_key(args, size, weight, seed))
     recipe = config.load(
         ROOT / "recipes" / RECIPES[args.dataset],
         _overrides(args, out, name, seed)
