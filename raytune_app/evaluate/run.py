@@ -442,8 +442,9 @@ def _columns(rows: list[dict]) -> dict:
     return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 
 
-def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], labels) -> str:
+def _fingerprint(recipe: Recipe, data_identity: str, models: list[Candidate], labels, shots: list[dict]) -> str:
     payload = {
+        "shots": shots,  # the examples themselves: with --data, the prepared split they come from may change
         "format": FORMAT_VERSION,
         "version": __version__,
         "data": data_identity,
@@ -496,7 +497,7 @@ def evaluate(recipe: Recipe, data_file: str | None = None, adapter: str | None =
         )
     # Read before any model work: a base_shots larger than the train split stops here.
     shots = base_shots(recipe) if any(c.weights is None for c in models) else []
-    fingerprint = _fingerprint(recipe, data_identity, models, labels)
+    fingerprint = _fingerprint(recipe, data_identity, models, labels, shots)
     earlier = storage.read_json(storage.join(storage.current(out_dir), "metrics.json"))
     if not force and isinstance(earlier, dict) and earlier.get("fingerprint") == fingerprint:
         say(f"models, data and settings unchanged: reusing {out_dir}")
