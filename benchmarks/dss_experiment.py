@@ -107,6 +107,11 @@ def cell_name(key: dict, legacy: bool = False) -> str:
     return name + (f"-{key['steps']}steps" if key["steps"] else f"-{key['epochs']:g}ep")
 
 
+def base_name(key: dict) -> str:
+    """The base model's run folder under --out, one per number of shots."""
+    return f"{key['dataset']}-base-{key['base_shots']}shot"
+
+
 def done_cells(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -142,25 +147,21 @@ def _share(size: float, available: int) -> float:
     return min(1.0, size / available) if size > 1 else size
 
 
-def _predictions(summary: dict, model: str) -> list[dict]:
+def _outcome(summary: dict, model: str) -> dict:
+    """A model's rows on the test split, read once from its predictions: `correct_rows` (1 / 0 per row in the
+    split's order: what the paired comparison resamples) and `top_answer` ([reply, share] of the reply given
+    most often: a share near 1 means one answer for every row)."""
+    from collections import Counter
+
     import pyarrow.parquet as pq
 
     table = pq.read_table(os.path.join(summary["output_dir"], "predictions.parquet")).to_pylist()
-    return [row for row in table if row["model"] == model]
-
-
-def _correct_rows(summary: dict, model: str) -> list[int]:
-    """1 / 0 per evaluated test row, in the split's order: what the paired comparison resamples."""
-    return [int(bool(row["normalised_match"])) for row in _predictions(summary, model)]
-
-
-def _top_answer(summary: dict, model: str) -> list:
-    """[answer, share] of the reply given most often: a share near 1 means one answer for every row."""
-    from collections import Counter
-
-    replies = [row["prediction"].strip() for row in _predictions(summary, model)]
-    answer, count = Counter(replies).most_common(1)[0]
-    return [answer, round(count / len(replies), 3)]
+    rows = [row for row in table if row["model"] == model]
+    answer, count = Counter(row["prediction"].strip() for row in rows).most_common(1)[0]
+    return {
+        "correct_rows": [int(bool(row["normalised_match"])) for row in rows],
+        "top_answer": [answer, round(count / len(rows), 3)],
+    }
 
 
 def _backfill_rows(cells: list[dict], out: str | None) -> None:
@@ -174,13 +175,20 @@ def _backfill_rows(cells: list[dict], out: str | None) -> None:
             if not os.path.exists(os.path.join(out, name)):
                 name = cell_name(key, legacy=True)
         elif "base_shots" in key:
-            name, model = f"{key['dataset']}-base-{key['base_shots']}shot", "base"
+            name, model = base_name(key), "base"
         else:
             continue
         summary = {"output_dir": os.path.join(out, name, "evaluate")}
         if os.path.exists(os.path.join(summary["output_dir"], "predictions.parquet")):
-            c["correct_rows"] = _correct_rows(summary, model)
-            c["top_answer"] = _top_answer(summary, model)
+            c.update(_outcome(summary, model))
+
+
+def _copy_prepared(recipe, prepared_dir: str) -> None:
+    """The data prepared once, copied into a record's run folder: same inputs and settings, so the prepare
+    stage finds it and reuses it."""
+    target = recipe.stage_dir("prepare")
+    if not os.path.exists(target):
+        shutil.copytree(prepared_dir, target)
 
 
 def run_base(args, out: str, prepared_dir: str) -> dict:
@@ -190,22 +198,14 @@ def run_base(args, out: str, prepared_dir: str) -> dict:
 
     recipe = config.load(
         ROOT / "recipes" / RECIPES[args.dataset],
-        _overrides(args, out, f"{args.dataset}-base-{args.base_shots}shot", 0)
+        _overrides(args, out, base_name(base_key(args)), 0)
         + ["run.stages=[prepare,evaluate]", "evaluate.include_base=true", f"evaluate.base_shots={args.base_shots}"],
     )
-    target = recipe.stage_dir("prepare")
-    if not os.path.exists(target):
-        shutil.copytree(prepared_dir, target)
+    _copy_prepared(recipe, prepared_dir)
     began = time.time()
-    summary = evaluate(recipe)
-    rows = _correct_rows(summary, "base")
-    return {
-        "n": len(rows),
-        "correct": sum(rows),
-        "correct_rows": rows,
-        "top_answer": _top_answer(summary, "base"),
-        "seconds": round(time.time() - began, 1),
-    }
+    outcome = _outcome(evaluate(recipe), "base")
+    rows = outcome["correct_rows"]
+    return {"n": len(rows), "correct": sum(rows), **outcome, "seconds": round(time.time() - began, 1)}
 
 
 def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, available: int) -> dict:
@@ -225,9 +225,7 @@ def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, availab
             "evaluate.include_base=false",  # the base has a record of its own (run_base)
         ],
     )
-    target = recipe.stage_dir("prepare")
-    if not os.path.exists(target):
-        shutil.copytree(prepared_dir, target)  # same inputs and settings: prepare finds it and reuses it
+    _copy_prepared(recipe, prepared_dir)
     began = time.time()
     prepare(recipe)
     distilled = distill(recipe)
@@ -244,8 +242,7 @@ def run_cell(args, out: str, prepared_dir: str, size, weight, seed: int, availab
         "n": n,
         "correct": round(tuned["normalised_match"] * n),
         "accuracy": tuned["normalised_match"],
-        "correct_rows": _correct_rows(summary, "tuned"),
-        "top_answer": _top_answer(summary, "tuned"),
+        **_outcome(summary, "tuned"),
         "seconds": round(time.time() - began, 1),
     }
     return result
@@ -388,7 +385,8 @@ def main() -> None:
         if json.dumps(cell_key(args, s, w, seed), sort_keys=True) not in done
     ]
     todo = todo if args.max_cells is None else todo[: args.max_cells]
-    base_todo = json.dumps(base_key(args), sort_keys=True) not in done
+    # --max-cells bounds the base's evaluation too (0: only the table of what is there).
+    base_todo = json.dumps(base_key(args), sort_keys=True) not in done and args.max_cells != 0
     print(f"[dss-experiment] {len(done)} record(s) in {results}; running {len(todo)} cell(s)", file=sys.stderr)
     try:
         if todo or base_todo:
@@ -400,7 +398,6 @@ def main() -> None:
 
 def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple], base_todo: bool) -> None:
     """Prepare once, then run each cell (and the base) and append its line to `results` as soon as it is done."""
-
     from raytune_app import config
     from raytune_app.cluster import start_local
     from raytune_app.data.prepare import prepare

@@ -89,10 +89,9 @@ def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: b
 
 def serve_forever(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool) -> None:
     """The server side: start the app, print one READY line, keep serving until killed."""
-
-    recipe = _recipe(side, port, out, model, precision, guard, gpu)
     from raytune_app.cluster import start_local
 
+    recipe = _recipe(side, port, out, model, precision, guard, gpu)
     start_local(
         num_cpus=max(2, os.cpu_count()),
         include_dashboard=False,

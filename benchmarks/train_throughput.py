@@ -89,11 +89,10 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from raytune_app import models
-
-    # The same prepared splits (so the same examples), reduced to their text.
     from raytune_app.cluster import start_local
     from raytune_app.data.prepare import load_split, prepare
 
+    # The same prepared splits (so the same examples), reduced to their text.
     start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     recipe = recipe_for(out, examples, 1, precision)
     prepare(recipe)

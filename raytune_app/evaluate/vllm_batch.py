@@ -151,13 +151,13 @@ def _rows(examples: pa.Table, tokenizer, s: Settings, stop_ids: list[int], engin
     from raytune_app.evaluate.generation import with_shots
 
     prompts = examples.column("prompt").to_pylist()
-    plain = [models.chat_prompt_ids(tokenizer, with_shots(p, s.base_shots)) for p in prompts]
-    # A trained model's prompts get the prefix (a distilled student's task prefix); the base is asked plainly
-    # (after its few-shot turns, if any).
-    prefixed = (
+    # The base is asked after its few-shot turns, if any; a trained model as it was trained: with the prefix of
+    # a distilled student's task, if any. Without either, both read the same prompts (tokenised once).
+    base_ids = [models.chat_prompt_ids(tokenizer, with_shots(p, s.base_shots)) for p in prompts]
+    trained_ids = (
         [models.chat_prompt_ids(tokenizer, prefix_last_user(p, s.prompt_prefix)) for p in prompts]
         if s.prompt_prefix or s.base_shots
-        else plain
+        else base_ids
     )
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in s.labels or []]
     free = {
@@ -171,7 +171,7 @@ def _rows(examples: pa.Table, tokenizer, s: Settings, stop_ids: list[int], engin
     }
     rows = []
     for name, adapter, trained in members:
-        prompt_ids = prefixed if trained else plain
+        prompt_ids = trained_ids if trained else base_ids
         for i, example in enumerate(examples.column("example").to_pylist()):
             row = {
                 "candidate": name,
