@@ -52,3 +52,16 @@ def run_measured(script: str, child_args: list[str], interval: float = 0.2, extr
     if child.returncode != 0:
         raise RuntimeError(f"{script} --child {' '.join(child_args)} failed (exit {child.returncode})")
     return json.loads(output.strip().splitlines()[-1]) | {"peak_gib": peak / 2**30}
+
+
+def start_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None:
+    """A benchmark's own local Ray: every core of the machine (unless `num_cpus` says otherwise), no dashboard,
+    errors only, and the workers' output kept off the table the benchmark prints unless `log_to_driver`."""
+    from raytune_app.cluster import start_local
+
+    start_local(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=log_to_driver,
+    )

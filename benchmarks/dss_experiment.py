@@ -398,11 +398,12 @@ def main() -> None:
 
 def run_grid(args, out: str, results: Path, cells: list[dict], todo: list[tuple], base_todo: bool) -> None:
     """Prepare once, then run each cell (and the base) and append its line to `results` as soon as it is done."""
+    from _harness import start_ray
+
     from raytune_app import config
-    from raytune_app.cluster import start_local
     from raytune_app.data.prepare import prepare
 
-    start_local(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     first = config.load(ROOT / "recipes" / RECIPES[args.dataset], _overrides(args, out, "prepared", 0))
     available = prepare(first)["rows_out"]["train"]
     host = machine()

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import run_measured  # noqa: E402
+from _harness import run_measured, start_ray  # noqa: E402
 
 
 def recipe_for(
@@ -75,10 +75,9 @@ def run_loop(recipe, adapter: str | None) -> dict:
     import ray
     import torch
 
-    from raytune_app.cluster import start_local
     from raytune_app.evaluate.generation import Generator
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     examples = examples_of(recipe)
     ray.shutdown()
     torch.set_num_threads(os.cpu_count())
@@ -100,10 +99,9 @@ def run_loop(recipe, adapter: str | None) -> dict:
 def run_ours(recipe, adapter: str | None) -> dict:
     import ray
 
-    from raytune_app.cluster import start_local
     from raytune_app.evaluate.run import Candidate, generate
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     examples = examples_of(recipe)
     table = generate(examples, Candidate("m", adapter, "bench"), recipe, None)

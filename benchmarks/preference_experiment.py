@@ -62,9 +62,9 @@ def main() -> None:
         train__max_steps=args.dpo_steps,
     )
     grpo_recipe = with_step("recipes/sft_grpo_extraction.yaml", train__max_steps=args.grpo_steps)
-    from raytune_app.cluster import start_local
+    from _harness import start_ray
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    start_ray(log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     began = time.time()

@@ -113,9 +113,9 @@ def main() -> None:
 
     recipes = {name: variant_recipe(name, args) for name in args.variants}
     first = recipes[args.variants[0]]
-    from raytune_app.cluster import start_local
+    from _harness import start_ray
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    start_ray(log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     began = time.time()

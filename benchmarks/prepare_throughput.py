@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import run_measured  # noqa: E402
+from _harness import run_measured, start_ray  # noqa: E402
 
 MODEL = "bundled:smollm2-135m-instruct"
 SYSTEM = "Extract the order details from the customer's message as JSON."
@@ -65,9 +65,8 @@ def run_ray(source: str, out: str) -> dict:
     from raytune_app.data.prepare import prepare
 
     started = time.time()
-    from raytune_app.cluster import start_local
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     startup = time.time() - started
     recipe = config.validate(

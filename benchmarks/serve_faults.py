@@ -82,9 +82,9 @@ def serve_forever(port: int, model: str, out: str, backend: str, guard: str | No
         "serve.limits.timeout_s=60",
     ]
     recipe = config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
-    from raytune_app.cluster import start_local
+    from _harness import start_ray
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     run(recipe)
     print("READY", flush=True)
     for line in sys.stdin:

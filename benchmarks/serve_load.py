@@ -89,15 +89,10 @@ def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: b
 
 def serve_forever(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool) -> None:
     """The server side: start the app, print one READY line, keep serving until killed."""
-    from raytune_app.cluster import start_local
+    from _harness import start_ray
 
     recipe = _recipe(side, port, out, model, precision, guard, gpu)
-    start_local(
-        num_cpus=max(2, os.cpu_count()),
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
+    start_ray(num_cpus=max(2, os.cpu_count()))
     if side == "serve-llm":
         from ray import serve
         from ray.serve.llm import build_openai_app

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import run_measured  # noqa: E402
+from _harness import run_measured, start_ray  # noqa: E402
 
 
 def _requests(n: int):
@@ -54,10 +54,9 @@ def child(side: str, n: int, max_new_tokens: int) -> dict:
     else:
         import ray
 
-        from raytune_app.cluster import start_local
         from raytune_app.evaluate.generation import Generator
 
-        start_local(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        start_ray()
         # The distill stage's hf teacher (teachers.teach): Generator replicas on an actor pool. Timed from the
         # first batch's start to the last batch's end, so model loading is left out as on side (a).
         ds = ray.data.from_items(requests).map_batches(

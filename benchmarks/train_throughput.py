@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import run_measured  # noqa: E402
+from _harness import run_measured, start_ray  # noqa: E402
 
 MODEL = "bundled:smollm2-135m-instruct"
 
@@ -58,11 +58,10 @@ def recipe_for(out: str, examples: int, workers: int, precision: str):
 def run_ours(out: str, examples: int, workers: int, precision: str) -> dict:
     import ray
 
-    from raytune_app.cluster import start_local
     from raytune_app.data.prepare import load_split, prepare
     from raytune_app.train.run import train
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     recipe = recipe_for(out, examples, workers, precision)
     prepare(recipe)
@@ -89,11 +88,10 @@ def run_plain_trl(out: str, examples: int, precision: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from raytune_app import models
-    from raytune_app.cluster import start_local
     from raytune_app.data.prepare import load_split, prepare
 
     # The same prepared splits (so the same examples), reduced to their text.
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray()
     recipe = recipe_for(out, examples, 1, precision)
     prepare(recipe)
     ray.shutdown()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import run_measured  # noqa: E402
+from _harness import run_measured, start_ray  # noqa: E402
 
 SPACE = {
     "train.lora.rank": {"choice": [4, 8, 16]},
@@ -73,11 +73,10 @@ def recipe_for(out: str, model: str, trials: int, steps: int, every: int, asha: 
 def run_side(out: str, model: str, trials: int, steps: int, every: int, asha: bool, grace: int, factor: float) -> dict:
     import ray
 
-    from raytune_app.cluster import start_local
     from raytune_app.data.prepare import prepare
     from raytune_app.tune.run import tune
 
-    start_local(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_ray(num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     recipe = recipe_for(out, model, trials, steps, every, asha, grace, factor)
     prepare(recipe)
