@@ -65,3 +65,44 @@ def start_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None:
         logging_level="ERROR",
         log_to_driver=log_to_driver,
     )
+
+
+class CpuByProcess:
+    """Where a machine's CPU went while the `with` block ran: CPU seconds per process kind, every process on
+    the machine (Ray names its actors' processes, e.g. `ray::ServeReplica:app:router`, vLLM its
+    `VLLM::EngineCore`), this process shown as "this process". `.table()` lists them with their share of
+    all cores over the block's wall time, the busiest first."""
+
+    def __enter__(self) -> CpuByProcess:
+        self.began, self.before = time.perf_counter(), self._snapshot()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, after = time.perf_counter() - self.began, self._snapshot()
+        self.seconds: dict[str, float] = {}
+        for key, (kind, used) in after.items():
+            spent = used - self.before.get(key, (kind, 0.0))[1]  # a process started inside the block: all of it
+            if spent > 0:
+                self.seconds[kind] = self.seconds.get(kind, 0.0) + spent
+
+    @staticmethod
+    def _snapshot() -> dict[tuple[int, float], tuple[str, float]]:
+        me, seen = os.getpid(), {}
+        for process in psutil.process_iter(["pid", "create_time", "cmdline", "name", "cpu_times"]):
+            info = process.info
+            if info["cpu_times"] is None:
+                continue
+            command = info["cmdline"] or [info["name"] or "?"]
+            kind = "this process" if info["pid"] == me else os.path.basename(command[0].split()[0])
+            script = [arg for arg in command[1:] if not arg.startswith("-")][:1]
+            if kind.startswith("python") and script:  # a plain Python process: name its script
+                kind = f"python {os.path.basename(script[0])}"
+            seen[info["pid"], info["create_time"]] = (kind, info["cpu_times"].user + info["cpu_times"].system)
+        return seen
+
+    def table(self, top: int = 12) -> str:
+        cores = os.cpu_count() or 1
+        lines = [f"CPU by process over {self.wall:.1f} s on {cores} cores (share of all cores):"]
+        for kind, spent in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {kind:<48}{spent:>8.1f} s {spent / (self.wall * cores):>7.1%}")
+        return "\n".join(lines)

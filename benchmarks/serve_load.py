@@ -191,6 +191,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="give each LLM replica one GPU")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument(
+        "--cpu-by-process", action="store_true", help="after each level, print where the machine's CPU went"
+    )
+    parser.add_argument(
         "--serve", nargs=6, metavar=("SIDE", "PORT", "OUT", "MODEL", "PRECISION", "GUARD"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -200,6 +203,8 @@ def main() -> None:
         return
 
     import tempfile
+
+    from _harness import CpuByProcess
 
     from raytune_app.registry import store
 
@@ -223,9 +228,12 @@ def main() -> None:
         for repeat in range(args.repeats):
             for clients in args.concurrency:
                 for side, (_, url) in servers.items():
-                    result = asyncio.run(load(url, model[side], clients, max(8, 2 * clients), args.max_tokens))
+                    with CpuByProcess() as cpu:
+                        result = asyncio.run(load(url, model[side], clients, max(8, 2 * clients), args.max_tokens))
                     runs[side][clients].append(result)
                     print(f"  repeat {repeat + 1}: {side} at {clients} clients: {result}", file=sys.stderr, flush=True)
+                    if args.cpu_by_process:
+                        print(cpu.table(), file=sys.stderr, flush=True)
     finally:
         for server, _ in servers.values():
             server.kill()
