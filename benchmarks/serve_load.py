@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py [--sides transformers vllm] [--concurrency 1 8 32] [--repeats 3]
         [--max-tokens 32] [--model bundled:smollm2-135m-instruct] [--precision fp32] [--gpu]
+        [--set serve.KEY=VALUE ...] [--cpu-by-process]
 
 Each side is a separate server process (`--serve`): the quickstart recipe's Serve app on `--model` (the bare
 base model, so the numbers do not depend on what is registered), on a local Ray of its own. All sides are up
@@ -11,6 +12,8 @@ streamed chat requests back to back (greedy, `max_tokens`, the same prompts for 
 `requests = max(8, 2 x clients)` are answered. Per level: completion tokens per second of wall time, p50 / p99
 request latency, p50 time to first token (the first content chunk) and how many requests the server shed
 (429 / 503: the client waits Retry-After and asks again, as a well-behaved client does), medians over `--repeats`.
+`--set` passes recipe overrides to every side's server; `--cpu-by-process` prints, after each level, the CPU
+seconds each process of the machine spent in it (engine, proxy, ingress, router, this load generator).
 
 Sides:
   transformers  serve.backend=transformers with its best CPU setting (dynamic batching up to 16, 150 ms wait)
@@ -55,7 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool):
+def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool, extra: list[str]):
     from raytune_app import config
 
     overrides = [
@@ -84,14 +87,16 @@ def _recipe(side: str, port: int, out: str, model: str, precision: str, guard: b
         overrides += ["serve.backend=vllm"]
     if gpu:
         overrides += ["serve.deployments.llm.num_gpus=1", "serve.deployments.llm.num_cpus=2"]
-    return config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
+    return config.load(ROOT / "recipes" / "quickstart.yaml", overrides + extra)
 
 
-def serve_forever(side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool) -> None:
+def serve_forever(
+    side: str, port: int, out: str, model: str, precision: str, guard: bool, gpu: bool, extra: list[str]
+) -> None:
     """The server side: start the app, print one READY line, keep serving until killed."""
     from _harness import start_ray
 
-    recipe = _recipe(side, port, out, model, precision, guard, gpu)
+    recipe = _recipe(side, port, out, model, precision, guard, gpu, extra)
     start_ray(num_cpus=max(2, os.cpu_count()))
     if side == "serve-llm":
         from ray import serve
@@ -117,7 +122,7 @@ def start_server(side: str, args, out: str, guard: bool) -> tuple[subprocess.Pop
     port = _free_port()
     command = [sys.executable, __file__, "--serve", side, str(port), out, args.model, args.precision, str(int(guard))]
     server = subprocess.Popen(
-        command + (["--gpu"] if args.gpu else []),
+        command + (["--gpu"] if args.gpu else []) + (["--set", *args.set] if args.set else []),
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -191,6 +196,13 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="give each LLM replica one GPU")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every side's server (e.g. serve.vllm.stream_interval_ms=250)",
+    )
+    parser.add_argument(
         "--cpu-by-process", action="store_true", help="after each level, print where the machine's CPU went"
     )
     parser.add_argument(
@@ -199,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         side, port, out, model, precision, guard = args.serve
-        serve_forever(side, int(port), out, model, precision, guard == "1", args.gpu)
+        serve_forever(side, int(port), out, model, precision, guard == "1", args.gpu, args.set)
         return
 
     import tempfile
@@ -244,6 +256,7 @@ def main() -> None:
     }
     base = table.get("transformers")
     where = f"{args.model} ({args.precision}) on {'a GPU' if args.gpu else f'{os.cpu_count()} CPUs'}"
+    where += f", with {' '.join(args.set)}" if args.set else ""
     print(f"\n{where}, max_tokens {args.max_tokens}, guard {'on' if guard else 'off'}, medians of {args.repeats}\n")
     print(
         f"{'side':<14}{'clients':>8}{'tokens/s':>10}{'x transf.':>10}{'p50 s':>8}{'p99 s':>8}{'TTFT p50 s':>12}"
