@@ -414,6 +414,25 @@ def test_custom_resources_go_into_the_vllm_engine_bundle():
     assert "resources" not in llm.deployment_config["ray_actor_options"]
 
 
+@pytest.mark.slow  # imports Ray Serve LLM (vLLM): tens of seconds
+def test_the_stream_interval_follows_the_device_unless_the_recipe_sets_it():
+    """A CPU engine gathers a streamed reply's tokens for 250 ms (each piece's hops take CPU from decoding),
+    a GPU one for Ray Serve LLM's 50 ms; a recipe's own value wins either way."""
+    from raytune_app.serve.app import _options
+    from raytune_app.serve.vllm_server import llm_config, stream_interval_ms
+
+    recipe = config.validate({"data": {"generator": {"name": "order_extraction"}}})
+    spec = {"vllm": recipe.serve.vllm.model_dump()}
+    assert (stream_interval_ms(spec, on_gpu=False), stream_interval_ms(spec, on_gpu=True)) == (250.0, 50.0)
+    spec["vllm"]["stream_interval_ms"] = 0
+    assert (stream_interval_ms(spec, on_gpu=False), stream_interval_ms(spec, on_gpu=True)) == (0, 0)
+    spec |= {"model_id": "m", "model": {"path": "/nonexistent"}, "precision": "fp32", "adapters": {}}
+    spec |= {"max_loaded_adapters": 1}
+    spec["vllm"]["stream_interval_ms"] = None
+    llm = llm_config(spec, _options(recipe, "llm", "vllm"))  # no GPU asked for: the CPU default reaches Serve
+    assert llm.experimental_configs["stream_batching_interval_ms"] == 250.0
+
+
 def test_admission_capacity_is_the_primarys_replicas_slots_and_queue():
     from raytune_app.serve.app import admission_capacity
 

@@ -296,12 +296,14 @@ class VLLMServeSection(Section):
         False,
         description="Skip torch.compile / CUDA graphs: starts faster, decodes slower (tests and tiny models).",
     )
-    stream_interval_ms: float = Field(
-        50,
+    stream_interval_ms: float | None = Field(
+        None,
         ge=0,
         description="A streamed reply goes out in pieces gathered over this many milliseconds (Ray Serve LLM's "
         "stream batching), not a token at a time: fewer hops through router and ingress under load, at up to this "
-        "much added time to first token; 0 streams every token as it comes.",
+        "much added time to first token; 0 streams every token as it comes. Unset: 50 on a GPU (Ray Serve LLM's "
+        "own), 250 on a CPU, where each piece's hops take CPU from decoding (BENCHMARKS.md: 250 gave 1.2-1.3x "
+        "the tokens/s of 50 at 32 clients on 2 cores, time to first token +60 ms).",
     )
     drift_top_k: int = Field(
         20,
