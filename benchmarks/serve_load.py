@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -240,11 +241,11 @@ def main() -> None:
         for repeat in range(args.repeats):
             for clients in args.concurrency:
                 for side, (_, url) in servers.items():
-                    with CpuByProcess() as cpu:
+                    with CpuByProcess() if args.cpu_by_process else contextlib.nullcontext() as cpu:
                         result = asyncio.run(load(url, model[side], clients, max(8, 2 * clients), args.max_tokens))
                     runs[side][clients].append(result)
                     print(f"  repeat {repeat + 1}: {side} at {clients} clients: {result}", file=sys.stderr, flush=True)
-                    if args.cpu_by_process:
+                    if cpu is not None:
                         print(cpu.table(), file=sys.stderr, flush=True)
     finally:
         for server, _ in servers.values():

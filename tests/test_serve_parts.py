@@ -394,13 +394,9 @@ def test_custom_resources_pin_replicas_to_nodes():
         config.validate(recipe.resolved() | {"serve": bad})
 
 
-@pytest.mark.slow  # imports Ray Serve LLM (vLLM): tens of seconds
-def test_custom_resources_go_into_the_vllm_engine_bundle():
-    from raytune_app.serve.app import _options
-    from raytune_app.serve.vllm_server import llm_config
-
-    recipe = _pinned_recipe()
-    spec = {
+def _vllm_spec(recipe) -> dict:
+    """The vLLM deployment spec llm_config reads, for a model that is never loaded."""
+    return {
         "model_id": "m",
         "model": {"path": "/nonexistent"},
         "vllm": recipe.serve.vllm.model_dump(),
@@ -408,6 +404,15 @@ def test_custom_resources_go_into_the_vllm_engine_bundle():
         "adapters": {},
         "max_loaded_adapters": 1,
     }
+
+
+@pytest.mark.slow  # imports Ray Serve LLM (vLLM): tens of seconds
+def test_custom_resources_go_into_the_vllm_engine_bundle():
+    from raytune_app.serve.app import _options
+    from raytune_app.serve.vllm_server import llm_config
+
+    recipe = _pinned_recipe()
+    spec = _vllm_spec(recipe)
     # The bundle the replica and the engine's workers run in carries them; the replica actor itself does not.
     llm = llm_config(spec, _options(recipe, "llm", "vllm"))
     assert llm.placement_group_config["bundles"][0]["serving_node"] == 1
@@ -422,15 +427,12 @@ def test_the_stream_interval_follows_the_device_unless_the_recipe_sets_it():
     from raytune_app.serve.vllm_server import llm_config, stream_interval_ms
 
     recipe = config.validate({"data": {"generator": {"name": "order_extraction"}}})
-    spec = {"vllm": recipe.serve.vllm.model_dump()}
+    spec = _vllm_spec(recipe)
     assert (stream_interval_ms(spec, on_gpu=False), stream_interval_ms(spec, on_gpu=True)) == (250.0, 50.0)
-    spec["vllm"]["stream_interval_ms"] = 0
-    assert (stream_interval_ms(spec, on_gpu=False), stream_interval_ms(spec, on_gpu=True)) == (0, 0)
-    spec |= {"model_id": "m", "model": {"path": "/nonexistent"}, "precision": "fp32", "adapters": {}}
-    spec |= {"max_loaded_adapters": 1}
-    spec["vllm"]["stream_interval_ms"] = None
     llm = llm_config(spec, _options(recipe, "llm", "vllm"))  # no GPU asked for: the CPU default reaches Serve
     assert llm.experimental_configs["stream_batching_interval_ms"] == 250.0
+    spec["vllm"]["stream_interval_ms"] = 0
+    assert (stream_interval_ms(spec, on_gpu=False), stream_interval_ms(spec, on_gpu=True)) == (0, 0)
 
 
 def test_admission_capacity_is_the_primarys_replicas_slots_and_queue():
