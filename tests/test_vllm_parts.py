@@ -14,6 +14,7 @@ from raytune_app.serve.protocol import APIError
 from raytune_app.serve.vllm_stream import (
     adapter_rank,
     adapter_targets,
+    carries_text,
     engine_error,
     lora_slots,
     lora_target_modules,
@@ -93,6 +94,22 @@ def test_top_k_kl_is_zero_for_identical_models_and_a_lower_bound_otherwise():
     assert all(0 < e <= exact + 1e-9 for e in estimates), (estimates, exact)
     assert estimates[-1] == pytest.approx(exact, rel=1e-6)  # k covers the vocabulary: the exact KL
     assert top_k_kl([], []) == {"kl": 0.0, "top1_agreement": 1.0, "positions": 0}
+
+
+def test_only_pieces_with_generated_tokens_count_as_the_first_words():
+    """A stream's first event leaves as soon as a piece holds tokens: vLLM's opening role chunk, its closing
+    usage and an error object do not; a chat delta, a completion's text or token ids alone do."""
+
+    def sse(*payloads):
+        return "".join(f"data: {json.dumps(p)}\n\n" for p in payloads)
+
+    role = sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+    assert not carries_text(role)
+    assert not carries_text(sse({"choices": [], "usage": {"completion_tokens": 3}}) + "data: [DONE]\n\n")
+    assert not carries_text(object())  # an ErrorResponse
+    assert carries_text(role + sse({"choices": [{"delta": {"content": "Hi"}, "token_ids": [5]}]}))
+    assert carries_text(sse({"choices": [{"text": "Hi", "token_ids": [5]}]}))
+    assert carries_text(sse({"choices": [{"delta": {"content": ""}, "token_ids": [7]}]}))  # a token of no text yet
 
 
 def test_vllm_stream_pieces_become_events():

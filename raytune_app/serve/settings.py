@@ -299,11 +299,11 @@ class VLLMServeSection(Section):
     stream_interval_ms: float | None = Field(
         None,
         ge=0,
-        description="A streamed reply goes out in pieces gathered over this many milliseconds (Ray Serve LLM's "
-        "stream batching), not a token at a time: fewer hops through router and ingress under load, at up to this "
-        "much added time to first token; 0 streams every token as it comes. Unset: 50 on a GPU (Ray Serve LLM's "
-        "own), 250 on a CPU, where each piece's hops take CPU from decoding (BENCHMARKS.md: 250 gave 1.1-1.3x "
-        "the tokens/s of 50 at 32 clients on 2 cores; time to first token at one client 0.13 -> 0.28 s).",
+        description="A streamed reply's first words go out at once, the rest in pieces gathered over this many "
+        "milliseconds (Ray Serve LLM's stream batching), not a token at a time: fewer hops through router and "
+        "ingress under load; 0 streams every token as it comes. Unset: 50 on a GPU (Ray Serve LLM's own), 250 on a "
+        "CPU, where each piece's hops take CPU from decoding (BENCHMARKS.md: 250 gave 1.1-1.3x the tokens/s of 50 "
+        "at 32 clients on 2 cores).",
     )
     drift_top_k: int = Field(
         20,

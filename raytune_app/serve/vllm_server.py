@@ -53,6 +53,7 @@ from raytune_app.serve.options import ModelRequestError
 from raytune_app.serve.vllm_stream import (
     adapter_rank,
     adapter_targets,
+    carries_text,
     chat_logprobs,
     engine_error,
     lora_slots,
@@ -324,11 +325,11 @@ class VLLMServer(LLMServer):
         prompt_ids: list[int] = []
         completion_ids: list[int] = []
         try:
-            # One event per stream_batching_interval_ms (LLMServer's batcher, as Ray Serve LLM's own OpenAI
-            # app streams), not one per token: each event crosses the router and the ingress, and at 32
-            # streams a per-token hop costs more CPU than decoding on a small machine. Closed on the way out
-            # so a caller that goes away cancels the engine's generator (vLLM then aborts the request).
-            async with contextlib.aclosing(self._batch_output_stream(run(request, None))) as batches:
+            # The first words at once, then one event per stream interval (LLMServer's batcher, as Ray Serve
+            # LLM's own OpenAI app streams), not one per token: each event crosses the router and the ingress,
+            # and at 32 streams a per-token hop costs more CPU than decoding on a small machine. Closed on the
+            # way out so a caller that goes away cancels the engine's generator (vLLM aborts the request).
+            async with contextlib.aclosing(self._pieces(run(request, None))) as batches:
                 async for items in batches:
                     text, logprobs = [], None
                     for item in items:
@@ -365,6 +366,24 @@ class VLLMServer(LLMServer):
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
         }
+
+    async def _pieces(self, replies):
+        """vLLM's stream items in lists: one at a time up to the first that holds generated tokens, so the
+        reply's first words leave at once, then gathered per stream interval (LLMServer's batcher): the
+        interval's saving without its wait before the first token."""
+        async for item in replies:
+            try:
+                yield [item]
+            except BaseException:  # the caller went away before the first words: close vLLM's generator now
+                await replies.aclose()
+                raise
+            if carries_text(item):
+                break
+        else:
+            return
+        async with contextlib.aclosing(self._batch_output_stream(replies)) as batches:
+            async for items in batches:
+                yield items
 
     async def generate(self, payload: dict) -> dict:
         """The whole reply at once (the last event, with the text and logprobs joined)."""

@@ -79,6 +79,18 @@ def sse_data(item: str):
                 yield json.loads(data)
 
 
+def carries_text(item) -> bool:
+    """Whether a piece of vLLM's stream holds generated tokens (not only the opening role chunk, an error or
+    the closing usage)."""
+    if not isinstance(item, str):
+        return False
+    return any(
+        choice.get("token_ids") or (choice.get("delta") or {}).get("content") or choice.get("text")
+        for data in sse_data(item)
+        for choice in data.get("choices") or []
+    )
+
+
 def engine_error(error: dict) -> Exception:
     """A vLLM error object as the exception the router acts on: 4xx -> refused (no failover), 5xx -> failed."""
     status = int(error.get("code") or 500)
