@@ -9,18 +9,19 @@
    each classifier's own threshold (chosen on the recipe's validation rows for guard.target_fpr) the FPR
    and the attack success rate. Rows: a TF-IDF + logistic regression baseline trained on the same rows as
    the guard, the previous guard (`--previous`, when there is one), the guard through torch's int8 path
-   (shipped); ONNX Runtime's int8 scores are compared with the shipped path's (largest difference). The same metrics
-   again on the public val rows whose exact text does not occur in the public train split (the split
-   repeats template-made prompts: most val rows have a twin in train).
+   and, where the guard picks another path on this CPU (bf16, compiled, as serving runs it), through that
+   one (shipped), each at its own threshold; ONNX Runtime's int8 scores are compared with torch int8's
+   (largest difference). The same metrics again on the public val rows whose exact text does not occur in
+   the public train split (the split repeats template-made prompts: most val rows have a twin in train).
 2. Robustness: every public val attack under each obfuscation (guard/robustness.py KINDS), recall at the
    shipped threshold beside the plain recall of the same attacks; and the hand-translated held-out attacks
    (robustness.translated_attacks) beside their English originals.
 3. Over-defence: the false-alarm rate on guard/overdefence.py's benign trigger-word prompts.
 4. Latency at batch 1 on one thread (as the serving GuardScorer runs): prompts of exactly 128 tokens, timed
-   interleaved (each prompt by every path in turn, `--repeats` passes): the previous path (torch int8 over
-   `normalize`, the text the previous guard read), the shipped path (torch int8 over guard_view) and ONNX
-   Runtime int8; median over passes of each pass's p50 / p99. Then a 2,000-token conversation (20
-   messages) scored whole in 128-token windows (Guard.score_segments, no cache): p99 over conversations.
+   interleaved (each prompt by every path in turn, `--repeats` passes): the previous serving path (torch
+   int8), the shipped path eager and compiled where it is bf16, and ONNX Runtime int8; median over passes
+   of each pass's p50 / p99. Then a 2,000-token conversation (20 messages) scored whole in 128-token
+   windows by the shipped path (Guard.score_segments, no cache): p99 over conversations.
 
 The guard is trained first (in this process) when the recipe's run has none yet. Skips cleanly when the
 public set is absent (a user's machine has no ../shared/data).
@@ -149,7 +150,6 @@ def main() -> None:
     from raytune_app.guard import data, onnx_path
     from raytune_app.guard.metrics import detection_metrics
     from raytune_app.guard.model import Guard
-    from raytune_app.guard.normalize import normalize
     from raytune_app.guard.overdefence import overdefence_rows
     from raytune_app.guard.robustness import KINDS, obfuscate, translated_attacks
 
@@ -165,7 +165,11 @@ def main() -> None:
     )
     target = recipe.guard.target_fpr
 
-    shipped = Guard.load(folder, threads=args.threads)
+    # What serving runs: the path the guard picks for this CPU (bf16 where native and calibrated for it,
+    # compiled as serve.guard.compile does), else int8; the int8 path beside it when they differ.
+    shipped = Guard.load(folder, threads=args.threads, compile=True)
+    shipped_name = f"guard, torch {shipped.precision}{' compiled' if shipped.compiled else ''} (shipped)"
+    int8 = shipped if shipped.precision == "int8" else Guard.load(folder, threads=args.threads, precision="int8")
     baseline_score, baseline_threshold = tfidf_baseline(
         train_rows, val_rows, target, recipe.guard.threshold_source_weights
     )
@@ -174,7 +178,9 @@ def main() -> None:
     if args.previous:
         previous = Guard.load(args.previous, threads=args.threads)
         sides[f"previous guard ({Path(args.previous).name})"] = (previous.scores, previous.threshold)
-    sides["guard, torch int8 (shipped)"] = (shipped.scores, shipped.threshold)
+    if int8 is not shipped:
+        sides["guard, torch int8 (previous serving path)"] = (int8.scores, int8.threshold)
+    sides[shipped_name] = (shipped.scores, shipped.threshold)
     onnx = None
     if not args.no_onnx and onnx_path.available():
         # Timed beside torch's path (section 4); its scores are compared to the shipped path's on the public set.
@@ -203,7 +209,7 @@ def main() -> None:
     table(fresh, f"\n   promptshield val rows whose text is not in the public train split ({len(unseen)})")
     if onnx is not None:
         sample = texts[:: max(1, len(texts) // 200)]
-        gap = max(abs(a - b) for a, b in zip(one_by_one(onnx.scores, sample), one_by_one(shipped.scores, sample)))
+        gap = max(abs(a - b) for a, b in zip(one_by_one(onnx.scores, sample), one_by_one(int8.scores, sample)))
         print(
             f"   ONNX Runtime int8 vs torch int8 scores on {len(sample)} public prompts: largest difference {gap:.4f}"
         )
@@ -247,16 +253,11 @@ def main() -> None:
         print(f"{name:<44} {rate:.3f}")
 
     # 4. Latency at batch 1, one thread, 128-token prompts, interleaved.
-    def previous_path(batch, guard=shipped):
-        # What the previous guard ran: the same int8 MiniLM over the shared normalisation only.
-        from raytune_app.guard.model import score_texts
-
-        return score_texts(guard.tokenizer, guard.model, batch, guard.max_length, batch_size=1, view=normalize)
-
-    timed = {
-        "previous path: torch int8 over normalize": previous_path,
-        "shipped: torch int8 over guard_view": shipped.scores,
-    }
+    timed = {"previous path: torch int8": int8.scores}
+    if shipped is not int8:
+        eager = Guard.load(folder, threads=args.threads, precision=shipped.precision)
+        timed[f"torch {shipped.precision}, eager"] = eager.scores
+    timed[f"shipped: torch {shipped.precision}{', compiled' if shipped.compiled else ''}"] = shipped.scores
     if onnx is not None:
         timed["ONNX Runtime int8 over guard_view"] = onnx.scores
     prompts = long_prompts(shipped.tokenizer, [r["text"] for r in public], 128, args.latency_prompts)
@@ -286,7 +287,8 @@ def main() -> None:
     tokens = len(shipped.tokenizer(" ".join(conversations[0]))["input_ids"])
     print(
         f"2,000-token conversation ({tokens} tokens, 20 messages, {statistics.median(windows):.0f} windows of 128, "
-        f"torch int8, batch 32): p50 {np.percentile(took, 50):.1f} ms, p99 {np.percentile(took, 99):.1f} ms "
+        f"{shipped_name.removeprefix('guard, ').removesuffix(' (shipped)')}, batch 32): "
+        f"p50 {np.percentile(took, 50):.1f} ms, p99 {np.percentile(took, 99):.1f} ms "
         f"over {len(took)} conversations"
     )
     print(

@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "fine-tune the guard (Ray Train) and choose its threshold on validation",
         "eval": "detection metrics of a guard on a labelled JSONL / Parquet file (JSON on stdout)",
         "score": "attack probability of one text",
+        "calibrate": "choose a trained guard's thresholds again (the recipe's target_fpr and inference paths), "
+        "without training",
     }.items():
         g = guard_actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
         g.add_argument(
@@ -254,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="train in this process on its CPU, without Ray (same loop and data; for a machine too loaded "
                 "for a local Ray to come up)",
             )
-        if action != "train":
+        if action in ("eval", "score"):
             g.add_argument(
                 "--model",
                 metavar="DIR",
@@ -262,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
             g.add_argument(
                 "--precision",
-                choices=["int8", "float32"],
-                help="score with this precision instead of the one guard.json names (its threshold was chosen for "
-                "that one)",
+                choices=["int8", "bf16", "float32"],
+                help="score with this precision instead of the one the guard picks for this machine (the guard's "
+                "threshold for it where guard.json has one, else its main threshold: for comparisons)",
             )
         if action == "eval":
             g.add_argument("--data", required=True, metavar="FILE", help="labelled JSONL or Parquet file")
@@ -419,7 +421,7 @@ DEFAULT_GUARD_RECIPE = "recipes/guard.yaml"
 
 
 def _guard(args) -> int:
-    from raytune_app.guard.model import Guard, evaluate_guard, train_guard
+    from raytune_app.guard.model import Guard, calibrate_guard, evaluate_guard, train_guard
 
     default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_GUARD_RECIPE)
     if args.recipe_opt or os.path.exists(default):
@@ -427,6 +429,11 @@ def _guard(args) -> int:
     else:  # an installed package without the recipes folder: the guard section's defaults
         recipe = config.validate({"run": {"name": "guard"}, "data": {"generator": {"name": "order_extraction"}}})
     folder = getattr(args, "model", None) or recipe.stage_dir("guard")
+    if args.action == "calibrate":
+        with contextlib.redirect_stdout(sys.stderr):  # progress to stderr, the thresholds alone on stdout
+            summary = calibrate_guard(recipe)
+        print(json.dumps({"inference": summary["inference"], "thresholds": summary["thresholds"]}))
+        return 0
     if args.action == "train" or (
         not getattr(args, "model", None) and not os.path.exists(os.path.join(folder, "guard.json"))
     ):

@@ -99,10 +99,13 @@ class GuardSection(Section):
     batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (linear decay).")
     max_length: int = Field(128, ge=8, description="Tokens per prompt; longer prompts are cut.")
-    inference: Literal["int8", "float32"] = Field(
-        "int8",
-        description="Precision the trained guard scores with on CPU (eval, score, serving): `int8` quantises its "
-        "Linear layers dynamically (faster at batch 1); the threshold is chosen on that precision's validation scores.",
+    inference: Literal["auto", "int8", "bf16", "float32"] = Field(
+        "auto",
+        description="Precision the trained guard scores with on CPU (eval, score, serving); a threshold is chosen "
+        "on each named path's own validation scores. `int8` quantises its Linear layers dynamically (the fast "
+        "path on most CPUs); `bf16` keeps its weights in bfloat16 (faster where the CPU computes bf16 natively: "
+        "AMX / AVX-512 BF16; emulated, slow, elsewhere); `auto` chooses thresholds for int8 and, where the "
+        "training machine has native bf16, bf16 too, and each scorer then takes bf16 where its CPU has it, else int8.",
     )
     registered_name: str = Field(
         "guard",

@@ -110,6 +110,7 @@ def _guard_spec(recipe: config.Recipe) -> dict | None:
         "window_overlap": cfg.window_overlap,
         "max_windows": cfg.max_windows,
         "cache_windows": cfg.cache_windows,
+        "compile": cfg.compile,
         "stall_timeout_s": recipe.serve.limits.stall_timeout_s,
     }
 

@@ -2,7 +2,7 @@
 
     spec = {"model": <registry URI or folder>, "tracking_uri": uri, "threshold": None | float,
             "max_batch_size": 16, "batch_wait_timeout_s": 0.005, "window_overlap": 0.5, "max_windows": 256,
-            "cache_windows": 4096, "stall_timeout_s": 120}
+            "cache_windows": 4096, "compile": True, "stall_timeout_s": 120}
 
 `score(segments)` reads a whole prompt: `segments` are its messages' texts, newest first (ingress:
 serve/inputs.py), each normalised and cut into overlapping windows of the guard's max length (the
@@ -16,9 +16,11 @@ A prompt that fits one window scores
 exactly as before windows existed (the same tokens as truncation gives). The router decides what a
 score means.
 
-The guard scores with the precision its guard.json names (int8 by default: the fast CPU path, the one
-its threshold was chosen on); a window batched with others can score marginally differently from alone,
-since int8 activations share one quantisation scale per batch. `check_health` fails when a scoring
+The guard scores with the precision it picks for this CPU among those its guard.json has thresholds for
+(guard/model.py `preferred_path`: bf16 where the CPU computes it natively, compiled at start when
+`compile`; else int8), with that precision's threshold; a window batched with others can score marginally
+differently from alone (int8 activations share one quantisation scale per batch; bf16 rounds differently
+in another batch shape). `check_health` fails when a scoring
 batch has stalled (serve/heartbeat.py), so Serve replaces a wedged guard replica.
 """
 
@@ -43,7 +45,7 @@ class GuardScorer:
         folder = spec["model"]
         if folder.startswith("models:/"):
             folder = store.download(spec["tracking_uri"], folder)
-        self.guard = Guard.load(folder, threads=1)
+        self.guard = Guard.load(folder, threads=1, compile=spec.get("compile", False))
         self.threshold = spec["threshold"] if spec.get("threshold") is not None else self.guard.threshold
         self.version = spec.get("version", folder)
         self.overlap = spec.get("window_overlap", 0.5)

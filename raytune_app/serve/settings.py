@@ -133,6 +133,13 @@ class GuardServeSection(Section):
         description="Window scores a guard replica remembers (least recently used dropped): a conversation "
         "resends its history and an app its system prompt each time, so only new text is read again. 0: off.",
     )
+    compile: bool = Field(
+        True,
+        description="When the guard scores in bf16 (a CPU with native bf16 and a guard calibrated for it: "
+        "guard.inference `auto`), compile its model at replica start (torch.compile, weights frozen): a batch-1 "
+        "128-token window ~12% faster than eager bf16, ~27% than int8, on a 2-core AMX Xeon, for ~40 s more "
+        "start-up. No effect on int8 / float32 guards; where compiling fails the eager model serves, with a warning.",
+    )
     expose_score: bool = Field(
         False,
         description="Tell clients the guard's score and threshold (response header, refusal body, /v1/stats). "
