@@ -19,9 +19,10 @@
 3. Over-defence: the false-alarm rate on guard/overdefence.py's benign trigger-word prompts.
 4. Latency at batch 1 on one thread (as the serving GuardScorer runs): prompts of exactly 128 tokens, timed
    interleaved (each prompt by every path in turn, `--repeats` passes): the previous serving path (torch
-   int8), the shipped path eager and compiled where it is bf16, and ONNX Runtime int8; median over passes
-   of each pass's p50 / p99. Then a 2,000-token conversation (20 messages) scored whole in 128-token
-   windows by the shipped path (Guard.score_segments, no cache): p99 over conversations.
+   int8), the previous guard as it would serve (with `--previous`), the shipped path eager and compiled
+   where it is bf16, and ONNX Runtime int8; median over passes of each pass's p50 / p99. Then a 2,000-token
+   conversation (20 messages) scored whole in 128-token windows by the shipped path (Guard.score_segments,
+   no cache): p99 over conversations.
 
 The guard is trained first (in this process) when the recipe's run has none yet. Skips cleanly when the
 public set is absent (a user's machine has no ../shared/data).
@@ -176,7 +177,7 @@ def main() -> None:
     sides = {"TF-IDF + logistic regression (same rows)": (baseline_score, baseline_threshold)}
     previous = None
     if args.previous:
-        previous = Guard.load(args.previous, threads=args.threads)
+        previous = Guard.load(args.previous, threads=args.threads, compile=True)  # as it would serve
         sides[f"previous guard ({Path(args.previous).name})"] = (previous.scores, previous.threshold)
     if int8 is not shipped:
         sides["guard, torch int8 (previous serving path)"] = (int8.scores, int8.threshold)
@@ -257,6 +258,10 @@ def main() -> None:
     if shipped is not int8:
         eager = Guard.load(folder, threads=args.threads, precision=shipped.precision)
         timed[f"torch {shipped.precision}, eager"] = eager.scores
+    if previous is not None:
+        timed[f"previous guard: torch {previous.precision}{', compiled' if previous.compiled else ''}"] = (
+            previous.scores
+        )
     timed[f"shipped: torch {shipped.precision}{', compiled' if shipped.compiled else ''}"] = shipped.scores
     if onnx is not None:
         timed["ONNX Runtime int8 over guard_view"] = onnx.scores

@@ -35,7 +35,9 @@ def _worker(config: dict) -> None:
 
     torch.manual_seed(config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(config["base"])
-    model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2)
+    # guard.encoder_layers: transformers builds the shallower encoder and loads the first layers' weights only.
+    depth = {"num_hidden_layers": config["encoder_layers"]} if config.get("encoder_layers") else {}
+    model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2, **depth)
     if config.get("in_process"):
         device, rank, report = torch.device("cpu"), 0, lambda metrics: None
     else:
@@ -145,12 +147,15 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     `in_process`: run the training loop in this process on its CPU instead of on a Ray Train worker (the
     same loop and data); for a machine so loaded that a local Ray does not come up in time."""
     cfg = recipe.guard
+    base = models.resolve(cfg.base)
+    _check_depth(base, cfg.encoder_layers)
     rows, train_rows, val_rows = _rows_for(recipe)
     out_dir = _guard_dir(recipe)
     model_dir = f"{out_dir}/model"
     console.logger("guard").info(f"{len(train_rows)} train / {len(val_rows)} validation rows; base {cfg.base}")
     loop_config = {
-        "base": models.resolve(cfg.base),
+        "base": base,
+        "encoder_layers": cfg.encoder_layers,
         "train": train_rows,
         "seed": recipe.run.seed,
         "epochs": cfg.epochs,
@@ -164,6 +169,21 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     else:
         _fit_on_ray(loop_config, out_dir)
     return _choose_thresholds(recipe, out_dir, rows, train_rows, val_rows)
+
+
+def _check_depth(base: str, layers: int | None) -> None:
+    """Refuse a guard.encoder_layers deeper than the base encoder (transformers would add random layers)."""
+    if layers is None:
+        return
+    from transformers import AutoConfig
+
+    available = AutoConfig.from_pretrained(base).num_hidden_layers
+    if layers > available:
+        from raytune_app.errors import RecipeError
+
+        raise RecipeError(
+            "guard", [f"guard.encoder_layers: {layers}, but the base encoder has {available} layers; use 1-{available}"]
+        )
 
 
 def calibrate_guard(recipe: Recipe) -> dict:
@@ -407,24 +427,23 @@ def _compiled(guard: Guard) -> bool:
 
     eager = guard.model
     try:
-        compiled = torch.compile(eager, dynamic=True, options={"freezing": True})
-        # The first call's shapes are the compiler's size hints: a full window first, the size the latency
-        # aim is set at (measured: p50 10.3-11.1 ms vs 11.0-11.2 ms warmed up on a 4-token prompt).
+        guard.model = torch.compile(eager, dynamic=True, options={"freezing": True})
+        # Warmed up through the two ways the guard scores (texts, and windows of ids), each for a batch of one
+        # and of several: after this no call compiles again (a serving replica's first requests waited 10 s on a
+        # graph compiled for the windows' inputs before both ways passed the same ones). The first call's
+        # shapes are the compiler's size hints: a full window first, the size the latency aim is set at
+        # (measured: model p50 10.3-11.1 ms vs 11.0-11.2 ms warmed up on a 4-token prompt).
         full = " ".join(["warm up"] * guard.max_length)
-        with torch.inference_mode():
-            for texts in ([full], [full, "a batch of two"]):
-                compiled(
-                    **guard.tokenizer(
-                        texts, truncation=True, max_length=guard.max_length, padding=True, return_tensors="pt"
-                    )
-                )
+        for texts in ([full], [full, "a batch of two"]):
+            guard.scores(texts)
+            guard.score_windows(guard.windows(texts)[0])
     except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager model, which scores the same
+        guard.model = eager
         console.logger("guard").warning(
             f"torch.compile of the guard failed ({type(exc).__name__}: {str(exc)[:200]}); scoring with the eager "
             "bf16 model (same scores, ~30% slower)"
         )
         return False
-    guard.model = compiled
     return True
 
 
@@ -457,8 +476,17 @@ def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size:
                 padding=True,
                 return_tensors="pt",
             )
-            out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
+            out += attack_probabilities(model, encoded)
     return out
+
+
+def attack_probabilities(model, encoded) -> list[float]:
+    """P(attack) for a tokenised batch. Only input ids and attention mask go in, from texts and from windows
+    alike (token type ids would be all zeros, the model's default): a compiled guard then sees one signature."""
+    import torch
+
+    logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
+    return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
 
 
 def window_ids(
@@ -493,7 +521,7 @@ def score_ids(tokenizer, model, windows: list[list[int]], batch_size: int = 32) 
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
             encoded = tokenizer.pad({"input_ids": windows[i : i + batch_size]}, padding=True, return_tensors="pt")
-            out += torch.softmax(model(**encoded).logits.float(), dim=-1)[:, 1].tolist()
+            out += attack_probabilities(model, encoded)
     return out
 
 
