@@ -18,7 +18,8 @@
    (robustness.translated_attacks) beside their English originals.
 3. Over-defence: the false-alarm rate on guard/overdefence.py's benign trigger-word prompts.
 4. Latency at batch 1 on one thread (as the serving GuardScorer runs): prompts of exactly 128 tokens, timed
-   interleaved (each prompt by every path in turn, `--repeats` passes): the previous serving path (torch
+   interleaved (each prompt by every path in turn, `--repeats` passes; `--interleave side`: each path through
+   every prompt in turn, its model warm in the caches as in a guard replica): the previous serving path (torch
    int8), the previous guard as it would serve (with `--previous`), the shipped path eager and compiled
    where it is bf16, and ONNX Runtime int8; median over passes of each pass's p50 / p99. Then a 2,000-token
    conversation (20 messages) scored whole in 128-token windows by the shipped path (Guard.score_segments,
@@ -71,20 +72,26 @@ def one_by_one(score, texts: list[str]) -> list[float]:
     return [score([t])[0] for t in texts]
 
 
-def interleaved(sides: dict, texts: list[str], repeats: int) -> dict:
-    """{side: {"p50s", "p99s"}}: every text scored by every side in turn, `repeats` passes."""
+def interleaved(sides: dict, texts: list[str], repeats: int, by: str = "prompt") -> dict:
+    """{side: {"p50s", "p99s"}}: `repeats` passes; in each, every text scored by every side in turn (`by`
+    "prompt": the sides share the CPU's caches, the strictest case), or each side through all texts before
+    the next side (`by` "side": each model warm in the caches, as a guard replica runs its one model)."""
     import numpy as np
 
     for score in sides.values():
         score([texts[0]])  # warm-up: the first call allocates
     out = {name: {"p50s": [], "p99s": []} for name in sides}
+    order = (
+        [(name, text) for text in texts for name in sides]
+        if by == "prompt"
+        else [(name, text) for name in sides for text in texts]
+    )
     for rep in range(repeats):
         latencies: dict[str, list[float]] = {name: [] for name in sides}
-        for text in texts:
-            for name, score in sides.items():
-                began = time.perf_counter()
-                score([text])
-                latencies[name].append((time.perf_counter() - began) * 1000)
+        for name, text in order:
+            began = time.perf_counter()
+            sides[name]([text])
+            latencies[name].append((time.perf_counter() - began) * 1000)
         for name, values in latencies.items():
             p50, p99 = np.percentile(values, [50, 99])
             out[name]["p50s"].append(float(p50))
@@ -140,6 +147,12 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=20, help="2,000-token conversations timed")
     parser.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (serving uses 1)")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime path")
+    parser.add_argument(
+        "--interleave",
+        choices=["prompt", "side"],
+        default="prompt",
+        help="latency passes: each prompt by every path in turn (default), or each path through every prompt in turn",
+    )
     args = parser.parse_args()
     if not os.path.exists(args.data):
         print(f"skipped: {args.data} is not here (the public sets live in ../shared/data)")
@@ -266,10 +279,10 @@ def main() -> None:
     if onnx is not None:
         timed["ONNX Runtime int8 over guard_view"] = onnx.scores
     prompts = long_prompts(shipped.tokenizer, [r["text"] for r in public], 128, args.latency_prompts)
-    latency = interleaved(timed, prompts, args.repeats)
+    latency = interleaved(timed, prompts, args.repeats, args.interleave)
     print(
         f"\n4. latency, batch 1, {args.threads} thread(s), {len(prompts)} prompts cut at 128 tokens, "
-        f"{args.repeats} interleaved passes"
+        f"{args.repeats} interleaved passes (by {args.interleave})"
     )
     print(f"{'path':<44} {'p50 ms':>7} {'p99 ms':>7}  p99 per pass")
     for name, t in latency.items():
