@@ -67,6 +67,11 @@ def tfidf_baseline(train_rows, val_rows, target_fpr: float, shares: dict[str, fl
     return score, threshold
 
 
+def path_name(guard) -> str:
+    """How a guard scores, for the tables: "torch bf16, compiled", "torch int8"."""
+    return f"torch {guard.precision}{', compiled' if guard.compiled else ''}"
+
+
 def one_by_one(score, texts: list[str]) -> list[float]:
     """Scores at batch 1, as eval / score / serving read a prompt (int8 activations scale per batch)."""
     return [score([t])[0] for t in texts]
@@ -182,7 +187,7 @@ def main() -> None:
     # What serving runs: the path the guard picks for this CPU (bf16 where native and calibrated for it,
     # compiled as serve.guard.compile does), else int8; the int8 path beside it when they differ.
     shipped = Guard.load(folder, threads=args.threads, compile=True)
-    shipped_name = f"guard, torch {shipped.precision}{' compiled' if shipped.compiled else ''} (shipped)"
+    shipped_name = f"guard, {path_name(shipped)} (shipped)"
     int8 = shipped if shipped.precision == "int8" else Guard.load(folder, threads=args.threads, precision="int8")
     baseline_score, baseline_threshold = tfidf_baseline(
         train_rows, val_rows, target, recipe.guard.threshold_source_weights
@@ -272,10 +277,8 @@ def main() -> None:
         eager = Guard.load(folder, threads=args.threads, precision=shipped.precision)
         timed[f"torch {shipped.precision}, eager"] = eager.scores
     if previous is not None:
-        timed[f"previous guard: torch {previous.precision}{', compiled' if previous.compiled else ''}"] = (
-            previous.scores
-        )
-    timed[f"shipped: torch {shipped.precision}{', compiled' if shipped.compiled else ''}"] = shipped.scores
+        timed[f"previous guard: {path_name(previous)}"] = previous.scores
+    timed[f"shipped: {path_name(shipped)}"] = shipped.scores
     if onnx is not None:
         timed["ONNX Runtime int8 over guard_view"] = onnx.scores
     prompts = long_prompts(shipped.tokenizer, [r["text"] for r in public], 128, args.latency_prompts)
@@ -305,7 +308,7 @@ def main() -> None:
     tokens = len(shipped.tokenizer(" ".join(conversations[0]))["input_ids"])
     print(
         f"2,000-token conversation ({tokens} tokens, 20 messages, {statistics.median(windows):.0f} windows of 128, "
-        f"{shipped_name.removeprefix('guard, ').removesuffix(' (shipped)')}, batch 32): "
+        f"{path_name(shipped)}, batch 32): "
         f"p50 {np.percentile(took, 50):.1f} ms, p99 {np.percentile(took, 99):.1f} ms "
         f"over {len(took)} conversations"
     )
