@@ -166,6 +166,7 @@ def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_
     have no pad token: training batches, validation and serving windows are padded all the same."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from raytune_app.errors import RecipeError
     from raytune_app.guard.model import Guard
     from raytune_app.tiny import build_tiny_llama
 
@@ -192,9 +193,7 @@ def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_
             },
         }
     )
-    from raytune_app.errors import RecipeError
-
-    bare = str(tmp_path / "bare")
+    bare = str(tmp_path / "bare")  # a tokenizer with nothing to pad with
     tokenizer.eos_token = None
     tokenizer.save_pretrained(bare)
     AutoConfig.from_pretrained(base).save_pretrained(bare)
