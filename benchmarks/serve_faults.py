@@ -9,7 +9,8 @@ The server is a separate process (`--serve`): the quickstart recipe's Serve app 
 (`--backend transformers`: the other engine), one LLM replica with `max_batch_size` 4, so capacity is
 max_ongoing_requests (2 x 4 = 8) and the queue per caller another 8; no backup (a kill is then visible),
 the guard off (its cost is measured on its own, below) unless `--guard FOLDER` puts a trained guard in
-front (enforce mode). This process is the load: at each level, `level x capacity` clients send chat
+front (enforce mode). This process is the load (aiohttp's client; `--client httpx` as measured before
+session 13): at each level, `level x capacity` clients send chat
 requests back to back for `--duration` seconds; a 200 is admitted, a 429 / 503 shed ("proxy": of those, the ones
 Serve's proxy refused for the ingress, before our code read them), and a shed client waits the
 Retry-After it was given before it tries again (as the OpenAI client does). The baseline is the 1x level
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -98,14 +100,44 @@ def serve_forever(port: int, model: str, out: str, backend: str, guard: str | No
             print(f"KILLED {time.time()}", flush=True)
 
 
-async def hold(url: str, clients: int, duration: float, max_tokens: int, done=None) -> list[dict]:
+@contextlib.asynccontextmanager
+async def http_poster(library: str, connections: int):
+    """(post(url, body) -> (status, retry-after, text), the library's transport errors) over one pooled client:
+    aiohttp, or httpx (as the entries before session 13 were measured). On two shared cores the load's own CPU
+    shows in what the clients time: with aiohttp the proxy's refusals reached them in 0.14-0.27 s at p99 vs
+    0.70-0.97 s with httpx, and more requests were admitted (BENCHMARKS.md)."""
+    if library == "aiohttp":
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+            async def post(url, body):
+                async with session.post(url, json=body) as r:
+                    return r.status, r.headers.get("retry-after"), await r.text()
+
+            yield post, (aiohttp.ClientError, asyncio.TimeoutError)
+    else:
+        import httpx
+
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+
+            async def post(url, body):
+                r = await http.post(url, json=body)
+                return r.status_code, r.headers.get("retry-after"), r.text
+
+            yield post, httpx.HTTPError
+
+
+async def hold(
+    url: str, clients: int, duration: float, max_tokens: int, done=None, library: str = "aiohttp"
+) -> list[dict]:
     """`clients` closed-loop clients for `duration` seconds, or until `done(records)` says so; one record
     per answer."""
-    import httpx
-
     records, end = [], time.time() + duration
 
-    async def client(http, index):
+    async def client(post, errors, index):
         i = 0
         while time.time() < end and not (done and done(records)):
             i += 1
@@ -118,20 +150,18 @@ async def hold(url: str, clients: int, duration: float, max_tokens: int, done=No
             }
             wait, proxy = 0.0, False
             try:
-                r = await http.post(url + "/v1/chat/completions", json=body)
-                status = r.status_code
-                wait = float(r.headers.get("retry-after", 0) or 0)
+                status, retry_after, text = await post(url + "/v1/chat/completions", body)
+                wait = float(retry_after or 0)
                 # Serve's proxy refusing for the ingress (its slots and queue full) answers in plain text.
-                proxy = status in (429, 503) and r.text.startswith("Request dropped due to backpressure")
-            except httpx.HTTPError as exc:
+                proxy = status in (429, 503) and text.startswith("Request dropped due to backpressure")
+            except errors as exc:
                 status = type(exc).__name__
             records.append({"start": began, "end": time.time(), "status": status, "proxy": proxy})
             if status in (429, 503):
                 await asyncio.sleep(max(wait, 0.05))  # as the OpenAI client does: it waits Retry-After, then retries
 
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        await asyncio.gather(*(client(http, i) for i in range(clients)))
+    async with http_poster(library, clients + 8) as (post, errors):
+        await asyncio.gather(*(client(post, errors, i) for i in range(clients)))
     return records
 
 
@@ -178,7 +208,7 @@ def refusals_at_the_server(began: float, ended: float) -> list[float]:
     return sorted(seconds)
 
 
-def recovery(server, url: str, clients: int, max_tokens: int, within_s: float) -> dict:
+def recovery(server, url: str, clients: int, max_tokens: int, within_s: float, library: str) -> dict:
     """Kill the LLM replica under `clients` of load: time to the first answer after it, and to a clean second.
     The load goes on until 10 s after the first answer that was sent after the kill, or `within_s`."""
     killed_at: list[float] = []
@@ -190,7 +220,7 @@ def recovery(server, url: str, clients: int, max_tokens: int, within_s: float) -
         return bool(ok) and time.time() > min(ok) + 10
 
     async def run():
-        task = asyncio.ensure_future(hold(url, clients, within_s, max_tokens, done=recovered))
+        task = asyncio.ensure_future(hold(url, clients, within_s, max_tokens, done=recovered, library=library))
         await asyncio.sleep(10)
         server.stdin.write("kill llm\n")
         server.stdin.flush()
@@ -289,6 +319,12 @@ def main() -> None:
     )
     parser.add_argument("--skip-serving", action="store_true", help="only the guard measurement")
     parser.add_argument("--skip-kill", action="store_true", help="no replica kill (the load levels only)")
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="the load generator's HTTP library (httpx: as the entries before session 13 were measured)",
+    )
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -314,19 +350,23 @@ def main() -> None:
         else:
             raise RuntimeError("the server exited before it was ready")
         try:
-            asyncio.run(hold(url, 2, 5, args.max_tokens))  # warm-up
+            asyncio.run(hold(url, 2, 5, args.max_tokens, library=args.client))  # warm-up
             levels = {}
             for level in args.levels:
                 clients = int(level * capacity)
                 began = time.time()
-                records = asyncio.run(hold(url, clients, args.duration, args.max_tokens))
+                records = asyncio.run(hold(url, clients, args.duration, args.max_tokens, library=args.client))
                 inside = refusals_at_the_server(began, time.time() + 1)
                 levels[level] = summarise(records, args.duration) | {
                     "clients": clients,
                     "server_shed_p99": pct(inside, 0.99),
                 }
                 print(f"  {level}x: {levels[level]}", file=sys.stderr, flush=True)
-            kill = None if args.skip_kill else recovery(server, url, capacity, args.max_tokens, args.recovery_s)
+            kill = (
+                None
+                if args.skip_kill
+                else recovery(server, url, capacity, args.max_tokens, args.recovery_s, args.client)
+            )
         finally:
             server.kill()
             server.wait()
