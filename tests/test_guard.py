@@ -145,16 +145,22 @@ def test_int8_path_keeps_the_real_encoders_representations():
     assert torch.corrcoef(torch.stack([sims_full, sims_fast]))[0, 1] > 0.95
 
 
+def _small_guard_recipe(tmp_path, **guard) -> dict:
+    """A recipe (as a dict) that trains a guard on a few authored rows in seconds, under tmp_path/runs; `guard`
+    adds to and overrides its guard section."""
+    return {
+        "run": {"name": "g", "output_dir": str(tmp_path / "runs")},
+        "data": {"generator": {"name": "order_extraction"}},
+        "guard": {"include_bastioncorpus": False, "epochs": 1, "batch_size": 16, "learning_rate": 1e-3} | guard,
+    }
+
+
 def test_a_guard_deeper_than_its_base_is_refused_before_training(tmp_path):
     from raytune_app.errors import RecipeError
     from raytune_app.tiny import build_tiny_bert
 
     recipe = config.validate(
-        {
-            "run": {"name": "g", "output_dir": str(tmp_path / "runs")},
-            "data": {"generator": {"name": "order_extraction"}},
-            "guard": {"base": build_tiny_bert(tmp_path / "bert", layers=2), "encoder_layers": 3},
-        }
+        _small_guard_recipe(tmp_path, base=build_tiny_bert(tmp_path / "bert", layers=2), encoder_layers=3)
     )
     with pytest.raises(RecipeError, match=r"guard.encoder_layers: 3, but the base encoder has 2 layers; use 1-2"):
         train_guard(recipe, in_process=True)
@@ -177,21 +183,7 @@ def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_
     AutoConfig.from_pretrained(base, pad_token_id=None).save_pretrained(base)
     assert AutoTokenizer.from_pretrained(base).pad_token is None
     recipe = config.validate(
-        {
-            "run": {"name": "g", "output_dir": str(tmp_path / "runs")},
-            "data": {"generator": {"name": "order_extraction"}},
-            "guard": {
-                "base": base,
-                "authored_rows": 120,
-                "include_bastioncorpus": False,
-                "epochs": 1,
-                "batch_size": 16,
-                "learning_rate": 1e-3,
-                "target_fpr": 0.1,
-                "max_length": 32,
-                "inference": "float32",
-            },
-        }
+        _small_guard_recipe(tmp_path, base=base, authored_rows=120, target_fpr=0.1, max_length=32, inference="float32")
     )
     bare = str(tmp_path / "bare")  # a tokenizer with nothing to pad with
     tokenizer.eos_token = None
@@ -293,21 +285,14 @@ def test_train_on_ray_then_eval_and_score_from_the_cli(tmp_path, write_jsonl, ca
     recipe_file = tmp_path / "guard.yaml"
     recipe_file.write_text(
         json.dumps(
-            {
-                "run": {"name": "g", "output_dir": str(tmp_path / "runs")},
-                "data": {"generator": {"name": "order_extraction"}},
-                "guard": {
-                    "base": encoder,
-                    "authored_rows": 300,
-                    "include_bastioncorpus": False,
-                    "epochs": 1,
-                    "batch_size": 16,
-                    "learning_rate": 1e-3,
-                    "target_fpr": 0.05,
-                    "max_length": 64,
-                    "encoder_layers": 1,  # the first of the base's two layers
-                },
-            }
+            _small_guard_recipe(
+                tmp_path,
+                base=encoder,
+                authored_rows=300,
+                target_fpr=0.05,
+                max_length=64,
+                encoder_layers=1,  # the first of the base's two layers
+            )
         )
     )
     recipe = config.load(recipe_file)
