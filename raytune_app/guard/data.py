@@ -99,7 +99,8 @@ def bastioncorpus_rows() -> list[dict]:
 
 
 def training_rows(recipe: Recipe) -> list[dict]:
-    """The guard's training set: authored rows, bastioncorpus and guard.sources, exact duplicates dropped."""
+    """The guard's training set: authored, obfuscated, contrast and code rows, bastioncorpus and guard.sources,
+    exact duplicates dropped."""
     from raytune_app.guard import authored
 
     cfg = recipe.guard
@@ -116,6 +117,10 @@ def training_rows(recipe: Recipe) -> list[dict]:
         from raytune_app.guard.contrast import contrast_rows
 
         rows += contrast_rows(cfg.contrast_rows, seed=recipe.run.seed)
+    if cfg.code_rows:
+        from raytune_app.guard.code_rows import code_rows
+
+        rows += code_rows(cfg.code_rows, seed=recipe.run.seed)
     if cfg.include_bastioncorpus:
         rows += bastioncorpus_rows()
     files = [(source, True) for source in cfg.sources] + [(source, False) for source in cfg.optional_sources]

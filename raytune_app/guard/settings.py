@@ -58,6 +58,14 @@ class GuardSection(Section):
         "security teaching and code; half quoted documents, either instructing the assistant (attack) or quoted to "
         "be discussed / holding no instruction (benign). Split into train and validation like the authored rows.",
     )
+    code_rows: int = Field(
+        0,
+        ge=0,
+        description="Extra rows of programming questions about real code (guard/code_rows.py): chunks of the "
+        "training machine's Python standard library, half as written (benign), half with an instruction to the "
+        "assistant planted as a comment or docstring (attack). Without them a guard learns that code itself looks "
+        "like an attack. Split into train and validation like the authored rows (source `authored_code`).",
+    )
     augmented_rows: int = Field(
         0,
         ge=0,
