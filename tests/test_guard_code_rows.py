@@ -57,3 +57,12 @@ def test_code_rows_stay_clear_of_the_held_out_over_defence_set():
 def test_code_rows_is_a_documented_recipe_field_off_by_default():
     field = GuardSection.model_fields["code_rows"]
     assert field.default == 0 and "standard library" in field.description
+
+
+def test_asking_for_more_code_rows_than_the_standard_library_holds_warns_and_trains_with_what_there_is(capsys):
+    rows = code_rows.code_rows(50_000, seed=0)
+    assert 1_000 < len(rows) < 50_000
+    assert (
+        f"guard.code_rows asks for 50000 rows; this Python's standard library gave {len(rows)}"
+        in capsys.readouterr().out
+    )

@@ -5,7 +5,7 @@ assistant planted in the code as a comment or docstring.
 
 Why: people paste code into assistants all day, and a guard that learned prompt injection from prose and
 template payloads learns that code itself looks like an attack. The public guard trained without these rows
-flagged 56% of benign questions about real third-party code (BENCHMARKS.md, "guard quality", session 14).
+flagged 73% of benign questions about real third-party code (BENCHMARKS.md, "guard quality", session 14).
 Real code brings what templates cannot: the names, comments and docstrings of working software, where
 "ignore", "override", "system", "prompt", "bypass" and "execute" are everyday words. The attack twins keep
 the guard reading what the code says rather than learning that code is safe.
@@ -70,7 +70,8 @@ def _planted(lines: list[str], rng: random.Random) -> list[str]:
 def code_rows(rows: int, seed: int = 0) -> list[dict]:
     """`rows` distinct questions about standard-library code: even rows benign (`benign_code`), odd rows the
     attack twin with a planted instruction (`code_comment_injection`); source `authored_code`. Fewer rows come
-    back only when the standard library runs out of distinct chunks (not at any size a recipe uses)."""
+    back when the standard library runs out of distinct chunks (about 2,000 from CPython 3.11's), with a
+    warning naming guard.code_rows."""
     rng = random.Random(seed)
     files = stdlib_files()
     rng.shuffle(files)
@@ -105,4 +106,11 @@ def code_rows(rows: int, seed: int = 0) -> list[dict]:
                     "source": "authored_code",
                 }
             )
+    if len(out) < rows:
+        from raytune_app import console
+
+        console.logger("guard").warning(
+            f"guard.code_rows asks for {rows} rows; this Python's standard library gave {len(out)} distinct chunks "
+            f"({sysconfig.get_paths()['stdlib']}): training with {len(out)}"
+        )
     return out
