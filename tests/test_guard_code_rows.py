@@ -64,5 +64,5 @@ def test_asking_for_more_code_rows_than_the_standard_library_holds_warns_and_tra
     assert 1_000 < len(rows) < 50_000
     assert (
         f"guard.code_rows asks for 50000 rows; this Python's standard library gave {len(rows)}"
-        in capsys.readouterr().out
+        in capsys.readouterr().err
     )
