@@ -277,19 +277,17 @@ def main() -> None:
     baseline_score, baseline_threshold = tfidf_baseline(
         train_rows, val_rows, target, recipe.guard.threshold_source_weights
     )
-    sides = {"TF-IDF + logistic regression (same rows)": (baseline_score, baseline_threshold)}
+    compared: dict = {}  # the guards compared, by the name each table gives them (section 3 reads prompts whole)
     previous = None
     if args.previous:
         previous = Guard.load(args.previous, threads=args.threads, compile=True)  # as it would serve
-        sides[f"previous guard ({Path(args.previous).name})"] = (previous.scores, previous.threshold)
+        compared[f"previous guard ({Path(args.previous).name})"] = previous
     if int8 is not shipped:
-        sides["guard, torch int8 (previous serving path)"] = (int8.scores, int8.threshold)
-    sides[shipped_name] = (shipped.scores, shipped.threshold)
-    guards_by_side = {shipped_name: shipped}  # the guards among the sides, to read prompts whole in section 3
-    if previous is not None:
-        guards_by_side[f"previous guard ({Path(args.previous).name})"] = previous
-    if int8 is not shipped:
-        guards_by_side["guard, torch int8 (previous serving path)"] = int8
+        compared["guard, torch int8 (previous serving path)"] = int8
+    compared[shipped_name] = shipped
+    sides = {"TF-IDF + logistic regression (same rows)": (baseline_score, baseline_threshold)} | {
+        name: (guard.scores, guard.threshold) for name, guard in compared.items()
+    }
     onnx = None
     if not args.no_onnx and onnx_path.available():
         # Timed beside torch's path (section 4); its scores are compared to the shipped path's on the public set.
@@ -365,7 +363,7 @@ def main() -> None:
     code_benign, code_attacked = real_code_prompts(attacks, args.code_prompts)
     # Scored as serving reads a prompt: whole, in overlapping 128-token windows, the worst window deciding
     # (a chunk of code is often longer than one window, and the planted line may sit anywhere in it).
-    whole = {name: (whole_prompt(guard), guard.threshold) for name, guard in guards_by_side.items()}
+    whole = {name: (whole_prompt(guard), guard.threshold) for name, guard in compared.items()}
     code = {}
     for name, (score, threshold) in (sides | whole).items():
         false_alarms = sum(s >= threshold for s in one_by_one(score, code_benign)) / len(code_benign)
