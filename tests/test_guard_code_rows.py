@@ -3,7 +3,10 @@ and attack twins with an instruction planted in the code. Plain functions: no mo
 
 import re
 
+import pytest
+
 from raytune_app.guard import code_rows, contrast
+from raytune_app.guard.metrics import source_weights
 from raytune_app.guard.overdefence import overdefence_rows
 from raytune_app.guard.settings import GuardSection
 
@@ -66,3 +69,36 @@ def test_asking_for_more_code_rows_than_the_standard_library_holds_warns_and_tra
         f"guard.code_rows asks for 50000 rows; this Python's standard library gave {len(rows)}"
         in capsys.readouterr().err
     )
+
+
+def test_a_recipe_with_code_rows_trains_on_them_and_weighs_their_false_alarms_by_its_share():
+    """guard.code_rows reaches the training rows (source authored_code), and threshold_source_weights can name
+    that source, as recipes/guard_public.yaml does."""
+    from raytune_app import config
+    from raytune_app.guard import data
+
+    recipe = config.validate(
+        {
+            "run": {"name": "g", "output_dir": "runs"},
+            "data": {"generator": {"name": "order_extraction"}},
+            "guard": {
+                "authored_rows": 100,
+                "code_rows": 60,
+                "include_bastioncorpus": False,
+                "threshold_source_weights": {"authored_code": 0.03},
+            },
+        }
+    )
+    rows = data.training_rows(recipe)
+    code = [r for r in rows if r["source"] == "authored_code"]
+    assert len(code) == 60 and code == code_rows.code_rows(60, seed=recipe.run.seed)
+    train, val = data.split_for_training(rows, recipe)
+    assert {r["source"] for r in train + val} == {"authored", "authored_code"}
+    weights = source_weights(
+        [r["source"] for r in val], [r["label"] for r in val], recipe.guard.threshold_source_weights
+    )
+    by_source = {
+        source: sum(w for w, r in zip(weights, val) if r["source"] == source)
+        for source in ("authored_code", "authored")
+    }
+    assert by_source == pytest.approx({"authored_code": 0.03, "authored": 0.97})
