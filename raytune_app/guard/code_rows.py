@@ -48,9 +48,14 @@ _QUESTIONS = [
 _CHUNKS_PER_FILE = 3
 
 
+def stdlib_root() -> Path:
+    """The folder of the running interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> list[Path]:
     """The standard library's own .py files, sorted: its test packages and site-packages left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     return sorted(
         path
         for path in root.rglob("*.py")
@@ -75,7 +80,7 @@ def code_rows(rows: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     files = stdlib_files()
     rng.shuffle(files)
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     out: list[dict] = []
     seen: set[str] = set()
     for path in files:
@@ -88,10 +93,12 @@ def code_rows(rows: int, seed: int = 0) -> list[dict]:
         if len(lines) < 10:
             continue
         for _ in range(_CHUNKS_PER_FILE):
+            if len(out) >= rows:
+                break
             start = rng.randrange(0, len(lines) - 5)
             part = lines[start : start + rng.randint(5, 16)]
             code = "\n".join(part).strip("\n")
-            if len(out) >= rows or not 80 <= len(code) <= 1200 or code in seen:
+            if not 80 <= len(code) <= 1200 or code in seen:
                 continue
             seen.add(code)
             attack = len(out) % 2 == 1
@@ -111,6 +118,6 @@ def code_rows(rows: int, seed: int = 0) -> list[dict]:
 
         console.logger("guard").warning(
             f"guard.code_rows asks for {rows} rows; this Python's standard library gave {len(out)} distinct chunks "
-            f"({sysconfig.get_paths()['stdlib']}): training with {len(out)}"
+            f"({root}): training with {len(out)}"
         )
     return out
