@@ -8,6 +8,7 @@ table, the plot and MLflow. Bad search spaces are refused before any trial start
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -288,3 +289,16 @@ def test_stopped_trials_leave_no_placement_groups_or_cleaner_actors(searched):
         time.sleep(1)
         release_orphaned_placement_groups()
     assert orphaned_groups() == [] and cleaners() == []
+
+
+def test_a_search_on_an_image_without_mlflow_keeps_its_results(tmp_path, monkeypatch, capfd):
+    """Seen on a bare GPU image (torch, no MLflow): the search ran, then its summary died on the MLflow import.
+    Tracking is reported as skipped, like an unreachable store, and the results stay on disk."""
+    from raytune_app.tune import tracking
+
+    recipe = tune_recipe(tmp_path, "bundled:smollm2-135m-instruct")
+    monkeypatch.setitem(sys.modules, "mlflow.entities", None)  # the import fails as if MLflow were not installed
+    best = {"trial_id": "t0", "final_metric": 1.0, "status": "completed", "dir": str(tmp_path)}
+    added = tracking.log_search(recipe, [best], best, {"fingerprint": "f"}, str(tmp_path))
+    assert added == {"mlflow": None}
+    assert "could not log the search to MLflow (ModuleNotFoundError" in capfd.readouterr().err

@@ -64,12 +64,14 @@ def _trial_run(mlflow_client, experiment_id: str, recipe: Recipe, row: dict, fin
 
 
 def log_search(recipe: Recipe, rows: list[dict], best: dict, summary: dict, out_dir: str) -> dict:
-    """Log the search and its trials; register the best trial's weights. Returns what to add to the summary."""
-    from mlflow.entities import Metric, Param
-
-    from raytune_app.registry import store
-
+    """Log the search and its trials; register the best trial's weights. Returns what to add to the summary.
+    Tracking never costs the search: a store that cannot be reached, or no MLflow installed (a bare GPU image),
+    is reported and the results stay on disk."""
     try:
+        from mlflow.entities import Metric, Param
+
+        from raytune_app.registry import store
+
         uri = store.tracking_uri(recipe)
         mlflow_client = store.client(uri)
         experiment_id = store._experiment_id(mlflow_client, recipe)
