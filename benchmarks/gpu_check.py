@@ -71,7 +71,17 @@ def build_model(folder: Path, hidden: int, layers: int, tokenizer_path: str) -> 
     return str(folder)
 
 
-def recipe(out: Path, model: str, name: str, train: dict, packing: bool, steps: int, gpus: int, rows: int = 4000):
+def recipe(
+    out: Path,
+    model: str,
+    name: str,
+    train: dict,
+    packing: bool,
+    steps: int,
+    gpus: int,
+    rows: int = 4000,
+    profile: int = 0,
+):
     from raytune_app import config
 
     return config.validate(
@@ -97,6 +107,7 @@ def recipe(out: Path, model: str, name: str, train: dict, packing: bool, steps: 
                 "logging_steps": 10,
                 "checkpoint": {"every_steps": steps, "keep_best": 1},
                 "lora": {"rank": 16},
+                "profile_steps": profile,
                 **train,
             },
             "evaluate": {"include_base": False},
@@ -118,12 +129,27 @@ def measure(recipe_, parameters: int, peak: float) -> dict:
     steady = logged[1:] or logged  # the first interval holds the warm-up (compilation, allocator growth)
     tokens_per_s = sorted(steady)[len(steady) // 2] if steady else float("nan")
     memory = max((h.get("peak_memory_mb", 0) for h in history), default=0)
+    # train.profile_steps' summary: the share of a step's wall time the GPU spent in kernels.
+    profile = Path(recipe_.stage_dir("train")) / "profile.txt"
+    busy = (
+        next(
+            (
+                line.rsplit(",", 1)[1].split("%")[0].strip()
+                for line in profile.read_text().splitlines()
+                if line.startswith("# kernels on the GPU")
+            ),
+            None,
+        )
+        if profile.exists()
+        else None
+    )
     del torch
     return {
         "tokens/s": round(tokens_per_s),
         "peak GiB": round(memory / 1024, 1),
         "MFU %": round(100 * 6 * parameters * tokens_per_s / peak, 1) if peak else None,
         "val loss": round(manifest["final_eval_loss"], 4),
+        "GPU busy %": busy,
         "wall s": round(time.time() - began),
     }
 
@@ -133,7 +159,9 @@ def tune_check(out: Path, model: str, gpus: int, rows: int) -> dict:
     from raytune_app.data.prepare import prepare
     from raytune_app.tune.run import tune
 
-    raw = recipe(out, model, "tune", {"finetuning": "lora", "attn_implementation": "auto"}, True, 20, gpus, rows).resolved()
+    raw = recipe(
+        out, model, "tune", {"finetuning": "lora", "attn_implementation": "auto"}, True, 20, gpus, rows
+    ).resolved()
     raw["tune"] = {
         "search_space": {"train.learning_rate": {"choice": [5e-5, 1e-4, 2e-4, 4e-4]}},
         "algorithm": "grid",
@@ -158,6 +186,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rows", type=int, default=4000, help="examples the quickstart generator writes")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=3,
+        help="train.profile_steps of each variant (profile.txt in its train folder)",
+    )
     parser.add_argument(
         "--tokenizer",
         default="bundled:smollm2-135m-instruct",
@@ -195,7 +229,7 @@ def main() -> None:
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
     rows = {}
     for name, (train, packing) in chosen.items():
-        variant = recipe(out, model, name, train, packing, args.steps, gpus, args.rows)
+        variant = recipe(out, model, name, train, packing, args.steps, gpus, args.rows, args.profile_steps)
         report = fit.check(variant, gpus=1, cpus=16)
         if not report.ok:
             raise SystemExit(f"{name}: does not fit one GPU: {report.problems}")

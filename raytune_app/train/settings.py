@@ -313,6 +313,13 @@ class TrainSection(Section):
         default_factory=CheckpointSection, description="Checkpointing and evaluation cadence."
     )
     logging_steps: int = Field(5, gt=0, description="Log train loss, tokens/s and memory every N steps.")
+    profile_steps: int = Field(
+        0,
+        ge=0,
+        description="Profile this many optimizer steps with torch.profiler (rank 0, from the first step after the "
+        "first logging interval) and write `profile.txt` to the train stage folder: wall vs GPU-busy time per step "
+        "and the operators by self time. 0: off. A few steps are enough; profiled steps run slower.",
+    )
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["mlflow"],  # type: ignore[arg-type]  # pydantic validates the default
         description="Where per-step metrics go: `mlflow` (the run is tracked in the registry's store when it ends), "

@@ -316,6 +316,11 @@ def _train(config: WorkerConfig, scratch_dir: str) -> None:
     callbacks = [report_callback(), _progress_callback()]
     if config.fault_at_step:
         callbacks.append(_fault_callback(storage.join(config.out_dir, "fault-injected"), config.fault_at_step))
+    if recipe.train.profile_steps and rank == 0:
+        from raytune_app.train.profile import profile_callback
+
+        target = storage.join(config.out_dir, "profile.txt")
+        callbacks.append(profile_callback(recipe.train.profile_steps, recipe.train.logging_steps, target))
     logs = _logging_dir(recipe, config.out_dir, scratch_dir)
     method, packed = recipe.train.method, False
     if method == "sft":
