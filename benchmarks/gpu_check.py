@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -129,29 +130,23 @@ def measure(recipe_, parameters: int, peak: float) -> dict:
     steady = logged[1:] or logged  # the first interval holds the warm-up (compilation, allocator growth)
     tokens_per_s = sorted(steady)[len(steady) // 2] if steady else float("nan")
     memory = max((h.get("peak_memory_mb", 0) for h in history), default=0)
-    # train.profile_steps' summary: the share of a step's wall time the GPU spent in kernels.
-    profile = Path(recipe_.stage_dir("train")) / "profile.txt"
-    busy = (
-        next(
-            (
-                line.rsplit(",", 1)[1].split("%")[0].strip()
-                for line in profile.read_text().splitlines()
-                if line.startswith("# kernels on the GPU")
-            ),
-            None,
-        )
-        if profile.exists()
-        else None
-    )
     del torch
     return {
         "tokens/s": round(tokens_per_s),
         "peak GiB": round(memory / 1024, 1),
         "MFU %": round(100 * 6 * parameters * tokens_per_s / peak, 1) if peak else None,
         "val loss": round(manifest["final_eval_loss"], 4),
-        "GPU busy %": busy,
+        "GPU busy %": gpu_busy_percent(Path(recipe_.stage_dir("train")) / "profile.txt"),
         "wall s": round(time.time() - began),
     }
+
+
+def gpu_busy_percent(profile: Path) -> str | None:
+    """The GPU's busy share of a profiled step, from train.profile_steps' summary (None without one)."""
+    if not profile.exists():
+        return None
+    found = re.search(r"^# kernels on the GPU: .*, (\d+)% of the wall", profile.read_text(), re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def tune_check(out: Path, model: str, gpus: int, rows: int) -> dict:

@@ -30,7 +30,7 @@ def profile_callback(steps: int, start: int, target: str):
             self.began = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if self.profiler is None and state.global_step == start and state.is_world_process_zero:
+            if self.profiler is None and state.global_step == start:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
