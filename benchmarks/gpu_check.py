@@ -34,6 +34,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 VARIANTS = {
     "lora padded sdpa": ({"finetuning": "lora", "attn_implementation": "sdpa"}, False),
     "lora packed flash": ({"finetuning": "lora", "attn_implementation": "auto"}, True),
+    "lora packed flex": ({"finetuning": "lora", "attn_implementation": "flex_attention"}, True),
     "lora packed flash + liger": ({"finetuning": "lora", "attn_implementation": "auto", "liger": True}, True),
     "qlora padded sdpa": ({"finetuning": "qlora", "attn_implementation": "sdpa"}, False),
     "qlora packed flash": ({"finetuning": "qlora", "attn_implementation": "auto"}, True),

@@ -86,13 +86,16 @@ def test_pack_keeps_examples_whole():
             assert p["input_ids"][start : start + n] == list(range(n))  # each example intact and contiguous
 
 
-def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer):
+# flex_attention (train.attn_implementation) compiles its kernel first: ~25 s here, so the slow lane.
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.slow)])
+def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, attention):
     """Through TRL's padding-free collator (position ids restart per example), a packed sequence gives
-    each example the same logits as running it alone."""
+    each example the same logits as running it alone, with the masking kernel (sdpa) and the one that
+    skips the other examples' blocks (flex_attention)."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
     chats = [CHAT, [{"role": "user", "content": "refund please"}, {"role": "assistant", "content": "ok"}]]
     tokenized = tokenize_examples(tokenizer, chats, 512, "drop")
     examples = [

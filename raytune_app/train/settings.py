@@ -262,12 +262,15 @@ class TrainSection(Section):
     )
     deepspeed: DeepSpeedSection | None = Field(None, description="DeepSpeed ZeRO; left out means plain DDP.")
     fsdp: FsdpSection = Field(default_factory=FsdpSection, description="FSDP2 settings (sharding fsdp).")
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flash_attention_3", "eager"] = Field(
+    attn_implementation: Literal[
+        "auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager"
+    ] = Field(
         "auto",
         description="Attention kernel: `auto` picks the fastest installed on GPU (flash_attention_3 on Hopper with "
         "flash-attn 3, flash_attention_2 with flash-attn, else sdpa) and sdpa on CPU. Packed data needs no "
-        "particular kernel (examples are kept apart from their position ids), but only the flash kernels skip the "
-        "attention between packed examples instead of masking it, which is where packing pays.",
+        "particular kernel (examples are kept apart from their position ids), but only the flash kernels and "
+        "`flex_attention` (PyTorch's own, nothing to install; compiled at the first step, ~30 s) skip the attention "
+        "between packed examples instead of masking it, which is where packing pays.",
     )
     liger: bool = Field(
         False,
