@@ -78,10 +78,10 @@ def plan_workers(
         )
     if not use_gpu and train.precision == "fp16":
         problems.append("train.precision fp16 needs a GPU and the workers get none; use bf16 or fp32 on CPUs")
-    if not use_gpu and (train.liger or train.attn_implementation.startswith("flash")):
+    if not use_gpu and (train.liger or train.attention_needs_gpu):
         problems.append(
-            "train.liger / flash attention run on GPUs and the workers get none; set train.liger: false and "
-            "train.attn_implementation: auto on CPUs"
+            "train.liger / flash and flex attention run on GPUs and the workers get none; set train.liger: false "
+            "and train.attn_implementation: auto on CPUs"
         )
     if cpus_per_worker is not None:  # a fixed share per worker (tune trials), on GPU workers too
         need = workers * cpus_per_worker

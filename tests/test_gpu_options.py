@@ -19,6 +19,7 @@ def test_each_option_validates_or_names_why_not():
     assert recipe(sharding="fsdp", fsdp={"cpu_offload": True}).train.fsdp.cpu_offload
     refusals = {
         "needs a GPU and use_gpu is false": dict(attn_implementation="flash_attention_2", use_gpu=False),
+        "flex_attention needs a GPU": dict(attn_implementation="flex_attention", use_gpu=False),
         "liger kernels run on GPUs": dict(liger=True, use_gpu=False),
         "exclude each other": dict(sharding="fsdp", deepspeed={"stage": 2}),
         "set sharding to deepspeed": dict(sharding="ddp", deepspeed={"stage": 2}),
@@ -30,7 +31,12 @@ def test_each_option_validates_or_names_why_not():
 
 
 def test_gpu_only_kernels_are_refused_on_cpu_workers_before_training():
-    for gpu_only in (recipe(liger=True), recipe(attn_implementation="flash_attention_2")):
+    gpu_only_setups = (
+        recipe(liger=True),
+        recipe(attn_implementation="flash_attention_2"),
+        recipe(attn_implementation="flex_attention"),  # its backward has no CPU kernel
+    )
+    for gpu_only in gpu_only_setups:
         plan = resources.plan_workers(gpu_only.train, gpus=0, cpus=8)  # the rule train.check_resources applies
         assert any("run on GPUs and the workers get none" in p for p in plan.problems)
         report = fit.check(gpu_only, gpus=0, cpus=8)

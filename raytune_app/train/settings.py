@@ -376,11 +376,16 @@ class TrainSection(Section):
             )
         if self.liger and self.use_gpu is False:
             raise ValueError("liger kernels run on GPUs (Triton) and use_gpu is false; drop train.liger")
-        if self.attn_implementation.startswith("flash") and self.use_gpu is False:
+        if self.attention_needs_gpu and self.use_gpu is False:
             raise ValueError(
                 f"attn_implementation {self.attn_implementation} needs a GPU and use_gpu is false; use sdpa or auto"
             )
         return self
+
+    @property
+    def attention_needs_gpu(self) -> bool:
+        """The flash kernels run on GPUs only; flex_attention runs forward on a CPU but has no backward there."""
+        return self.attn_implementation.startswith("flash") or self.attn_implementation == "flex_attention"
 
     @property
     def uses_deepspeed(self) -> bool:
