@@ -13,7 +13,11 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "${1:-}" != "--dry-run" ]; then
   nvidia-smi -L || { echo "gpu_check: no NVIDIA GPU here (use --dry-run)"; exit 2; }
-  [ -x .venv/bin/python ] || TORCH_SPEC=torch bash scripts/setup.sh
+  [ -x .venv/bin/python ] || TORCH_SPEC=torch bash scripts/setup.sh || {
+    echo "gpu_check: setup failed; on a machine without a package registry whose image has CUDA PyTorch, use"
+    echo "  bash benchmarks/gpu_offline.sh pack .whl   (where pip works), then: bash benchmarks/gpu_offline.sh run .whl"
+    exit 3
+  }
   for pkg in liger-kernel flash-attn; do
     mod=${pkg//-/_}
     .venv/bin/python -c "import ${mod}" 2>/dev/null && continue
