@@ -314,6 +314,21 @@ def main() -> None:
     )
     table(everything, "\n1. promptshield val, every row")
     table(fresh, f"\n   promptshield val rows whose text is not in the public train split ({len(unseen)})")
+    # The same rows with the recipe's guard.benign_attack_types as benign: labels the set gets wrong (its
+    # `control` rows are plain requests labelled 1), shown beside the table above, never instead of it.
+    relabelled = data.relabel_benign(public, recipe.guard.benign_attack_types)
+    corrected_labels = [r["label"] for r in relabelled]
+    corrected = {}
+    if corrected_labels != labels:
+        corrected = {
+            name: detection_metrics(scores[name], corrected_labels, threshold, types)
+            for name, (score, threshold) in sides.items()
+        }
+        table(
+            corrected,
+            f"\n   the same rows, guard.benign_attack_types {recipe.guard.benign_attack_types} as benign "
+            f"({sum(a != b for a, b in zip(labels, corrected_labels))} relabelled)",
+        )
     if onnx is not None:
         sample = texts[:: max(1, len(texts) // 200)]
         gap = max(abs(a - b) for a, b in zip(one_by_one(onnx.scores, sample), one_by_one(int8.scores, sample)))
@@ -423,6 +438,9 @@ def main() -> None:
             {
                 "public_val": {k: {m: v for m, v in r.items() if "_by_" not in m} for k, r in everything.items()},
                 "public_val_unseen": {k: {m: v for m, v in r.items() if "_by_" not in m} for k, r in fresh.items()},
+                "public_val_relabelled": {
+                    k: {m: v for m, v in r.items() if "_by_" not in m} for k, r in corrected.items()
+                },
                 "robustness": robustness,
                 "overdefence_fpr": overdefence,
                 "real_code": code,

@@ -43,6 +43,13 @@ class GuardSection(Section):
         "(chosen by a hash of the text, so stable). A public set's thousands of template-made benign prompts "
         "otherwise dominate the training time and the class mix; left out: every row.",
     )
+    benign_attack_types: list[str] = Field(
+        default_factory=list,
+        description="attack_type values of sources / optional_sources whose rows are benign whatever their label "
+        "says, and train as benign: a source's baseline prompts labelled as attacks by mistake. promptshield's "
+        '`control` rows ("List five fruits.", "Explain how to make a cup of tea.", severity 0.0, label 1) are '
+        "its source's benign controls; as attacks they teach a guard that plain requests are attacks.",
+    )
     obfuscated_rows: int = Field(
         0,
         ge=0,
