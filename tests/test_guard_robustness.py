@@ -135,7 +135,6 @@ def test_optional_sources_are_used_when_present_and_skipped_when_absent(tmp_path
     assert {r["source"] for r in without} == {"authored", "authored_obfuscated"} and len(without) == 60
 
 
-
 def test_a_sources_mislabelled_attack_type_trains_as_benign_when_the_recipe_says_so(tmp_path, write_jsonl):
     """promptshield labels its `control` rows (plain requests, severity 0.0) as attacks; guard.benign_attack_types
     turns them into benign rows, leaves every other row's label alone, and is off by default."""
@@ -164,6 +163,7 @@ def test_a_sources_mislabelled_attack_type_trains_as_benign_when_the_recipe_says
     assert {t: v for t, v in relabelled.items() if t != "List five fruits."} == {
         t: v for t, v in as_given.items() if t != "List five fruits."
     }
+
 
 # Attacks written for this test (not drawn from any training set), each under one obfuscation family.
 _FAMILY_EXAMPLES = {
@@ -260,6 +260,7 @@ def test_trained_guard_catches_every_obfuscation_family_and_keeps_its_false_alar
 @pytest.mark.extended
 def test_onnx_runtime_path_scores_like_torch(tmp_path):
     pytest.importorskip("onnxruntime")
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from raytune_app.guard.model import quantize_int8, score_texts
@@ -279,3 +280,14 @@ def test_onnx_runtime_path_scores_like_torch(tmp_path):
     assert got == pytest.approx(expected, abs=0.05)  # both int8: same weights, each its own kernels
     # The ONNX path reads the same guard_view: the encoded attack scores as the plain one does.
     assert got[2] == pytest.approx(got[0], abs=1e-6)
+    # The guard retrained into the same folder: the next build exports again instead of reusing the old file.
+    # Its head now leans to "benign", so every score moves far beyond the int8 tolerance.
+    changed = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2)
+    with torch.no_grad():
+        changed.classifier.bias.copy_(torch.tensor([4.0, -4.0]))
+    changed.save_pretrained(tmp_path / "clf")
+    retrained = quantize_int8(AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf").eval())
+    now_expected = [score_texts(tokenizer, retrained, [t], 64, batch_size=1)[0] for t in texts]
+    assert max(abs(a - b) for a, b in zip(now_expected, expected)) > 0.2
+    rebuilt = OnnxScorer.build(str(tmp_path / "clf"), str(tmp_path / "onnx"), max_length=64)
+    assert [rebuilt.scores([t])[0] for t in texts] == pytest.approx(now_expected, abs=0.05)

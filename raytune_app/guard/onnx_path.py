@@ -13,6 +13,7 @@ same scheme as torch's path). Optional: needs the `onnxruntime` and `onnx` packa
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -22,14 +23,27 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
+def weights_fingerprint(model_dir: str) -> str:
+    """A hash of the model folder's weight files: what the exported file was made from."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith((".safetensors", ".bin")):
+            with open(os.path.join(model_dir, name), "rb") as weights:
+                for block in iter(lambda: weights.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def export(model_dir: str, out_dir: str) -> str:
-    """The saved guard model as an int8 ONNX file under `out_dir` (reused when already there); its path."""
+    """The saved guard model as an int8 ONNX file under `out_dir`; its path. Reused when it was exported from
+    these weights: a guard retrained into the same folder gets a fresh export, not its predecessor's."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     os.makedirs(out_dir, exist_ok=True)
     full, quantised = os.path.join(out_dir, "model.onnx"), os.path.join(out_dir, "model.int8.onnx")
-    if os.path.exists(quantised):
+    source_file, source = os.path.join(out_dir, "exported_from.sha256"), weights_fingerprint(model_dir)
+    if os.path.exists(quantised) and os.path.exists(source_file) and open(source_file).read() == source:
         return quantised
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     example = {
@@ -53,6 +67,8 @@ def export(model_dir: str, out_dir: str) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(full, quantised, weight_type=QuantType.QInt8, per_channel=True)
+    with open(source_file, "w") as out:
+        out.write(source)
     return quantised
 
 
