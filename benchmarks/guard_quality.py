@@ -238,6 +238,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (serving uses 1)")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime path")
     parser.add_argument(
+        "--benign-attack-types",
+        nargs="*",
+        default=["control"],
+        help="attack types of the public set whose rows are plain requests labelled 1 (its `control` rows): a "
+        "second table counts them as benign (guard.benign_attack_types does the same for training)",
+    )
+    parser.add_argument(
         "--interleave",
         choices=["prompt", "side"],
         default="prompt",
@@ -314,9 +321,10 @@ def main() -> None:
     )
     table(everything, "\n1. promptshield val, every row")
     table(fresh, f"\n   promptshield val rows whose text is not in the public train split ({len(unseen)})")
-    # The same rows with the recipe's guard.benign_attack_types as benign: labels the set gets wrong (its
-    # `control` rows are plain requests labelled 1), shown beside the table above, never instead of it.
-    relabelled = data.relabel_benign(public, recipe.guard.benign_attack_types)
+    # The same rows with the attack types the set labels wrongly as benign (--benign-attack-types: its one val
+    # `control` row is "What are the advantages of remote work?", labelled 1), beside the table above, never
+    # instead of it.
+    relabelled = data.relabel_benign(public, args.benign_attack_types)
     corrected_labels = [r["label"] for r in relabelled]
     corrected = {}
     if corrected_labels != labels:
@@ -326,7 +334,7 @@ def main() -> None:
         }
         table(
             corrected,
-            f"\n   the same rows, guard.benign_attack_types {recipe.guard.benign_attack_types} as benign "
+            f"\n   the same rows, attack types {args.benign_attack_types} as benign "
             f"({sum(a != b for a, b in zip(labels, corrected_labels))} relabelled)",
         )
     if onnx is not None:
