@@ -330,7 +330,7 @@ def main() -> None:
     if corrected_labels != labels:
         corrected = {
             name: detection_metrics(scores[name], corrected_labels, threshold, types)
-            for name, (score, threshold) in sides.items()
+            for name, (_, threshold) in sides.items()
         }
         table(
             corrected,

@@ -48,7 +48,8 @@ class GuardSection(Section):
         description="attack_type values of sources / optional_sources whose rows are benign whatever their label "
         "says, and train as benign: a source's baseline prompts labelled as attacks by mistake. promptshield's "
         '`control` rows ("List five fruits.", "Explain how to make a cup of tea.", severity 0.0, label 1) are '
-        "its source's benign controls; as attacks they teach a guard that plain requests are attacks.",
+        "its source's benign controls (recipes/guard_public.yaml keeps them as labelled: corrected, its threshold fell "
+        "and over-defence rose; BENCHMARKS.md, session 15).",
     )
     obfuscated_rows: int = Field(
         0,
