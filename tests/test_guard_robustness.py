@@ -135,7 +135,7 @@ def test_optional_sources_are_used_when_present_and_skipped_when_absent(tmp_path
     assert {r["source"] for r in without} == {"authored", "authored_obfuscated"} and len(without) == 60
 
 
-def test_a_sources_mislabelled_attack_type_trains_as_benign_when_the_recipe_says_so(tmp_path, write_jsonl):
+def test_a_sources_mislabelled_attack_type_trains_as_benign_when_the_recipe_says_so(tmp_path, write_jsonl, capfd):
     """promptshield labels its `control` rows (plain requests, severity 0.0) as attacks; guard.benign_attack_types
     turns them into benign rows, leaves every other row's label alone, and is off by default."""
     public = write_jsonl(
@@ -163,6 +163,9 @@ def test_a_sources_mislabelled_attack_type_trains_as_benign_when_the_recipe_says
     assert {t: v for t, v in relabelled.items() if t != "List five fruits."} == {
         t: v for t, v in as_given.items() if t != "List five fruits."
     }
+    capfd.readouterr()
+    assert labels(benign_attack_types=["controll"])["List five fruits."] == 1  # a misspelt type changes nothing,
+    assert "guard.benign_attack_types: no row of attack type 'controll'" in capfd.readouterr().err  # and says so
 
 
 # Attacks written for this test (not drawn from any training set), each under one obfuscation family.

@@ -124,6 +124,7 @@ def training_rows(recipe: Recipe) -> list[dict]:
     if cfg.include_bastioncorpus:
         rows += bastioncorpus_rows()
     files = [(source, True) for source in cfg.sources] + [(source, False) for source in cfg.optional_sources]
+    types_read: set[str | None] = set()
     for source, required in files:
         path = recipe.resolve_source(source)
         if not required and not storage.exists(storage.absolute(path)):
@@ -132,8 +133,17 @@ def training_rows(recipe: Recipe) -> list[dict]:
             console.logger("guard").info(f"guard.optional_sources: {source} is not here; training without it")
             continue
         read = read_labelled(path, cfg.text_field, cfg.label_field, cfg.attack_type_field)
+        types_read |= {r["attack_type"] for r in read}
         read = relabel_benign(read, cfg.benign_attack_types)
         rows += cap_per_type(read, cfg.max_rows_per_type) if cfg.max_rows_per_type else read
+    unmatched = [t for t in cfg.benign_attack_types if t not in types_read]
+    if unmatched and types_read:  # a misspelt type would silently leave those rows labelled as attacks
+        from raytune_app import console
+
+        console.logger("guard").warning(
+            f"guard.benign_attack_types: no row of attack type {', '.join(map(repr, unmatched))} in the sources "
+            f"read (their types: {', '.join(sorted(str(t) for t in types_read))})"
+        )
     seen, unique = set(), []
     for row in rows:
         if row["text"] not in seen:
