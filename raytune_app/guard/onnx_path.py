@@ -13,25 +13,16 @@ same scheme as torch's path). Optional: needs the `onnxruntime` and `onnx` packa
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+
+from raytune_app import storage
 
 
 def available() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
-
-
-def weights_fingerprint(model_dir: str) -> str:
-    """A hash of the model folder's weight files: what the exported file was made from."""
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith((".safetensors", ".bin")):
-            with open(os.path.join(model_dir, name), "rb") as weights:
-                for block in iter(lambda: weights.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
 
 
 def export(model_dir: str, out_dir: str) -> str:
@@ -42,7 +33,9 @@ def export(model_dir: str, out_dir: str) -> str:
 
     os.makedirs(out_dir, exist_ok=True)
     full, quantised = os.path.join(out_dir, "model.onnx"), os.path.join(out_dir, "model.int8.onnx")
-    source_file, source = os.path.join(out_dir, "exported_from.sha256"), weights_fingerprint(model_dir)
+    # What the export was made from, as the stages tell their inputs apart (path, size, mtime of each file).
+    source_file = os.path.join(out_dir, "exported_from.json")
+    source = json.dumps(storage.file_fingerprint(model_dir))
     if os.path.exists(quantised) and os.path.exists(source_file) and open(source_file).read() == source:
         return quantised
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
