@@ -36,7 +36,7 @@ def profile_callback(steps: int, start: int, target: str):
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
                     torch.cuda.synchronize()
                 self.profiler = torch.profiler.profile(activities=activities)
-                self.profiler.__enter__()
+                self.profiler.start()
                 self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -46,7 +46,7 @@ def profile_callback(steps: int, start: int, target: str):
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self.began
             profiler, self.profiler = self.profiler, None
-            profiler.__exit__(None, None, None)
+            profiler.stop()
             storage.write_text(target, summary(profiler, steps, wall))
             console.logger("train").info(f"profiled steps {start + 1}-{start + steps}: {target}")
 
