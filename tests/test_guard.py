@@ -167,6 +167,43 @@ def test_a_guard_deeper_than_its_base_is_refused_before_training(tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before any data or model work
 
 
+@pytest.mark.slow
+def test_a_student_distilled_from_a_teacher_follows_the_teacher_more_than_the_labels(tmp_path):
+    """guard.teacher: a student's loss follows the teacher's probabilities by `distill_weight`. A teacher that
+    says the opposite of the labels (a trained guard with its two classes swapped) pulls a student trained on it
+    alone (distill_weight 1) to rank validation rows backwards; the same student on the labels alone ranks them
+    right. A teacher path without a trained guard is refused before any data or model work."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raytune_app.errors import RecipeError
+    from raytune_app.tiny import build_tiny_bert
+
+    encoder = build_tiny_bert(tmp_path / "bert", layers=2)
+
+    def trained(name: str, **guard) -> dict:
+        recipe = _small_guard_recipe(tmp_path, base=encoder, authored_rows=300, max_length=64, **guard)
+        return train_guard(config.validate(recipe | {"run": recipe["run"] | {"name": name}}), in_process=True)
+
+    assert trained("teacher")["validation"]["auc"] > 0.7
+    contrary = tmp_path / "contrary" / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "runs" / "teacher" / "guard" / "model")
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight.flip(0))
+        model.classifier.bias.copy_(model.classifier.bias.flip(0))
+    model.save_pretrained(contrary)
+    AutoTokenizer.from_pretrained(tmp_path / "runs" / "teacher" / "guard" / "model").save_pretrained(contrary)
+
+    on_labels = trained("on-labels", encoder_layers=1, teacher=str(contrary.parent), distill_weight=0.0)
+    on_teacher = trained("on-teacher", encoder_layers=1, teacher=str(contrary.parent), distill_weight=1.0)
+    assert on_labels["validation"]["auc"] > 0.6 and on_teacher["validation"]["auc"] < 0.4
+    assert on_teacher["teacher"] == str(contrary.parent) and on_teacher["distill_weight"] == 1.0  # in guard.json
+
+    with pytest.raises(RecipeError, match=r"guard.teacher: .*nowhere holds no trained guard \(no model/config.json\)"):
+        trained("orphan", teacher=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "runs" / "orphan").exists()
+
+
 def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_prompts(tmp_path):
     """guard.base may be a decoder (a Llama-style classifier reads its last real token). Many decoder tokenizers
     have no pad token: training batches, validation and serving windows are padded all the same."""

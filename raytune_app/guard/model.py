@@ -57,6 +57,8 @@ def _worker(config: dict) -> None:
     for row in train_rows:
         row["view"] = guard_view(row["text"])
         row["tokens"] = len(tokenizer(row["view"], truncation=True, max_length=config["max_length"])["input_ids"])
+    if config.get("teacher"):
+        _teacher_logits(config["teacher"], train_rows, config["max_length"], device)
 
     def batches(rows, shuffle: bool, seed: int):
         generator = torch.Generator().manual_seed(seed)
@@ -79,7 +81,8 @@ def _worker(config: dict) -> None:
                 padding=True,
                 return_tensors="pt",
             )
-            yield encoded.to(device), torch.tensor([r["label"] for r in chunk], device=device)
+            teacher = torch.tensor([r["teacher"] for r in chunk], device=device) if config.get("teacher") else None
+            yield encoded.to(device), torch.tensor([r["label"] for r in chunk], device=device), teacher
 
     steps = config["epochs"] * -(-len(train_rows) // config["batch_size"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
@@ -87,8 +90,13 @@ def _worker(config: dict) -> None:
     step, began = 0, time.time()
     model.train()
     for epoch in range(config["epochs"]):
-        for encoded, labels in batches(train_rows, True, config["seed"] + epoch):
-            loss = torch.nn.functional.cross_entropy(model(**encoded).logits, labels)
+        for encoded, labels, teacher in batches(train_rows, True, config["seed"] + epoch):
+            logits = model(**encoded).logits
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            if teacher is not None:
+                loss = (1 - config["distill_weight"]) * loss + config["distill_weight"] * _distill_loss(
+                    logits, teacher, config["distill_temperature"]
+                )
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -105,6 +113,43 @@ def _worker(config: dict) -> None:
         unwrapped.save_pretrained(config["model_dir"])
         tokenizer.save_pretrained(config["model_dir"])
     report({"steps": step, "last_loss": loss.item()})
+
+
+def _teacher_logits(teacher_dir: str, rows: list[dict], max_length: int, device) -> None:
+    """guard.teacher: the teacher guard's logits on each training row's view, stored as row["teacher"]. Read
+    once before training (fp32, no gradients), in length order so batches pad little."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(f"{teacher_dir}/model")
+    teacher = AutoModelForSequenceClassification.from_pretrained(f"{teacher_dir}/model").to(device).eval()
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["tokens"])
+    began = time.time()
+    with torch.inference_mode():
+        for start in range(0, len(order), 64):
+            part = [rows[i] for i in order[start : start + 64]]
+            encoded = tokenizer(
+                [r["view"] for r in part], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            )
+            for row, logits in zip(part, teacher(**encoded.to(device)).logits.float().tolist()):
+                row["teacher"] = logits
+    console.logger("guard").info(f"teacher {teacher_dir}: {len(rows)} rows read in {time.time() - began:.0f} s")
+
+
+def _distill_loss(logits, teacher_logits, temperature: float):
+    """Kullback-Leibler divergence from the teacher's to the student's class distribution, both softened by
+    `temperature`; scaled by its square so the gradient keeps the size of the label loss's (Hinton et al.)."""
+    import torch.nn.functional as F
+
+    return (
+        F.kl_div(
+            F.log_softmax(logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 def _fit_on_ray(loop_config: dict, out_dir: str) -> None:
@@ -155,6 +200,7 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     cfg = recipe.guard
     base = models.resolve(cfg.base)
     _check_base(base, cfg.encoder_layers)
+    _check_teacher(cfg.teacher)
     rows, train_rows, val_rows = _rows_for(recipe)
     out_dir = _guard_dir(recipe)
     model_dir = f"{out_dir}/model"
@@ -162,6 +208,9 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     loop_config = {
         "base": base,
         "encoder_layers": cfg.encoder_layers,
+        "teacher": storage.absolute(cfg.teacher) if cfg.teacher else None,
+        "distill_weight": cfg.distill_weight,
+        "distill_temperature": cfg.distill_temperature,
         "train": train_rows,
         "seed": recipe.run.seed,
         "epochs": cfg.epochs,
@@ -198,6 +247,17 @@ def _check_base(base: str, layers: int | None) -> None:
         )
     if problems:
         raise RecipeError("guard", problems)
+
+
+def _check_teacher(teacher: str | None) -> None:
+    """Before any data work, refuse a guard.teacher that is not a trained guard folder."""
+    from raytune_app.errors import RecipeError
+
+    if teacher and not storage.exists(storage.join(storage.absolute(teacher), "model", "config.json")):
+        raise RecipeError(
+            "guard",
+            [f"guard.teacher: {teacher} holds no trained guard (no model/config.json); train it first or fix the path"],
+        )
 
 
 def calibrate_guard(recipe: Recipe) -> dict:
@@ -239,6 +299,7 @@ def _choose_thresholds(
     scores, threshold = scores_by_path[inference], thresholds[inference]
     summary: dict[str, Any] = {
         "base": cfg.base,
+        **({"teacher": cfg.teacher, "distill_weight": cfg.distill_weight} if cfg.teacher else {}),
         "threshold": threshold,
         "target_fpr": cfg.target_fpr,
         "max_length": cfg.max_length,

@@ -27,6 +27,24 @@ class GuardSection(Section):
         "scores in proportion faster (all-MiniLM-L6-v2 has 6); the dropped layers' weights are never loaded. "
         "More than the base has is refused before training.",
     )
+    teacher: str | None = Field(
+        None,
+        description="A trained guard folder (e.g. runs/guard-public/guard) to distil from: its probabilities on "
+        "every training row become soft targets beside the labels (`distill_weight`). Used with a shallower "
+        "`encoder_layers` to make a faster guard that reads like the deeper one. Train the teacher on the same "
+        "data section (the same rows land in validation), or its knowledge of the student's validation rows "
+        "would flatter the student's threshold.",
+    )
+    distill_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="With `teacher`: the share of the loss that follows the teacher's probabilities (the rest "
+        "follows the labels).",
+    )
+    distill_temperature: float = Field(
+        2.0, gt=0.0, description="With `teacher`: the softmax temperature both sides are read at in that share."
+    )
     sources: list[str] = Field(
         default_factory=list, description="Extra labelled JSONL / Parquet files (relative to the recipe) to train on."
     )
