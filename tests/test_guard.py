@@ -164,6 +164,21 @@ def test_a_guard_deeper_than_its_base_is_refused_before_training(tmp_path):
     )
     with pytest.raises(RecipeError, match=r"guard.encoder_layers: 3, but the base encoder has 2 layers; use 1-2"):
         train_guard(recipe, in_process=True)
+    # A list keeps the layers at those indices, in order: here the base's second layer alone.
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from raytune_app.guard.model import _keep_layers
+
+    model = AutoModelForSequenceClassification.from_pretrained(recipe.guard.base, num_labels=2)
+    second = model.bert.encoder.layer[1].output.dense.weight.clone()
+    _keep_layers(model, [1])
+    assert len(model.bert.encoder.layer) == model.config.num_hidden_layers == 1
+    assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, second)
+    for indices in ([2], [1, 0], [0, 0], []):
+        recipe = config.validate(_small_guard_recipe(tmp_path, base=recipe.guard.base, encoder_layers=indices))
+        with pytest.raises(RecipeError, match=r"list layer indices in ascending order, each once, from 0 to 1 \("):
+            train_guard(recipe, in_process=True)
     assert not (tmp_path / "runs").exists()  # refused before any data or model work
 
 
@@ -195,13 +210,18 @@ def test_a_student_distilled_from_a_teacher_follows_the_teacher_more_than_the_la
     AutoTokenizer.from_pretrained(tmp_path / "runs" / "teacher" / "guard" / "model").save_pretrained(contrary)
 
     on_labels = trained("on-labels", encoder_layers=1, teacher=str(contrary.parent), distill_weight=0.0)
-    on_teacher = trained("on-teacher", encoder_layers=1, teacher=str(contrary.parent), distill_weight=1.0)
+    # The student keeps the base's second layer (encoder_layers by index), so the list form is trained here too.
+    on_teacher = trained("on-teacher", encoder_layers=[1], teacher=str(contrary.parent), distill_weight=1.0)
     assert on_labels["validation"]["auc"] > 0.6 and on_teacher["validation"]["auc"] < 0.4
     assert on_teacher["teacher"] == str(contrary.parent) and on_teacher["distill_weight"] == 1.0  # in guard.json
 
     with pytest.raises(RecipeError, match=r"guard.teacher: .*nowhere holds no trained guard \(no model/config.json\)"):
         trained("orphan", teacher=str(tmp_path / "nowhere"))
     assert not (tmp_path / "runs" / "orphan").exists()
+    with pytest.raises(RecipeError, match=r"guard.teacher: s3://guards/g is not a local folder; copy the guard folder"):
+        trained("remote", teacher="s3://guards/g")
+    saved = json.loads((tmp_path / "runs" / "on-teacher" / "guard" / "model" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 1
 
 
 def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_prompts(tmp_path):

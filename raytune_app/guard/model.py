@@ -35,9 +35,13 @@ def _worker(config: dict) -> None:
 
     torch.manual_seed(config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(config["base"])
-    # guard.encoder_layers: transformers builds the shallower encoder and loads the first layers' weights only.
-    depth = {"num_hidden_layers": config["encoder_layers"]} if config.get("encoder_layers") else {}
+    # guard.encoder_layers N: transformers builds the shallower encoder and loads the first layers' weights only;
+    # a list of indices: the whole base is loaded, then the listed layers kept.
+    layers = config.get("encoder_layers")
+    depth = {"num_hidden_layers": layers} if isinstance(layers, int) else {}
     model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=2, **depth)
+    if isinstance(layers, list):
+        _keep_layers(model, layers)
     # Decoder bases (Llama-style) often ship no pad token: pad with end-of-sequence (train_guard checked there is
     # one). Their classifier reads each row's last token that is not the pad, so padding is never read; the
     # saved tokenizer and config carry the choice to scoring and serving.
@@ -113,6 +117,19 @@ def _worker(config: dict) -> None:
         unwrapped.save_pretrained(config["model_dir"])
         tokenizer.save_pretrained(config["model_dir"])
     report({"steps": step, "last_loss": loss.item()})
+
+
+def _keep_layers(model, indices: list[int]) -> None:
+    """Keep only the transformer layers at `indices` (ascending) of a loaded model: its stack of layers is the
+    module list as long as config.num_hidden_layers (BERT's encoder.layer, Llama's model.layers)."""
+    import torch
+
+    depth = model.config.num_hidden_layers
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth and n)
+    parent, _, attribute = name.rpartition(".")
+    stack = model.get_submodule(name)
+    setattr(model.get_submodule(parent), attribute, torch.nn.ModuleList([stack[i] for i in indices]))
+    model.config.num_hidden_layers = len(indices)
 
 
 def _teacher_logits(teacher_dir: str, rows: list[dict], max_length: int, device) -> None:
@@ -226,7 +243,7 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     return _choose_thresholds(recipe, out_dir, rows, train_rows, val_rows)
 
 
-def _check_base(base: str, layers: int | None) -> None:
+def _check_base(base: str, layers: int | list[int] | None) -> None:
     """Before any data or model work, refuse a guard.encoder_layers deeper than the base (transformers would add
     random layers) and a base whose tokenizer has neither a pad nor an end-of-sequence token to pad batches with."""
     from transformers import AutoConfig, AutoTokenizer
@@ -235,9 +252,14 @@ def _check_base(base: str, layers: int | None) -> None:
 
     problems = []
     available = AutoConfig.from_pretrained(base).num_hidden_layers
-    if layers is not None and layers > available:
+    if isinstance(layers, int) and layers > available:
         problems.append(
             f"guard.encoder_layers: {layers}, but the base encoder has {available} layers; use 1-{available}"
+        )
+    if isinstance(layers, list) and (not layers or layers != sorted(set(layers)) or layers[-1] >= available):
+        problems.append(
+            f"guard.encoder_layers: {layers}; list layer indices in ascending order, each once, from 0 to "
+            f"{available - 1} (the base encoder has {available} layers)"
         )
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None and tokenizer.eos_token is None:
@@ -253,6 +275,8 @@ def _check_teacher(teacher: str | None) -> None:
     """Before any data work, refuse a guard.teacher that is not a trained guard folder."""
     from raytune_app.errors import RecipeError
 
+    if teacher and "://" in teacher:
+        raise RecipeError("guard", [f"guard.teacher: {teacher} is not a local folder; copy the guard folder here"])
     if teacher and not storage.exists(storage.join(storage.absolute(teacher), "model", "config.json")):
         raise RecipeError(
             "guard",

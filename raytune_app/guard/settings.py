@@ -5,7 +5,7 @@ Plain pydantic; no Ray. Read by raytune_app/guard/ (data.py, model.py) and the s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -20,12 +20,12 @@ class GuardSection(Section):
         "works too (it classifies from its last token; a tokenizer without a pad token pads with end-of-sequence), "
         "e.g. `bundled:smollm2-135m-instruct`: 12x MiniLM's latency on a CPU and no better here (BENCHMARKS.md).",
     )
-    encoder_layers: int | None = Field(
+    encoder_layers: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
-        ge=1,
-        description="Keep only the first N transformer layers of `base` (left out: all of them). A shallower guard "
-        "scores in proportion faster (all-MiniLM-L6-v2 has 6); the dropped layers' weights are never loaded. "
-        "More than the base has is refused before training.",
+        description="Keep only the first N transformer layers of `base` (left out: all of them), or the layers "
+        "listed by index from 0 in ascending order (e.g. [0, 2, 5]: a distilled student that keeps the last "
+        "layer, whose output the base's classifier head reads). A shallower guard scores in proportion faster "
+        "(all-MiniLM-L6-v2 has 6). More than the base has, or an index it lacks, is refused before training.",
     )
     teacher: str | None = Field(
         None,
