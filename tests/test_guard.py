@@ -208,6 +208,7 @@ def test_a_student_distilled_from_a_teacher_follows_the_teacher_more_than_the_la
         model.classifier.bias.copy_(model.classifier.bias.flip(0))
     model.save_pretrained(contrary)
     AutoTokenizer.from_pretrained(tmp_path / "runs" / "teacher" / "guard" / "model").save_pretrained(contrary)
+    (contrary.parent / "guard.json").write_text((tmp_path / "runs" / "teacher" / "guard" / "guard.json").read_text())
 
     on_labels = trained("on-labels", encoder_layers=1, teacher=str(contrary.parent), distill_weight=0.0)
     # The student keeps the base's second layer (encoder_layers by index), so the list form is trained here too.
@@ -215,7 +216,7 @@ def test_a_student_distilled_from_a_teacher_follows_the_teacher_more_than_the_la
     assert on_labels["validation"]["auc"] > 0.6 and on_teacher["validation"]["auc"] < 0.4
     assert on_teacher["teacher"] == str(contrary.parent) and on_teacher["distill_weight"] == 1.0  # in guard.json
 
-    with pytest.raises(RecipeError, match=r"guard.teacher: .*nowhere holds no trained guard \(no model/config.json\)"):
+    with pytest.raises(RecipeError, match=r"guard.teacher: .*nowhere holds no trained guard \(no guard.json\)"):
         trained("orphan", teacher=str(tmp_path / "nowhere"))
     assert not (tmp_path / "runs" / "orphan").exists()
     with pytest.raises(RecipeError, match=r"guard.teacher: s3://guards/g is not a local folder; copy the guard folder"):

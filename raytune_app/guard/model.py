@@ -62,7 +62,7 @@ def _worker(config: dict) -> None:
         row["view"] = guard_view(row["text"])
         row["tokens"] = len(tokenizer(row["view"], truncation=True, max_length=config["max_length"])["input_ids"])
     if config.get("teacher"):
-        _teacher_logits(config["teacher"], train_rows, config["max_length"], device)
+        _teacher_logits(config["teacher"], train_rows, config["max_length"])
 
     def batches(rows, shuffle: bool, seed: int):
         generator = torch.Generator().manual_seed(seed)
@@ -132,24 +132,16 @@ def _keep_layers(model, indices: list[int]) -> None:
     model.config.num_hidden_layers = len(indices)
 
 
-def _teacher_logits(teacher_dir: str, rows: list[dict], max_length: int, device) -> None:
-    """guard.teacher: the teacher guard's logits on each training row's view, stored as row["teacher"]. Read
-    once before training (fp32, no gradients), in length order so batches pad little."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(f"{teacher_dir}/model")
-    teacher = AutoModelForSequenceClassification.from_pretrained(f"{teacher_dir}/model").to(device).eval()
+def _teacher_logits(teacher_dir: str, rows: list[dict], max_length: int) -> None:
+    """guard.teacher: the teacher guard's two logits on each training row, stored as row["teacher"]. Read once
+    before training, as the teacher scores (its own text view, float32), in length order so batches pad little."""
+    info = json.loads(storage.read_text(f"{teacher_dir}/guard.json"))
+    tokenizer, teacher = load_classifier(f"{teacher_dir}/model", "float32")
     order = sorted(range(len(rows)), key=lambda i: rows[i]["tokens"])
     began = time.time()
-    with torch.inference_mode():
-        for start in range(0, len(order), 64):
-            part = [rows[i] for i in order[start : start + 64]]
-            encoded = tokenizer(
-                [r["view"] for r in part], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-            )
-            for row, logits in zip(part, teacher(**encoded.to(device)).logits.float().tolist()):
-                row["teacher"] = logits
+    texts = [rows[i]["text"] for i in order]
+    for i, logits in zip(order, score_texts(tokenizer, teacher, texts, max_length, 64, view_of(info), class_logits)):
+        rows[i]["teacher"] = logits
     console.logger("guard").info(f"teacher {teacher_dir}: {len(rows)} rows read in {time.time() - began:.0f} s")
 
 
@@ -277,11 +269,9 @@ def _check_teacher(teacher: str | None) -> None:
 
     if teacher and "://" in teacher:
         raise RecipeError("guard", [f"guard.teacher: {teacher} is not a local folder; copy the guard folder here"])
-    if teacher and not storage.exists(storage.join(storage.absolute(teacher), "model", "config.json")):
-        raise RecipeError(
-            "guard",
-            [f"guard.teacher: {teacher} holds no trained guard (no model/config.json); train it first or fix the path"],
-        )
+    if teacher and not storage.exists(storage.join(storage.absolute(teacher), "guard.json")):
+        problem = f"guard.teacher: {teacher} holds no trained guard (no guard.json); train it first or fix the path"
+        raise RecipeError("guard", [problem])
 
 
 def calibrate_guard(recipe: Recipe) -> dict:
@@ -557,15 +547,18 @@ def view_of(info: dict):
     return guard_view if info.get("text_view") == TEXT_VIEW else normalize
 
 
-def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size: int = 32, view=None) -> list[float]:
+def score_texts(
+    tokenizer, model, texts: list[str], max_length: int, batch_size: int = 32, view=None, read=None
+) -> list:
     """Attack probabilities of `texts` read through `view` (default guard/deobfuscate.py's guard_view), cut at
-    `max_length` tokens, in batches (padding only to the longest prompt of a batch)."""
+    `max_length` tokens, in batches (padding only to the longest prompt of a batch); `read=class_logits`: each
+    text's two logits instead."""
     import torch
 
     from raytune_app.guard.deobfuscate import guard_view
 
     view = view or guard_view
-    out = []
+    out: list = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             encoded = tokenizer(
@@ -575,17 +568,26 @@ def score_texts(tokenizer, model, texts: list[str], max_length: int, batch_size:
                 padding=True,
                 return_tensors="pt",
             )
-            out += attack_probabilities(model, encoded)
+            out += (read or attack_probabilities)(model, encoded)
     return out
 
 
 def attack_probabilities(model, encoded) -> list[float]:
-    """P(attack) for a tokenised batch. Only input ids and attention mask go in, from texts and from windows
-    alike (token type ids would be all zeros, the model's default): a compiled guard then sees one signature."""
+    """P(attack) for a tokenised batch."""
     import torch
 
-    logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
-    return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()
+    return torch.softmax(_logits(model, encoded), dim=-1)[:, 1].tolist()
+
+
+def class_logits(model, encoded) -> list[list[float]]:
+    """The (benign, attack) logits of each row of a tokenised batch."""
+    return _logits(model, encoded).tolist()
+
+
+def _logits(model, encoded):
+    """Only input ids and attention mask go in, from texts and from windows alike (token type ids would be all
+    zeros, the model's default): a compiled guard then sees one signature."""
+    return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()
 
 
 def window_ids(
