@@ -175,6 +175,9 @@ def test_a_guard_deeper_than_its_base_is_refused_before_training(tmp_path):
     _keep_layers(model, [1])
     assert len(model.bert.encoder.layer) == model.config.num_hidden_layers == 1
     assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, second)
+    missing = config.validate(_small_guard_recipe(tmp_path, base=str(tmp_path / "nowhere")))
+    with pytest.raises(RecipeError, match=r"guard.base: .*nowhere is not a model folder here, nor one transformers"):
+        train_guard(missing, in_process=True)
     for indices in ([2], [1, 0], [0, 0], []):
         recipe = config.validate(_small_guard_recipe(tmp_path, base=recipe.guard.base, encoder_layers=indices))
         with pytest.raises(RecipeError, match=r"list layer indices in ascending order, each once, from 0 to 1 \("):

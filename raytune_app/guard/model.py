@@ -208,8 +208,8 @@ def train_guard(recipe: Recipe, in_process: bool = False) -> dict:
     same loop and data); for a machine so loaded that a local Ray does not come up in time."""
     cfg = recipe.guard
     base = models.resolve(cfg.base)
+    _check_teacher(cfg.teacher)  # first: a student's base is often inside its teacher's folder
     _check_base(base, cfg.encoder_layers)
-    _check_teacher(cfg.teacher)
     rows, train_rows, val_rows = _rows_for(recipe)
     out_dir = _guard_dir(recipe)
     model_dir = f"{out_dir}/model"
@@ -242,8 +242,14 @@ def _check_base(base: str, layers: int | list[int] | None) -> None:
 
     from raytune_app.errors import RecipeError
 
+    try:
+        available = AutoConfig.from_pretrained(base).num_hidden_layers
+    except OSError as error:  # no such folder here, and not a model the hub (or its cache) has
+        reason = str(error).splitlines()[0]
+        raise RecipeError(
+            "guard", [f"guard.base: {base} is not a model folder here, nor one transformers can load ({reason})"]
+        ) from None
     problems = []
-    available = AutoConfig.from_pretrained(base).num_hidden_layers
     if isinstance(layers, int) and layers > available:
         problems.append(
             f"guard.encoder_layers: {layers}, but the base encoder has {available} layers; use 1-{available}"
