@@ -6,7 +6,7 @@ import pytest
 
 from raytune_app import config, fit, resources
 from raytune_app.train.arguments import training_arguments
-from raytune_app.train.model import attention_kernel
+from raytune_app.train.model import attention_kernel, choose_sdpa_backends
 from raytune_app.train.run import check_packages
 
 
@@ -50,6 +50,25 @@ def test_gpu_only_kernels_are_refused_on_cpu_workers_before_training():
 def test_auto_attention_is_sdpa_on_cpu():
     assert attention_kernel("auto", on_gpu=False) == "sdpa"
     assert attention_kernel("eager", on_gpu=False) == "eager"
+
+
+def test_sdpa_training_on_a_gpu_turns_off_cudnn_attention_and_nothing_else_does():
+    """cuDNN's attention builds a plan per sequence shape on the host (BENCHMARKS.md, "GPU path"): training with
+    sdpa on a GPU leaves it to PyTorch's own kernels. The switch is a process-wide flag, readable on CPU too."""
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        choose_sdpa_backends("sdpa", on_gpu=False)
+        choose_sdpa_backends("flex_attention", on_gpu=True)
+        choose_sdpa_backends("flash_attention_2", on_gpu=True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        choose_sdpa_backends("sdpa", on_gpu=True)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_options_reach_the_training_arguments(tmp_path, one_process_group):

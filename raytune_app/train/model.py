@@ -67,6 +67,18 @@ def attention_kernel(requested: str, on_gpu: bool) -> str:
     return "sdpa"
 
 
+def choose_sdpa_backends(kernel: str, on_gpu: bool) -> None:
+    """Training with sdpa on a GPU: PyTorch's flash and memory-efficient kernels, not cuDNN's.
+
+    Why: cuDNN's attention builds an execution plan for every new sequence shape, on the host. Padded batches
+    change shape at nearly every step, and on an H200 (BENCHMARKS.md, "GPU path") each layer's forward and
+    backward then spent 17 / 25 ms building plans while its kernels ran for under 0.1 ms: the GPU was busy 6% of
+    a 0.87 s step. PyTorch's own kernels need no plan. Process-wide, which is right inside a training worker.
+    """
+    if on_gpu and kernel == "sdpa":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_for_training(
     model: ModelSection, train: TrainSection, device: torch.device, parent_adapter: str | None = None
 ):
@@ -74,10 +86,12 @@ def load_for_training(
     from transformers import AutoModelForCausalLM
 
     path = models.resolve(model.path)
+    kernel = attention_kernel(train.attn_implementation, device.type == "cuda")
+    choose_sdpa_backends(kernel, device.type == "cuda")
     kwargs = {
         "dtype": DTYPES[models.compute_precision(train.precision, device.type == "cuda")],
         "trust_remote_code": model.trust_remote_code,
-        "attn_implementation": attention_kernel(train.attn_implementation, device.type == "cuda"),
+        "attn_implementation": kernel,
     }
 
     if train.finetuning == "full":
