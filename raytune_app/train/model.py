@@ -72,7 +72,7 @@ def choose_sdpa_backends(kernel: str, on_gpu: bool) -> None:
 
     Why: cuDNN's attention builds an execution plan for every new sequence shape, on the host. Padded batches
     change shape at nearly every step, and on an H200 (BENCHMARKS.md, "GPU path") each layer's forward and
-    backward then spent 17 / 25 ms building plans while its kernels ran for under 0.1 ms: the GPU was busy 6% of
+    backward then spent 17 / 25 ms building plans while its kernels ran for under 0.1 ms: the GPU was busy 3% of
     a 0.87 s step. PyTorch's own kernels need no plan. Process-wide, which is right inside a training worker.
     """
     if on_gpu and kernel == "sdpa":
