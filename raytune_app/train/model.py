@@ -86,10 +86,11 @@ def load_for_training(
     from transformers import AutoModelForCausalLM
 
     path = models.resolve(model.path)
-    kernel = attention_kernel(train.attn_implementation, device.type == "cuda")
-    choose_sdpa_backends(kernel, device.type == "cuda")
+    on_gpu = device.type == "cuda"
+    kernel = attention_kernel(train.attn_implementation, on_gpu)
+    choose_sdpa_backends(kernel, on_gpu)
     kwargs = {
-        "dtype": DTYPES[models.compute_precision(train.precision, device.type == "cuda")],
+        "dtype": DTYPES[models.compute_precision(train.precision, on_gpu)],
         "trust_remote_code": model.trust_remote_code,
         "attn_implementation": kernel,
     }

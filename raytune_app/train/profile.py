@@ -57,10 +57,6 @@ def summary(profiler, steps: int, wall: float) -> str:
     """The profile as text: wall time per step, busy time per step, the operators by self time."""
     events = profiler.key_averages()
     on_gpu = torch.cuda.is_available()
-    # The kernels' own events: an operator's device time is its kernels' again (summing both counted the GPU's
-    # time twice, a "102% busy" step in the first profiled GPU run).
-    kernels = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
-    device_us = sum(e.self_device_time_total for e in kernels) if on_gpu else 0
     operator_us = sum(e.self_cpu_time_total for e in events)
     per_step_ms = 1000 * wall / steps
     lines = [
@@ -68,9 +64,11 @@ def summary(profiler, steps: int, wall: float) -> str:
         f"# operators on the host: {operator_us / 1000 / steps:.1f} ms per step",
     ]
     if on_gpu:
-        busy = device_us / 1000 / steps
+        # The kernels' own events: an operator's device time is its kernels' again (summing both counted the
+        # GPU's time twice, a "102% busy" step in the first profiled GPU run).
+        kernel_us = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU)
+        busy = kernel_us / 1000 / steps
         lines.append(f"# kernels on the GPU: {busy:.1f} ms per step, {100 * busy / per_step_ms:.0f}% of the wall")
-    if on_gpu:
         # A GPU busy for a small share of the wall waits on the host: the second table says on what.
         lines += ["", "## by time on the GPU", events.table(sort_by="self_device_time_total", row_limit=30)]
         lines += ["", "## by time on the host", events.table(sort_by="self_cpu_time_total", row_limit=30)]
