@@ -58,8 +58,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_forever(port: int, model: str, out: str, backend: str, guard: str | None = None) -> None:
-    """The server side: start the app, print READY, then obey `kill llm` lines on stdin."""
+def serve_forever(
+    port: int, model: str, out: str, backend: str, guard: str | None = None, extra: list[str] | None = None
+) -> None:
+    """The server side: start the app, print READY, then obey `kill llm` lines on stdin; `extra`: recipe
+    overrides after the benchmark's own (`--set`)."""
     import ray
 
     from raytune_app import config
@@ -82,6 +85,7 @@ def serve_forever(port: int, model: str, out: str, backend: str, guard: str | No
         f"serve.vllm.max_num_seqs={BATCH}",  # vLLM's: either way capacity is 2 x BATCH (serve/app.py)
         "serve.batching.batch_wait_timeout_s=0.05",
         "serve.limits.timeout_s=60",
+        *(extra or []),
     ]
     recipe = config.load(ROOT / "recipes" / "quickstart.yaml", overrides)
     from _harness import start_ray
@@ -325,10 +329,18 @@ def main() -> None:
         default="aiohttp",
         help="the load generator's HTTP library (httpx: as the entries before session 13 were measured)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for the server, after the benchmark's own (repeatable), e.g. to try a queue size: "
+        "--set serve.deployments.ingress.max_queued_requests=4",
+    )
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve_forever(int(args.serve[0]), args.serve[1], args.serve[2], args.backend, args.guard)
+        serve_forever(int(args.serve[0]), args.serve[1], args.serve[2], args.backend, args.guard, args.set)
         return
     import tempfile
 
@@ -337,7 +349,8 @@ def main() -> None:
         port, out = _free_port(), tempfile.mkdtemp(prefix="serve-faults-")
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(port), args.model, out, "--backend", args.backend]
-            + (["--guard", str(Path(args.guard).resolve())] if args.guard else []),
+            + (["--guard", str(Path(args.guard).resolve())] if args.guard else [])
+            + [f"--set={override}" for override in args.set],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -374,7 +387,9 @@ def main() -> None:
         print(
             f"\n{args.model} model on {args.backend}, {os.cpu_count()} CPUs, capacity {capacity} "
             f"(1 LLM replica x max_ongoing {capacity}; queue {capacity} more), max_tokens {args.max_tokens}, "
-            f"{args.duration:.0f} s per level, guard: {args.guard or 'off'}\n"
+            f"{args.duration:.0f} s per level, guard: {args.guard or 'off'}"
+            + "".join(f", {override}" for override in args.set)
+            + "\n"
         )
         head = f"{'load':>6}{'clients':>8}{'admitted':>9}{'shed':>6}{'proxy':>6}{'other':>6}{'adm/s':>7}"
         print(head + f"{'p50 s':>7}{'p99 s':>7}{'p99 x1':>7}{'shed p99 s':>11}{'proxy p99 s':>12}{'in server':>10}")
