@@ -16,9 +16,11 @@
 2. Robustness: every public val attack under each obfuscation (guard/robustness.py KINDS), recall at the
    shipped threshold beside the plain recall of the same attacks; and the hand-translated held-out attacks
    (robustness.translated_attacks) beside their English originals.
-3. Over-defence: the false-alarm rate on guard/overdefence.py's benign trigger-word prompts; then on questions
-   about real code (`--code-prompts`, from the installed third-party packages, which no guard trains on) that
-   uses attack words, and the recall of the public attacks planted in such code as a comment.
+3. Over-defence: the false-alarm rate on guard/overdefence.py's benign trigger-word prompts, with the flagged
+   count overall and per kind, on the fresh set (held out; JSON `overdefence_fpr`) and on the first one ("seen":
+   its false alarms were read while writing training data; `overdefence_seen_fpr`); then on questions about
+   real code (`--code-prompts`, from the installed third-party packages, which no guard trains on) that uses
+   attack words, and the recall of the public attacks planted in such code as a comment.
 4. Latency at batch 1 on one thread (as the serving GuardScorer runs): prompts of exactly 128 tokens, timed
    interleaved (each prompt by every path in turn, `--repeats` passes; `--interleave side`: each path through
    every prompt in turn, its model warm in the caches as in a guard replica): the previous serving path (torch
@@ -261,7 +263,7 @@ def main() -> None:
     from raytune_app.guard import data, onnx_path
     from raytune_app.guard.metrics import detection_metrics
     from raytune_app.guard.model import Guard
-    from raytune_app.guard.overdefence import overdefence_rows
+    from raytune_app.guard.overdefence import fresh_overdefence_rows, overdefence_rows
     from raytune_app.guard.robustness import KINDS, obfuscate, translated_attacks
 
     torch.set_num_threads(args.threads)
@@ -372,15 +374,25 @@ def main() -> None:
             + f"\n          largest drop from plain: {recall['plain'] - worst:.3f}"
         )
 
-    # 3. Over-defence: benign prompts with trigger words.
-    benign = overdefence_rows()
-    overdefence = {}
+    # 3. Over-defence: benign prompts with trigger words, the fresh set (held out) and the first one ("seen": its
+    # false alarms were read while writing training data). Flagged / prompts, overall and per kind.
+    benign_sets = {"fresh (held out)": fresh_overdefence_rows(), "first (seen)": overdefence_rows()}
+    kinds = ("ordinary", "teaching", "code")
+    overdefence, overdefence_seen = {}, {}
+    print(
+        "\n3. over-defence: false alarms on benign trigger-word prompts (guard/overdefence.py), flagged / prompts: "
+        + ", ".join(f"{set_name} {len(rows)}" for set_name, rows in benign_sets.items())
+    )
+    print(f"{'classifier':<44} {'set':<17} {'rate':>6} {'all':>8}" + "".join(f" {k:>9}" for k in kinds))
     for name, (score, threshold) in sides.items():
-        values = one_by_one(score, [r["text"] for r in benign])
-        overdefence[name] = sum(s >= threshold for s in values) / len(values)
-    print(f"\n3. over-defence: false-alarm rate on {len(benign)} benign trigger-word prompts (guard/overdefence.py)")
-    for name, rate in overdefence.items():
-        print(f"{name:<44} {rate:.3f}")
+        for (set_name, rows), rates in zip(benign_sets.items(), (overdefence, overdefence_seen)):
+            flagged = [s >= threshold for s in one_by_one(score, [r["text"] for r in rows])]
+            rates[name] = sum(flagged) / len(flagged)
+            by_kind = {k: [f for f, r in zip(flagged, rows) if r["attack_type"] == f"overdefence_{k}"] for k in kinds}
+            print(
+                f"{name:<44} {set_name:<17} {rates[name]:>6.3f} {f'{sum(flagged)}/{len(flagged)}':>8}"
+                + "".join(f" {f'{sum(v)}/{len(v)}':>9}" for v in by_kind.values())
+            )
 
     # 3b. Real code: questions about third-party code that uses attack words, and the public attacks planted in it.
     code_benign, code_attacked = real_code_prompts(attacks, args.code_prompts)
@@ -450,7 +462,8 @@ def main() -> None:
                     k: {m: v for m, v in r.items() if "_by_" not in m} for k, r in corrected.items()
                 },
                 "robustness": robustness,
-                "overdefence_fpr": overdefence,
+                "overdefence_fpr": overdefence,  # the fresh, held-out set
+                "overdefence_seen_fpr": overdefence_seen,  # the first set, whose false alarms were read
                 "real_code": code,
                 "latency_p99_ms": {k: statistics.median(t["p99s"]) for k, t in latency.items()},
             }

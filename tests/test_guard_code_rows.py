@@ -7,7 +7,7 @@ import pytest
 
 from raytune_app.guard import code_rows, contrast
 from raytune_app.guard.metrics import source_weights
-from raytune_app.guard.overdefence import overdefence_rows
+from raytune_app.guard.overdefence import fresh_overdefence_rows, overdefence_rows
 from raytune_app.guard.settings import GuardSection
 
 
@@ -54,7 +54,15 @@ def test_attack_twins_hold_one_instruction_to_the_assistant_and_the_code_around_
 
 def test_code_rows_stay_clear_of_the_held_out_over_defence_set():
     held = {r["text"] for r in overdefence_rows()}
-    assert not held & {r["text"] for r in code_rows.code_rows(1400, seed=0)}
+    fresh = {r["text"] for r in fresh_overdefence_rows()}
+    rows = code_rows.code_rows(1400, seed=0)
+    assert not (held | fresh) & {r["text"] for r in rows}
+    # Nor a near copy of a fresh prompt (most of its words).
+    fresh_words = [set(re.findall(r"[a-z0-9_]+", t.lower())) for t in fresh]
+    for row in rows:
+        words = set(re.findall(r"[a-z0-9_]+", row["text"].lower()))
+        for other in fresh_words:
+            assert len(words & other) / len(words | other) < 0.6, row["text"][:200]
 
 
 def test_code_rows_is_a_documented_recipe_field_off_by_default():

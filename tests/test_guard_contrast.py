@@ -11,7 +11,7 @@ import pytest
 from raytune_app.guard import contrast
 from raytune_app.guard.deobfuscate import guard_view
 from raytune_app.guard.metrics import source_weights, threshold_for_fpr
-from raytune_app.guard.overdefence import overdefence_rows
+from raytune_app.guard.overdefence import fresh_overdefence_rows, overdefence_rows
 from raytune_app.guard.robustness import KINDS, obfuscate
 from raytune_app.guard.settings import GuardSection
 
@@ -31,19 +31,42 @@ def test_trigger_word_rows_are_benign_varied_and_use_the_attack_words():
         assert text.count(trigger) >= 5, trigger
 
 
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b)
+
+
 def test_over_defence_set_stays_held_out_of_every_training_row():
-    """No over-defence prompt, nor a near copy of one (most of its words), is among the authored training rows."""
+    """No over-defence prompt, nor a near copy of one (most of its words), is among the authored training rows:
+    the contrast rows for the first set, every authored, obfuscated and contrast row for the fresh one."""
     from raytune_app.guard import authored
     from raytune_app.guard.robustness import obfuscated_rows
 
-    held = overdefence_rows()
-    trained = authored.generate(4000, seed=0) + obfuscated_rows(600) + contrast.contrast_rows(2000, seed=0)
-    assert not {r["text"] for r in trained} & {r["text"] for r in held}
+    held, fresh = overdefence_rows(), fresh_overdefence_rows()
+    contrast_rows = contrast.contrast_rows(2000, seed=0)
+    trained = authored.generate(4000, seed=0) + obfuscated_rows(600) + contrast_rows
+    assert not {r["text"] for r in trained} & {r["text"] for r in held + fresh}
     held_words = [_words(r["text"]) for r in held]
-    for row in contrast.contrast_rows(2000, seed=0):
+    for row in contrast_rows:
         words = _words(row["text"])
         for other in held_words:
-            assert len(words & other) / len(words | other) < 0.6, row["text"]
+            assert _jaccard(words, other) < 0.6, row["text"]
+    fresh_words = [_words(r["text"]) for r in fresh]
+    for words in {frozenset(_words(r["text"])) for r in trained}:
+        for other in fresh_words:
+            assert _jaccard(words, other) < 0.6, sorted(words)
+
+
+def test_fresh_over_defence_set_is_new_distinct_and_balanced():
+    """120 distinct prompts, 40 of each kind, none a near copy of one of the first (seen) set's 70."""
+    fresh = fresh_overdefence_rows()
+    assert len({r["text"] for r in fresh}) == len(fresh) == 120
+    assert {kind: sum(r["attack_type"] == kind for r in fresh) for kind in {r["attack_type"] for r in fresh}} == {
+        f"overdefence_{kind}": 40 for kind in ("ordinary", "teaching", "code")
+    }
+    seen_words = [_words(r["text"]) for r in overdefence_rows()]
+    for row in fresh:
+        words = _words(row["text"])
+        assert all(_jaccard(words, other) < 0.6 for other in seen_words), row["text"]
 
 
 def test_document_rows_teach_both_sides_of_a_quoted_document():
