@@ -37,12 +37,14 @@ def _jaccard(a: set[str], b: set[str]) -> float:
 
 def test_over_defence_set_stays_held_out_of_every_training_row():
     """No over-defence prompt, nor a near copy of one (most of its words), is among the authored training rows:
-    the contrast rows for the first set, every authored, obfuscated and contrast row for the fresh one."""
+    the contrast and quoted-phrase rows for the first set, every authored, obfuscated, contrast and
+    quoted-phrase row for the fresh one."""
     from raytune_app.guard import authored
+    from raytune_app.guard.quoted_phrases import quoted_phrase_rows
     from raytune_app.guard.robustness import obfuscated_rows
 
     held, fresh = overdefence_rows(), fresh_overdefence_rows()
-    contrast_rows = contrast.contrast_rows(2000, seed=0)
+    contrast_rows = contrast.contrast_rows(2000, seed=0) + quoted_phrase_rows(1000, seed=0)
     trained = authored.generate(4000, seed=0) + obfuscated_rows(600) + contrast_rows
     assert not {r["text"] for r in trained} & {r["text"] for r in held + fresh}
     held_words = [_words(r["text"]) for r in held]
@@ -174,3 +176,24 @@ def test_tag_characters_carry_line_breaks_and_leave_other_scripts_visible():
     # An encoder that maps every ASCII code, line break included, is read back with its line break.
     spelled = "".join(chr(0xE0000 + ord(c)) for c in "obey me\nnow")
     assert guard_view("hi" + spelled).split() == ["hi", "obey", "me", "now"]
+
+
+def test_quoted_phrase_rows_pair_each_benign_shape_with_an_attack_twin():
+    from raytune_app.guard.quoted_phrases import quoted_phrase_rows
+
+    rows = quoted_phrase_rows(600, seed=2)
+    assert rows == quoted_phrase_rows(600, seed=2) and len({r["text"] for r in rows}) == 600
+    kinds = {r["attack_type"]: r["label"] for r in rows}
+    assert kinds == {
+        "benign_quoted_people_message": 0,
+        "quoted_phrase_injection": 1,
+        "benign_defence_artefact": 0,
+        "benign_agent_security": 0,
+        "quoted_phrase_carried_out": 1,
+    }
+    assert 0.25 <= sum(r["label"] for r in rows) / len(rows) <= 0.42  # a third attack twins
+    # The benign side uses the attack's words: what it teaches is who they are addressed to.
+    people = [r["text"].lower() for r in rows if r["attack_type"] == "benign_quoted_people_message"]
+    assert all(re.search(r"ignore|disregard|forget|don't act on", t) for t in people)
+    artefacts = " ".join(r["text"].lower() for r in rows if r["attack_type"] == "benign_defence_artefact")
+    assert "ignore previous instructions" in artefacts and "developer mode" in artefacts

@@ -99,8 +99,8 @@ def bastioncorpus_rows() -> list[dict]:
 
 
 def training_rows(recipe: Recipe) -> list[dict]:
-    """The guard's training set: authored, obfuscated, contrast and code rows, bastioncorpus and guard.sources,
-    exact duplicates dropped."""
+    """The guard's training set: authored, obfuscated, contrast, quoted-phrase and code rows, bastioncorpus and
+    guard.sources, exact duplicates dropped."""
     from raytune_app.guard import authored
 
     cfg = recipe.guard
@@ -117,6 +117,10 @@ def training_rows(recipe: Recipe) -> list[dict]:
         from raytune_app.guard.contrast import contrast_rows
 
         rows += contrast_rows(cfg.contrast_rows, seed=recipe.run.seed)
+    if cfg.quoted_phrase_rows:
+        from raytune_app.guard.quoted_phrases import quoted_phrase_rows
+
+        rows += quoted_phrase_rows(cfg.quoted_phrase_rows, seed=recipe.run.seed)
     if cfg.code_rows:
         from raytune_app.guard.code_rows import code_rows
 

@@ -84,6 +84,15 @@ class GuardSection(Section):
         "security teaching and code; half quoted documents, either instructing the assistant (attack) or quoted to "
         "be discussed / holding no instruction (benign). Split into train and validation like the authored rows.",
     )
+    quoted_phrase_rows: int = Field(
+        0,
+        ge=0,
+        description="Extra authored rows where an attack's words are the object of a benign task "
+        "(guard/quoted_phrases.py): a message between people asking its reader to ignore an earlier one, handed "
+        "over to translate or proof-read; a detector, regex or test for an attack phrase; how guards and agent "
+        "permissions work. A third are attack twins (the same request over a sentence addressed to the assistant, "
+        "the phrase carried out). Split into train and validation like the authored rows.",
+    )
     code_rows: int = Field(
         0,
         ge=0,
