@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from raytune_app.guard.contrast import _INJECTED_GOALS, _distinct
+from raytune_app.guard.contrast import INJECTED_GOALS, distinct_rows
 
 # ------------------------------------------------------------------------------ 1. messages between people
 
@@ -101,7 +101,7 @@ def _people_message(rng: random.Random) -> tuple[str, int, str]:
         opening = rng.choice(_PEOPLE_OPENINGS).format(earlier=rng.choice(_PEOPLE_EARLIER))
         sentence = f"{opening}, {rng.choice(_PEOPLE_REASONS)}."
         return request.format(s=sentence, lang=lang), 0, "benign_quoted_people_message"
-    sentence = rng.choice(_ASSISTANT_OPENINGS).format(g=rng.choice(_INJECTED_GOALS)) + "."
+    sentence = rng.choice(_ASSISTANT_OPENINGS).format(g=rng.choice(INJECTED_GOALS)) + "."
     return request.format(s=sentence, lang=lang), 1, "quoted_phrase_injection"
 
 
@@ -181,7 +181,7 @@ def _defence_artefact(rng: random.Random) -> tuple[str, int, str]:
             other=rng.choice([p for p in _ATTACK_PHRASES if p != phrase]),
         )
         return text, 0, "benign_defence_artefact"
-    text = rng.choice(_CARRY_OUT).format(p=phrase, p_cap=phrase[0].upper() + phrase[1:], g=rng.choice(_INJECTED_GOALS))
+    text = rng.choice(_CARRY_OUT).format(p=phrase, p_cap=phrase[0].upper() + phrase[1:], g=rng.choice(INJECTED_GOALS))
     return text, 1, "quoted_phrase_carried_out"
 
 
@@ -190,4 +190,4 @@ def quoted_phrase_rows(rows: int, seed: int = 0) -> list[dict]:
     source `authored_contrast` (the threshold weighs them as the other authored look-alikes)."""
     rng = random.Random(seed)
     families = itertools.cycle([_people_message, _defence_artefact])
-    return _distinct(rows, lambda: next(families)(rng))
+    return distinct_rows(rows, lambda: next(families)(rng))
