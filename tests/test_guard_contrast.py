@@ -197,3 +197,18 @@ def test_quoted_phrase_rows_pair_each_benign_shape_with_an_attack_twin():
     assert all(re.search(r"ignore|disregard|forget|don't act on", t) for t in people)
     artefacts = " ".join(r["text"].lower() for r in rows if r["attack_type"] == "benign_defence_artefact")
     assert "ignore previous instructions" in artefacts and "developer mode" in artefacts
+
+
+def test_a_recipe_with_quoted_phrase_rows_trains_on_them():
+    from raytune_app import config
+    from raytune_app.guard.data import training_rows
+
+    def kinds(quoted_phrase_rows: int) -> list[str]:
+        guard = {"authored_rows": 20, "quoted_phrase_rows": quoted_phrase_rows, "include_bastioncorpus": False}
+        recipe = config.validate({"data": {"generator": {"name": "order_extraction"}}, "guard": guard})
+        return [r["attack_type"] for r in training_rows(recipe)]
+
+    quoted = {"benign_quoted_people_message", "quoted_phrase_injection", "benign_defence_artefact"}
+    quoted |= {"benign_agent_security", "quoted_phrase_carried_out"}
+    assert sum(k in quoted for k in kinds(40)) == 40 and len(kinds(40)) == 60
+    assert not any(k in quoted for k in kinds(0)) and len(kinds(0)) == 20
