@@ -178,19 +178,22 @@ def test_tag_characters_carry_line_breaks_and_leave_other_scripts_visible():
     assert guard_view("hi" + spelled).split() == ["hi", "obey", "me", "now"]
 
 
+# guard/quoted_phrases.py's attack types and their labels.
+QUOTED_PHRASE_KINDS = {
+    "benign_quoted_people_message": 0,
+    "quoted_phrase_injection": 1,
+    "benign_defence_artefact": 0,
+    "benign_agent_security": 0,
+    "quoted_phrase_carried_out": 1,
+}
+
+
 def test_quoted_phrase_rows_pair_each_benign_shape_with_an_attack_twin():
     from raytune_app.guard.quoted_phrases import quoted_phrase_rows
 
     rows = quoted_phrase_rows(600, seed=2)
     assert rows == quoted_phrase_rows(600, seed=2) and len({r["text"] for r in rows}) == 600
-    kinds = {r["attack_type"]: r["label"] for r in rows}
-    assert kinds == {
-        "benign_quoted_people_message": 0,
-        "quoted_phrase_injection": 1,
-        "benign_defence_artefact": 0,
-        "benign_agent_security": 0,
-        "quoted_phrase_carried_out": 1,
-    }
+    assert {r["attack_type"]: r["label"] for r in rows} == QUOTED_PHRASE_KINDS
     assert 0.25 <= sum(r["label"] for r in rows) / len(rows) <= 0.42  # a third attack twins
     # The benign side uses the attack's words: what it teaches is who they are addressed to.
     people = [r["text"].lower() for r in rows if r["attack_type"] == "benign_quoted_people_message"]
@@ -208,7 +211,6 @@ def test_a_recipe_with_quoted_phrase_rows_trains_on_them():
         recipe = config.validate({"data": {"generator": {"name": "order_extraction"}}, "guard": guard})
         return [r["attack_type"] for r in training_rows(recipe)]
 
-    quoted = {"benign_quoted_people_message", "quoted_phrase_injection", "benign_defence_artefact"}
-    quoted |= {"benign_agent_security", "quoted_phrase_carried_out"}
-    assert sum(k in quoted for k in kinds(40)) == 40 and len(kinds(40)) == 60
-    assert not any(k in quoted for k in kinds(0)) and len(kinds(0)) == 20
+    with_them, without = kinds(40), kinds(0)
+    assert sum(k in QUOTED_PHRASE_KINDS for k in with_them) == 40 and len(with_them) == 60
+    assert not any(k in QUOTED_PHRASE_KINDS for k in without) and len(without) == 20
