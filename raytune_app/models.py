@@ -175,6 +175,24 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def vllm_cpu_batch_env(cpus: float, kv_cache_gb: int) -> dict[str, str]:
+    """Environment variables of a vLLM engine on a CPU in a Ray Data batch job (`ray.data.llm`: the evaluate
+    stage, `raytune-app pairs`, the vllm teacher): its KV cache size, and the model worker kept inside the
+    engine-core process with one compute thread per whole core of the engine's bundle.
+
+    ray.data.llm asks for vLLM's single-process ("uni") executor on one device; vLLM's CPU build swaps it for a
+    spawned worker process (one more interpreter importing torch and vLLM) plus a core held back for the
+    scheduler, unless V1 multiprocessing is off. Off here: on 2 cores an engine of the bundled SmolLM2 starts in
+    31 s instead of 52 s and decodes as fast (BENCHMARKS.md, "vLLM on a CPU: one process"). AsyncLLM, which the
+    processor uses, still runs the engine core in a process of its own. Serving (Ray Serve LLM) picks its own
+    executor and is not changed."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": str(max(1, int(cpus))),
+    }
+
+
 # Head sizes vLLM's CPU attention computes (vllm-cpu 0.32: CPUAttentionBackend.get_supported_head_sizes; asking
 # it means importing vLLM, 10-30 s here). A model with another head size cannot run on vLLM's CPU build.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

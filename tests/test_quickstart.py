@@ -29,6 +29,7 @@ def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys
         "evaluate.limit=3",
         "evaluate.max_new_tokens=8",
         "evaluate.batch_size=4",
+        "evaluate.base_shots=1",  # the recipe's 3 quadruple the base's prompts, and prefill is most of the engine time
         "evaluate.enforce_eager=true",  # vLLM (installed by setup.sh) without torch.compile: starts sooner
     ]
     assert cli.main(["run", RECIPE, *reduced]) == 0

@@ -325,3 +325,21 @@ def test_adapters_auto_merges_on_a_cpu_only_when_the_run_is_large_enough():
     assert not _merge_adapters(short, rows(20, words=100), use_gpu=False)  # ~125 prompt tokens each
     assert _merge_adapters(short, rows(500, words=100), use_gpu=False)
     assert not _merge_adapters(short, rows(500), use_gpu=False)
+
+
+def test_a_batch_engine_on_a_cpu_runs_its_model_in_the_engine_process_on_its_whole_cores():
+    """ray.data.llm's single-process executor kept on a CPU (V1 multiprocessing off, else vLLM's CPU build spawns a
+    worker process and holds a core back), threads = whole cores of the bundle; a GPU engine is left as vLLM sets it."""
+    from raytune_app.evaluate import vllm_batch
+
+    model = {"path": "unused"}
+    on_cpu = vllm_batch._config("base", [], 100, vllm_batch.Settings(max_new_tokens=8, cpus=1.5, kv_cache_gb=2), model)
+    assert on_cpu.runtime_env["env_vars"] == {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": "1",
+    }
+    assert models.vllm_cpu_batch_env(0.5, 1)["OMP_NUM_THREADS"] == "1"  # never zero threads
+    assert models.vllm_cpu_batch_env(15, 1)["OMP_NUM_THREADS"] == "15"
+    on_gpu = vllm_batch._config("base", [], 100, vllm_batch.Settings(max_new_tokens=8, use_gpu=True), model)
+    assert not (on_gpu.runtime_env or {}).get("env_vars")
