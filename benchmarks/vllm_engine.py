@@ -11,7 +11,7 @@ time to start it, then `--max-tokens` tokens per sequence, end of sequence ignor
 executor for a spawned worker process, reserves one core for its scheduler and binds its OpenMP threads to the
 rest: on 2 cores, one thread), `VLLM_CPU_NUM_OF_RESERVED_CPU=N`, and `in-process` (V1 multiprocessing off: the
 model runs in the engine-core process, one thread per core Ray gives it: what the batch stages use on a CPU,
-models.vllm_cpu_batch_env). `--dtypes` compares the weights' precision (fp32 everywhere; bf16 pays only on CPUs
+models.vllm_cpu_single_process_env). `--dtypes` compares the weights' precision (fp32 everywhere; bf16 pays only on CPUs
 with AVX-512 BF16 / AMX). Every dtype x layout pair is a variant; they alternate within each repeat, so load
 from other work hits them alike; the table gives medians and the ratio to the first variant.
 """
@@ -93,7 +93,7 @@ def main() -> None:
             layout_vars = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")
             env = {k: v for k, v in os.environ.items() if k not in layout_vars}
             if name == "in-process":  # the evaluate stage's bundle of a one-replica run: all cores but half a one
-                env |= models.vllm_cpu_batch_env((os.cpu_count() or 1) - 0.5, 1)
+                env |= models.vllm_cpu_single_process_env((os.cpu_count() or 1) - 0.5, 1)
             elif name != "default":
                 env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = name
             child = subprocess.run(

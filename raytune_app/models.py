@@ -175,17 +175,17 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_cpu_batch_env(cpus: float, kv_cache_gb: int) -> dict[str, str]:
-    """Environment variables of a vLLM engine on a CPU in a Ray Data batch job (`ray.data.llm`: the evaluate
-    stage, `raytune-app pairs`, the vllm teacher): its KV cache size, and the model worker kept inside the
-    engine-core process with one compute thread per whole core of the engine's bundle.
+def vllm_cpu_single_process_env(cpus: float, kv_cache_gb: int) -> dict[str, str]:
+    """Environment variables of a vLLM engine on a CPU that runs its model inside the engine-core process (vLLM's
+    single-process "uni" executor) with one compute thread per whole core of the engine's share, and its KV cache
+    size. The batch stages on `ray.data.llm` (evaluate, `raytune-app pairs`, the vllm teacher) always run so on a
+    CPU; serving does with `serve.vllm.cpu_single_process`.
 
-    ray.data.llm asks for vLLM's single-process ("uni") executor on one device; vLLM's CPU build swaps it for a
-    spawned worker process (one more interpreter importing torch and vLLM) plus a core held back for the
-    scheduler, unless V1 multiprocessing is off. Off here: on 2 cores an engine of the bundled SmolLM2 starts in
-    31 s instead of 52 s and decodes as fast (BENCHMARKS.md, "vLLM on a CPU: one process"). AsyncLLM, which the
-    processor uses, still runs the engine core in a process of its own. Serving (Ray Serve LLM) picks its own
-    executor and is not changed."""
+    ray.data.llm asks for the single-process executor on one device; vLLM's CPU build swaps it for a spawned
+    worker process (one more interpreter importing torch and vLLM) plus a core held back for the scheduler,
+    unless V1 multiprocessing is off. Off here: on 2 cores an engine of the bundled SmolLM2 starts in 31 s instead
+    of 52 s and decodes as fast (BENCHMARKS.md, "vLLM on a CPU: one process"). AsyncLLM still runs the engine core
+    in a process of its own."""
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -499,3 +499,22 @@ def test_past_capacity_the_router_refuses_before_the_guard_reads():
     assert plan is None and refusal["error"]["status"] == 429
     assert refusal["error"]["headers"] == {"retry-after": "2"}
     assert router.stats.errors["shed"] == 1
+
+
+def test_a_cpu_serving_engine_runs_its_model_in_the_engine_process_unless_told_not_to():
+    """serve.vllm.cpu_single_process (on by default): the replica's environment turns V1 multiprocessing off with
+    one thread per whole core of the engine's bundle, and the server is told to start the single-process engine;
+    off, or on a GPU, vLLM's own layout."""
+    from raytune_app.serve.app import _options
+    from raytune_app.serve.vllm_server import llm_config, single_process
+
+    recipe = config.validate({"data": {"generator": {"name": "order_extraction"}}})
+    spec, options = _vllm_spec(recipe), _options(recipe, "llm", "vllm")
+    assert single_process(spec, options)
+    env = llm_config(spec, options).runtime_env["env_vars"]
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["OMP_NUM_THREADS"] == "1"
+    on_gpu = options | {"ray_actor_options": {"num_gpus": 1}}
+    assert not single_process(spec, on_gpu) and not llm_config(spec, on_gpu).runtime_env
+    spec["vllm"]["cpu_single_process"] = False
+    assert not single_process(spec, options)
+    assert llm_config(spec, options).runtime_env["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}

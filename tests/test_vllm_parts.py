@@ -339,7 +339,7 @@ def test_a_batch_engine_on_a_cpu_runs_its_model_in_the_engine_process_on_its_who
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": "1",
     }
-    assert models.vllm_cpu_batch_env(0.5, 1)["OMP_NUM_THREADS"] == "1"  # never zero threads
-    assert models.vllm_cpu_batch_env(15, 1)["OMP_NUM_THREADS"] == "15"
+    assert models.vllm_cpu_single_process_env(0.5, 1)["OMP_NUM_THREADS"] == "1"  # never zero threads
+    assert models.vllm_cpu_single_process_env(15, 1)["OMP_NUM_THREADS"] == "15"
     on_gpu = vllm_batch._config("base", [], 100, vllm_batch.Settings(max_new_tokens=8, use_gpu=True), model)
     assert not (on_gpu.runtime_env or {}).get("env_vars")

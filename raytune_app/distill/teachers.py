@@ -240,7 +240,7 @@ def _vllm(ds, t):
             # The engine leaves one core to the four small stages around it (template, tokenizer, pre / post
             # processing at a quarter core each: at Ray Data's default of one each they would wait forever).
             placement_group_config=None if gpus else {"bundles": [{"CPU": cpus - 1.0}]},
-            runtime_env=None if gpus else {"env_vars": models.vllm_cpu_batch_env(cpus - 1.0, 1)},
+            runtime_env=None if gpus else {"env_vars": models.vllm_cpu_single_process_env(cpus - 1.0, 1)},
             chat_template_stage={"enabled": True, "num_cpus": 0.25},
             tokenize_stage={"enabled": True, "num_cpus": 0.25},
             detokenize_stage=False,  # the engine detokenises already

@@ -138,7 +138,7 @@ def _config(source: str, adapters: list[str], longest: int, s: Settings, model: 
         detokenize_stage=False,
         # One bundle per replica: a GPU, or on a CPU-only cluster a share of the cores.
         placement_group_config=None if s.use_gpu else {"bundles": [{"CPU": s.cpus}]},
-        runtime_env=None if s.use_gpu else {"env_vars": models.vllm_cpu_batch_env(s.cpus, s.kv_cache_gb)},
+        runtime_env=None if s.use_gpu else {"env_vars": models.vllm_cpu_single_process_env(s.cpus, s.kv_cache_gb)},
         log_engine_metrics=False,
     )
 

@@ -29,8 +29,9 @@ is above the engine's max_lora_rank is refused with HTTP 400 while the replica s
 `max_loaded_adapters` adapters (max_loras / max_cpu_loras) and reloads an evicted one from its folder; on a
 CPU it keeps every adapter of the app and one spare slot (vllm_stream.lora_slots says why).
 
-Ray 2.60 internals used (pinned by pyproject's ray==2.60.*): LLMServer's `model_downloader` argument,
-its `engine` and multiplexed `_load_model`, and `DiskMultiplexConfig`.
+Ray 2.60 internals used (pinned by pyproject's ray==2.60.*): LLMServer's `model_downloader` and `engine_cls`
+arguments, its `engine` and multiplexed `_load_model`, `DiskMultiplexConfig`, and VLLMEngine's
+`_prepare_engine_config` (serve.vllm.cpu_single_process).
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def stream_interval_ms(spec: dict, on_gpu: bool) -> float:
     return 50.0 if on_gpu else 250.0
 
 
+def single_process(spec: dict, options: dict) -> bool:
+    """Whether the engine runs its model in the engine-core process (serve.vllm.cpu_single_process, CPU only)."""
+    return spec["vllm"]["cpu_single_process"] and not (options.get("ray_actor_options") or {}).get("num_gpus")
+
+
 def llm_config(spec: dict, options: dict):
     """The Ray Serve LLM config of one deployment; `options`: app._options (replicas, CPUs, GPUs)."""
     from ray.serve.llm import LLMConfig
@@ -151,7 +157,12 @@ def llm_config(spec: dict, options: dict):
         "health_check_timeout_s",
     )
     deployment = {k: options[k] for k in serve_fields if k in options}
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(spec["vllm"]["kv_cache_gb"])} if not gpus else {}
+    if gpus:
+        env = {}
+    elif single_process(spec, options):
+        env = models.vllm_cpu_single_process_env(bundle["CPU"], spec["vllm"]["kv_cache_gb"])
+    else:
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(spec["vllm"]["kv_cache_gb"])}
     return LLMConfig(
         model_loading_config={"model_id": spec["model_id"], "model_source": models.resolve(spec["model"]["path"])},
         engine_kwargs=engine,
@@ -170,7 +181,7 @@ def build_deployment(spec: dict, options: dict):
 
     return build_llm_deployment(
         llm_config(spec, options),
-        bind_kwargs={"spec": spec},
+        bind_kwargs={"spec": spec, "single_process": single_process(spec, options)},
         override_serve_options={"name": options["name"]},
         deployment_cls=VLLMServer,
     )
@@ -233,8 +244,25 @@ class AdapterLoader:
 # ------------------------------------------------------------------------------------ replies
 
 
+def _single_process_engine_class():
+    """Ray Serve LLM's VLLMEngine with vLLM's single-process executor on a CPU (serve.vllm.cpu_single_process):
+    Ray Serve LLM asks for the multiprocess one on a CPU and vLLM checks the choice while it builds the config,
+    so the executor is set on the config it built (the environment, vllm_cpu_single_process_env, turns V1
+    multiprocessing off, which the single-process executor wants on a CPU)."""
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class SingleProcessVLLMEngine(VLLMEngine):
+        def _prepare_engine_config(self, callback_ctx):
+            engine_args, frontend_args, engine_config = super()._prepare_engine_config(callback_ctx)
+            engine_args.distributed_executor_backend = "uni"
+            engine_config.parallel_config.distributed_executor_backend = "uni"
+            return engine_args, frontend_args, engine_config
+
+    return SingleProcessVLLMEngine
+
+
 class VLLMServer(LLMServer):
-    async def __init__(self, llm_config, spec: dict):  # type: ignore[misc]  # Serve awaits an async constructor
+    async def __init__(self, llm_config, spec: dict, single_process: bool = False):  # type: ignore[misc]  # Serve awaits an async constructor
         from raytune_app import models
 
         self.spec = spec
@@ -249,7 +277,11 @@ class VLLMServer(LLMServer):
         # The stop tokens evaluation and the transformers backend stop on (raytune_app/models.py).
         self.stop_ids = models.stop_token_ids(self.tokenizer)
         self.chat_template = spec["model"].get("chat_template")
-        await super().__init__(llm_config, model_downloader=functools.partial(AdapterLoader, spec))
+        await super().__init__(
+            llm_config,
+            engine_cls=_single_process_engine_class() if single_process else None,
+            model_downloader=functools.partial(AdapterLoader, spec),
+        )
 
     # ------------------------------------------------------------------------------ requests
 
