@@ -10,10 +10,10 @@ time to start it, then `--max-tokens` tokens per sequence, end of sequence ignor
 32 at once, after a warm-up. `--reserved` compares vLLM's CPU layouts: `default` (vLLM's CPU build swaps the
 executor for a spawned worker process, reserves one core for its scheduler and binds its OpenMP threads to the
 rest: on 2 cores, one thread), `VLLM_CPU_NUM_OF_RESERVED_CPU=N`, and `in-process` (V1 multiprocessing off: the
-model runs in the engine-core process, one thread per core Ray gives it: what the batch stages use on a CPU,
-models.vllm_cpu_single_process_env). `--dtypes` compares the weights' precision (fp32 everywhere; bf16 pays only on CPUs
-with AVX-512 BF16 / AMX). Every dtype x layout pair is a variant; they alternate within each repeat, so load
-from other work hits them alike; the table gives medians and the ratio to the first variant.
+model runs in the engine-core process, one thread per core Ray gives it: what the batch stages and serving use
+on a CPU, models.vllm_cpu_single_process_env). `--dtypes` compares the weights' precision (fp32 everywhere; bf16
+pays only on CPUs with AVX-512 BF16 / AMX). Every dtype x layout pair is a variant; they alternate within each
+repeat, so load from other work hits them alike; the table gives medians and the ratio to the first variant.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def main() -> None:
         return
     variants = [(dtype, reserved) for dtype in args.dtypes for reserved in args.reserved]
     results: dict[tuple[str, str], list[dict[str, float]]] = {variant: [] for variant in variants}
+    layout_vars = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")
     for repeat in range(args.repeats):
         for dtype, name in variants:
-            layout_vars = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS")
             env = {k: v for k, v in os.environ.items() if k not in layout_vars}
             if name == "in-process":  # the evaluate stage's bundle of a one-replica run: all cores but half a one
                 env |= models.vllm_cpu_single_process_env((os.cpu_count() or 1) - 0.5, 1)

@@ -515,6 +515,8 @@ def test_a_cpu_serving_engine_runs_its_model_in_the_engine_process_unless_told_n
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["OMP_NUM_THREADS"] == "1"
     on_gpu = options | {"ray_actor_options": {"num_gpus": 1}}
     assert not single_process(spec, on_gpu) and not llm_config(spec, on_gpu).runtime_env
+    sharded = spec | {"vllm": spec["vllm"] | {"engine_kwargs": {"tensor_parallel_size": 2}}}
+    assert not single_process(sharded, options)  # one worker process per shard
     spec["vllm"]["cpu_single_process"] = False
     assert not single_process(spec, options)
     assert llm_config(spec, options).runtime_env["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}

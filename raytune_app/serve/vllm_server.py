@@ -121,8 +121,12 @@ def stream_interval_ms(spec: dict, on_gpu: bool) -> float:
 
 
 def single_process(spec: dict, options: dict) -> bool:
-    """Whether the engine runs its model in the engine-core process (serve.vllm.cpu_single_process, CPU only)."""
-    return spec["vllm"]["cpu_single_process"] and not (options.get("ray_actor_options") or {}).get("num_gpus")
+    """Whether the engine runs its model in the engine-core process (serve.vllm.cpu_single_process): on a CPU,
+    and only for an unsharded model (tensor / pipeline parallel shards need a worker process each)."""
+    v = spec["vllm"]
+    shards = v["engine_kwargs"].get("tensor_parallel_size", 1) * v["engine_kwargs"].get("pipeline_parallel_size", 1)
+    on_gpu = (options.get("ray_actor_options") or {}).get("num_gpus")
+    return v["cpu_single_process"] and not on_gpu and shards == 1
 
 
 def llm_config(spec: dict, options: dict):
@@ -262,7 +266,8 @@ def _single_process_engine_class():
 
 
 class VLLMServer(LLMServer):
-    async def __init__(self, llm_config, spec: dict, single_process: bool = False):  # type: ignore[misc]  # Serve awaits an async constructor
+    # Serve awaits an async constructor; `single_process`: serve.vllm.cpu_single_process applies (single_process()).
+    async def __init__(self, llm_config, spec: dict, single_process: bool = False):  # type: ignore[misc]
         from raytune_app import models
 
         self.spec = spec
