@@ -501,6 +501,54 @@ def test_past_capacity_the_router_refuses_before_the_guard_reads():
     assert router.stats.errors["shed"] == 1
 
 
+def test_past_its_share_the_ingress_refuses_unread_and_the_router_counts_it():
+    """An ingress replica holding its share of the capacity answers 429 + Retry-After without reading the
+    body; the refusals reach the router's counters in one call a second (not one each), counted as shed."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from raytune_app.serve.app import ingress_admission
+    from raytune_app.serve.ingress import Ingress
+    from raytune_app.serve.stats import Stats
+
+    calls = []
+
+    class RouterHandle:  # records what the ingress asks of the router: (method, args)
+        def __getattr__(self, method):
+            return type("Method", (), {"remote": lambda _, *args: calls.append((method, args))})()
+
+    # The class as written: Serve's ASGI wrapper around it (first in the MRO) needs a running replica.
+    ingress = object.__new__(Ingress.func_or_class.__mro__[1])
+    ingress.keys, ingress.limits, ingress.router = [], {"retry_after_s": 2}, RouterHandle()
+    ingress.admission, ingress.admitted = 2, 2
+    ingress.shed_unreported, ingress.shed_report = 0, None
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def flood():
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        answers = [await ingress._serve(Request(scope, receive), protocol.parse_chat) for _ in range(3)]
+        await ingress.shed_report
+        return answers
+
+    answers = asyncio.run(flood())
+    assert [(a.status_code, a.headers["retry-after"]) for a in answers] == [(429, "2")] * 3
+    assert json.loads(answers[0].body)["error"]["code"] == "server_busy"
+    assert calls == [("shed_unread", (3,))] and ingress.admitted == 2
+    stats = Stats({}, export=False)
+    stats.shed_unread(3)
+    assert (stats.summary()["errors"], stats.summary()["shed_unread"]) == ({"shed": 3}, 3)
+    # The share: the primary's capacity split over the ingress replicas (rounded up).
+    deployments = {"llm": {"max_ongoing_requests": 8, "max_queued_requests": 8}, "ingress": {"num_replicas": 3}}
+    three = config.validate(
+        {"data": {"generator": {"name": "order_extraction"}}, "serve": {"deployments": deployments}}
+    )
+    assert ingress_admission(three, "vllm") == 6
+
+
 def test_a_cpu_serving_engine_runs_its_model_in_the_engine_process_unless_told_not_to():
     """serve.vllm.cpu_single_process (on by default): the replica's environment turns V1 multiprocessing off with
     one thread per whole core of the engine's bundle, and the server is told to start the single-process engine;

@@ -221,6 +221,7 @@ def plan(recipe: config.Recipe) -> dict:
         "limits": s.limits.model_dump(),
         "context_length": context,
         "max_prompt_tokens": s.limits.max_prompt_tokens,
+        "admission": ingress_admission(recipe, backend),
         "api_keys_env": s.access.api_keys_env,
         "api_keys_file": recipe.resolve_source(s.access.api_keys_file) if s.access.api_keys_file else None,
         "host": s.host,
@@ -265,13 +266,25 @@ def _ingress_queues(recipe: config.Recipe, backend: str) -> tuple[int, int]:
     body: in a flood the surplus costs the least it can, and the requests admitted keep the CPU."""
     capacity = admission_capacity(recipe, backend)
     headroom = max(2, capacity // 2)
+    return -(-(capacity + headroom) // _ingress_replicas(recipe)), headroom
+
+
+def _ingress_replicas(recipe: config.Recipe) -> int:
+    """The ingress replicas its slots are split over: the fixed count, or the fewest the autoscaler keeps."""
     cfg = recipe.serve.deployments.get("ingress")
-    replicas = 1
     if cfg is not None and cfg.num_replicas:
-        replicas = cfg.num_replicas
-    elif cfg is not None and cfg.autoscaling is not None:
-        replicas = max(1, cfg.autoscaling.min_replicas)
-    return -(-(capacity + headroom) // replicas), headroom
+        return cfg.num_replicas
+    if cfg is not None and cfg.autoscaling is not None:
+        return max(1, cfg.autoscaling.min_replicas)
+    return 1
+
+
+def ingress_admission(recipe: config.Recipe, backend: str) -> int:
+    """How many chat / completion requests one ingress replica passes on to the router at once: its share of
+    the primary's admission capacity. Past it the ingress answers 429 + Retry-After before reading the body
+    (no JSON, no tokenising, no router call): in a flood the surplus is told at once. With more ingress
+    replicas than the share assumes (an autoscaler scaling up) the router's exact count still refuses."""
+    return -(-admission_capacity(recipe, backend) // _ingress_replicas(recipe))
 
 
 def admission_capacity(recipe: config.Recipe, backend: str) -> int:

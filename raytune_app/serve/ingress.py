@@ -4,7 +4,9 @@
     GET  /v1/models             GET  /v1/stats         GET  /healthz        (/docs when serve.docs)
 
 A request goes through cheap checks first and reaches a tokenizer or a model only if it passes them all,
-each answered with an OpenAI error object (never a 500 or a traceback): the API key (401), the body size
+each answered with an OpenAI error object (never a 500 or a traceback): the API key (401), admission (429
+with Retry-After, before the body is read, past this replica's share of the primary's capacity: in a flood
+the surplus is told at once and costs no parsing, tokenising or router call), the body size
 (413, from Content-Length before the body is read, or while reading it), strict JSON (serve/inputs.py),
 the request schema and limits (serve/protocol.py: stop strings, messages, sampling values), invisible
 text (refused) and normalisation (the same text then goes to the guard and the model), a lower bound on
@@ -111,6 +113,12 @@ class Ingress:
         # The router bounds each of its steps (guard, primary, backup); this bounds the whole, with a margin.
         self.router_timeout_s = self.limits["guard_timeout_s"] + 2 * self.limits["timeout_s"] + 10
         self.created = int(time.time())
+        # Chat / completion requests between admission here and the router's answer (a stream: its first
+        # event); past this replica's share of the primary's capacity the surplus is refused unread. Refusals
+        # are reported to the router's counters in one call a second, not one call each.
+        self.admission, self.admitted = spec.get("admission"), 0
+        self.shed_unreported = 0
+        self.shed_report: asyncio.Task | None = None
         logger.info(
             "ingress ready: models %s, API keys %s", spec["models"], "required" if self.keys else "not required"
         )
@@ -178,10 +186,47 @@ class Ingress:
             raise refuse(str(count))
         request["max_prompt_tokens"] = limit
 
+    def _shed(self) -> protocol.APIError:
+        """The 429 for a request past this replica's admission share, counted for the router's stats."""
+        self.shed_unreported += 1
+        if self.shed_report is None or self.shed_report.done():
+            self.shed_report = asyncio.get_running_loop().create_task(self._report_shed())
+        return protocol.APIError(
+            429,
+            "The server is at capacity; retry after the time in Retry-After.",
+            type="rate_limit_error",
+            code="server_busy",
+        )
+
+    async def _report_shed(self) -> None:
+        await asyncio.sleep(1.0)  # however large the flood, one router call a second
+        count, self.shed_unreported = self.shed_unreported, 0
+        self.router.shed_unread.remote(count)
+
+    def _error(self, exc: protocol.APIError, model: str) -> JSONResponse:
+        if exc.status < 500 and exc.status not in (401, 429):
+            self.router.client_error.remote(model, exc.code or "bad_request")
+        headers = {"retry-after": str(self.limits["retry_after_s"])} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
     async def _serve(self, request: Request, parse):
-        model = "-"
+        """The key, then admission: a request past this replica's share of the capacity is refused before
+        its body is read; an admitted one holds its place until the router answers (a stream: starts)."""
         try:
             key = await self._authorise(request)
+            if self.admission and self.admitted >= self.admission:
+                raise self._shed()
+        except protocol.APIError as exc:
+            return self._error(exc, "-")
+        self.admitted += 1
+        try:
+            return await self._answer(request, parse, key)
+        finally:
+            self.admitted -= 1
+
+    async def _answer(self, request: Request, parse, key: str | None):
+        model = "-"
+        try:
             body = inputs.parse_json(await self._body(request), self.limits["max_json_depth"])
             parsed = parse(body, self.limits)
             model = parsed["model"]
@@ -208,10 +253,7 @@ class Ingress:
             body = protocol.reply(parsed, result, protocol.new_id(parsed["kind"]))
             return JSONResponse(body, headers=_headers(result["meta"]))
         except protocol.APIError as exc:
-            if exc.status < 500 and exc.status not in (401, 429):
-                self.router.client_error.remote(model, exc.code or "bad_request")
-            headers = {"retry-after": str(self.limits["retry_after_s"])} if exc.status == 429 else None
-            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+            return self._error(exc, model)
         except Exception as exc:  # never a traceback to the client; the log has it
             logger.exception("request failed")
             error = protocol.APIError(

@@ -520,6 +520,10 @@ class Router:
     async def auth_failure(self) -> None:
         self.stats.auth_failure()
 
+    async def shed_unread(self, count: int) -> None:
+        """Requests an ingress refused past its admission share, before reading them (no model known)."""
+        self.stats.shed_unread(count)
+
     async def health(self) -> dict:
         """What each deployment this router depends on answers, each within a few seconds."""
         await self._ensure_retry()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict, deque
 
+# The model label of requests refused before their body was read (an ingress at capacity): no model id known.
+UNREAD = "unread"
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
@@ -44,6 +46,7 @@ class Stats:
         self.auth_failures = 0
         self.by_key: Counter = Counter()
         self.skipped_background = 0
+        self.shed_unread_total = 0
         self.pending_rollback = False
         self.prometheus = _Prometheus() if export else None
 
@@ -92,6 +95,15 @@ class Stats:
         if self.prometheus:
             self.prometheus.errors.inc(tags={"model": model, "kind": kind})
 
+    def shed_unread(self, count: int) -> None:
+        """`count` requests refused at capacity by an ingress before their body (and model id) was read."""
+        if count < 1:
+            return
+        self.errors["shed"] += count
+        self.shed_unread_total += count
+        if self.prometheus:
+            self.prometheus.errors.inc(count, tags={"model": UNREAD, "kind": "shed"})
+
     def background_skipped(self) -> None:
         """A shadow copy or drift measurement not started: too many already in flight."""
         self.skipped_background += 1
@@ -136,6 +148,7 @@ class Stats:
             "served_by": dict(self.served_by),
             "failovers": self.failovers,
             "errors": dict(self.errors),
+            "shed_unread": self.shed_unread_total,
             "guard": {
                 **dict(self.guard_decisions),
                 "latency_ms": {
