@@ -45,6 +45,8 @@ def test_quickstart_runs_end_to_end_and_reuses_unchanged_stages(tmp_path, capsys
     run_dir = os.path.join(tmp_path, "quickstart")
     assert f"report: {run_dir}/evaluate/report.md" in out
     assert "[register] models:/quickstart/1" in out
+    # Generation reports its progress, whichever engine ran it, up to its last row.
+    assert re.search(r"^\[evaluate\] .+: (\d+)/\1 (generations|examples)$", out, re.M), out
 
     metrics = json.load(open(os.path.join(run_dir, "evaluate", "metrics.json")))
     assert metrics["base_model"] == "bundled:smollm2-135m-instruct" and set(metrics["models"]) == {"base", "tuned"}

@@ -308,7 +308,9 @@ def _answers(examples: pa.Table, model: dict, candidates, s: Settings, tokenizer
     import ray
     from ray.data.llm import build_processor
 
-    answers = []
+    from raytune_app import console
+
+    log, answers = console.logger("evaluate"), []
     for source, members in _engines(model, candidates):
         rows = _rows(examples, tokenizer, s, stop_ids, source, members)
         longest = max(len(r["tokenized_prompt"]) for r in rows)
@@ -322,7 +324,12 @@ def _answers(examples: pa.Table, model: dict, candidates, s: Settings, tokenizer
             postprocess_map_kwargs={"num_cpus": 0.25},
         )
         blocks = max(1, math.ceil(len(rows) / s.batch_size))
-        answers += processor(ray.data.from_items(rows, override_num_blocks=blocks)).take_all()
+        # Streamed as the engine finishes batches, for one progress line per engine (a long, quiet wait else).
+        names, done = ", ".join(dict.fromkeys(name for name, _, _ in members)), 0
+        for row in processor(ray.data.from_items(rows, override_num_blocks=blocks)).iter_rows():
+            answers.append(row)
+            done += 1
+            console.progress(log, done, len(rows), f"{names}: {done}/{len(rows)} generations")
     return answers
 
 
