@@ -77,13 +77,21 @@ async def _await(response):
     return await response
 
 
+def _busy() -> protocol.APIError:
+    """The 429 of a full server (the caller adds Retry-After): this replica's share taken, or a full queue."""
+    return protocol.APIError(
+        429,
+        "The server is at capacity; retry after the time in Retry-After.",
+        type="rate_limit_error",
+        code="server_busy",
+    )
+
+
 def _unavailable(exc: BaseException) -> protocol.APIError:
     """The router failed, is restarting, is full, or took too long: 503 / 429, never a 500."""
     name = type(exc).__name__
     if "BackPressure" in name:
-        return protocol.APIError(
-            429, "The server is at capacity; retry shortly.", type="rate_limit_error", code="server_busy"
-        )
+        return _busy()
     if isinstance(exc, asyncio.TimeoutError):
         return protocol.APIError(503, "The request timed out inside the server.", type="server_error", code="timeout")
     return protocol.APIError(
@@ -191,12 +199,7 @@ class Ingress:
         self.shed_unreported += 1
         if self.shed_report is None or self.shed_report.done():
             self.shed_report = asyncio.get_running_loop().create_task(self._report_shed())
-        return protocol.APIError(
-            429,
-            "The server is at capacity; retry after the time in Retry-After.",
-            type="rate_limit_error",
-            code="server_busy",
-        )
+        return _busy()
 
     async def _report_shed(self) -> None:
         await asyncio.sleep(1.0)  # however large the flood, one router call a second
