@@ -315,6 +315,15 @@ def s3_server():
             server.kill()
 
 
+@pytest.fixture
+def bucket_env(s3_server, monkeypatch):
+    """The session's S3 server, with this process reading it through the same AWS_* variables the CLI runs and
+    Ray's workers get."""
+    for key, value in s3_server["env"].items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
 def stop_ray_head(temp_dir: str) -> None:
     """Stop a `ray start --head` of a test (its processes carry its own --temp-dir) and their children."""
     import psutil

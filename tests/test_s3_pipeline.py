@@ -2,15 +2,12 @@
 by conftest `s3_server` and stopped after), configured only through the standard AWS_* variables, as it would
 be against real S3.
 
-Default lane: prepare (reading its data from the bucket) -> train (checkpoints in the bucket) -> evaluate ->
-register (MLflow artefacts in the bucket), in this process on the session's local Ray, then a run that
-reuses every stage.
-
-Extended lane, the whole drill: prepare -> distill (program teacher; the cache persisted in the bucket) ->
-train (the driver killed mid-run; the next run resumes from the Ray Train checkpoint in the bucket) -> tune
-(one trial, its checkpoints in the bucket) -> evaluate -> register -> serve (an adapter loaded from the
-bucket, and the registry's champion), then a run that reuses everything and a distill re-run that asks the
-teacher nothing.
+The default lane's pipeline on a bucket is the quickstart's (tests/test_quickstart.py: its run directory is in a
+bucket). Here, in the extended lane, the whole drill: prepare -> distill (program teacher; the cache persisted
+in the bucket) -> train (the driver killed mid-run; the next run resumes from the Ray Train checkpoint in the
+bucket) -> tune (one trial, its checkpoints in the bucket) -> evaluate -> register -> serve (an adapter loaded
+from the bucket, and the registry's champion), then a run that reuses everything and a distill re-run that asks
+the teacher nothing.
 """
 
 import json
@@ -40,14 +37,6 @@ def _checkpointed(train_uri: str) -> bool:
     return storage.exists(f"{train_uri}/checkpoint_manager_snapshot.json")
 
 
-@pytest.fixture
-def bucket_env(s3_server, monkeypatch):
-    """This process reads the bucket with the same variables the CLI runs get."""
-    for key, value in s3_server["env"].items():
-        monkeypatch.setenv(key, value)
-    return s3_server
-
-
 def _arithmetic_rows_in(bucket: str, count: int) -> list[dict]:
     from raytune_app.data import arithmetic
 
@@ -57,67 +46,6 @@ def _arithmetic_rows_in(bucket: str, count: int) -> list[dict]:
         "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows),
     )
     return rows
-
-
-def test_a_pipeline_on_s3_trains_evaluates_registers_and_then_reuses_every_stage(
-    bucket_env, ray_local, tiny_model, tmp_path, capsys
-):
-    from raytune_app import cli
-    from raytune_app.registry import store
-
-    bucket = bucket_env["bucket"]("default-lane")
-    _arithmetic_rows_in(bucket, 24)
-    recipe = {
-        "run": {
-            "name": "s3run",
-            "output_dir": f"{bucket}/runs",
-            "stages": ["prepare", "train", "evaluate", "register"],
-        },
-        "model": {"path": tiny_model},
-        "data": {
-            "sources": [f"{bucket}/data/arith.jsonl"],
-            "columns": {"prompt": "question", "response": "answer"},
-            "max_seq_length": 128,
-            "split": {"val": 0.2, "test": 0.2},
-        },
-        "train": {
-            "workers": 1,
-            "max_steps": 2,
-            "batch_size": 4,
-            "warmup": 0,
-            "logging_steps": 1,
-            "checkpoint": {"every_steps": 2, "keep_best": 1},
-            "lora": {"rank": 4, "dropout": 0.0},
-        },
-        "evaluate": {"task": "free_text", "backend": "transformers", "max_new_tokens": 4, "batch_size": 4, "limit": 4},
-        # The registry's database cannot live in a bucket; its artefacts go to <run dir>/mlartifacts there.
-        "registry": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-    }
-    recipe_file = tmp_path / "s3.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run_dir = f"{bucket}/runs/s3run"
-
-    assert cli.main(["run", str(recipe_file)]) == 0
-    first = capsys.readouterr().out
-    assert "[run] done: prepare" in first, first[-3000:]
-    assert storage.exists(f"{run_dir}/prepare/CURRENT")  # the pointer layout: no folder renames on S3
-    trained = storage.load_json(f"{run_dir}/train/manifest.json")
-    assert trained["global_step"] == 2 and trained["weights"] == f"{run_dir}/train/adapter"
-    assert trained["final_eval_loss"] > 0  # read from the step-2 evaluation (a checkpoint step), not scored twice
-    # The adapter folder is a pointer too: its complete version is the one CURRENT names.
-    assert storage.exists(f"{storage.current(run_dir + '/train/adapter')}/adapter_model.safetensors")
-    assert _checkpointed(f"{run_dir}/train")  # Ray Train persisted its checkpoint in the bucket
-    metrics = storage.load_json(f"{storage.current(run_dir + '/evaluate')}/metrics.json")
-    assert set(metrics["models"]) == {"base", "tuned"} and metrics["backend"] == "transformers"
-    version = store.show(f"sqlite:///{tmp_path}/mlflow.db", "s3run", "@champion")
-    assert version["source"].startswith(f"{run_dir}/mlartifacts/"), version["source"]
-    assert storage.exists(f"{version['source']}/adapter_model.safetensors")
-
-    assert cli.main(["run", str(recipe_file)]) == 0
-    again = capsys.readouterr().out
-    summary = next(line for line in again.splitlines() if line.startswith("[run] stages: "))
-    assert all(f"{stage} reused" in summary for stage in ("prepare", "train", "evaluate")), summary
-    assert f"[register] models:/s3run/{version['version']} " in again, again[-3000:]
 
 
 @pytest.mark.extended
