@@ -435,6 +435,28 @@ def test_the_stream_interval_follows_the_device_unless_the_recipe_sets_it():
     assert (stream_interval_ms(spec, on_gpu=False), stream_interval_ms(spec, on_gpu=True)) == (0, 0)
 
 
+@pytest.mark.slow  # imports Ray Serve LLM (vLLM): tens of seconds
+def test_a_model_in_a_local_folder_starts_without_the_per_node_download():
+    """Ray Serve LLM's node initialisation downloads nothing for a folder but starts a worker to do so: skipped
+    for the bundled model's folder, kept for a hub id (vLLM's own download)."""
+    import asyncio
+
+    from ray.llm._internal.common.callbacks.base import CallbackBase
+
+    from raytune_app.serve.app import _options
+    from raytune_app.serve.vllm_server import LocalModelStart, llm_config
+
+    recipe = config.validate({"data": {"generator": {"name": "order_extraction"}}})
+    spec, options = _vllm_spec(recipe), _options(recipe, "llm", "vllm")
+    local = llm_config(spec | {"model": {"path": "bundled:smollm2-135m-instruct"}}, options)  # a local folder
+    assert local.callback_config.callback_class is LocalModelStart
+    callback = LocalModelStart(llm_config=local)  # as LLMConfig makes it on the replica, without its placement group
+    asyncio.run(callback.run_callback("on_before_node_init"))
+    assert callback.ctx.run_init_node is False
+    hub = llm_config(spec | {"model": {"path": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, options)
+    assert hub.callback_config.callback_class is CallbackBase
+
+
 def test_admission_capacity_is_the_primarys_replicas_slots_and_queue():
     from raytune_app.serve.app import admission_capacity
 
