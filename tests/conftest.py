@@ -2,9 +2,9 @@
 
 Test lanes (README.md, CONTRIBUTING.md):
 - fast: `pytest -m "not slow"`: unit and mapping tests, no Ray (about a minute);
-- default: plain `pytest` (scripts/test.sh, CI): the fast lane, the quickstart pipeline end to end, a small
-  pipeline on a local S3 server, the serving app on vLLM, and the cheap Ray tests (about twelve minutes on 2
-  cores);
+- default: plain `pytest` (scripts/test.sh, CI): the fast lane, the quickstart pipeline end to end with its
+  run directory on a local S3 server, the serving app on vLLM, and the cheap Ray tests (twelve minutes is
+  the aim on 2 cores);
 - extended: `RAYTUNE_EXTENDED=1 pytest -m extended`: the long tail (fault drills that kill whole pipelines,
   the other training methods and engines, second apps, the variants of a stage the default lane already
   drives end to end), an hour and more on 2 cores. Marked `extended`, skipped unless RAYTUNE_EXTENDED=1.

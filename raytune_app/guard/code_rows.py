@@ -21,6 +21,8 @@ installed third-party packages) with question frames of its own.
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import re
 import sysconfig
@@ -53,14 +55,15 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's own .py files, sorted: its test packages and site-packages left out."""
-    root = stdlib_root()
-    return sorted(
-        path
-        for path in root.rglob("*.py")
-        if not ({"test", "tests", "idle_test", "site-packages"} & set(path.relative_to(root).parts))
-    )
+@functools.cache
+def stdlib_files() -> tuple[Path, ...]:
+    """The standard library's own .py files, sorted: its test packages and site-packages left out (not walked
+    into: they hold most of the folder). Listed once per process: a recipe's rows and its checks ask again."""
+    root, found = stdlib_root(), []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in {"test", "tests", "idle_test", "site-packages"}]
+        found.extend(Path(folder) / name for name in names if name.endswith(".py"))
+    return tuple(sorted(found))
 
 
 def _planted(lines: list[str], rng: random.Random) -> list[str]:
@@ -78,7 +81,7 @@ def code_rows(rows: int, seed: int = 0) -> list[dict]:
     back when the standard library runs out of distinct chunks (about 2,000 from CPython 3.11's), with a
     warning naming guard.code_rows."""
     rng = random.Random(seed)
-    files = stdlib_files()
+    files = list(stdlib_files())
     rng.shuffle(files)
     root = stdlib_root()
     out: list[dict] = []
