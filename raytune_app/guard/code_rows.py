@@ -59,7 +59,8 @@ def stdlib_root() -> Path:
 def stdlib_files() -> tuple[Path, ...]:
     """The standard library's own .py files, sorted: its test packages and site-packages left out (not walked
     into: they hold most of the folder). Listed once per process: a recipe's rows and its checks ask again."""
-    root, found = stdlib_root(), []
+    root = stdlib_root()
+    found: list[Path] = []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [d for d in subfolders if d not in {"test", "tests", "idle_test", "site-packages"}]
         found.extend(Path(folder) / name for name in names if name.endswith(".py"))
