@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from raytune_app import cli, config
+from raytune_app import cli, config, models
 from raytune_app.guard import authored
 from raytune_app.guard.data import GuardDataError, read_labelled
 from raytune_app.guard.metrics import detection_metrics, threshold_for_fpr
@@ -310,7 +310,10 @@ def test_a_guard_scores_with_the_fastest_path_it_has_a_threshold_for(tmp_path):
     assert (Guard.load(folder).precision, Guard.load(folder).threshold) == ("int8", 0.6)
 
 
-@pytest.mark.slow  # torch.compile: two graphs of ~15-25 s each on two cores
+# torch.compile: two graphs of ~15-25 s each on two cores. A guard scores in bf16 (the only precision it compiles)
+# by itself only on a CPU that computes bf16 natively (AVX-512 BF16 / AMX: guard.model.preferred_path): the default
+# lane there, the extended lane on other CPUs, where only a recipe forcing bf16 reaches the compiled path.
+@(pytest.mark.slow if models.cpu_has_bf16() else pytest.mark.extended)
 def test_the_compiled_bf16_guard_scores_as_the_eager_one(tmp_path):
     from raytune_app.guard.model import Guard
 
