@@ -38,6 +38,7 @@ def _recipe(port: int, output_dir: str):
         {
             "run": {"name": "start", "output_dir": output_dir},
             "model": {"path": "bundled:smollm2-135m-instruct"},
+            "data": {"generator": {"name": "order_extraction"}},  # never read: a recipe names its data
             "serve": {
                 "port": port,
                 "backend": "vllm",

@@ -438,7 +438,7 @@ def test_the_stream_interval_follows_the_device_unless_the_recipe_sets_it():
 @pytest.mark.slow  # imports Ray Serve LLM (vLLM): tens of seconds
 def test_a_model_in_a_local_folder_starts_without_the_per_node_download():
     """Ray Serve LLM's node initialisation downloads nothing for a folder but starts a worker to do so: skipped
-    for the bundled model's folder, kept for a hub id (vLLM's own download)."""
+    for the bundled model's folder on one bundle, kept for a hub id (vLLM's own download) and a sharded engine."""
     import asyncio
 
     from ray.llm._internal.common.callbacks.base import CallbackBase
@@ -455,6 +455,9 @@ def test_a_model_in_a_local_folder_starts_without_the_per_node_download():
     assert callback.ctx.run_init_node is False
     hub = llm_config(spec | {"model": {"path": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, options)
     assert hub.callback_config.callback_class is CallbackBase
+    sharded = spec | {"model": {"path": "bundled:smollm2-135m-instruct"}}
+    sharded["vllm"] = spec["vllm"] | {"engine_kwargs": {"tensor_parallel_size": 2}}  # bundles maybe on two nodes
+    assert llm_config(sharded, options).callback_config.callback_class is CallbackBase
 
 
 def test_admission_capacity_is_the_primarys_replicas_slots_and_queue():

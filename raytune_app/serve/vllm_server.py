@@ -29,8 +29,8 @@ is above the engine's max_lora_rank is refused with HTTP 400 while the replica s
 `max_loaded_adapters` adapters (max_loras / max_cpu_loras) and reloads an evicted one from its folder; on a
 CPU it keeps every adapter of the app and one spare slot (vllm_stream.lora_slots says why).
 
-A model in a local folder (the bundled model, a merged export) starts without Ray Serve LLM's per-node
-download step (`LocalModelStart`): for a folder that step downloads nothing, but it runs as a Ray task in a new
+A model in a local folder (the bundled model, a merged export), unsharded, starts without Ray Serve LLM's
+per-node download step (`LocalModelStart`): for a folder that step downloads nothing, but it runs as a Ray task in a new
 worker process that imports torch and transformers first, 25 s of every replica start on 2 cores.
 
 Ray 2.60 internals used (pinned by pyproject's ray==2.60.*): LLMServer's `model_downloader` and `engine_cls`
@@ -183,8 +183,9 @@ def llm_config(spec: dict, options: dict):
         runtime_env={"env_vars": env} if env else None,
         log_engine_metrics=True,
         experimental_configs={"stream_batching_interval_ms": stream_interval_ms(spec, bool(gpus))},
-        # A hub id or a bucket still goes through Ray's download on every node of the engine.
-        callback_config={"callback_class": LocalModelStart} if os.path.isdir(source) else {},
+        # A hub id, a bucket, or an engine sharded over several bundles (maybe nodes: Ray's step also makes
+        # torch's kernel cache folder on each) still goes through Ray's download step.
+        callback_config={"callback_class": LocalModelStart} if os.path.isdir(source) and shards == 1 else {},
     )
 
 
