@@ -55,11 +55,15 @@ def _recipe(source, tmp_path, shots: int, backend: str = "transformers"):
     )
 
 
+def _words(predictions: list[str]) -> list[str]:
+    """Replies as comparable words: a label answered as "Positive." counts as "positive"."""
+    return [p.strip().lower().rstrip(".") for p in predictions]
+
+
 def _answers(summary) -> list[str]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(f"{summary['output_dir']}/predictions.parquet")
-    return [p.strip().lower().rstrip(".") for p in table.column("prediction").to_pylist()]
+    return _words(pq.read_table(f"{summary['output_dir']}/predictions.parquet").column("prediction").to_pylist())
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -71,7 +75,7 @@ def test_the_base_shown_a_few_examples_answers_in_their_format(reviews, tmp_path
 
     from raytune_app.evaluate.generation import Generator
     from raytune_app.evaluate.metrics import normalise_answer
-    from raytune_app.evaluate.run import evaluate, prepared_examples
+    from raytune_app.evaluate.run import _fingerprint, base_shots, candidates, evaluate, prepared_examples
 
     plain_recipe, shots_recipe = _recipe(reviews, tmp_path, 0), _recipe(reviews, tmp_path, 6)
     prepare_once(shots_recipe)
@@ -83,10 +87,13 @@ def test_the_base_shown_a_few_examples_answers_in_their_format(reviews, tmp_path
     assert shown["models"]["base"]["few_shot"] == 6
 
     prepare_once(plain_recipe)
-    examples, _ = prepared_examples(plain_recipe)
+    examples, identity = prepared_examples(plain_recipe)
     assert examples.num_rows == n
+    # A changed base_shots is evaluated anew: the plain run's fingerprint (as the stage computes it) differs.
+    plain_models = candidates(plain_recipe)
+    assert shown["fingerprint"] != _fingerprint(plain_recipe, identity, plain_models, None, base_shots(plain_recipe))
     replica = Generator(plain_recipe.model.model_dump(), None, max_new_tokens=4)
-    plain = [p.strip().lower().rstrip(".") for p in replica(examples).column("prediction").to_pylist()]
+    plain = _words(replica(examples).column("prediction").to_pylist())
     assert sum(answer in LABELS for answer in plain) < labelled, plain
     golds = examples.column("gold").to_pylist()
     plain_match = sum(normalise_answer(p) == normalise_answer(g) for p, g in zip(plain, golds)) / n
