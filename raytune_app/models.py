@@ -107,13 +107,26 @@ def load_tokenizer(
     tokenizer_path: str | None = None,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer_class: str | None = None,
 ):
-    """The tokenizer for a model section: its own (or `tokenizer_path`'s), with the template override."""
-    from transformers import AutoTokenizer
+    """The tokenizer for a model section: its own (or `tokenizer_path`'s), with the template override.
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve(tokenizer_path or model_path), trust_remote_code=trust_remote_code
-    )
+    `tokenizer_class` ("module:Class", `tokenizer_class_path` of this tokenizer loaded elsewhere) loads through
+    that class alone, the one AutoTokenizer chose there: importing AutoTokenizer imports torch, scikit-learn and
+    transformers' model registry (17 s and 560 MB in a fresh process on a 2-core CPU, against 3 s and 65 MB for
+    the class alone), which a Ray worker that only tokenizes does not need. Drivers load with AutoTokenizer
+    and hand the class to their workers (prepare's tokenize step, the serving ingress)."""
+    if tokenizer_class:
+        module, _, name = tokenizer_class.partition(":")
+        tokenizer = getattr(importlib.import_module(module), name).from_pretrained(
+            resolve(tokenizer_path or model_path)
+        )
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve(tokenizer_path or model_path), trust_remote_code=trust_remote_code
+        )
     if chat_template:
         tokenizer.chat_template = chat_template
     if tokenizer.chat_template is None:
@@ -121,6 +134,13 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_class_path(tokenizer) -> str | None:
+    """Where the class of a tokenizer AutoTokenizer loaded lives ("module:Class"), for `load_tokenizer` in a
+    worker; None for a class from the model's own code (trust_remote_code), which only AutoTokenizer loads."""
+    cls = type(tokenizer)
+    return f"{cls.__module__}:{cls.__qualname__}" if cls.__module__.startswith("transformers.") else None
 
 
 def stop_token_ids(tokenizer) -> list[int]:

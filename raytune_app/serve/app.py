@@ -160,6 +160,11 @@ def plan(recipe: config.Recipe) -> dict:
         "max_position_embeddings",
         2048,
     )
+    # Loaded here first: a model without a chat template stops the plan, and the ingress replicas load the class
+    # AutoTokenizer chose without importing AutoTokenizer (and with it torch).
+    tokenizer = models.load_tokenizer(
+        model["path"], model.get("tokenizer"), model.get("chat_template"), model.get("trust_remote_code", False)
+    )
     try:
         backend = models.generation_backend(s.backend, model)
     except ValueError as exc:
@@ -218,6 +223,7 @@ def plan(recipe: config.Recipe) -> dict:
         "backend": backend,
         "models": sorted(routes),
         "model": model,
+        "tokenizer_class": models.tokenizer_class_path(tokenizer),
         "limits": s.limits.model_dump(),
         "context_length": context,
         "max_prompt_tokens": s.limits.max_prompt_tokens,

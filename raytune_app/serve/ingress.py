@@ -116,6 +116,7 @@ class Ingress:
             spec["model"].get("tokenizer"),
             spec["model"].get("chat_template"),
             spec["model"].get("trust_remote_code", False),
+            spec.get("tokenizer_class"),  # the class the plan's AutoTokenizer chose: no torch in this replica
         )
         self.bytes_per_token = prompt.max_token_bytes(self.tokenizer)
         # The router bounds each of its steps (guard, primary, backup); this bounds the whole, with a margin.
