@@ -462,34 +462,28 @@ def test_waiting_for_gpus_the_cluster_cannot_get_gives_up_with_the_reason(ray_lo
 
 
 ADDRESS_PROBE = """
-import os, subprocess, sys, time
+import os
 import ray
 from raytune_app import cluster
 
-# Another Ray on the machine first (a second run, a test session), then ours.
-other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, "
-                          "include_dashboard=False); print('up', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
-assert other.stdout.readline().strip() == b"up"
-try:
-    cluster.start_local(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ  # ours only for Ray
+# Another Ray is up on the machine (the test session's), then ours starts.
+cluster.start_local(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ  # ours only for Ray
 
-    @ray.remote(num_cpus=0)
-    def lookup():
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-        return canonicalize_bootstrap_address_or_die(None)  # what Ray's State API client asks
+@ray.remote(num_cpus=0)
+def lookup():
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+    return canonicalize_bootstrap_address_or_die(None)  # what Ray's State API client asks
 
-    print("OWN" if ray.get(lookup.remote()) == ray.get_runtime_context().gcs_address else "OTHER", flush=True)
-finally:
-    other.kill()
+print("OWN" if ray.get(lookup.remote()) == ray.get_runtime_context().gcs_address else "OTHER", flush=True)
 """
 
 
-@pytest.mark.slow
-def test_a_local_ray_started_here_tells_its_workers_its_own_address():
-    """With another Ray up on the machine, a worker's address lookup (Ray Train's placement-group cleaner asks the
-    State API through it whether its controller lives) finds this cluster: without it the lookup fails with
-    "multiple active Ray instances", or reads the other cluster and takes a live run for dead."""
+def test_a_local_ray_started_here_tells_its_workers_its_own_address(ray_local):
+    """With another Ray up on the machine (the session's `ray_local`), a worker's address lookup (Ray Train's
+    placement-group cleaner asks the State API through it whether its controller lives) finds this cluster:
+    without it the lookup fails with "multiple active Ray instances", or reads the other cluster and takes a
+    live run for dead."""
     import subprocess
     import sys
 
