@@ -593,3 +593,32 @@ def test_a_cpu_serving_engine_runs_its_model_in_the_engine_process_unless_told_n
     spec["vllm"]["cpu_single_process"] = False
     assert not single_process(spec, options)
     assert llm_config(spec, options).runtime_env["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.mark.slow  # a registry database made and AutoConfig / AutoTokenizer loaded: seconds
+def test_the_plan_hands_the_ingress_its_tokenizer_class_and_refuses_a_model_without_a_chat_template(
+    tiny_model, tmp_path
+):
+    import shutil
+
+    from raytune_app import models
+    from raytune_app.errors import DataError
+    from raytune_app.serve.app import plan
+
+    def recipe(path):
+        return config.validate(
+            {
+                "run": {"name": "plan", "output_dir": str(tmp_path / "runs")},
+                "model": {"path": str(path)},
+                "data": {"sources": ["unused.jsonl"]},
+                "serve": {"backend": "transformers", "backup": None, "guard": {"mode": "off"}},
+            }
+        )
+
+    ingress = plan(recipe(tiny_model))["ingress"]
+    assert ingress["tokenizer_class"] == models.tokenizer_class_path(models.load_tokenizer(str(tiny_model)))
+    bare = tmp_path / "no-template"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.jinja").unlink()
+    with pytest.raises(DataError, match="has no chat template; set model.chat_template in the recipe"):
+        plan(recipe(bare))
