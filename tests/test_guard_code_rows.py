@@ -4,6 +4,7 @@ and attack twins with an instruction planted in the code. Plain functions: no mo
 import re
 
 import pytest
+from guard_helpers import near_copies
 
 from raytune_app.guard import code_rows, contrast
 from raytune_app.guard.metrics import source_weights
@@ -58,11 +59,7 @@ def test_code_rows_stay_clear_of_the_held_out_over_defence_set():
     rows = code_rows.code_rows(1400, seed=0)
     assert not (held | fresh) & {r["text"] for r in rows}
     # Nor a near copy of a fresh prompt (most of its words).
-    fresh_words = [set(re.findall(r"[a-z0-9_]+", t.lower())) for t in fresh]
-    for row in rows:
-        words = set(re.findall(r"[a-z0-9_]+", row["text"].lower()))
-        for other in fresh_words:
-            assert len(words & other) / len(words | other) < 0.6, row["text"][:200]
+    assert not near_copies([r["text"] for r in rows], sorted(fresh))
 
 
 def test_code_rows_is_a_documented_recipe_field_off_by_default():

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+from guard_helpers import near_copies
 
 from raytune_app.guard import contrast
 from raytune_app.guard.deobfuscate import guard_view
@@ -18,10 +19,6 @@ from raytune_app.guard.settings import GuardSection
 TRIGGERS = ("ignore", "override", "system prompt", "jailbreak", "disregard", "pretend", "act as", "developer mode")
 
 
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9_]+", text.lower()))
-
-
 def test_trigger_word_rows_are_benign_varied_and_use_the_attack_words():
     rows = contrast.trigger_word_rows(400, seed=3)
     assert rows == contrast.trigger_word_rows(400, seed=3) and len({r["text"] for r in rows}) == 400
@@ -29,10 +26,6 @@ def test_trigger_word_rows_are_benign_varied_and_use_the_attack_words():
     text = " ".join(r["text"] for r in rows).lower()
     for trigger in TRIGGERS:
         assert text.count(trigger) >= 5, trigger
-
-
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b)
 
 
 def test_over_defence_set_stays_held_out_of_every_training_row():
@@ -47,15 +40,10 @@ def test_over_defence_set_stays_held_out_of_every_training_row():
     contrast_rows = contrast.contrast_rows(2000, seed=0) + quoted_phrase_rows(1000, seed=0)
     trained = authored.generate(4000, seed=0) + obfuscated_rows(600) + contrast_rows
     assert not {r["text"] for r in trained} & {r["text"] for r in held + fresh}
-    held_words = [_words(r["text"]) for r in held]
-    for row in contrast_rows:
-        words = _words(row["text"])
-        for other in held_words:
-            assert _jaccard(words, other) < 0.6, row["text"]
-    fresh_words = [_words(r["text"]) for r in fresh]
-    for words in {frozenset(_words(r["text"])) for r in trained}:
-        for other in fresh_words:
-            assert _jaccard(words, other) < 0.6, sorted(words)
+    copied = held[0]["text"] + " Thanks!"  # the check finds a near copy (most words shared), not only a copy
+    assert near_copies([copied, "an unrelated question"], [r["text"] for r in held]) == [copied]
+    assert not near_copies([r["text"] for r in contrast_rows], [r["text"] for r in held])
+    assert not near_copies([r["text"] for r in trained], [r["text"] for r in fresh])
 
 
 def test_fresh_over_defence_set_is_new_distinct_and_balanced():
@@ -65,10 +53,7 @@ def test_fresh_over_defence_set_is_new_distinct_and_balanced():
     assert {kind: sum(r["attack_type"] == kind for r in fresh) for kind in {r["attack_type"] for r in fresh}} == {
         f"overdefence_{kind}": 40 for kind in ("ordinary", "teaching", "code")
     }
-    seen_words = [_words(r["text"]) for r in overdefence_rows()]
-    for row in fresh:
-        words = _words(row["text"])
-        assert all(_jaccard(words, other) < 0.6 for other in seen_words), row["text"]
+    assert not near_copies([r["text"] for r in fresh], [r["text"] for r in overdefence_rows()])
 
 
 def test_document_rows_teach_both_sides_of_a_quoted_document():
