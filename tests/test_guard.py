@@ -145,12 +145,16 @@ def test_int8_path_keeps_the_real_encoders_representations():
     assert torch.corrcoef(torch.stack([sims_full, sims_fast]))[0, 1] > 0.95
 
 
-def _small_guard_recipe(tmp_path, **guard) -> dict:
+def _small_guard_recipe(tmp_path, shared_registry: bool = False, **guard) -> dict:
     """A recipe (as a dict) that trains a guard on a few authored rows in seconds, under tmp_path/runs; `guard`
-    adds to and overrides its guard section."""
+    adds to and overrides its guard section. `shared_registry`: the guard is registered in one MLflow store for
+    the whole test session, for tests that do not read the registry (a new store's schema migrations take
+    seconds on 2 cores: one per run directory otherwise)."""
+    registry = {"tracking_uri": f"sqlite:///{tmp_path.parent}/guards-mlflow.db"} if shared_registry else {}
     return {
         "run": {"name": "g", "output_dir": str(tmp_path / "runs")},
         "data": {"generator": {"name": "order_extraction"}},
+        "registry": registry,
         "guard": {"include_bastioncorpus": False, "epochs": 1, "batch_size": 16, "learning_rate": 1e-3} | guard,
     }
 
@@ -200,7 +204,9 @@ def test_a_student_distilled_from_a_teacher_follows_the_teacher_more_than_the_la
     encoder = build_tiny_bert(tmp_path / "bert", layers=2)
 
     def trained(name: str, **guard) -> dict:
-        recipe = _small_guard_recipe(tmp_path, base=encoder, authored_rows=300, max_length=64, **guard)
+        recipe = _small_guard_recipe(
+            tmp_path, shared_registry=True, base=encoder, authored_rows=300, max_length=64, **guard
+        )
         return train_guard(config.validate(recipe | {"run": recipe["run"] | {"name": name}}), in_process=True)
 
     assert trained("teacher")["validation"]["auc"] > 0.7
@@ -244,7 +250,15 @@ def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_
     AutoConfig.from_pretrained(base, pad_token_id=None).save_pretrained(base)
     assert AutoTokenizer.from_pretrained(base).pad_token is None
     recipe = config.validate(
-        _small_guard_recipe(tmp_path, base=base, authored_rows=120, target_fpr=0.1, max_length=32, inference="float32")
+        _small_guard_recipe(
+            tmp_path,
+            shared_registry=True,
+            base=base,
+            authored_rows=120,
+            target_fpr=0.1,
+            max_length=32,
+            inference="float32",
+        )
     )
     bare = str(tmp_path / "bare")  # a tokenizer with nothing to pad with
     tokenizer.eos_token = None

@@ -826,6 +826,8 @@ def test_every_serve_config_is_valid_and_builds(path, guard_folder, tmp_path, mo
         args["recipe"] = str(__import__("pathlib").Path(path).parent.parent / args["recipe"])
         args["overrides"] = list(args.get("overrides") or []) + [
             f"run.output_dir={tmp_path}",
+            # One empty registry for every config (a new MLflow store's migrations take seconds on 2 cores).
+            f"registry.tracking_uri=sqlite:///{tmp_path.parent}/serve-configs-mlflow.db",
             f"serve.guard.model={guard_folder}",
         ]
         if raw["http_options"]["host"] not in ("127.0.0.1", "localhost"):
