@@ -234,6 +234,7 @@ def test_a_student_distilled_from_a_teacher_follows_the_teacher_more_than_the_la
     assert saved["num_hidden_layers"] == 1
 
 
+@pytest.mark.slow  # trains and registers a guard (MLflow's import and a new store: seconds)
 def test_a_decoder_base_without_a_pad_token_trains_and_scores_batches_as_single_prompts(tmp_path):
     """guard.base may be a decoder (a Llama-style classifier reads its last real token). Many decoder tokenizers
     have no pad token: training batches, validation and serving windows are padded all the same."""
