@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: run one measured side in a fresh subprocess and track its peak memory.
+"""Shared by the benchmarks: run one measured side in a fresh subprocess and track its peak memory; measure
+variants in alternating order and print their medians against the baseline.
 
 The peak is the largest total RSS of the subprocess and all its descendants (for Ray: the driver,
 raylet, GCS and workers), sampled every `interval` seconds. The subprocess prints its result as JSON
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -106,3 +109,24 @@ class CpuByProcess:
         for kind, spent in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"  {kind:<48}{spent:>8.1f} s {spent / (self.wall * cores):>7.1%}")
         return "\n".join(lines)
+
+
+def alternating(variants: tuple[str, ...], repeats: int, measure: Callable, show=lambda r: f"{r:.1f} s") -> dict:
+    """{variant: [measure(variant) per repeat]}, the order reversed every other repeat so that other load on the
+    machine hits every variant alike; each result printed (`show`) as it comes."""
+    results: dict[str, list] = {v: [] for v in variants}
+    for repeat in range(repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            results[variant].append(measure(variant))
+            print(f"repeat {repeat + 1}: {variant}: {show(results[variant][-1])}", flush=True)
+    return results
+
+
+def median_table(title: str, seconds: dict[str, list[float]], column: str = "seconds") -> str:
+    """Each variant's median, its ratio to the first variant's (the baseline) and every run."""
+    base = statistics.median(next(iter(seconds.values())))
+    lines = [title, f"{'variant':<24}{column:>9}{'ratio':>7}   runs"]
+    for variant, runs in seconds.items():
+        median = statistics.median(runs)
+        lines.append(f"{variant:<24}{median:>9.1f}{median / base:>7.2f}   " + ", ".join(f"{t:.1f}" for t in runs))
+    return "\n".join(lines)

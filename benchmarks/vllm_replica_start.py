@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import start_ray  # noqa: E402
+from _harness import alternating, median_table, start_ray  # noqa: E402
 
 VARIANTS = ("per-node download", "local folder")
 
@@ -85,19 +84,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start_ray(num_cpus=2)
     output_dir = tempfile.mkdtemp(prefix="vllm-replica-start-")
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for repeat in range(args.repeats):
-        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
-            seconds = start_once(variant, args.port, output_dir)
-            times[variant].append(seconds)
-            print(f"repeat {repeat + 1}: {variant}: {seconds:.1f} s", flush=True)
-    base = statistics.median(times[VARIANTS[0]])
-    print(f"\nvLLM app start, bundled SmolLM2-135M (local folder), 2 CPUs, medians of {args.repeats}:")
-    print(f"{'variant':<22}{'start s':>10}{'ratio':>8}   runs")
-    for variant in VARIANTS:
-        median = statistics.median(times[variant])
-        runs = ", ".join(f"{t:.1f}" for t in times[variant])
-        print(f"{variant:<22}{median:>10.1f}{median / base:>8.2f}   {runs}")
+    times = alternating(VARIANTS, args.repeats, lambda variant: start_once(variant, args.port, output_dir))
+    title = f"\nvLLM app start, bundled SmolLM2-135M (local folder), 2 CPUs, medians of {args.repeats}:"
+    print(median_table(title, times, column="start s"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ import subprocess
 import sys
 import tempfile
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _harness import alternating, median_table  # noqa: E402
+
 VARIANTS = ("AutoTokenizer", "class from the driver")
 
 LOAD = """
@@ -70,10 +74,9 @@ def main() -> None:
 
     cls = models.tokenizer_class_path(models.load_tokenizer(models.resolve("bundled:smollm2-135m-instruct")))
     assert cls, "the bundled tokenizer's class is transformers' own"
-    loads: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for repeat in range(args.repeats):
-        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
-            loads[variant].append(_child(LOAD, "" if variant == VARIANTS[0] else cls))
+    loads = alternating(
+        VARIANTS, args.repeats, lambda variant: _child(LOAD, "" if variant == VARIANTS[0] else cls), show=str
+    )
     base = statistics.median(r["seconds"] for r in loads[VARIANTS[0]])
     print(f"\nbundled SmolLM2 tokenizer in a fresh interpreter, medians of {args.repeats}:")
     print(f"{'variant':<24}{'seconds':>9}{'ratio':>7}{'peak MiB':>10}  torch imported")
@@ -82,23 +85,17 @@ def main() -> None:
         seconds = statistics.median(r["seconds"] for r in rows)
         rss = statistics.median(r["rss_mib"] for r in rows)
         print(f"{variant:<24}{seconds:>9.2f}{seconds / base:>7.2f}{rss:>10.0f}  {rows[0]['torch']}")
-
-    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
-    here = os.path.dirname(os.path.abspath(__file__))
-    prepares: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for repeat in range(args.prepare_repeats):
-        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
-            with tempfile.TemporaryDirectory(prefix="worker-tokenizer-") as out:
-                prepares[variant].append(_child(PREPARE, variant, recipe, here, out)["seconds"])
-            print(f"repeat {repeat + 1}: prepare, {variant}: {prepares[variant][-1]:.1f} s", flush=True)
     if args.prepare_repeats:
-        base = statistics.median(prepares[VARIANTS[0]])
-        print(f"\nquickstart prepare (500 rows) on a fresh 2-CPU Ray, medians of {args.prepare_repeats}:")
-        print(f"{'variant':<24}{'seconds':>9}{'ratio':>7}   runs")
-        for variant in VARIANTS:
-            median = statistics.median(prepares[variant])
-            runs = ", ".join(f"{t:.1f}" for t in prepares[variant])
-            print(f"{variant:<24}{median:>9.1f}{median / base:>7.2f}   {runs}")
+        prepares = alternating(VARIANTS, args.prepare_repeats, _prepare_once)
+        title = f"\nquickstart prepare (500 rows) on a fresh 2-CPU Ray, medians of {args.prepare_repeats}:"
+        print(median_table(title, prepares))
+
+
+def _prepare_once(variant: str) -> float:
+    """Seconds of one quickstart prepare on a fresh Ray in a new process, its workers loading as `variant` does."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
+    with tempfile.TemporaryDirectory(prefix="worker-tokenizer-") as out:
+        return _child(PREPARE, variant, recipe, HERE, out)["seconds"]
 
 
 if __name__ == "__main__":
