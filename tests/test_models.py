@@ -61,3 +61,6 @@ def test_a_tokenizer_class_from_the_models_own_code_is_left_to_autotokenizer(tin
 
     FromRemoteCode.__module__ = "transformers_modules.acme.tokenization_acme"
     assert models.tokenizer_class_path(FromRemoteCode.__new__(FromRemoteCode)) is None
+    # A class this transformers does not have (a driver on another version named it): AutoTokenizer loads it.
+    for missing in ("transformers.tokenization_acme:AcmeTokenizer", "transformers:NoSuchTokenizer"):
+        assert type(models.load_tokenizer(str(tiny_model), tokenizer_class=missing)) is type(loaded)
