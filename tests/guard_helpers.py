@@ -5,7 +5,7 @@ import re
 import numpy as np
 
 
-def words(text: str) -> set[str]:
+def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9_]+", text.lower()))
 
 
@@ -15,7 +15,7 @@ def near_copies(texts: list[str], others: list[str], limit: float = 0.6) -> list
     rows against a held-out set: milliseconds, where a loop over the pairs took seconds)."""
     from scipy.sparse import csr_matrix
 
-    groups = [[words(t) for t in texts], [words(t) for t in others]]
+    groups = [[_words(t) for t in texts], [_words(t) for t in others]]
     vocabulary = {w: i for i, w in enumerate(sorted(set().union(*groups[0], *groups[1])))}
 
     def indicator(sets: list[set[str]]):

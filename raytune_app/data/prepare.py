@@ -359,16 +359,16 @@ def mixes(inputs: Inputs) -> bool:
     return len(inputs.described) > 1 or bool(inputs.weights)
 
 
-def _pipeline(recipe: Recipe, inputs: Inputs, seen) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline from source files to rows ready for PreparedSink."""
+def _pipeline(recipe: Recipe, inputs: Inputs, seen, tokenizer_class: str | None) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline from source files to rows ready for PreparedSink; the tokenize step loads
+    `tokenizer_class` (the class the driver's AutoTokenizer chose, models.tokenizer_class_path)."""
     import ray
 
     from raytune_app.data.sources import SourceFiles
 
     data = recipe.data
     model = recipe.model.model_dump(include={"path", "tokenizer", "chat_template", "trust_remote_code"})
-    driver_tokenizer = _tokenizer(model["path"], model["tokenizer"], model["chat_template"], model["trust_remote_code"])
-    model["tokenizer_class"] = models.tokenizer_class_path(driver_tokenizer)
+    model["tokenizer_class"] = tokenizer_class
     # Reading only splits files into lines; the parsing and tokenising happen in the map steps. A read
     # task that reserved a whole CPU would hold it while it waits on backpressure, leaving a core idle
     # (on 2 cores: half the machine) for as long as a big file streams. So reads reserve none, and at
@@ -462,7 +462,7 @@ def prepare(recipe: Recipe, force: bool = False) -> dict:
     with storage.new_version(out_dir, "the prepared data") as staging:
         sink = PreparedSink(staging, data.kind, data.packing, tuple(data.keep_columns), data.max_seq_length)
         try:
-            _pipeline(recipe, inputs, seen).write_datasink(sink)
+            _pipeline(recipe, inputs, seen, models.tokenizer_class_path(tokenizer)).write_datasink(sink)
         except Exception as exc:
             row_error = _find_cause(exc, RowError)
             if row_error is not None:
